@@ -1,0 +1,146 @@
+"""`meshplan` command line: one subcommand per use, each a thin layer over the library.
+
+Every user mistake surfaces as a `MeshplanError`; `main` prints it as one line on
+stderr and returns exit code 2. Nothing here writes over a user's file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from cost_models import GPUS, SYSTEMS, MeshplanError, parse_cluster
+from cost_models.units import GB, GIB, TERA
+from planner.models import count_parameters
+from planner.plan import Plan
+from planner.zoo import PRESETS, load_model
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (exit code 2), no usage dump."""
+
+    def error(self, message):
+        raise MeshplanError(f"{message} (see `{self.prog} --help`)")
+
+
+def _describe(args) -> int:
+    spec = load_model(args.model)
+    model = spec.build("meta")
+    params = count_parameters(model)
+    cluster = parse_cluster(args.cluster)
+    if args.json:
+        print(json.dumps({"model": spec.name, "params": params,
+                          "config": spec.config.to_dict() if spec.config else None,
+                          "cluster": cluster.to_dict()}))
+        return 0
+    console = Console()
+    console.print(f"[bold]{spec.name}[/bold]: {params:,} parameters ({params / 1e9:.2f} B)")
+    if spec.config:
+        c = spec.config
+        console.print(f"  {c.arch}: {c.layers} layers, hidden {c.hidden}, {c.heads} heads "
+                      f"({c.kv_heads} kv), ffn {c.ffn}, vocab {c.vocab}, max_seq {c.max_seq}, "
+                      f"tied embeddings: {c.tie_embeddings}")
+    console.print(f"[bold]cluster[/bold] {cluster.summary()}")
+    return 0
+
+
+def _models(args) -> int:
+    rows = []
+    for name, cfg in PRESETS.items():
+        params = count_parameters(load_model(name).build("meta"))
+        rows.append(dict(name=name, arch=cfg.arch, layers=cfg.layers, hidden=cfg.hidden,
+                         heads=cfg.heads, kv_heads=cfg.kv_heads, ffn=cfg.ffn, vocab=cfg.vocab,
+                         params=params))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title="model presets")
+    for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
+        table.add_column(col, justify="left" if col in ("name", "arch") else "right")
+    for r in rows:
+        table.add_row(*[f"{r[k] / 1e9:.2f} B" if k == "params" else str(r[k]) for k in r])
+    Console().print(table)
+    return 0
+
+
+def _gpus(args) -> int:
+    if args.json:
+        print(json.dumps([dict(name=g.name, display_name=g.display_name, memory_bytes=g.memory_bytes,
+                               peak_flops=g.peak_flops, memory_bw_bytes_per_s=g.memory_bw_bytes_per_s,
+                               nvlink_bw_bytes_per_s=g.nvlink_bw_bytes_per_s, tdp_w=g.tdp_w,
+                               price_usd_per_hour=g.price_usd_per_hour) for g in GPUS.values()]))
+        return 0
+    table = Table(title="GPU catalogue (dense peaks; link bandwidth unidirectional per GPU)")
+    for col in ("name", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "HBM GB/s", "NVLink GB/s",
+                "TDP W", "$/hour"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for g in GPUS.values():
+        bf16 = g.peak_flops.get("bf16", g.peak_flops.get("fp16"))
+        table.add_row(g.name, f"{g.memory_bytes / GIB:.0f}", f"{bf16 / TERA:.0f}" if bf16 else "-",
+                      f"{g.peak_flops['fp32'] / TERA:.1f}", f"{g.memory_bw_bytes_per_s / GB:.0f}",
+                      f"{g.nvlink_bw_bytes_per_s / GB:.0f}", f"{g.tdp_w:.0f}", f"{g.price_usd_per_hour:.2f}")
+    Console().print(table)
+    Console().print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
+    return 0
+
+
+def _validate(args) -> int:
+    plan = Plan.load(args.plan)
+    num_layers = world = per_node = None
+    model_text = args.model or plan.model
+    cluster_text = args.cluster or plan.cluster
+    if model_text:
+        spec = load_model(model_text)
+        num_layers = spec.config.layers if spec.config else None
+    if cluster_text:
+        cluster = parse_cluster(cluster_text)
+        world, per_node = cluster.world_size, cluster.gpus_per_node
+    plan.check_fits(num_layers, world, per_node)
+    print(f"plan {args.plan} is valid: dp={plan.dp} tp={plan.tp} pp={plan.pp} zero={plan.zero}, "
+          f"{plan.grad_accum} micro-batch(es) of {plan.micro_batch} per step")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshplan", description="Plan, simulate and run parallel PyTorch training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("describe", help="a model's parameter count and a cluster's summary")
+    p.add_argument("--model", required=True, help="preset name, config .json, or file.py:factory")
+    p.add_argument("--cluster", required=True, help="GPU:NODESxGPUS, a named system, or a .yaml/.json file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_describe)
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_models)
+
+    p = sub.add_parser("gpus", help="list the GPU catalogue and named systems")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_gpus)
+
+    p = sub.add_parser("validate", help="check a plan file (and its fit to a model and cluster)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--model")
+    p.add_argument("--cluster")
+    p.set_defaults(handler=_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except MeshplanError as exc:
+        print(f"meshplan: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshplan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The Plan: how one training step is spread over a cluster.
+
+It is the contract between the planner (which writes it), the simulator (which
+prices it) and the runtime (which executes it). All validation lives in
+`Plan.__post_init__` (self-consistency) and `Plan.check_fits` (against a model and a
+cluster); every message says what to change.
+
+Rank layout: `rank_order` lists the mesh dimensions from outermost to innermost.
+The default ("pp", "dp", "tp") puts tensor-parallel ranks on consecutive GPUs (inside
+a node), data-parallel next, pipeline stages outermost - Megatron-LM's layout, which
+both the simulator and the runtime's DeviceMesh follow.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from cost_models.errors import MeshplanError
+
+SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+CHECKPOINT_MODES = ("none", "selective", "full")
+TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+@dataclass
+class Plan:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    global_batch: int = 1
+    seq: int = 1024
+    precision: str = "bf16"
+    schedule: str = "1f1b"
+    interleave: int = 1
+    sequence_parallel: bool = False
+    stages: list = field(default_factory=list)       # [[first_layer, end_layer), ...] per virtual stage
+    checkpoint: list = field(default_factory=list)   # per block: none|selective|full; [] = none
+    tp_layout: dict = field(default_factory=dict)    # module path -> colwise|rowwise|replicate|vocab|sequence
+    offload_optimizer: bool = False
+    rank_order: list = field(default_factory=lambda: list(MESH_DIMS))
+    model: str | None = None      # what the plan was made for (informational defaults for the CLI)
+    cluster: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        self._check_numbers()
+        self._check_choices()
+        self._check_pipeline()
+        self._check_tensor_parallel()
+        self._check_memory_options()
+
+    # -- derived quantities -------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per data-parallel rank per step (= pipeline micro-batches)."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.pp * self.interleave
+
+    def checkpoint_for(self, layer: int) -> str:
+        return self.checkpoint[layer] if self.checkpoint else "none"
+
+    # -- self-consistency ---------------------------------------------------
+    def _check_numbers(self):
+        for name in ("dp", "tp", "pp", "micro_batch", "global_batch", "seq", "interleave"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MeshplanError(f"plan {name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1, 2, 3):
+            raise MeshplanError(f"plan zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.global_batch % (self.micro_batch * self.dp):
+            raise MeshplanError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batch x dp = "
+                f"{self.micro_batch} x {self.dp}: change global_batch, micro_batch or dp")
+        if self.schema_version != SCHEMA_VERSION:
+            raise MeshplanError(f"plan schema_version {self.schema_version!r} is not supported "
+                                f"(this meshplan reads version {SCHEMA_VERSION}); re-create the plan")
+
+    def _check_choices(self):
+        for name, kind in (("stages", list), ("checkpoint", list), ("tp_layout", dict), ("rank_order", list)):
+            if not isinstance(getattr(self, name), kind):
+                raise MeshplanError(f"plan {name} must be a {'JSON object' if kind is dict else 'list'}, "
+                                    f"got {getattr(self, name)!r}")
+        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise MeshplanError(f"plan {name} {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        bad = sorted({repr(c) for c in self.checkpoint if c not in CHECKPOINT_MODES})
+        if bad:
+            raise MeshplanError(f"plan checkpoint has {bad}; each layer takes one of {', '.join(CHECKPOINT_MODES)}")
+        if sorted(map(str, self.rank_order)) != sorted(MESH_DIMS):
+            raise MeshplanError(f"plan rank_order {self.rank_order!r} must order exactly {list(MESH_DIMS)}")
+        for flag in ("sequence_parallel", "offload_optimizer"):
+            if not isinstance(getattr(self, flag), bool):
+                raise MeshplanError(f"plan {flag} must be true or false, got {getattr(self, flag)!r}")
+
+    def _check_pipeline(self):
+        if self.interleave > 1 and self.schedule != "interleaved":
+            raise MeshplanError(f"interleave {self.interleave} needs schedule 'interleaved' (got {self.schedule!r})")
+        if self.schedule == "interleaved":
+            if self.pp < 2:
+                raise MeshplanError("the interleaved schedule needs pp >= 2: use schedule 1f1b or raise pp")
+            if self.interleave < 2:
+                raise MeshplanError("the interleaved schedule needs interleave >= 2 model chunks per stage")
+            if self.grad_accum % self.pp:
+                raise MeshplanError(
+                    f"the interleaved schedule needs the micro-batch count ({self.grad_accum}) to be a multiple "
+                    f"of pp ({self.pp}): change global_batch or micro_batch")
+        if not self.stages:
+            return
+        if len(self.stages) != self.virtual_stages:
+            raise MeshplanError(f"plan stages lists {len(self.stages)} ranges but pp x interleave = "
+                                f"{self.virtual_stages}: give one [first, end) layer range per stage")
+        expected_start = self.stages[0][0] if self.stages and _is_range(self.stages[0]) else None
+        if expected_start != 0:
+            raise MeshplanError("plan stages must start at layer 0, as [[0, end0], [end0, end1], ...]")
+        for i, rng in enumerate(self.stages):
+            if not _is_range(rng) or rng[0] != expected_start or rng[1] < rng[0]:
+                raise MeshplanError(f"plan stage {i} is {rng!r}: stages must be contiguous [first, end) "
+                                    f"ranges, stage {i} starting at layer {expected_start}")
+            expected_start = rng[1]
+
+    def _check_tensor_parallel(self):
+        if self.sequence_parallel and self.tp < 2:
+            raise MeshplanError("sequence_parallel needs tp >= 2: set tp or drop sequence_parallel")
+        bad = sorted({repr(s) for s in self.tp_layout.values() if s not in TP_STYLES})
+        if bad:
+            raise MeshplanError(f"plan tp_layout has style(s) {bad}; use one of {', '.join(TP_STYLES)}")
+        if self.tp == 1 and any(s != "replicate" for s in self.tp_layout.values()):
+            raise MeshplanError("tp_layout shards modules but tp is 1: set tp >= 2 or drop tp_layout")
+
+    def _check_memory_options(self):
+        if self.offload_optimizer and self.zero < 2:
+            raise MeshplanError("offload_optimizer runs through FSDP2's CPUOffloadPolicy: set zero to 2 or 3")
+
+    # -- against a model and a cluster -------------------------------------
+    def check_fits(self, num_layers: int | None = None, world_size: int | None = None,
+                   gpus_per_node: int | None = None):
+        """Consistency with a model's block count and a cluster's size."""
+        if world_size is not None and self.world_size != world_size:
+            raise MeshplanError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} "
+                                f"but the cluster has {world_size} devices: make the product {world_size}")
+        if gpus_per_node is not None and self.tp > gpus_per_node:
+            raise MeshplanError(f"tp {self.tp} spans more than one node ({gpus_per_node} devices per node): "
+                                f"use tp <= {gpus_per_node}")
+        if num_layers is None:
+            return
+        if self.checkpoint and len(self.checkpoint) != num_layers:
+            raise MeshplanError(f"plan checkpoint lists {len(self.checkpoint)} layers but the model has "
+                                f"{num_layers}: give one entry per layer")
+        if self.stages and self.stages[-1][1] != num_layers:
+            raise MeshplanError(f"plan stages end at layer {self.stages[-1][1]} but the model has "
+                                f"{num_layers} layers: the last stage must end at {num_layers}")
+        if not self.stages and self.virtual_stages > num_layers:
+            raise MeshplanError(f"pp x interleave = {self.virtual_stages} exceeds the model's {num_layers} layers")
+
+    # -- JSON -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        if not isinstance(data, dict):
+            raise MeshplanError(f"{where} must be a JSON object, not {type(data).__name__}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise MeshplanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "schema_version" not in data:
+            raise MeshplanError(f"{where} has no schema_version: it was not written by meshplan")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "plan") -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MeshplanError(f"{where} is not valid JSON: {exc}")
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise MeshplanError(f"plan file {str(path)!r} does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MeshplanError(f"cannot read plan file {str(path)!r}: {exc}")
+        return cls.from_json(text, where=f"plan file {str(path)!r}")
+
+    def save(self, path: str | Path, overwrite: bool = False):
+        """Write atomically; never replace an existing file unless asked to."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise MeshplanError(f"{str(path)!r} already exists: choose another path or pass --force")
+        if not path.parent.is_dir():
+            raise MeshplanError(f"directory {str(path.parent)!r} does not exist")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+
+
+def _is_range(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def even_stages(num_layers: int, stages: int) -> list:
+    """Split layers into `stages` contiguous ranges differing in size by at most one."""
+    if stages > num_layers:
+        raise MeshplanError(f"cannot split {num_layers} layers into {stages} pipeline stages")
+    base, extra = divmod(num_layers, stages)
+    bounds, start = [], 0
+    for i in range(stages):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append([start, end])
+        start = end
+    return bounds
