@@ -1,0 +1,63 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import assert_user_error
+from planner.plan import Plan
+
+
+def test_describe_prints_params_and_cluster(cli):
+    proc = cli("describe", "--model", "gpt3-175b", "--cluster", "a100-sxm-80gb:128x8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["params"] == pytest.approx(174.6e9, rel=0.005)
+    assert out["cluster"]["world_size"] == 1024 and out["config"]["layers"] == 96
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("meshplan")
+    if exe is None:
+        pytest.skip("meshplan is not installed as a console script in this environment")
+    proc = subprocess.run([exe, "describe", "--model", "llama3-8b", "--cluster", "dgx-h100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "8.03 B" in proc.stdout and "dgx-h100" in proc.stdout
+
+
+def test_listings(cli):
+    models = json.loads(cli("models", "--json").stdout)
+    assert {"gpt3-175b", "llama3-405b", "gpt2-124m"} <= {m["name"] for m in models}
+    gpus = json.loads(cli("gpus", "--json").stdout)
+    assert {"h100-sxm-80gb", "mi300x", "cpu"} <= {g["name"] for g in gpus}
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["describe", "--model", "gpt5", "--cluster", "dgx-a100"], "unknown model 'gpt5'"),
+    (["describe", "--model", "gpt-tiny", "--cluster", "z100:1x8"], "unknown GPU 'z100'"),
+    (["describe", "--model", "gpt-tiny", "--cluster", "dgx-a100:x"], "cannot read cluster"),
+    (["describe", "--model", "gpt-tiny"], "--cluster"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_exits_2_with_one_line(cli, args, fragment):
+    assert_user_error(cli(*args), fragment)
+
+
+def test_malformed_files_exit_2(cli, tmp_path):
+    bad_cluster = tmp_path / "c.yaml"
+    bad_cluster.write_text("gpu: [h100\n")
+    assert_user_error(cli("describe", "--model", "gpt-tiny", "--cluster", bad_cluster), "not valid YAML")
+    bad_model = tmp_path / "m.json"
+    bad_model.write_text('{"arch": "gpt", "layers": 2')
+    assert_user_error(cli("describe", "--model", bad_model, "--cluster", "cpu:1x1"), "not valid JSON")
+
+
+def test_validate_plan(cli, tmp_path):
+    path = tmp_path / "plan.json"
+    Plan(dp=2, tp=2, pp=1, global_batch=8, micro_batch=2, model="gpt-tiny", cluster="cpu:1x4").save(path)
+    proc = cli("validate", "--plan", path)
+    assert proc.returncode == 0 and "is valid" in proc.stdout
+    assert_user_error(cli("validate", "--plan", path, "--cluster", "cpu:1x8"), "make the product 8")
+    path.write_text(path.read_text().replace('"dp": 2', '"dp": 0'))
+    assert_user_error(cli("validate", "--plan", path), "dp must be")
+    assert_user_error(cli("validate", "--plan", tmp_path / "missing.json"), "does not exist")
