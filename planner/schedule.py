@@ -1,0 +1,196 @@
+"""Pipeline schedules as data, and an event simulation of them.
+
+A schedule is, for each pipeline rank, the ordered list of actions it runs:
+`Action("F", micro_batch, chunk)` or `Action("B", micro_batch, chunk)`. Rank r's chunk c
+holds virtual stage `c * pp + r` (Megatron's interleaving; with one chunk the virtual
+stage is the rank). This mirrors torch.distributed.pipelining, whose schedules are
+per-rank action lists too, so a plan's schedule can be dry-run and drawn without a GPU.
+
+`simulate_pipeline` plays the lists against durations: each rank has one compute stream
+that runs its actions in order; an action starts when the rank is free and its input
+has arrived (forward: the previous virtual stage's forward of the same micro-batch plus
+a point-to-point transfer; backward: the next virtual stage's backward plus a
+transfer, and its own forward). Bubbles, and how much of the transfers is hidden, fall
+out of the timeline rather than a closed formula.
+
+`in_flight_peak` counts, per rank, the most micro-batch chunks whose forward has run
+but whose backward has not: activation memory is that count times one chunk's saved
+activations (1F1B gives p - r on rank r; GPipe gives every micro-batch; interleaving
+gives Korthikanti et al.'s larger count on the first rank).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from cost_models.errors import MeshplanError
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str          # "F" or "B"
+    micro_batch: int
+    chunk: int = 0
+
+
+def build_schedule(schedule: str, pp: int, micro_batches: int, chunks: int = 1) -> list[list[Action]]:
+    """Per-rank action lists for gpipe, 1f1b or interleaved (chunks > 1)."""
+    if micro_batches < 1 or pp < 1 or chunks < 1:
+        raise MeshplanError("a pipeline needs pp, micro-batches and chunks >= 1")
+    if schedule == "gpipe":
+        return [_gpipe(micro_batches, chunks) for _ in range(pp)]
+    if schedule == "1f1b":
+        if chunks != 1:
+            raise MeshplanError("1f1b runs one chunk per rank: use schedule 'interleaved' for chunks > 1")
+        return [_one_f_one_b(pp, r, micro_batches) for r in range(pp)]
+    if schedule == "interleaved":
+        if micro_batches % pp:
+            raise MeshplanError(f"interleaved needs micro-batches ({micro_batches}) divisible by pp ({pp})")
+        return [_interleaved(pp, r, micro_batches, chunks) for r in range(pp)]
+    raise MeshplanError(f"unknown schedule {schedule!r}; use gpipe, 1f1b or interleaved")
+
+
+def _gpipe(m: int, chunks: int) -> list[Action]:
+    forwards = [Action("F", mb, c) for c in range(chunks) for mb in range(m)]
+    backwards = [Action("B", mb, c) for c in reversed(range(chunks)) for mb in range(m)]
+    return forwards + backwards
+
+
+def _one_f_one_b(pp: int, rank: int, m: int) -> list[Action]:
+    warmup = min(pp - rank - 1, m)
+    actions = [Action("F", mb) for mb in range(warmup)]
+    next_f, next_b = warmup, 0
+    while next_b < m:
+        if next_f < m:
+            actions.append(Action("F", next_f))
+            next_f += 1
+        actions.append(Action("B", next_b))
+        next_b += 1
+    return actions
+
+
+def _interleaved(pp: int, rank: int, m: int, chunks: int) -> list[Action]:
+    """Megatron-LM's interleaved 1F1B: micro-batches go through chunks in groups of pp."""
+    total = m * chunks
+
+    def forward_at(k):   # the k-th forward this rank runs
+        group, pos = divmod(k, pp * chunks)
+        return Action("F", group * pp + pos % pp, (k // pp) % chunks)
+
+    def backward_at(k):
+        group, pos = divmod(k, pp * chunks)
+        return Action("B", group * pp + pos % pp, chunks - 1 - (k // pp) % chunks)
+
+    warmup = min((pp - rank - 1) * 2 + (chunks - 1) * pp, total)
+    actions = [forward_at(k) for k in range(warmup)]
+    next_f, next_b = warmup, 0
+    while next_b < total:
+        if next_f < total:
+            actions.append(forward_at(next_f))
+            next_f += 1
+        actions.append(backward_at(next_b))
+        next_b += 1
+    return actions
+
+
+def in_flight_peak(actions: list[Action]) -> int:
+    """Most (micro-batch, chunk) activations held at once by one rank."""
+    held = peak = 0
+    for action in actions:
+        held += 1 if action.kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+@dataclass(frozen=True)
+class Event:
+    rank: int
+    kind: str          # "F", "B", "send", "recv-wait"
+    micro_batch: int
+    chunk: int
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class PipelineTimeline:
+    events: list
+    finish_s: list          # per rank: when its last action ends
+    busy_s: list            # per rank: compute time
+    pp: int
+
+    @property
+    def makespan_s(self) -> float:
+        return max(self.finish_s)
+
+    def bubble_s(self, rank: int) -> float:
+        return self.makespan_s - self.busy_s[rank]
+
+    def to_chrome_trace(self, offset_s: float = 0.0) -> list[dict]:
+        """Chrome/Perfetto "X" events: one thread per pipeline rank."""
+        names = {"F": "forward", "B": "backward", "send": "p2p"}
+        return [dict(name=f"{names.get(e.kind, e.kind)} mb{e.micro_batch} c{e.chunk}", cat=e.kind,
+                     ph="X", pid=0, tid=e.rank, ts=(e.start_s + offset_s) * 1e6,
+                     dur=(e.end_s - e.start_s) * 1e6) for e in self.events]
+
+
+def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float = 0.0) -> PipelineTimeline:
+    """Event simulation. fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v.
+
+    `p2p_s` is the time to move one micro-batch's boundary activation (or its gradient)
+    to the neighbouring stage; transfers run beside compute and delay only the receiver.
+    """
+    pp = len(schedule)
+    stages = len(fwd_s)
+    if len(bwd_s) != stages or stages % pp:
+        raise MeshplanError("need one forward and one backward time per virtual stage (pp x chunks)")
+    done = {}                 # (kind, mb, virtual stage) -> end time
+    cursor = [0] * pp
+    free_at = [0.0] * pp
+    busy = [0.0] * pp
+    events = []
+    pending = list(range(pp))
+    waiting = defaultdict(list)  # dependency key -> ranks blocked on it
+    while pending:
+        rank = pending.pop()
+        while cursor[rank] < len(schedule[rank]):
+            action = schedule[rank][cursor[rank]]
+            vs = action.chunk * pp + rank
+            ready = _input_ready(action, vs, stages, pp, done, p2p_s)
+            if ready is None:
+                waiting[_dependency(action, vs, stages)].append(rank)
+                break
+            start = max(free_at[rank], ready)
+            duration = fwd_s[vs] if action.kind == "F" else bwd_s[vs]
+            end = start + duration
+            done[(action.kind, action.micro_batch, vs)] = end
+            events.append(Event(rank, action.kind, action.micro_batch, action.chunk, start, end))
+            free_at[rank], busy[rank] = end, busy[rank] + duration
+            cursor[rank] += 1
+            pending.extend(waiting.pop((action.kind, action.micro_batch, vs), ()))
+    stuck = [r for r in range(pp) if cursor[r] < len(schedule[r])]
+    if stuck:
+        raise MeshplanError(f"pipeline schedule deadlocks on rank(s) {stuck}: its action lists are inconsistent")
+    return PipelineTimeline(events, free_at, busy, pp)
+
+
+def _dependency(action: Action, vs: int, stages: int):
+    if action.kind == "F":
+        return ("F", action.micro_batch, vs - 1) if vs > 0 else None
+    if vs == stages - 1:
+        return ("F", action.micro_batch, vs)
+    return ("B", action.micro_batch, vs + 1)
+
+
+def _input_ready(action: Action, vs: int, stages: int, pp: int, done: dict, p2p_s: float):
+    """When the action's input is on this rank, or None if its producer has not run."""
+    dep = _dependency(action, vs, stages)
+    if dep is None:
+        return 0.0
+    if dep not in done:
+        return None
+    own_forward = ("F", action.micro_batch, vs)
+    if action.kind == "B" and own_forward not in done:
+        return None
+    same_rank = dep[2] % pp == vs % pp
+    return done[dep] + (0.0 if same_rank else p2p_s)
