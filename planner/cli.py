@@ -59,7 +59,7 @@ def _models(args) -> int:
         return 0
     table = Table(title="model presets")
     for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
-        table.add_column(col, justify="left" if col in ("name", "arch") else "right")
+        table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=col == "name")
     for r in rows:
         table.add_row(*[f"{r[k] / 1e9:.2f} B" if k == "params" else str(r[k]) for k in r])
     Console().print(table)
@@ -76,7 +76,7 @@ def _gpus(args) -> int:
     table = Table(title="GPU catalogue (dense peaks; link bandwidth unidirectional per GPU)")
     for col in ("name", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "HBM GB/s", "NVLink GB/s",
                 "TDP W", "$/hour"):
-        table.add_column(col, justify="left" if col == "name" else "right")
+        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=col == "name")
     for g in GPUS.values():
         bf16 = g.peak_flops.get("bf16", g.peak_flops.get("fp16"))
         table.add_row(g.name, f"{g.memory_bytes / GIB:.0f}", f"{bf16 / TERA:.0f}" if bf16 else "-",

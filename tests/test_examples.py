@@ -1,0 +1,14 @@
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_describe_job_example_runs():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "describe_job.py")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "174.62 B parameters" in proc.stdout and "1024 devices" in proc.stdout
+    assert "plan dp=16 tp=8 pp=8: 96 micro-batches per step" in proc.stdout
