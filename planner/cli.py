@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 
 from rich.console import Console
@@ -104,6 +105,32 @@ def _validate(args) -> int:
     return 0
 
 
+def _launch_train(argv: list) -> int:
+    """`meshplan train [--nproc-per-node N] ARGS`: run `runtime.train` in its own process(es).
+
+    The planner never imports the runtime: training runs as `python -m runtime.train`,
+    under a standalone torchrun when N > 1 (many nodes: call torchrun yourself, see README).
+    """
+    nproc, rest, i = 1, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc-per-node" or arg.startswith("--nproc-per-node="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise MeshplanError(f"--nproc-per-node must be a whole number >= 1, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "runtime.train", *rest]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "runtime.train", *rest]
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshplan", description="Plan, simulate and run parallel PyTorch training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -127,11 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--cluster")
     p.set_defaults(handler=_validate)
+
+    # Listed for --help; main() forwards everything after `train` to runtime.train.
+    sub.add_parser("train", help="train a model with a plan: [--nproc-per-node N] then "
+                                 "`python -m runtime.train --help` arguments", add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:
+            return _launch_train(argv[1:])
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except MeshplanError as exc:
