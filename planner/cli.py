@@ -105,6 +105,117 @@ def _validate(args) -> int:
     return 0
 
 
+def _plan_from_args(args) -> Plan:
+    """A Plan from `--plan FILE` or from the simulate flags (every degree given)."""
+    if args.plan:
+        return Plan.load(args.plan)
+    missing = [flag for flag, value in (("--cluster", args.cluster), ("--global-batch", args.global_batch))
+               if value is None]
+    if missing:
+        raise MeshplanError(f"give {' and '.join(missing)} (or --plan FILE)")
+    return Plan(dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero, micro_batch=args.micro_batch,
+                global_batch=args.global_batch, seq=args.seq, precision=args.precision,
+                schedule=args.schedule, interleave=args.interleave,
+                sequence_parallel=args.sequence_parallel, model=args.model, cluster=args.cluster)
+
+
+def _with_layers(plan: Plan, spec, mode: str | None) -> Plan:
+    """Expand a uniform --checkpoint mode to the model's layers."""
+    if mode and mode != "none" and spec.config is not None:
+        plan.checkpoint = [mode] * spec.config.layers
+    return plan
+
+
+def _simulate_one(case: dict):
+    from planner.simulate import simulate
+    model = case.get("model")
+    if model is None:
+        raise MeshplanError("each case needs a model")
+    spec = load_model(model)
+    keys = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+            "interleave", "sequence_parallel"}
+    unknown = sorted(set(case) - keys - {"model", "cluster", "checkpoint"})
+    if unknown:
+        raise MeshplanError(f"unknown key(s) {unknown}")
+    if "cluster" not in case:
+        raise MeshplanError("each case needs a cluster")
+    plan = Plan(**{k: v for k, v in case.items() if k in keys})
+    plan = _with_layers(plan, spec, case.get("checkpoint"))
+    return simulate(plan, spec, case["cluster"])
+
+
+def _simulate(args) -> int:
+    if args.batch:
+        return _simulate_batch(args.batch)
+    plan = _plan_from_args(args)
+    model_text = args.model or plan.model
+    cluster_text = args.cluster or plan.cluster
+    if not model_text or not cluster_text:
+        raise MeshplanError("give --model and --cluster (the plan file names neither)")
+    from planner.simulate import simulate
+    spec = load_model(model_text)
+    if not args.plan:
+        plan = _with_layers(plan, spec, args.checkpoint)
+    result = simulate(plan, spec, cluster_text)
+    if args.trace:
+        _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    _print_result(plan, result)
+    return 0
+
+
+def _write_new(path: str, text: str):
+    from pathlib import Path
+    target = Path(path)
+    if target.exists():
+        raise MeshplanError(f"{path!r} already exists: choose another path")
+    if not target.parent.is_dir():
+        raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
+    target.write_text(text)
+
+
+def _print_result(plan: Plan, result) -> None:
+    console = Console()
+    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
+                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
+                  f"{plan.schedule}")
+    console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
+    console.print("phases: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in result.phases.items()))
+    table = Table(title=f"memory per GPU (capacity {result.capacity_bytes / GIB:.1f} GiB)")
+    for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
+        table.add_column(col, justify="right")
+    for m in result.stages:
+        table.add_row(str(m.stage), *[f"{v / GIB:.2f}" for v in (
+            m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
+            m.peak_allocated_bytes, m.peak_reserved_bytes)])
+    console.print(table)
+    console.print("fits" if result.fits else "[red]does not fit[/red]")
+
+
+def _simulate_batch(path: str) -> int:
+    """One JSON case a line in, one JSON result a line out; a bad case gets {"error": ...}."""
+    from pathlib import Path
+    source = Path(path)
+    if not source.is_file():
+        raise MeshplanError(f"cases file {path!r} does not exist")
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            case = json.loads(line)
+            if not isinstance(case, dict):
+                raise MeshplanError("a case must be a JSON object")
+            print(json.dumps(_simulate_one(case).to_dict()), flush=True)
+        except json.JSONDecodeError as exc:
+            print(json.dumps({"error": f"line {number}: not valid JSON: {exc}"}), flush=True)
+        except MeshplanError as exc:
+            print(json.dumps({"error": f"line {number}: {exc}"}), flush=True)
+    return 0
+
+
 def _launch_train(argv: list) -> int:
     """`meshplan train [--nproc-per-node N] ARGS`: run `runtime.train` in its own process(es).
 
@@ -123,12 +234,18 @@ def _launch_train(argv: list) -> int:
             continue
         rest.append(arg)
         i += 1
+    single = [sys.executable, "-m", "runtime.train", *rest]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "runtime.train", *rest]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "runtime.train", *rest]
-    return subprocess.call(cmd)
+        return subprocess.call(single)
+    # torchrun turns a worker's exit code 2 into 1 behind its own report: run every check
+    # that needs no process group first, so a user mistake still ends in one line and code 2.
+    import os
+    env = dict(os.environ, MESHPLAN_CHECK_ONLY="1", WORLD_SIZE=str(nproc), RANK="0")
+    checked = subprocess.call(single, env=env)
+    if checked != 0:
+        return checked
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "runtime.train", *rest])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--cluster")
     p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("simulate", help="predict step time and per-GPU memory of one plan")
+    p.add_argument("--model")
+    p.add_argument("--cluster")
+    p.add_argument("--plan", help="a plan .json instead of the flags below")
+    p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--global-batch", type=int)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--checkpoint", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default="1f1b")
+    p.add_argument("--interleave", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_simulate)
 
     # Listed for --help; main() forwards everything after `train` to runtime.train.
     sub.add_parser("train", help="train a model with a plan: [--nproc-per-node N] then "

@@ -61,3 +61,16 @@ def test_validate_plan(cli, tmp_path):
     path.write_text(path.read_text().replace('"dp": 2', '"dp": 0'))
     assert_user_error(cli("validate", "--plan", path), "dp must be")
     assert_user_error(cli("validate", "--plan", tmp_path / "missing.json"), "does not exist")
+
+
+def test_train_launcher_single_process_and_checks(cli, tmp_path):
+    plan = tmp_path / "plan.json"
+    Plan(dp=1, global_batch=2, micro_batch=2, seq=32, precision="fp32").save(plan)
+    ok = cli("train", "--model", "gpt-tiny", "--plan", plan, "--steps", "1", "--quiet",
+             "--log-json", tmp_path / "m.jsonl")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 1
+    # a plan for one process launched on two: refused before torchrun starts, in one line
+    assert_user_error(cli("train", "--nproc-per-node", "2", "--model", "gpt-tiny", "--plan", plan,
+                          "--steps", "1"))
+    assert_user_error(cli("train", "--nproc-per-node", "zero", "--model", "gpt-tiny"), "--nproc-per-node")

@@ -1,0 +1,250 @@
+"""The model as the plan lays it out on this rank, and one training step of it.
+
+Building: the full model is built and initialised on the CPU from the seed
+(`init_weights(seed)`) on every rank, then cut into this rank's pipeline stages, moved
+to the device and sharded - so the weights, and the loss, are the same whatever the
+layout. (That needs the whole model in host memory on every rank: fine for the models
+one trains for tests and demos; a very large model would instead be built on the meta
+device, sharded, `to_empty`'d and initialised shard by shard - not done here.)
+
+Order per part: tensor parallel -> activation checkpointing -> autocast (pipeline
+stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
+
+A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
+a pipeline each micro-batch's loss / grad_accum is back-propagated (gradient sync only
+on the last micro-batch for replicate/DDP; FSDP reduce-scatters each), with a pipeline
+the plan's schedule runs them. Then tied-embedding gradients are summed between the
+first and last pipeline stage (they hold one shared weight twice), the fp16 scaler
+unscales, gradients are clipped to the global norm, the optimizers step, and the loss
+(mean over every micro-batch of the global batch) is all-reduced for logging.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from cost_models.errors import MeshplanError
+from planner.models import count_parameters
+from planner.plan import Plan
+from runtime import optim as optim_mod
+from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
+                                 tensor_parallel, with_autocast)
+from runtime.pipeline import build_schedule, check_schedule, cut, local_stages, loss_fn, stage_ranges
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_plan(spec, plan: Plan):
+    """Everything about plan + model that can be checked without a process group."""
+    if spec.config is None:
+        raise MeshplanError(f"meshplan train runs zoo models (a preset or a .json config); "
+                            f"{spec.name!r} is a Python factory, which the runtime cannot cut or shard")
+    cfg = spec.config
+    plan.check_fits(cfg.layers)
+    if plan.seq > cfg.max_seq:
+        raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
+    if plan.sequence_parallel and plan.seq % plan.tp:
+        raise MeshplanError(f"sequence_parallel splits seq {plan.seq} over tp {plan.tp}: make tp divide seq")
+    if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
+        raise MeshplanError("zero 1 runs on DDP + ZeroRedundancyOptimizer, which do not take tensor-parallel "
+                            "(DTensor) parameters: use zero 0, 2 or 3 with tp > 1")
+    check_schedule(plan)
+    if plan.tp > 1:
+        resolve_layout(cfg, plan)
+
+
+class Engine:
+    def __init__(self, spec, plan: Plan, rt, *, seed: int, lr: float, weight_decay: float,
+                 warmup: int, steps: int, min_lr: float, clip: float):
+        check_plan(spec, plan)
+        cfg = self.cfg = spec.config
+        plan.check_fits(cfg.layers, rt.world_size)
+        self.plan, self.rt, self.clip = plan, rt, clip
+        self.device = rt.device
+
+        torch.manual_seed(seed)
+        full = spec.build("cpu").init_weights(seed)
+        self.params_total = count_parameters(full)
+        V = plan.virtual_stages
+        if plan.pp > 1:
+            ranges = stage_ranges(plan, cfg.layers)
+            if plan.sequence_parallel and any(a == b for a, b in ranges):
+                raise MeshplanError("sequence parallelism needs at least one block in every pipeline stage")
+            mine = local_stages(plan, rt.coords["pp"])
+            parts = {v: cut(full, *ranges[v], v == 0, v == V - 1) for v in mine}
+        else:
+            parts = {0: full}
+        del full
+        layout = resolve_layout(cfg, plan) if plan.tp > 1 else None
+
+        self.parts, self.modules = {}, {}
+        for v, part in parts.items():
+            part.to(self.device)
+            if layout is not None:
+                tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
+            apply_checkpointing(part, plan)
+            if plan.pp > 1:
+                with_autocast(part, plan, self.device)
+            self.parts[v] = part
+            self.modules[v] = data_parallel(part, rt, plan)
+
+        # Optimizers (one per part), schedules, fp16 scaler.
+        zero1 = plan.zero == 1 and plan.dp > 1
+        self.zero1 = zero1
+        fused = self.device.type == "cuda" and not rt.distributed
+        self.optimizers = [optim_mod.build_optimizer(self.modules[v], lr, weight_decay,
+                                                     rt.group("dp") if zero1 else None, fused)
+                           for v in sorted(self.modules)]
+        factor = optim_mod.lr_lambda(steps, warmup, min_lr / lr)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
+        self.scaler = optim_mod.make_scaler(plan.precision, self.device, rt.distributed)
+
+        # Tied embeddings across pipeline stages: one weight held by the first and last stage.
+        self.tied_param, self.tied_group, self.norm_skip = None, None, frozenset()
+        if cfg.tie_embeddings and plan.pp > 1:
+            self._tie_across_stages(V)
+
+        self.mb_losses: list = []
+        if plan.pp > 1:
+            def stage_loss(logits, targets):
+                loss = loss_fn(logits, targets)
+                return self.scaler.scale(loss) if self.scaler is not None else loss
+            self.schedule, self.stages = build_schedule(plan, self.modules, rt, stage_loss)
+            self.has_first = 0 in self.modules
+            self.has_last = (V - 1) in self.modules
+        else:
+            self.schedule, self.has_first, self.has_last = None, True, True
+
+    # -------------------------------------------------------------------------------
+    def _tie_across_stages(self, V: int):
+        rt, plan = self.rt, self.plan
+        for i, j in itertools.product(range(plan.dp), range(plan.tp)):
+            ranks = sorted({rt.rank_at(pp=0, dp=i, tp=j), rt.rank_at(pp=plan.pp - 1, dp=i, tp=j)})
+            group = dist.new_group(ranks)
+            if rt.rank in ranks:
+                self.tied_group = group
+        if 0 in self.parts:
+            self.tied_param = self.parts[0].tok.weight
+        if V - 1 in self.parts:
+            head = self.parts[V - 1].head.weight
+            if self.tied_param is None:
+                self.tied_param = head
+            self.norm_skip = frozenset({id(head)})   # counted once, on the first stage
+
+    def parameters(self):
+        seen = set()
+        for module in self.modules.values():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def _sync(self, module: nn.Module, last: bool):
+        """Context for one micro-batch: replicate/DDP sync gradients only on the last one."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel
+        if isinstance(module, DistributedDataParallel):
+            return contextlib.nullcontext() if last else module.no_sync()
+        if isinstance(module, FSDPModule) and self.plan.zero == 0:
+            module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    # -------------------------------------------------------------------------------
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int) -> dict:
+        """One optimizer step on this rank's rows; returns loss, grad_norm, lr, skipped."""
+        plan, rt = self.plan, self.rt
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        self.mb_losses = []
+        if self.schedule is None:
+            model = self.modules[0]
+            chunks = [(inputs[i:i + micro_batch], targets[i:i + micro_batch])
+                      for i in range(0, inputs.shape[0], micro_batch)]
+            n = len(chunks)
+            for k, (x, y) in enumerate(chunks):
+                with self._sync(model, k == n - 1):
+                    with autocast_context(plan, self.device):
+                        loss = model(x, y)
+                    self.mb_losses.append(loss.detach())
+                    scaled = loss / n
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    scaled.backward()
+        else:
+            losses = [] if self.has_last else None
+            if self.has_first:
+                self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
+            elif self.has_last:
+                self.schedule.step(target=targets, losses=losses)
+            else:
+                self.schedule.step()
+            if losses:
+                scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+                self.mb_losses = [l.detach() / scale for l in losses]
+
+        params = list(self.parameters())
+        for p in params:   # DTensor autograd may hand back a gradient laid out unlike its parameter
+            g = p.grad
+            if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+        if self.tied_group is not None and self.tied_param is not None and self.tied_param.grad is not None:
+            dist.all_reduce(_local(self.tied_param.grad), group=self.tied_group)
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        grad_norm = optim_mod.clip_gradients(params, self.clip, rt.coords, self.device, rt.distributed,
+                                             skip=self.norm_skip)
+        skipped = False
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        for sched in self.schedulers:
+            sched.step()
+
+        # Mean loss over every micro-batch of the global batch, summed once per (dp, pp-last) rank.
+        owner = self.has_last and rt.coords["tp"] == 0
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if owner and self.mb_losses:
+            total[0] = torch.stack([l.double() for l in self.mb_losses]).sum()
+            total[1] = len(self.mb_losses)
+        if rt.distributed:
+            dist.all_reduce(total)
+        loss = float(total[0] / total[1])
+        return dict(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    # -------------------------------------------------------------------------------
+    def set_schedule_step(self, step: int):
+        """Put the learning-rate schedules at `step` optimizer steps done (after a resume)."""
+        for sched, opt in zip(self.schedulers, self.optimizers):
+            sched.last_epoch = step
+            lrs = [base * lam(step) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, value in zip(opt.param_groups, lrs):
+                group["lr"] = value
+            sched._last_lr = lrs
+
+    def scaler_state(self) -> dict:
+        if self.scaler is None:
+            return {}
+        sd = self.scaler.state_dict()
+        return {"scaler_scale": float(sd.get("scale", 0.0)), "scaler_growth_tracker": int(sd.get("_growth_tracker", 0))}
+
+    def load_scaler_state(self, state: dict):
+        if self.scaler is None or "scaler_scale" not in state:
+            return
+        sd = self.scaler.state_dict()
+        sd.update(scale=state["scaler_scale"], _growth_tracker=state["scaler_growth_tracker"])
+        self.scaler.load_state_dict(sd)

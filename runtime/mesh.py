@@ -1,0 +1,132 @@
+"""Process group and device mesh for a plan.
+
+Launch is torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+environment, multi-node through its rendezvous); without those variables the run is
+one process. The mesh is `init_device_mesh` with the plan's named dimensions in
+`plan.rank_order` (outermost first), so global rank r sits at the row-major position of
+r in that shape - the layout the simulator assumes (default pp, dp, tp: tensor-parallel
+ranks adjacent, pipeline stages outermost).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from cost_models.errors import MeshplanError
+from planner.plan import MESH_DIMS, Plan
+
+
+@dataclass
+class Runtime:
+    """Where this process sits: its rank, device, mesh and mesh coordinates."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh | None                   # None in a single process without a process group
+    coords: dict = field(default_factory=lambda: {d: 0 for d in MESH_DIMS})
+    owns_process_group: bool = False          # we called init_process_group, so we destroy it
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def submesh(self, dim: str) -> DeviceMesh | None:
+        return self.mesh[dim] if self.mesh is not None else None
+
+    def group(self, dim: str):
+        return self.mesh.get_group(dim) if self.mesh is not None else None
+
+    def size(self, dim: str) -> int:
+        return self.mesh.size(self.mesh.mesh_dim_names.index(dim)) if self.mesh is not None else 1
+
+    def rank_at(self, **coords) -> int:
+        """Global rank at the given mesh coordinates (others taken from this rank's)."""
+        where = {**self.coords, **coords}
+        index = tuple(where[d] for d in self.mesh.mesh_dim_names)
+        return int(self.mesh.mesh[index])
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables, or a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local = int(os.environ.get("LOCAL_RANK", rank))
+        except ValueError:
+            raise MeshplanError("RANK/WORLD_SIZE/LOCAL_RANK must be whole numbers (set by torchrun)")
+        return rank, world, local
+    return 0, 1, 0
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise MeshplanError("--device cuda asked for, but PyTorch sees no CUDA device: use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise MeshplanError(f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}): "
+                                f"lower --nproc-per-node")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if choice != "cpu":
+        raise MeshplanError(f"--device {choice!r} is unknown; use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_world(plan: Plan, world: int):
+    if plan.world_size != world:
+        raise MeshplanError(f"the plan needs dp x tp x pp = {plan.dp} x {plan.tp} x {plan.pp} = "
+                            f"{plan.world_size} processes but {world} were started: start {plan.world_size} "
+                            f"(meshplan train --nproc-per-node {plan.world_size}), or use a plan for {world}")
+
+
+def setup(plan: Plan, device_choice: str = "auto", timeout_s: float = 600.0) -> Runtime:
+    """Join (or start) the process group and build the plan's device mesh.
+
+    A single process needs no process group unless the plan uses FSDP (ZeRO 2/3, e.g.
+    for CPU optimizer offload); then it starts a one-rank group on a free local port.
+    """
+    rank, world, local_rank = launch_env()
+    check_world(plan, world)
+    device = pick_device(device_choice, local_rank)
+    need_group = world > 1 or plan.zero >= 2
+    if not need_group:
+        return Runtime(rank, world, local_rank, device, None)
+    owns = False
+    if not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = dict(device_id=device) if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+        owns = True
+    elif dist.get_world_size() != world:
+        raise MeshplanError(f"a process group of {dist.get_world_size()} ranks is already running, "
+                            f"not {world}")
+    order = tuple(str(d) for d in plan.rank_order)
+    shape = tuple(getattr(plan, d) for d in order)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
+    coords = {d: mesh.get_local_rank(d) for d in order}
+    return Runtime(rank, world, local_rank, device, mesh, coords, owns)
+
+
+def teardown(rt: Runtime):
+    if rt.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""Per-step numbers: the progress line, JSONL records, TensorBoard scalars, MFU.
+
+Model FLOPs per token (the PaLM convention, Chowdhery et al. 2022, appendix B):
+    6 * N  +  12 * layers * hidden * seq
+where N counts the parameters that do matrix work - every parameter except the
+position table and, for untied models, the token-embedding table (a lookup, no
+multiply-add); a tied embedding counts once, as the output head's matmul. The second
+term is attention's QK^T and AV (forward + backward), without a causal discount.
+Recomputation is not counted (model FLOPs, not hardware FLOPs).
+MFU = FLOPs per token x tokens per second / (peak FLOP/s per device x devices), with the
+peak from the GPU catalogue for the plan's precision.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from cost_models.errors import MeshplanError
+from cost_models.hardware import get_gpu
+from planner.models import ModelConfig
+
+# torch.cuda.get_device_name fragments -> catalogue names, most specific first.
+_CUDA_NAMES = [
+    ("H200", "h200-141gb"), ("H100", "h100-sxm-80gb"), ("B200", "b200"),
+    ("A100-SXM4-40GB", "a100-sxm-40gb"), ("A100 80GB PCIE", "a100-pcie-80gb"), ("A100-PCIE-80GB", "a100-pcie-80gb"),
+    ("A100", "a100-sxm-80gb"), ("L40S", "l40s"), ("A10", "a10"),
+    ("V100-SXM2-16GB", "v100-16gb"), ("V100", "v100-32gb"), ("MI300X", "mi300x"),
+]
+
+
+def gpu_for_device(device: torch.device) -> str | None:
+    """Catalogue name of this process's device, or None if it is not in the catalogue."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).upper()
+    for fragment, gpu in _CUDA_NAMES:
+        if fragment in name:
+            return gpu
+    return None
+
+
+def peak_flops(gpu: str | None, precision: str, strict: bool = True) -> float | None:
+    """Peak FLOP/s per device; None (no MFU) for an unknown device or, unless strict, an unsupported precision."""
+    if gpu is None:
+        return None
+    spec = get_gpu(gpu)
+    if not strict and precision not in spec.peak_flops:
+        return None
+    return spec.peak_flops_for(precision)
+
+
+def flops_per_token(cfg: ModelConfig, params: int, seq: int) -> float:
+    matmul_params = params - (cfg.max_seq * cfg.hidden if cfg.arch == "gpt" else 0)
+    if not cfg.tie_embeddings:
+        matmul_params -= cfg.vocab * cfg.hidden
+    return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.hidden * seq
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak, or peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def progress_line(rec: dict, steps: int) -> str:
+    parts = [f"step {rec['step']}/{steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
+             f"grad_norm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if rec.get("mfu") is not None:
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    parts.append(f"mem {rec['peak_mem_bytes'] / 2**30:.2f} GiB")
+    if rec.get("skipped"):
+        parts.append("skipped (fp16 overflow)")
+    return " | ".join(parts)
+
+
+class MetricsSink:
+    """Rank 0 writes the progress line, the JSONL file and TensorBoard; other ranks write nothing."""
+
+    def __init__(self, rank: int, steps: int, log_json: str | None, tensorboard: str | None, resume: bool,
+                 quiet: bool = False):
+        self.active = rank == 0
+        self.steps, self.quiet = steps, quiet
+        self.jsonl = self.writer = self.jsonl_path = None
+        if log_json and self.active:
+            path = Path(log_json)
+            if path.exists() and not resume:
+                raise MeshplanError(f"{log_json!r} already exists: choose another --log-json path "
+                                    f"(with --resume the run appends to it)")
+            if not path.parent.is_dir():
+                raise MeshplanError(f"directory {str(path.parent)!r} for --log-json does not exist")
+            self.jsonl_path = path          # opened at the first record, so a failed start leaves no file
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MeshplanError("--tensorboard needs the tensorboard package: pip install 'meshplan[tensorboard]'")
+            if Path(tensorboard).exists() and not Path(tensorboard).is_dir():
+                raise MeshplanError(f"--tensorboard {tensorboard!r} is a file, not a directory")
+            if self.active:
+                self.writer = SummaryWriter(log_dir=tensorboard)
+
+    def log(self, rec: dict):
+        if not self.active:
+            return
+        if not self.quiet:
+            print(progress_line(rec, self.steps), flush=True)
+        if self.jsonl_path and self.jsonl is None:
+            self.jsonl = open(self.jsonl_path, "a", buffering=1)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+        if self.writer:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_time_s"):
+                if rec.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
+
+    def note(self, text: str):
+        if self.active and not self.quiet:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.writer:
+            self.writer.close()

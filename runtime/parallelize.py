@@ -1,0 +1,342 @@
+"""Apply a plan's tensor parallelism, activation checkpointing and ZeRO stage to a model part.
+
+Everything here is PyTorch's own machinery:
+- tensor (+ sequence) parallelism: DTensor `parallelize_module` with the plan's
+  `tp_layout` turned into ColwiseParallel / RowwiseParallel / SequenceParallel /
+  PrepareModuleInput/Output styles (see `tp_styles`);
+- activation checkpointing: `torch.utils.checkpoint.checkpoint(use_reentrant=False)`
+  around a block's forward; "selective" passes a policy through
+  `create_selective_checkpoint_contexts` that keeps the outputs of matmuls and
+  attention and recomputes everything else (norms, activations, residual adds);
+- ZeRO 3 / 2: FSDP2 `fully_shard` per block and on the part's root, with
+  `reshard_after_forward` True / False, `MixedPrecisionPolicy` for bf16/fp16 and
+  `CPUOffloadPolicy` when the plan offloads the optimizer;
+- ZeRO 0: FSDP2-family `replicate` (DDP semantics on DTensor parameters, so it
+  composes with tensor parallelism and torch.distributed.checkpoint);
+- ZeRO 1: `DistributedDataParallel` + `ZeroRedundancyOptimizer` (see optim.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from cost_models.errors import MeshplanError
+from planner.models import ModelConfig
+from planner.plan import Plan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Role of each module of a block in the residual stream: "in" reads the normalised
+# residual, "out" writes back into it, "norm" normalises it.
+BLOCK_ROLES = {
+    "gpt": {"ln1": "norm", "qkv": "in", "proj": "out", "ln2": "norm", "fc1": "in", "fc2": "out"},
+    "llama": {"n1": "norm", "q": "in", "k": "in", "v": "in", "o": "out",
+              "n2": "norm", "gate": "in", "up": "in", "down": "out"},
+}
+# (region, input projections, output projection): a region's input projections must all
+# shard their outputs (colwise) exactly when its output projection takes sharded inputs.
+REGIONS = {
+    "gpt": [("attention", ("qkv",), "proj"), ("mlp", ("fc1",), "fc2")],
+    "llama": [("attention", ("q", "k", "v"), "o"), ("mlp", ("gate", "up"), "down")],
+}
+TOP_ROLES = {"tok": "embed", "pos": "embed", "norm": "norm", "head": "head"}
+_ROLE_WORDS = {"in": "an input projection", "out": "an output projection", "norm": "a norm",
+               "embed": "an embedding", "head": "the output head"}
+ALLOWED = {
+    "in": ("colwise", "rowwise", "replicate"),
+    "out": ("rowwise", "colwise", "replicate"),
+    "norm": ("sequence", "replicate"),
+    "embed": ("vocab", "rowwise", "colwise", "replicate"),
+    "head": ("vocab", "colwise", "rowwise", "replicate"),
+}
+
+
+# ---------------------------------------------------------------------------- layout
+def megatron_layout(cfg: ModelConfig, plan: Plan) -> dict:
+    """The default when a plan with tp > 1 has no tp_layout: Megatron-LM's.
+
+    Input projections colwise, output projections rowwise, norms sequence-parallel when
+    the plan asks for it, embedding and head vocabulary-parallel - or replicated when the
+    vocabulary does not divide by tp (Megatron pads it; we do not change the model).
+    """
+    layout = {}
+    for name, role in BLOCK_ROLES[cfg.arch].items():
+        layout[name] = {"in": "colwise", "out": "rowwise"}.get(role, "sequence" if plan.sequence_parallel else "replicate")
+    vocab_ok = cfg.vocab % plan.tp == 0
+    layout.update(tok="vocab" if vocab_ok else "replicate", head="vocab" if vocab_ok else "replicate",
+                  norm="sequence" if plan.sequence_parallel else "replicate")
+    if cfg.arch == "gpt":
+        layout["pos"] = "replicate"
+    return layout
+
+
+def resolve_layout(cfg: ModelConfig, plan: Plan) -> dict:
+    """Plan layout -> {module name: style} for every block and top-level module, validated.
+
+    Keys may be block-relative ("qkv"), top-level ("head") or one layer's ("blocks.3.fc1",
+    which overrides "fc1" for block 3). An empty layout means Megatron's; in a non-empty
+    one, modules it does not name stay replicated (norms: sequence-parallel under SP).
+    """
+    roles = BLOCK_ROLES[cfg.arch]
+    top = {k: v for k, v in TOP_ROLES.items() if k != "pos" or cfg.arch == "gpt"}
+    default = megatron_layout(cfg, plan) if not plan.tp_layout else {
+        **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in roles.items()},
+        **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in top.items()}}
+    per_layer = {}
+    for key, style in plan.tp_layout.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in roles:
+            if int(parts[1]) >= cfg.layers:
+                raise MeshplanError(f"tp_layout key {key!r}: the model has {cfg.layers} blocks")
+            per_layer[(int(parts[1]), parts[2])] = style
+        elif key not in roles and key not in top:
+            raise MeshplanError(f"tp_layout key {key!r} names no module of a {cfg.arch} model; use one of "
+                                f"{', '.join([*roles, *top])} (or blocks.N.<name>)")
+    base = {**default, **{k: v for k, v in plan.tp_layout.items() if k in roles or k in top}}
+    layout = {}
+    for name, role in top.items():
+        layout[name] = _check_style(name, role, base[name], cfg, plan)
+    for i in range(cfg.layers):
+        for name, role in roles.items():
+            style = per_layer.get((i, name), base[name])
+            layout[f"blocks.{i}.{name}"] = _check_style(f"blocks.{i}.{name}", role, style, cfg, plan)
+        for region, ins, out in REGIONS[cfg.arch]:
+            in_styles = {layout[f"blocks.{i}.{n}"] for n in ins}
+            out_style = layout[f"blocks.{i}.{out}"]
+            sharded_in = in_styles == {"colwise"}
+            if "colwise" in in_styles and not sharded_in:
+                raise MeshplanError(f"tp_layout block {i} {region}: {', '.join(ins)} must all be colwise or none of "
+                                    f"them (got {sorted(in_styles)})")
+            if sharded_in != (out_style == "rowwise"):
+                raise MeshplanError(
+                    f"tp_layout block {i} {region}: colwise {'/'.join(ins)} must be followed by a rowwise {out} "
+                    f"and a rowwise {out} needs colwise {'/'.join(ins)} (got {sorted(in_styles)} then {out_style!r})")
+    if cfg.tie_embeddings and _vocab_dim(layout["tok"], "embed") != _vocab_dim(layout["head"], "head"):
+        raise MeshplanError(f"the model ties tok and head weights, so they must be split the same way: "
+                            f"tok {layout['tok']!r} and head {layout['head']!r} differ (use vocab for both, "
+                            f"colwise tok with rowwise head, or replicate both)")
+    return layout
+
+
+def _vocab_dim(style: str, role: str):
+    """Which dimension of the (vocab, hidden) tied weight a style shards (None: replicated)."""
+    if style == "replicate":
+        return None
+    if role == "embed":
+        return 1 if style == "colwise" else 0
+    return 1 if style == "rowwise" else 0
+
+
+def _check_style(name: str, role: str, style: str, cfg: ModelConfig, plan: Plan) -> str:
+    if style not in ALLOWED[role]:
+        raise MeshplanError(f"tp_layout {name!r} is {style!r}, which its module ({_ROLE_WORDS[role]}) cannot "
+                            f"take; use one of {', '.join(ALLOWED[role])}")
+    tp, short = plan.tp, name.split(".")[-1]
+    if role == "norm" and (style == "sequence") != plan.sequence_parallel:
+        raise MeshplanError(f"tp_layout {name!r} is {style!r} but sequence_parallel is {plan.sequence_parallel}: "
+                            f"with sequence parallelism every norm is 'sequence', without it none is")
+    if style == "colwise" and role == "in":
+        if short in ("qkv", "q") and cfg.heads % tp:
+            raise MeshplanError(f"tp_layout {name!r} colwise splits {cfg.heads} heads over tp {tp}: make tp divide heads")
+        if short in ("k", "v") and cfg.kv_heads % tp:
+            raise MeshplanError(f"tp_layout {name!r} colwise splits {cfg.kv_heads} kv heads over tp {tp}: "
+                                f"make tp divide kv_heads or replicate the attention")
+        if short in ("fc1", "gate", "up") and cfg.ffn % tp:
+            raise MeshplanError(f"tp_layout {name!r} colwise splits ffn {cfg.ffn} over tp {tp}: make tp divide ffn")
+    if style in ("rowwise",) and role == "in" and cfg.hidden % tp:
+        raise MeshplanError(f"tp_layout {name!r} rowwise splits hidden {cfg.hidden} over tp {tp}: make tp divide it")
+    if role in ("embed", "head") and style != "replicate":
+        dim = _vocab_dim(style, role)
+        size = cfg.vocab if dim == 0 else cfg.hidden
+        if short == "pos" and dim == 0:
+            size = cfg.max_seq
+        if size % tp:
+            raise MeshplanError(f"tp_layout {name!r} {style} splits a dimension of {size} over tp {tp}: "
+                                f"use replicate, or a model whose size divides by tp")
+    return style
+
+
+def _style(role: str, style: str, sp: bool):
+    """The DTensor ParallelStyle for one module (None: leave it a plain module)."""
+    seq, rep = Shard(1), Replicate()
+    if role == "in":
+        if style == "colwise":
+            return ColwiseParallel(input_layouts=seq if sp else rep)
+        if style == "rowwise":
+            return RowwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
+        return PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True) if sp else None
+    if role == "out":
+        if style == "rowwise":
+            return RowwiseParallel(output_layouts=seq if sp else rep, use_local_output=not sp)
+        if style == "colwise":
+            return ColwiseParallel(input_layouts=rep, output_layouts=seq if sp else rep, use_local_output=not sp)
+        return PrepareModuleOutput(output_layouts=(rep,), desired_output_layouts=(seq,),
+                                   use_local_output=False) if sp else None
+    if role == "norm":
+        return SequenceParallel() if style == "sequence" else None
+    if role == "embed":
+        if style in ("vocab", "rowwise"):
+            return RowwiseParallel(input_layouts=rep, output_layouts=rep)
+        if style == "colwise":
+            return ColwiseParallel(input_layouts=rep, output_layouts=rep)
+        return None
+    if role == "head":
+        if style in ("vocab", "colwise"):
+            return ColwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
+        if style == "rowwise":
+            return RowwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
+        return PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True) if sp else None
+    raise AssertionError(role)
+
+
+def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, plan: Plan,
+                    first_stage: bool, last_stage: bool):
+    """Shard one model part (the whole Decoder, or a pipeline stage of it) over tp_mesh.
+
+    With sequence parallelism the residual stream between blocks is a DTensor sharded on
+    the sequence dimension (so `x.shape` inside a block is the global shape and the
+    model code runs unchanged); it enters the first block from the replicated embedding
+    and crosses pipeline stages as the local sequence shard.
+    """
+    sp = plan.sequence_parallel
+    roles = BLOCK_ROLES[cfg.arch]
+    styles = {}
+    for name, role in TOP_ROLES.items():
+        if getattr(part, name, None) is not None:
+            style = _style(role, layout[name], sp)
+            if style is not None:
+                styles[name] = style
+    for index in part.blocks:
+        for name, role in roles.items():
+            style = _style(role, layout[f"blocks.{index}.{name}"], sp)
+            if style is not None:
+                styles[f"blocks.{index}.{name}"] = style
+    if styles:
+        parallelize_module(part, tp_mesh, styles)
+    if sp and len(part.blocks):
+        keys = list(part.blocks)
+        first, last = part.blocks[keys[0]], part.blocks[keys[-1]]
+        entry = Replicate() if first_stage else Shard(1)
+        parallelize_module(first, tp_mesh, PrepareModuleInput(
+            input_layouts=(entry,), desired_input_layouts=(Shard(1),), use_local_output=False))
+        if not last_stage:
+            parallelize_module(last, tp_mesh, PrepareModuleOutput(
+                output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True))
+    retie(part, cfg)
+
+
+def retie(part: nn.Module, cfg: ModelConfig):
+    """Sharding replaces parameters; tie head to tok again where both live in this part."""
+    if cfg.tie_embeddings and part.tok is not None and part.head is not None \
+            and part.head.weight is not part.tok.weight:
+        a, b = part.tok.weight, part.head.weight
+        if isinstance(a, DTensor) != isinstance(b, DTensor) or \
+                (isinstance(a, DTensor) and tuple(a.placements) != tuple(b.placements)):
+            raise MeshplanError("tied tok/head weights ended up split differently; give them matching tp_layout styles")
+        part.head.weight = a
+
+
+# ---------------------------------------------------------------------------- checkpointing
+_SAVE_OPS = None
+
+
+def _save_ops():
+    global _SAVE_OPS
+    if _SAVE_OPS is None:
+        aten = torch.ops.aten
+        names = ["mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"]
+        _SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    return _SAVE_OPS
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_checkpointing(part: nn.Module, plan: Plan):
+    """Wrap each block's forward as the plan says (none | selective | full).
+
+    The wrapper replaces the block's `forward` attribute, so module names (and checkpoint
+    keys) stay as they are and FSDP's hooks sit outside the recomputed region.
+    """
+    for index, block in part.blocks.items():
+        mode = plan.checkpoint_for(int(index))
+        if mode == "none":
+            continue
+        inner = block.forward
+        kwargs = dict(use_reentrant=False)
+        if mode == "selective":
+            kwargs["context_fn"] = _selective_context
+
+        def forward(*args, _inner=inner, _kw=kwargs, **kw):
+            return checkpoint(_inner, *args, **_kw, **kw)
+
+        block.forward = functools.update_wrapper(forward, inner)
+
+
+# ---------------------------------------------------------------------------- data parallel
+def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
+    """Wrap a part for the plan's ZeRO stage over the dp mesh; returns the module to call."""
+    dp = plan.dp
+    if plan.zero >= 2:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        dtype = DTYPES[plan.precision]
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+            else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if plan.offload_optimizer else OffloadPolicy()
+        kw = dict(mesh=rt.submesh("dp"), reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
+        for block in part.blocks.values():
+            fully_shard(block, **kw)
+        fully_shard(part, **kw)
+        return part
+    if dp == 1:
+        return part
+    if plan.zero == 0:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        for block in part.blocks.values():
+            replicate(block, mesh=rt.submesh("dp"))
+        replicate(part, mesh=rt.submesh("dp"))
+        return part
+    # ZeRO 1: DDP all-reduces gradients, ZeroRedundancyOptimizer shards the optimizer state.
+    if plan.tp > 1:
+        raise MeshplanError("zero 1 runs on DDP + ZeroRedundancyOptimizer, which do not take tensor-parallel "
+                            "(DTensor) parameters: use zero 0, 2 or 3 with tp > 1")
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return DistributedDataParallel(part, device_ids=ids, process_group=rt.group("dp"))
+
+
+def uses_fsdp_precision(plan: Plan) -> bool:
+    """FSDP's MixedPrecisionPolicy casts for us (ZeRO 2/3); otherwise autocast does."""
+    return plan.zero >= 2
+
+
+def autocast_context(plan: Plan, device: torch.device):
+    dtype = DTYPES[plan.precision]
+    enabled = dtype != torch.float32 and not uses_fsdp_precision(plan)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def with_autocast(part: nn.Module, plan: Plan, device: torch.device):
+    """Run a pipeline stage's forward under autocast (the schedule calls it, not us)."""
+    if DTYPES[plan.precision] == torch.float32 or uses_fsdp_precision(plan):
+        return
+    inner = part.forward
+
+    def forward(*args, **kwargs):
+        with autocast_context(plan, device):
+            return inner(*args, **kwargs)
+
+    part.forward = functools.update_wrapper(forward, inner)

@@ -1,0 +1,70 @@
+"""Pipeline parallelism with torch.distributed.pipelining.
+
+The plan's `stages` ([first, end) block ranges per virtual stage; [] = an even split)
+cut the Decoder into stage modules that keep the original module names ("blocks.7.qkv"),
+so checkpoints are the same whatever the cut. Virtual stage v runs on pipeline rank
+v % pp (interleaved: each rank holds `interleave` chunks). Each stage module is a
+manual `PipelineStage`; the schedule is the plan's: ScheduleGPipe, Schedule1F1B or
+ScheduleInterleaved1F1B, run over `grad_accum` micro-batches with the loss computed on
+the last stage exactly as the Decoder computes it (cross-entropy on fp32 logits).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cost_models.errors import MeshplanError
+from planner.plan import Plan, even_stages
+
+
+def stage_ranges(plan: Plan, num_layers: int) -> list:
+    return [list(r) for r in plan.stages] if plan.stages else even_stages(num_layers, plan.virtual_stages)
+
+
+def local_stages(plan: Plan, pp_rank: int) -> list[int]:
+    """Virtual stage indices that pipeline rank `pp_rank` runs (loop placement)."""
+    return [pp_rank + k * plan.pp for k in range(plan.interleave)]
+
+
+def cut(full: nn.Module, first: int, end: int, is_first: bool, is_last: bool) -> nn.Module:
+    """A copy of the Decoder holding blocks [first, end) and the ends it owns."""
+    part = copy.deepcopy(full)
+    for key in list(part.blocks):
+        if not first <= int(key) < end:
+            del part.blocks[key]
+    if not is_first:
+        part.tok = None
+        part.pos = None
+    if not is_last:
+        part.norm = None
+        part.head = None
+    return part
+
+
+def check_schedule(plan: Plan):
+    if plan.pp == 1:
+        return
+    if plan.schedule == "1f1b" and plan.grad_accum < plan.pp:
+        raise MeshplanError(f"the 1f1b schedule needs at least pp = {plan.pp} micro-batches per step but the plan "
+                            f"has {plan.grad_accum}: raise global_batch, lower micro_batch, or use gpipe")
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def build_schedule(plan: Plan, modules: dict, rt, loss):
+    """modules: {virtual stage index: module to run}; loss(logits, targets) -> scalar."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    group = rt.group("pp")
+    stages = [PipelineStage(module, stage_index=v, num_stages=plan.virtual_stages, device=rt.device, group=group)
+              for v, module in sorted(modules.items())]
+    n = plan.grad_accum
+    if plan.schedule == "interleaved":
+        return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=loss), stages
+    cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
+    return cls(stages[0], n_microbatches=n, loss_fn=loss), stages

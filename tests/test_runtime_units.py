@@ -1,0 +1,154 @@
+"""Pieces of the runtime that need no process group."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from cost_models.errors import MeshplanError
+from planner.plan import Plan
+from planner.zoo import load_model
+from runtime import checkpointing
+from runtime.data import Loader, MemmapSource, SyntheticSource
+from runtime.metrics import flops_per_token, gpu_for_device, progress_line
+from runtime.optim import lr_lambda
+from runtime.parallelize import megatron_layout, resolve_layout
+from runtime.pipeline import check_schedule, local_stages, stage_ranges
+
+GPT = load_model("gpt-tiny").config
+LLAMA = load_model("llama-tiny").config
+
+
+def _global_batch(source, dp, steps=2, G=8, m=1):
+    """What all dp ranks together see in each step, in global row order."""
+    loaders = [Loader(source, G, m, dp, r, torch.device("cpu")) for r in range(dp)]
+    out = []
+    for _ in range(steps):
+        parts = [ld.next_batch() for ld in loaders]
+        out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+    return out, loaders
+
+
+@pytest.mark.parametrize("make", [lambda tmp: SyntheticSource(256, 16, 5),
+                                  lambda tmp: MemmapSource(str(tmp / "t.npy"), 256, 16, 5)])
+def test_global_batch_does_not_depend_on_dp(tmp_path, make):
+    np.save(tmp_path / "t.npy", np.arange(3000, dtype=np.uint16) % 256)
+    source = make(tmp_path)
+    ref, _ = _global_batch(source, 1)
+    for dp in (2, 4, 8):
+        got, loaders = _global_batch(source, dp)
+        for (x, y), (rx, ry) in zip(got, ref):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert all(ld.state_dict()["position"] == 16 for ld in loaders)
+    x, y = ref[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])          # targets are inputs shifted by one
+    assert not torch.equal(ref[0][0], ref[1][0])     # steps see different data
+
+
+def test_micro_batches_are_consecutive_rows():
+    ld = Loader(SyntheticSource(256, 8, 0), 8, 2, 2, 1, torch.device("cpu"))
+    x, y = ld.next_batch()
+    mbs = ld.micro_batches(x, y)
+    assert len(mbs) == 2 and torch.equal(torch.cat([m[0] for m in mbs]), x)
+
+
+def test_memmap_epochs_cover_every_window(tmp_path):
+    np.save(tmp_path / "t.npy", np.arange(161, dtype=np.int64) % 256)
+    src = MemmapSource(str(tmp_path / "t.npy"), 256, 16, 0)       # 10 windows of 17 tokens
+    starts = sorted(int(r[0]) for r in src.rows(0, 10))
+    assert starts == [16 * i for i in range(10)]
+    assert not np.array_equal(src.rows(0, 10), src.rows(10, 10))   # epoch 2 is reshuffled
+    np.save(tmp_path / "bad.npy", np.full(100, 999, dtype=np.int64))
+    with pytest.raises(MeshplanError, match="outside the model's vocabulary"):
+        MemmapSource(str(tmp_path / "bad.npy"), 256, 16, 0).rows(0, 1)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(steps=110, warmup=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(109) == pytest.approx(0.1)
+    assert f(10 + 99 // 2) == pytest.approx(0.55, abs=0.02)
+    assert lr_lambda(1, 0, 0.1)(0) == pytest.approx(1.0)
+
+
+def _plan(**kw):
+    return Plan(**{"dp": 1, "tp": 2, "global_batch": 2, "seq": 32, **kw})
+
+
+def test_default_layout_is_megatron():
+    layout = resolve_layout(GPT, _plan())
+    assert layout["blocks.0.qkv"] == "colwise" and layout["blocks.3.fc2"] == "rowwise"
+    assert layout["tok"] == "vocab" and layout["head"] == "vocab" and layout["blocks.0.ln1"] == "replicate"
+    sp = resolve_layout(LLAMA, _plan(sequence_parallel=True))
+    assert sp["blocks.1.n2"] == "sequence" and sp["norm"] == "sequence" and sp["blocks.1.k"] == "colwise"
+    odd = load_model({"arch": "gpt", "layers": 2, "hidden": 64, "heads": 4, "vocab": 255}).config
+    assert megatron_layout(odd, _plan())["tok"] == "replicate"      # vocab 255 does not split over 2
+
+
+def test_layout_per_layer_override_and_partial_layout():
+    layout = resolve_layout(GPT, _plan(tp_layout={"fc1": "colwise", "fc2": "rowwise",
+                                                  "blocks.2.fc1": "replicate", "blocks.2.fc2": "replicate"}))
+    assert layout["blocks.1.fc1"] == "colwise" and layout["blocks.2.fc1"] == "replicate"
+    assert layout["blocks.0.qkv"] == "replicate" and layout["tok"] == "replicate"   # not named: replicated
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({"qkv": "colwise", "proj": "replicate"}, "must be followed by a rowwise proj"),
+    ({"fc2": "rowwise"}, "needs colwise"),
+    ({"q": "colwise"}, "names no module"),
+    ({"tok": "vocab", "head": "rowwise"}, "ties tok and head"),
+    ({"ln1": "sequence"}, "sequence_parallel is False"),
+    ({"qkv": "vocab", "proj": "rowwise"}, "an input projection"),
+    ({"blocks.9.qkv": "colwise"}, "has 4 blocks"),
+])
+def test_bad_layouts_say_what_to_change(layout, match):
+    with pytest.raises(MeshplanError, match=match):
+        resolve_layout(GPT, _plan(tp_layout=layout))
+
+
+def test_layout_divisibility():
+    with pytest.raises(MeshplanError, match="kv heads"):
+        resolve_layout(LLAMA, _plan(tp=4))                            # llama-tiny has 2 kv heads
+    with pytest.raises(MeshplanError, match="heads over tp 8"):
+        resolve_layout(GPT, _plan(tp=8))
+
+
+def test_pipeline_stage_placement():
+    plan = Plan(pp=2, interleave=2, schedule="interleaved", global_batch=4, seq=32)
+    assert stage_ranges(plan, 8) == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    assert local_stages(plan, 0) == [0, 2] and local_stages(plan, 1) == [1, 3]
+    assert stage_ranges(Plan(pp=2, stages=[[0, 1], [1, 4]]), 4) == [[0, 1], [1, 4]]
+    with pytest.raises(MeshplanError, match="1f1b schedule needs at least"):
+        check_schedule(Plan(pp=4, global_batch=2, micro_batch=1, schedule="1f1b"))
+
+
+def test_flops_per_token_palm_convention():
+    cfg = load_model("gpt2-124m").config
+    params = 124_439_808                                            # tied, with 1024 positions
+    expected = 6 * (params - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert flops_per_token(cfg, params, 1024) == expected
+    assert gpu_for_device(torch.device("cpu")) == "cpu"
+
+
+def test_progress_line_has_the_numbers():
+    line = progress_line(dict(step=3, loss=2.5, lr=1e-4, grad_norm=0.5, tokens_per_s=12345.0, mfu=0.41,
+                              peak_mem_bytes=3 * 2**30), 10)
+    for part in ("step 3/10", "loss 2.5000", "lr 1.00e-04", "grad_norm 0.500", "12,345 tok/s", "MFU 41.0%",
+                 "mem 3.00 GiB"):
+        assert part in line
+
+
+def test_unfinished_checkpoint_is_never_latest(tmp_path):
+    done = tmp_path / "step-00000003"
+    done.mkdir()
+    (done / checkpointing.MARKER).write_text("{}")
+    (tmp_path / "latest").write_text("step-00000003\n")
+    (tmp_path / ".step-00000006.partial").mkdir()                 # a save that crashed half-way
+    (tmp_path / "step-00000009").mkdir()                          # no marker: not complete
+    assert checkpointing.latest(str(tmp_path)) == done
+    (tmp_path / "latest").unlink()
+    assert checkpointing.latest(str(tmp_path)) == done
+    with pytest.raises(MeshplanError, match="already holds checkpoints"):
+        checkpointing.check_directory(str(tmp_path), resume=False)
+    checkpointing.check_directory(str(tmp_path), resume=True)
