@@ -1,0 +1,205 @@
+"""Calibration files and `meshplan profile`: a real (quick) CPU profile, JSON round trips, errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cost_models import MeshplanError, get_gpu, parse_cluster
+from cost_models.calibration import (Calibration, default_calibration, main, nnls, profile_device,
+                                     shipped_calibration)
+from cost_models.comm import CommModel, group_placement
+from cost_models.compute import ComputeModel, gemm_flops
+
+CPU = get_gpu("cpu")
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    """One real quick profile of this machine's CPU (a few seconds), shared by the tests.
+
+    Profiled with one thread: on a small shared CI machine, multi-threaded GEMMs stall
+    whenever another process takes a core, which makes timings noisy by 10x and more.
+    """
+    torch = pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("profile") / "cpu.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calibration = profile_device("cpu", out, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out, calibration
+
+
+def test_cpu_profile_measures_and_writes_a_loadable_calibration(cpu_profile):
+    out, calibration = cpu_profile
+    loaded = Calibration.load(out)
+    assert loaded.to_dict() == calibration.to_dict()
+    assert loaded.gpu == "cpu" and "meshplan profile --quick" in loaded.source
+    matmul = loaded.measurements["matmul"]
+    assert {r["precision"] for r in matmul} == {"fp32", "bf16"} and len(matmul) == 10
+    assert all(r["seconds"] > 0 for r in matmul)
+    bigger = [r["seconds"] for r in matmul if r["precision"] == "fp32" and r["m"] == r["k"] == r["n"]]
+    assert bigger[0] > bigger[-1]                 # 384^3 took longer than 64^3: it really ran
+    assert loaded.measurements["copy"][0]["seconds"] > 0
+    assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in loaded.measurements["attention"])
+    assert "collectives" not in loaded.measurements          # one process: no collectives
+    assert loaded.copy_bytes_per_s > 0 and loaded.kernel_overhead_s >= 0
+    assert set(loaded.fit_quality) == {"matmul_mape_pct", "attention_fwd_mape_pct", "attention_bwd_mape_pct"}
+
+
+def test_loaded_cpu_calibration_changes_predictions_towards_the_measurements(cpu_profile):
+    out, _ = cpu_profile
+    calibrated, default = ComputeModel(CPU, Calibration.load(out)), ComputeModel(CPU)
+    rows = Calibration.load(out).measurements["matmul"]
+
+    def rms_relative_error(model):
+        """What the fit minimises, so the fitted model must win even on a noisy, busy machine."""
+        return float(np.sqrt(np.mean([(model.matmul_time_s(r["m"], r["k"], r["n"], r["precision"])
+                                       / r["seconds"] - 1) ** 2 for r in rows])))
+
+    for precision in ("fp32", "bf16"):
+        assert calibrated.matmul_time_s(256, 256, 256, precision) != default.matmul_time_s(256, 256, 256, precision)
+    assert rms_relative_error(calibrated) < rms_relative_error(default)
+    for r in rows:                                # a measured rate above the guessed peak raises it
+        assert calibrated.peak_flops(r["precision"]) >= gemm_flops(r["m"], r["k"], r["n"]) / r["seconds"]
+
+
+def test_profile_never_overwrites_without_force(cpu_profile, tmp_path):
+    out, calibration = cpu_profile
+    before = out.read_text()
+    with pytest.raises(MeshplanError, match="--force"):
+        main(["--device", "cpu", "--out", str(out), "--quick"])
+    with pytest.raises(MeshplanError, match="--force"):
+        calibration.save(out)
+    assert out.read_text() == before
+    calibration.save(out, force=True)
+    assert Calibration.load(out).to_dict() == calibration.to_dict()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--device", "tpu", "--out", "x.json"], "unknown device"),
+    (["--device", "cpu", "--out", "x.json", "--gpu", "z100"], "unknown GPU"),
+    (["--device", "cpu"], "--out"),
+    (["--device", "cpu", "--out", "no/such/folder/x.json"], "does not exist"),
+    (["--device", "cpu", "--out", "x.json", "--fast"], "unrecognized arguments"),
+])
+def test_profile_mistakes_are_one_line_user_errors(argv, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MeshplanError, match=fragment) as err:
+        main(argv)
+    assert "\n" not in str(err.value)
+
+
+def test_cuda_profile_without_a_gpu_is_a_user_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(MeshplanError, match="no CUDA GPU"):
+        profile_device("cuda", tmp_path / "x.json", gpu="h100")
+
+
+# --------------------------------------------------------------------------- files
+
+@pytest.mark.parametrize("text, fragment", [
+    ("not json", "not readable JSON"),
+    ("{\"format\": \"other\"}", "not a meshplan calibration"),
+    ("{\"format\": \"meshplan-calibration\", \"version\": 99}", "version 99"),
+    ("{\"format\": \"meshplan-calibration\", \"version\": 1, \"gpu\": \"h100\"}", "missing or has a malformed field"),
+])
+def test_bad_calibration_files_are_user_errors(tmp_path, text, fragment):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(MeshplanError, match=fragment):
+        Calibration.load(path)
+    with pytest.raises(MeshplanError, match="does not exist"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+def test_negative_constants_are_refused(tmp_path):
+    data = shipped_calibration("h100-sxm-80gb").to_dict()
+    data["copy_bytes_per_s"] = -1
+    with pytest.raises(MeshplanError, match="copy_bytes_per_s"):
+        Calibration.from_dict(data)
+
+
+def test_json_round_trip_and_transfer():
+    h100 = shipped_calibration("h100-sxm-80gb")
+    assert Calibration.from_dict(json.loads(json.dumps(h100.to_dict()))) == h100
+    a100 = get_gpu("a100")
+    moved = default_calibration(a100)
+    assert moved.gpu == a100.name and moved.measurements == {}
+    assert moved.gemm == h100.gemm and moved.attention_fwd == h100.attention_fwd
+    assert moved.copy_bytes_per_s / a100.memory_bw_bytes_per_s == pytest.approx(
+        h100.copy_bytes_per_s / h100.memory_bw_bytes_per_s)
+    assert default_calibration(get_gpu("h100")) is h100
+
+
+def test_missing_precisions_borrow_the_nearest_fit():
+    h100 = shipped_calibration("h100-sxm-80gb")
+    assert "fp8" not in h100.gemm
+    assert h100.gemm_fit("fp8") == h100.gemm["bf16"]
+
+
+def test_nnls_matches_a_known_solution():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.1, 1.0, size=(30, 4))
+    truth = np.array([0.5, 0.0, 2.0, 1.0])
+    assert nnls(a, a @ truth) == pytest.approx(truth, abs=1e-9)
+    # a negative unconstrained optimum is clamped to zero
+    b = a @ np.array([1.0, -0.5, 0.0, 0.0])
+    assert nnls(a, b).min() >= 0
+
+
+# --------------------------------------------------------------------------- collectives
+
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from cost_models.calibration import fit_comm, measure_collectives, _single_host
+    from cost_models.hardware import get_gpu
+
+    def run(rank, port, out):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        rows = measure_collectives("cpu", (4096, 1 << 20), 0.01)
+        fit = fit_comm(rows, get_gpu("cpu"), _single_host())
+        if rank == 0:
+            json.dump({"rows": rows, "fit": fit}, open(out, "w"))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+""")
+
+
+def test_collectives_are_measured_across_two_gloo_ranks(tmp_path):
+    script, out = tmp_path / "worker.py", tmp_path / "comm.json"
+    script.write_text(_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(script), str(port), str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    ops = {r["op"] for r in result["rows"]}
+    assert {"all_reduce", "all_gather"} <= ops
+    assert all(r["world_size"] == 2 and r["seconds"] > 0 for r in result["rows"])
+    efficiency, latency = result["fit"]
+    assert efficiency["shm"] > 0 and latency["shm"] > 0
+    # the fitted figures drive the comm model of a CPU cluster
+    calibration = Calibration.from_dict({**shipped_calibration("h100-sxm-80gb").to_dict(), "gpu": "cpu",
+                                         "comm": {"bw_efficiency": efficiency, "latency_s": latency}})
+    cluster = parse_cluster("cpu:1x2")
+    group = group_placement(cluster, {"dp": 2}, "dp")
+    model = CommModel(cluster, calibration)
+    assert model.bw_efficiency["shm"] == efficiency["shm"]
+    assert model.all_reduce_s(1 << 20, group) != CommModel(cluster).all_reduce_s(1 << 20, group)
