@@ -156,7 +156,15 @@ def _simulate(args) -> int:
     spec = load_model(model_text)
     if not args.plan:
         plan = _with_layers(plan, spec, args.checkpoint)
-    result = simulate(plan, spec, cluster_text)
+    cluster = parse_cluster(cluster_text)
+    compute = comm = None
+    if args.calibration:
+        from cost_models.calibration import Calibration
+        from cost_models.comm import CommModel
+        from cost_models.compute import ComputeModel
+        calibration = Calibration.load(args.calibration)
+        compute, comm = ComputeModel(cluster.gpu, calibration), CommModel(cluster, calibration)
+    result = simulate(plan, spec, cluster, compute=compute, comm=comm)
     if args.trace:
         _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
     if args.json:
@@ -290,8 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
+    p.add_argument("--calibration", help="a calibration JSON from `meshplan profile` for the cluster's GPU")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_simulate)
+
+    from cost_models import calibration
+    p = sub.add_parser("profile", help="measure this machine's GEMMs, attention, copies (and collectives) "
+                                       "into a calibration JSON")
+    calibration.add_arguments(p)
+    p.set_defaults(handler=calibration.run)
 
     # Listed for --help; main() forwards everything after `train` to runtime.train.
     sub.add_parser("train", help="train a model with a plan: [--nproc-per-node N] then "

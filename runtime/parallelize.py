@@ -243,22 +243,22 @@ def retie(part: nn.Module, cfg: ModelConfig):
 
 
 # ---------------------------------------------------------------------------- checkpointing
-_SAVE_OPS = None
+_SELECTIVE_SAVE_OPS = None
 
 
-def _save_ops():
-    global _SAVE_OPS
-    if _SAVE_OPS is None:
+def selective_save_ops():
+    global _SELECTIVE_SAVE_OPS
+    if _SELECTIVE_SAVE_OPS is None:
         aten = torch.ops.aten
         names = ["mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"]
-        _SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    return _SAVE_OPS
+        _SELECTIVE_SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    return _SELECTIVE_SAVE_OPS
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in selective_save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():

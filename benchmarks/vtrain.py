@@ -1,0 +1,76 @@
+"""Predicted vs measured Megatron iterations on A100s (vTrain's ground truth).
+
+    python benchmarks/vtrain.py                 # single node: 1440 runs, 2-8 GPUs
+    python benchmarks/vtrain.py --multi-node    # HELD OUT: 109 runs up to 512 GPUs, report only
+    python benchmarks/vtrain.py --limit 100     # every 14th single-node row, for a quick look
+
+The runs (shared/reference/vtrain/*.json) used Megatron-LM GPT models with activation
+checkpointing on every layer and the non-interleaved 1F1B schedule; vocab 50257 padded
+to 50304 as Megatron pads it, tied embeddings. Nothing in meshplan is fitted to the
+multi-node set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from planner.plan import Plan
+from planner.simulate import simulate
+from planner.zoo import load_model
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MEGATRON_PADDED_VOCAB = 50304
+
+
+def predict_ms(row: dict) -> float:
+    layers = row["num_layers"]
+    spec = load_model(dict(arch="gpt", layers=layers, hidden=row["hidden_size"], heads=row["attention_heads"],
+                           vocab=MEGATRON_PADDED_VOCAB, max_seq=row["seq_len"], tie_embeddings=True,
+                           name=f"gpt-h{row['hidden_size']}-l{layers}"))
+    gpus = row["num_gpus"]
+    cluster = f"a100-sxm-80gb:1x{gpus}" if gpus <= 8 else f"a100-sxm-80gb:{gpus // 8}x8"
+    plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
+                micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
+                precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
+    return 1e3 * simulate(plan, spec, cluster).step_time_s
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--multi-node", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate an evenly spaced subset of this size")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    name = "multi_node.json" if args.multi_node else "single_node.json"
+    rows = json.loads((args.reference / "vtrain" / name).read_text())["rows"]
+    if args.limit and args.limit < len(rows):
+        rows = rows[:: max(1, len(rows) // args.limit)][: args.limit]
+    start = time.perf_counter()
+    errors, by_kind = [], {}
+    for row in rows:
+        predicted = predict_ms(row)
+        error = (predicted - row["iteration_time_ms"]) / row["iteration_time_ms"]
+        errors.append(abs(error))
+        kind = ("tp" if row["tensor_parallel"] > 1 else "") + ("pp" if row["pipeline_parallel"] > 1 else "") or "dp"
+        by_kind.setdefault(kind, []).append(error)
+        if args.verbose:
+            print(f"gpus {row['num_gpus']:3d} h{row['hidden_size']} L{row['num_layers']:3d} "
+                  f"tp{row['tensor_parallel']} dp{row['data_parallel']} pp{row['pipeline_parallel']} "
+                  f"mb{row['micro_batch_size']} gb{row['global_batch_size']}: "
+                  f"pred {predicted:9.1f} ms  meas {row['iteration_time_ms']:9.1f} ms  {100 * error:+6.1f}%")
+    label = "multi-node (held out)" if args.multi_node else "single-node"
+    print(f"vTrain {label}: {len(errors)} runs, MAPE {100 * statistics.mean(errors):.1f}% "
+          f"(median {100 * statistics.median(errors):.1f}%), {time.perf_counter() - start:.1f} s")
+    for kind, errs in sorted(by_kind.items()):
+        print(f"  {kind:5s} {len(errs):4d} runs: MAPE {100 * statistics.mean(map(abs, errs)):.1f}%, "
+              f"mean signed error {100 * statistics.mean(errs):+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

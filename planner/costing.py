@@ -1,0 +1,178 @@
+"""Per-layer time and activation memory under a tensor-parallel degree.
+
+Maps the traced IR (planner/ir.py) onto the compute model (cost_models/compute.py).
+How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the plan's
+`tp_layout` says otherwise):
+- a column-parallel linear splits its output features (N / tp), a row-parallel one its
+  input features (K / tp); attention splits heads; the head's linear is vocab-parallel;
+- any other op is divided by tp unless it produces a residual-stream tensor (batch x
+  seq x hidden elements), which tensor parallelism replicates - and sequence
+  parallelism splits along the sequence, so with it every op is divided by tp;
+- selective checkpointing (as the runtime applies it) keeps matmul and attention outputs
+  and recomputes the streaming ops (norms, activations, casts) in backward;
+- each row-parallel linear ends in one all-reduce of the residual stream in forward
+  and one in backward (Megatron: two per block each way); with sequence parallelism
+  each becomes a reduce-scatter plus an all-gather of the same total volume.
+Activation memory under TP without SP keeps Korthikanti et al.'s replicated share:
+10 of the 34 sbh units of a block's saved activations (LayerNorm inputs, residual and
+dropout-free attention/MLP inputs) are not split (Korthikanti et al. 2022, Sec. 4.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from planner.ir import LayerCost, OpInfo, TracedModel
+
+COLWISE = {"qkv", "q", "k", "v", "fc1", "gate", "up", "c_attn", "q_proj", "k_proj", "v_proj",
+           "gate_proj", "up_proj", "c_fc", "head", "lm_head"}
+ROWWISE = {"proj", "o", "fc2", "down", "c_proj", "o_proj", "down_proj"}
+VOCAB = {"tok", "wte", "embed_tokens"}
+REPLICATED_ACTIVATION_SHARE = 10 / 34   # Korthikanti et al. 2022: sbh*10 of sbh*34 unsplit by TP
+_DTYPE_TO_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_COMPUTE_KINDS = {"conv": "matmul"}
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One micro-batch through one layer on one GPU of its TP group."""
+
+    fwd_s: float
+    bwd_s: float
+    streaming_fwd_s: float          # non-matmul, non-attention ops: what selective recomputation repeats
+    tp_allreduces: int              # residual-stream all-reduces per direction
+    params_per_gpu: float           # after TP sharding
+    saved_bytes: float              # activations held for backward, by checkpoint mode below
+    saved_bytes_full: float
+    saved_bytes_selective: float
+    param_copy_bytes: float
+    boundary_bytes: float           # the layer's output: what a pipeline stage boundary sends
+
+    def recompute_s(self, mode: str) -> float:
+        return {"none": 0.0, "selective": self.streaming_fwd_s, "full": self.fwd_s}[mode]
+
+    def saved_for(self, mode: str) -> float:
+        return {"none": self.saved_bytes, "selective": self.saved_bytes_selective,
+                "full": self.saved_bytes_full}[mode]
+
+
+def _module_name(op: OpInfo) -> str:
+    return op.module_path.rsplit(".", 1)[-1] if op.module_path else ""
+
+
+def linear_style(op: OpInfo, tp_layout: dict) -> str:
+    """colwise | rowwise | replicate for a linear op, from the plan's layout or Megatron's."""
+    name = _module_name(op)
+    if name in tp_layout:
+        return tp_layout[name]
+    if name in COLWISE:
+        return "colwise"
+    if name in ROWWISE:
+        return "rowwise"
+    return "replicate"
+
+
+def _precision_of(op: OpInfo, default: str) -> str:
+    return _DTYPE_TO_PRECISION.get(str(op.dtype).replace("torch.", ""), default)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+class LayerCoster:
+    """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
+
+    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None):
+        self.traced = traced
+        self.compute = compute
+        self.hidden = hidden
+        self.residual_numel = traced.micro_batch * traced.seq * hidden if hidden else None
+        self._cache = {}
+
+    def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
+               tp_layout: dict | None = None) -> LayerTiming:
+        layer = self.traced.layers[layer_index]
+        key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())))
+        if key not in self._cache:
+            if tp > 1 and self.hidden is None:
+                raise MeshplanError("tensor parallelism needs a zoo model (or a plan tp_layout): "
+                                    "this model has no known hidden size; use tp 1")
+            self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {})
+        return self._cache[key]
+
+    def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict) -> LayerTiming:
+        precision = self.traced.precision
+        fwd = bwd = streaming = 0.0
+        allreduces = 0
+        params = 0.0
+        for op in cost.ops:
+            f, b, share = self._op_time(op, tp, sp, layout, precision)
+            fwd, bwd = fwd + f, bwd + b
+            if op.kind not in ("linear", "matmul", "conv", "attention"):
+                streaming += f
+            if op.kind == "linear" and tp > 1 and linear_style(op, layout) == "rowwise":
+                allreduces += 1
+            params += op.param_count * share
+        split = 1.0 / tp
+        replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE
+        act_share = replicated + (1 - replicated) * split
+        boundary_share = split if sp else 1.0
+        return LayerTiming(
+            fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, tp_allreduces=allreduces,
+            params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share,
+            saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
+            saved_bytes_selective=cost.saved_bytes_selective * act_share,
+            param_copy_bytes=cost.saved_param_copy_bytes * split if tp > 1 else cost.saved_param_copy_bytes,
+            boundary_bytes=cost.output_bytes * boundary_share)
+
+    def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str):
+        """(forward s, backward s, parameter share kept on this GPU) for one op."""
+        kind = _COMPUTE_KINDS.get(op.kind, op.kind)
+        if kind == "view":
+            return 0.0, 0.0, 1.0
+        if kind == "linear" and op.gemm is not None:
+            return self._linear_time(op, tp, layout, precision)
+        if kind == "attention" and op.attention is not None:
+            b, h, sq, skv, d, causal = op.attention
+            heads = max(1, h // tp)
+            args = (b, heads, sq, skv, d, precision, bool(causal))
+            return (self.compute.attention_time_s(*args),
+                    self.compute.attention_time_s(*args, backward=True), 1.0)
+        vocab_parallel = kind == "embedding" and _module_name(op) in VOCAB
+        share = 1.0 / tp if vocab_parallel or self._split_by_tp(op, sp) else 1.0
+        moved = (op.bytes_read + op.bytes_written) * share
+        fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))
+        if not op.requires_grad and kind not in ("linear", "matmul"):
+            return fwd, 0.0, share
+        # backward of a streaming op reads its saved input and the output gradient and
+        # writes the input gradient: about twice the forward traffic
+        bwd = (self.compute.op_time_s(kind, op.bwd_flops * share, 2 * moved, _precision_of(op, precision))
+               if moved or op.bwd_flops else 0.0)
+        return fwd, bwd, share
+
+    def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str):
+        gemm = op.gemm
+        batch, (m, k, n) = (1, gemm) if len(gemm) == 3 else (gemm[0], gemm[1:])
+        style = linear_style(op, layout) if tp > 1 else "replicate"
+        if style == "colwise":
+            n = max(1, n // tp)
+        elif style == "rowwise":
+            k = max(1, k // tp)
+        share = 1.0 if style == "replicate" else 1.0 / tp
+        fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
+        # grad input (m x n @ n x k) and grad weight (k x m @ m x n), when something needs them
+        bwd = self.compute.matmul_time_s(m, n, k, precision, batch) + self.compute.matmul_time_s(
+            k, m, n, precision, batch) if op.requires_grad or op.param_count else 0.0
+        return fwd, bwd, share
+
+    def _split_by_tp(self, op: OpInfo, sp: bool) -> bool:
+        if self.residual_numel is None:
+            return False
+        if sp:
+            return True
+        return _numel(op.output_shape) != self.residual_numel

@@ -1,0 +1,300 @@
+"""simulate(plan, model, cluster): step time, throughput and per-GPU memory of one plan.
+
+Time: each virtual pipeline stage gets a forward and a backward time per micro-batch
+(its layers' op times from the compute model, plus recomputation, plus exposed
+tensor-parallel collectives, plus FSDP collectives not hidden behind the layer they
+overlap with); `planner.schedule` then plays the plan's schedule as an event
+simulation, so bubbles and transfers fall out of the timeline. After a rank's last
+backward comes the data-parallel tail: the gradient all-reduce not hidden behind
+backward (DDP overlaps all buckets but the last) and the optimizer step.
+
+Memory (per GPU, most loaded rank of each pipeline stage): model states by ZeRO stage
+(cost_models.memory, as the runtime allocates them), activations = the traced saved
+bytes of the stage's layers x the micro-batches the schedule keeps in flight, the
+autocast low-precision weight copies, FSDP's gathered parameters, and the largest
+transient of a backward walk through the stage; reserved = allocated x the allocator's
+empirical overhead.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from cost_models.cluster import ClusterSpec, parse_cluster
+from cost_models.comm import CommModel
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
+from planner.costing import LayerCoster, LayerTiming
+from planner.plan import Plan, even_stages
+from planner.schedule import build_schedule, in_flight_peak, simulate_pipeline
+from planner.zoo import ModelSpec, load_model
+
+# PyTorch's caching allocator keeps freed blocks and rounds allocations up; empirical
+# ratio of peak reserved to peak allocated bytes over the 19 single-H100 steps in
+# shared/reference/h100/measured.jsonl (median; see benchmarks/accuracy.py).
+ALLOCATOR_RESERVED_RATIO = 1.06
+# Memory the CUDA context and cuBLAS/NCCL workspaces take outside the allocator (empirical
+# order of magnitude on H100 with CUDA 12/13); subtracted from capacity before `fits`.
+CUDA_CONTEXT_BYTES = 0.6e9
+DDP_BUCKET_BYTES = 25 * 2 ** 20   # torch DDP's default bucket_cap_mb
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    transient_bytes: float
+    peak_allocated_bytes: float
+    peak_reserved_bytes: float
+    host_bytes: float = 0.0
+
+
+@dataclass
+class SimResult:
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+    hfu: float
+    fits: bool
+    capacity_bytes: float
+    phases: dict
+    stages: list
+    timeline: object = field(repr=False, default=None)
+
+    @property
+    def worst_stage(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak_reserved_bytes)
+
+    def to_dict(self) -> dict:
+        worst = self.worst_stage
+        return {
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "hfu": self.hfu, "fits": self.fits,
+            "capacity_bytes": self.capacity_bytes, "phases": self.phases,
+            "memory": {
+                "peak_allocated_bytes": worst.peak_allocated_bytes,
+                "peak_reserved_bytes": worst.peak_reserved_bytes,
+                "breakdown": {k: getattr(worst, k) for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
+                                                             "activations_bytes", "transient_bytes")},
+            },
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+@lru_cache(maxsize=64)
+def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str):
+    from planner.trace import trace_model
+    return trace_model(_SPECS[model_key], micro_batch, seq, precision)
+
+
+_SPECS: dict = {}
+
+
+def _model_key(spec: ModelSpec) -> str:
+    key = spec.name + (repr(spec.config.to_dict()) if spec.config else f"@{id(spec.factory)}")
+    _SPECS[key] = spec
+    return key
+
+
+def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
+             comm: CommModel | None = None) -> SimResult:
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
+    if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
+        raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
+    traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision)
+    plan.check_fits(len(traced.blocks), cluster.world_size, cluster.gpus_per_node)
+    compute = compute or ComputeModel(cluster.gpu)
+    comm = comm or CommModel(cluster)
+    coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None)
+    return _Simulation(plan, traced, cluster, compute, comm, coster).run()
+
+
+class _Simulation:
+    def __init__(self, plan, traced, cluster, compute, comm, coster):
+        self.plan, self.traced, self.cluster = plan, traced, cluster
+        self.compute, self.comm, self.coster = compute, comm, coster
+        degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
+        order = tuple(plan.rank_order)
+        self.tp_group = comm.group(degrees, "tp", order)
+        self.dp_group = comm.group(degrees, "dp", order)
+        pp_group = comm.group(degrees, "pp", order)
+        self.pp_cross_node = pp_group.crosses_nodes
+        self.act_bytes = DTYPE_BYTES[plan.precision]
+
+    # -- layers to stages ----------------------------------------------------------------
+    def stage_layers(self) -> list[list[int]]:
+        """Layer indices per virtual stage; non-block layers join the nearest block's stage."""
+        plan, layers = self.plan, self.traced.layers
+        blocks = self.traced.blocks
+        ranges = plan.stages or even_stages(len(blocks), plan.virtual_stages) if blocks else [[0, 0]]
+        owner = {}
+        for stage, (start, end) in enumerate(ranges):
+            for b in blocks[start:end]:
+                owner[b] = stage
+        stages = [[] for _ in range(plan.virtual_stages)]
+        current = 0
+        for layer in layers:
+            if layer.index in owner:
+                current = owner[layer.index]
+            elif layer.index > max(blocks, default=-1):
+                current = plan.virtual_stages - 1
+            stages[current].append(layer.index)
+        return stages
+
+    def timing(self, index: int) -> LayerTiming:
+        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.plan.tp_layout)
+
+    def checkpoint_mode(self, index: int) -> str:
+        layer = self.traced.layers[index]
+        if layer.kind != "block":
+            return "none"
+        return self.plan.checkpoint_for(self.traced.blocks.index(index))
+
+    # -- time ----------------------------------------------------------------------------
+    def layer_times(self, index: int) -> tuple[float, float, float]:
+        """(forward s, backward s incl. recompute, recompute FLOP-time share) for one micro-batch."""
+        t = self.timing(index)
+        mode = self.checkpoint_mode(index)
+        tp_ar = self.comm.all_reduce_s(self.traced.micro_batch * self.traced.seq * self.coster.hidden
+                                       * self.act_bytes, self.tp_group) if t.tp_allreduces else 0.0
+        fwd = t.fwd_s + t.tp_allreduces * tp_ar
+        recompute = t.recompute_s(mode) + (t.tp_allreduces * tp_ar if mode == "full" else 0.0)
+        bwd = t.bwd_s + t.tp_allreduces * tp_ar + recompute
+        fsdp_fwd, fsdp_bwd = self.fsdp_exposed(t, fwd, bwd)
+        return fwd + fsdp_fwd, bwd + fsdp_bwd, recompute
+
+    def fsdp_exposed(self, t: LayerTiming, fwd: float, bwd: float) -> tuple[float, float]:
+        """FSDP collectives per layer per micro-batch, hidden behind the layer's compute."""
+        if self.plan.zero < 2 or self.plan.dp == 1:
+            return 0.0, 0.0
+        gather = self.comm.all_gather_s(t.params_per_gpu * self.act_bytes, self.dp_group)
+        scatter = self.comm.reduce_scatter_s(t.params_per_gpu * 4, self.dp_group)  # fp32 reduce dtype
+        bwd_comm = scatter + (gather if self.plan.zero == 3 else 0.0)
+        return max(0.0, gather - fwd), max(0.0, bwd_comm - bwd)
+
+    def run(self) -> SimResult:
+        plan = self.plan
+        stages = self.stage_layers()
+        fwd, bwd, recompute = [], [], []
+        for layers in stages:
+            times = [self.layer_times(i) for i in layers]
+            fwd.append(sum(t[0] for t in times))
+            bwd.append(sum(t[1] for t in times))
+            recompute.append(sum(t[2] for t in times))
+        boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
+        p2p = self.comm.p2p_s(boundary, self.pp_cross_node) if plan.pp > 1 else 0.0
+        actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
+        timeline = simulate_pipeline(actions, fwd, bwd, p2p)
+        tails, dp_exposed, optimizer = [], [], []
+        for rank in range(plan.pp):
+            layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+            params = sum(self.timing(i).params_per_gpu for i in layers)
+            last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
+            dp_exposed.append(self.dp_tail_s(params, last_bwd))
+            optimizer.append(self.optimizer_s(params))
+            tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
+        step = max(tails)
+        slowest = tails.index(step)
+        memory = [self.stage_memory(rank, stages, actions) for rank in range(plan.pp)]
+        return self.result(step, timeline, slowest, dp_exposed, optimizer, recompute, memory)
+
+    def dp_tail_s(self, params: float, last_bwd_s: float) -> float:
+        plan = self.plan
+        if plan.dp == 1 or plan.zero >= 2:
+            return 0.0   # FSDP's reduce-scatters were charged per layer
+        grad_bytes = params * 4
+        all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
+        last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
+        exposed = max(all_reduce - last_bwd_s, last_bucket)
+        if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
+            exposed += self.comm.all_gather_s(params * 4, self.dp_group)
+        return exposed
+
+    def optimizer_s(self, params: float) -> float:
+        if self.plan.offload_optimizer:
+            return 0.0   # runs on the host, beside the next step's forward (see README caveats)
+        local = params / self.plan.dp if self.plan.zero >= 1 else params
+        return self.compute.optimizer_step_time_s(local)
+
+    # -- memory --------------------------------------------------------------------------
+    def stage_memory(self, rank: int, stages, actions) -> StageMemory:
+        plan = self.plan
+        layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+        timings = [self.timing(i) for i in layers]
+        params = sum(t.params_per_gpu for t in timings)
+        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        in_flight = in_flight_peak(actions[rank]) / plan.interleave  # in units of the whole rank's layers
+        fsdp_mixed = plan.zero >= 2 and plan.precision != "fp32"
+        saved = sum(t.saved_for(self.checkpoint_mode(i)) for i, t in zip(layers, timings))
+        # autocast's low-precision weight copies stay saved until backward, except in
+        # fully checkpointed layers (recomputed there); FSDP mixed precision has none
+        copies = 0.0 if fsdp_mixed else sum(t.param_copy_bytes for i, t in zip(layers, timings)
+                                            if self.checkpoint_mode(i) != "full")
+        activations = in_flight * (saved + copies)
+        gathered = gathered_param_bytes(plan.zero, plan.precision if fsdp_mixed else "fp32",
+                                        [t.params_per_gpu for t in timings])
+        # gradients appear during backward as activations go: the walk places them
+        transient = self.backward_peak(layers, timings, states.grads_bytes) + gathered
+        allocated = states.params_bytes + states.optimizer_bytes + activations + transient
+        return StageMemory(rank, states.params_bytes, states.grads_bytes, states.optimizer_bytes,
+                           activations, transient, allocated, allocated * ALLOCATOR_RESERVED_RATIO,
+                           states.host_bytes)
+
+    def backward_peak(self, layers, timings, grads_bytes: float) -> float:
+        """Bytes above parameters, optimizer state and activations at the worst point of
+        the last backward, gradients included.
+
+        Walk the layers backwards: a layer's backward needs its recomputed activations
+        (when checkpointed) and a working set of about twice its largest op output
+        (the output gradient and the input gradient it produces); gradients of the
+        layers done so far are allocated (grads are freed between steps unless
+        accumulation keeps them), while finished layers' activations are released.
+        """
+        plan = self.plan
+        accumulating = plan.grad_accum > 1 and plan.zero < 2
+        grads_so_far = grads_bytes if accumulating else 0.0
+        released = 0.0
+        worst = 0.0
+        for index, t in zip(reversed(layers), reversed(timings)):
+            mode = self.checkpoint_mode(index)
+            cost = self.traced.cost_of(index)
+            working = 2 * max((op.bytes_written for op in cost.ops), default=0) / (plan.tp if plan.tp > 1 else 1)
+            regrown = t.saved_bytes - t.saved_for(mode) if mode != "none" else 0.0
+            worst = max(worst, grads_so_far + working + regrown - released)
+            if not accumulating:
+                grads_so_far += t.params_per_gpu * 4 / (plan.dp if plan.zero >= 2 else 1)
+            released += t.saved_for(mode)
+        return max(worst, grads_so_far - released, 0.0)
+
+    # -- result --------------------------------------------------------------------------
+    def result(self, step, timeline, slowest, dp_exposed, optimizer, recompute, memory) -> SimResult:
+        plan, cluster = self.plan, self.cluster
+        tokens = plan.global_batch * plan.seq
+        fwd_flops, bwd_flops = self.traced.flop_counter_flops()
+        per_micro_batch = fwd_flops + bwd_flops
+        micro_batches = plan.global_batch / plan.micro_batch
+        model_flops = per_micro_batch * micro_batches
+        recompute_flops = micro_batches * sum(
+            self.traced.cost_of(i).fwd_flops for i in self.traced.blocks
+            if self.checkpoint_mode(i) == "full")
+        world = cluster.world_size
+        peak = cluster.gpu.peak_flops_for(plan.precision)
+        capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
+        busy = timeline.busy_s[slowest]
+        phases = {
+            "compute_s": busy,
+            "pipeline_bubble_s": timeline.bubble_s(slowest),
+            "recompute_s": sum(recompute) * plan.grad_accum / max(1, plan.pp),
+            "exposed_dp_comm_s": dp_exposed[slowest],
+            "optimizer_s": optimizer[slowest],
+        }
+        fits = all(m.peak_reserved_bytes <= capacity for m in memory)
+        return SimResult(step, tokens / step, model_flops / step / world / 1e12,
+                         model_flops / step / world / peak, (model_flops + recompute_flops) / step / world / peak,
+                         fits, capacity, phases, memory, timeline)
