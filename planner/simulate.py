@@ -108,7 +108,8 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
     traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision)
-    plan.check_fits(len(traced.blocks), cluster.world_size, cluster.gpus_per_node)
+    # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
+    plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None)
