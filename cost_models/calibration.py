@@ -99,6 +99,9 @@ class Calibration:
     memory_bw_bytes_per_s: float     # HBM peak of the measured GPU (to transfer copy_bytes_per_s)
     comm_bw_efficiency: dict = field(default_factory=dict)   # link kind -> achieved fraction
     comm_latency_s: dict = field(default_factory=dict)       # link kind -> alpha per step
+    # Host time per launched aten op in eager PyTorch (a property of the host CPU and the
+    # framework more than of the GPU): layers whose kernels are shorter are host-bound.
+    host_s_per_op: float = 0.0
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -133,6 +136,7 @@ class Calibration:
             "gemm": {p: vars(f) for p, f in self.gemm.items()},
             "attention": {"fwd": vars(self.attention_fwd), "bwd": vars(self.attention_bwd)},
             "comm": {"bw_efficiency": self.comm_bw_efficiency, "latency_s": self.comm_latency_s},
+            "host_s_per_op": self.host_s_per_op,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         }
 
@@ -155,6 +159,7 @@ class Calibration:
                 memory_bw_bytes_per_s=_positive(data["memory_bw_bytes_per_s"], "memory_bw_bytes_per_s"),
                 comm_bw_efficiency=dict(comm.get("bw_efficiency", {})),
                 comm_latency_s=dict(comm.get("latency_s", {})),
+                host_s_per_op=_positive(data.get("host_s_per_op", 0.0), "host_s_per_op", zero_ok=True),
                 source=str(data.get("source", "")), device_name=str(data.get("device_name", "")),
                 measurements=dict(data.get("measurements", {})),
                 fit_quality=dict(data.get("fit_quality", {})))

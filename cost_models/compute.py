@@ -166,6 +166,11 @@ class ComputeModel:
         return self.calibration.kernel_overhead_s
 
     @property
+    def host_s_per_op(self) -> float:
+        """Host (Python dispatch + launch) time per eager aten op (empirical, per calibration)."""
+        return self.calibration.host_s_per_op
+
+    @property
     def memory_bw_bytes_per_s(self) -> float:
         """Achieved DRAM bandwidth, bytes read + written per second (empirical: a device copy)."""
         return self.calibration.copy_bytes_per_s

@@ -30,6 +30,12 @@ COLWISE = {"qkv", "q", "k", "v", "fc1", "gate", "up", "c_attn", "q_proj", "k_pro
 ROWWISE = {"proj", "o", "fc2", "down", "c_proj", "o_proj", "down_proj"}
 VOCAB = {"tok", "wte", "embed_tokens"}
 REPLICATED_ACTIVATION_SHARE = 10 / 34   # Korthikanti et al. 2022: sbh*10 of sbh*34 unsplit by TP
+# Eager PyTorch issues kernels from Python: each aten op costs host time (dispatch,
+# autograd bookkeeping, the launch) whether or not the GPU is busy. The GPU runs ahead of
+# the host, so a layer takes max(device time, host time); small layers are host-bound.
+# The per-op host time comes from the calibration (ComputeModel.host_s_per_op); backward
+# issues about twice the forward's ops (grad input and grad weight per matmul).
+HOST_BWD_OPS_PER_FWD_OP = 2.0
 _DTYPE_TO_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _COMPUTE_KINDS = {"conv": "matmul"}
 
@@ -87,7 +93,9 @@ def _numel(shape) -> int:
 class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
-    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None):
+    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None,
+                 host_s_per_op: float | None = None):
+        self.host_s_per_op = compute.host_s_per_op if host_s_per_op is None else host_s_per_op
         self.traced = traced
         self.compute = compute
         self.hidden = hidden
@@ -118,6 +126,10 @@ class LayerCoster:
             if op.kind == "linear" and tp > 1 and linear_style(op, layout) == "rowwise":
                 allreduces += 1
             params += op.param_count * share
+        launched = sum(1 for op in cost.ops if op.kind != "view")
+        host_fwd = launched * self.host_s_per_op
+        fwd, bwd = max(fwd, host_fwd), max(bwd, host_fwd * HOST_BWD_OPS_PER_FWD_OP)
+        streaming = min(streaming, fwd)
         split = 1.0 / tp
         replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE
         act_share = replicated + (1 - replicated) * split

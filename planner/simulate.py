@@ -30,9 +30,9 @@ from planner.plan import Plan, even_stages
 from planner.schedule import build_schedule, in_flight_peak, simulate_pipeline
 from planner.zoo import ModelSpec, load_model
 
-# PyTorch's caching allocator keeps freed blocks and rounds allocations up; empirical
-# ratio of peak reserved to peak allocated bytes over the 19 single-H100 steps in
-# shared/reference/h100/measured.jsonl (median; see benchmarks/accuracy.py).
+# PyTorch's caching allocator keeps freed blocks and rounds allocations up. Empirical:
+# peak_reserved_bytes / peak_allocated_bytes over the 19 single-H100 steps in
+# shared/reference/h100/measured.jsonl has median 1.063 (range 1.010-1.177).
 ALLOCATOR_RESERVED_RATIO = 1.06
 # Memory the CUDA context and cuBLAS/NCCL workspaces take outside the allocator (empirical
 # order of magnitude on H100 with CUDA 12/13); subtracted from capacity before `fits`.
@@ -102,7 +102,7 @@ def _model_key(spec: ModelSpec) -> str:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None) -> SimResult:
+             comm: CommModel | None = None, host_s_per_op: float | None = None) -> SimResult:
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
@@ -112,7 +112,7 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
-    coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None)
+    coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None, host_s_per_op)
     return _Simulation(plan, traced, cluster, compute, comm, coster).run()
 
 
