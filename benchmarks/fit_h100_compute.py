@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cost_models.calibration import (Calibration, build_calibration, mape, predict_attention_row,  # noqa: E402
+from cost_models.calibration import (Calibration, build_calibration, mape, measurements_from_reference, predict_attention_row,  # noqa: E402
                                      predict_matmul_row, summary_lines)
 from cost_models.compute import ComputeModel  # noqa: E402
 from cost_models.hardware import get_gpu  # noqa: E402
@@ -35,19 +35,6 @@ HELD_OUT_SHAPES = ((4096, 4096, 4096), (16384, 4096, 1024), (4096, 768, 50304))
 SOURCE = ("shared/reference/h100/measured.jsonl (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130; GEMMs "
           "timed as 10 back-to-back launches, the copy as 10 copies of 1 GiB, flash attention as one "
           "single-shot call per direction); fitted by benchmarks/fit_h100_compute.py")
-
-
-def reference_measurements(path: Path) -> tuple[dict, str]:
-    """measured.jsonl rows in the calibration's measurement format, and the device name."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    device = next(r["device"] for r in rows if r.get("kind") == "env")
-    matmul = [dict(precision=r["dtype"], m=r["M"], k=r["K"], n=r["N"], batch=1, seconds=r["seconds"])
-              for r in rows if r.get("kind") == "matmul"]
-    copy = [dict(bytes=r["bytes"], seconds=r["seconds"]) for r in rows if r.get("kind") == "copy"]
-    attention = [dict(precision="bf16", batch=r["B"], heads=r["heads"], seq_q=r["T"], seq_kv=r["T"],
-                      head_dim=r["D"], causal=True, fwd_s=r["fwd_s"], bwd_s=r["fwd_bwd_s"] - r["fwd_s"])
-                 for r in rows if r.get("kind") == "sdpa_causal_bf16"]
-    return dict(matmul=matmul, copy=copy, attention=attention), device
 
 
 def shape(row: dict) -> tuple:
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if --out differs from a fresh fit")
     args = parser.parse_args(argv)
     gpu = get_gpu("h100-sxm-80gb")
-    measurements, device = reference_measurements(args.reference)
+    measurements, device = measurements_from_reference(args.reference)
     calibration = build_calibration(gpu, measurements, SOURCE, device)
     print("\n".join(summary_lines(calibration)) + "\n")
     report(calibration, measurements, gpu)

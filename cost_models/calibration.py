@@ -239,6 +239,21 @@ def default_calibration(gpu: GPUSpec) -> Calibration:
     return reference.transferred_to(gpu)
 
 
+def measurements_from_reference(path) -> tuple[dict, str]:
+    """shared/reference/h100/measured.jsonl rows in the calibration's measurement format,
+    and the device name (used by benchmarks/fit_h100_compute.py and the tests)."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    device = next(r["device"] for r in rows if r.get("kind") == "env")
+    matmul = [dict(precision=r["dtype"], m=r["M"], k=r["K"], n=r["N"], batch=1, seconds=r["seconds"])
+              for r in rows if r.get("kind") == "matmul"]
+    copy = [dict(bytes=r["bytes"], seconds=r["seconds"]) for r in rows if r.get("kind") == "copy"]
+    attention = [dict(precision="bf16", batch=r["B"], heads=r["heads"], seq_q=r["T"], seq_kv=r["T"],
+                      head_dim=r["D"], causal=True, fwd_s=r["fwd_s"], bwd_s=r["fwd_bwd_s"] - r["fwd_s"])
+                 for r in rows if r.get("kind") == "sdpa_causal_bf16"]
+    return dict(matmul=matmul, copy=copy, attention=attention), device
+
+
 # --------------------------------------------------------------------------- fitting
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,10 +1,9 @@
 """Compute cost model: roofline bounds, monotonicity, and the H100 fit against real measurements."""
-import json
 
 import pytest
 
 from cost_models import MeshplanError, get_gpu
-from cost_models.calibration import build_calibration, shipped_calibration
+from cost_models.calibration import build_calibration, measurements_from_reference, shipped_calibration
 from cost_models.compute import (ComputeModel, OP_KINDS, adamw_bytes_per_param, attention_flops,
                                  causal_fraction, gemm_bytes, gemm_flops)
 from cost_models.units import GIB
@@ -19,14 +18,7 @@ SHAPES = [(64, 64, 64), (512, 768, 3072), (4096, 4096, 4096), (8192, 1024, 50304
 
 def reference_rows(reference):
     """measured.jsonl in the calibration's measurement format (as the fit script reads it)."""
-    rows = [json.loads(line) for line in (reference / "h100" / "measured.jsonl").read_text().splitlines()]
-    matmul = [dict(precision=r["dtype"], m=r["M"], k=r["K"], n=r["N"], batch=1, seconds=r["seconds"])
-              for r in rows if r.get("kind") == "matmul"]
-    copy = [dict(bytes=r["bytes"], seconds=r["seconds"]) for r in rows if r.get("kind") == "copy"]
-    attention = [dict(precision="bf16", batch=r["B"], heads=r["heads"], seq_q=r["T"], seq_kv=r["T"],
-                      head_dim=r["D"], causal=True, fwd_s=r["fwd_s"], bwd_s=r["fwd_bwd_s"] - r["fwd_s"])
-                 for r in rows if r.get("kind") == "sdpa_causal_bf16"]
-    return dict(matmul=matmul, copy=copy, attention=attention)
+    return measurements_from_reference(reference / "h100" / "measured.jsonl")[0]
 
 
 def errors(model, rows):
