@@ -167,6 +167,11 @@ def _simulate(args) -> int:
     result = simulate(plan, spec, cluster, compute=compute, comm=comm)
     if args.trace:
         _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
+    for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
+        if target:
+            _check_new(target)
+            from planner import plots
+            getattr(plots, draw)(result, target)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -174,14 +179,20 @@ def _simulate(args) -> int:
     return 0
 
 
-def _write_new(path: str, text: str):
+def _check_new(path: str):
+    """Refuse to overwrite a user's file or to write into a missing directory."""
     from pathlib import Path
     target = Path(path)
     if target.exists():
         raise MeshplanError(f"{path!r} already exists: choose another path")
     if not target.parent.is_dir():
         raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
-    target.write_text(text)
+
+
+def _write_new(path: str, text: str):
+    _check_new(path)
+    from pathlib import Path
+    Path(path).write_text(text)
 
 
 def _print_result(plan: Plan, result) -> None:
@@ -298,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
+    p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
+    p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
     p.add_argument("--calibration", help="a calibration JSON from `meshplan profile` for the cluster's GPU")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_simulate)

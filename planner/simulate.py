@@ -240,38 +240,45 @@ class _Simulation:
         activations = in_flight * (saved + copies)
         gathered = gathered_param_bytes(plan.zero, plan.precision if fsdp_mixed else "fp32",
                                         [t.params_per_gpu for t in timings])
-        # gradients appear during backward as activations go: the walk places them
-        transient = self.backward_peak(layers, timings, states.grads_bytes) + gathered
-        allocated = states.params_bytes + states.optimizer_bytes + activations + transient
-        return StageMemory(rank, states.params_bytes, states.grads_bytes, states.optimizer_bytes,
-                           activations, transient, allocated, allocated * ALLOCATOR_RESERVED_RATIO,
+        # gradients appear during backward as activations go: the walk finds the worst moment,
+        # and the breakdown reports each part as it is at that moment (so the parts add up)
+        grads, released, working = self.backward_peak(layers, timings, states.grads_bytes)
+        activations_at_peak = max(activations - released, 0.0)
+        transient = working + gathered
+        allocated = states.params_bytes + states.optimizer_bytes + grads + activations_at_peak + transient
+        return StageMemory(rank, states.params_bytes, grads, states.optimizer_bytes,
+                           activations_at_peak, transient, allocated, allocated * ALLOCATOR_RESERVED_RATIO,
                            states.host_bytes)
 
-    def backward_peak(self, layers, timings, grads_bytes: float) -> float:
-        """Bytes above parameters, optimizer state and activations at the worst point of
-        the last backward, gradients included.
+    def backward_peak(self, layers, timings, grads_bytes: float) -> tuple[float, float, float]:
+        """(gradients, released activations, working bytes) at the worst moment of the last backward.
 
         Walk the layers backwards: a layer's backward needs its recomputed activations
         (when checkpointed) and a working set of about twice its largest op output
         (the output gradient and the input gradient it produces); gradients of the
         layers done so far are allocated (grads are freed between steps unless
         accumulation keeps them), while finished layers' activations are released.
+        The moment after the last layer (all gradients, no activations) is a candidate too.
         """
         plan = self.plan
         accumulating = plan.grad_accum > 1 and plan.zero < 2
         grads_so_far = grads_bytes if accumulating else 0.0
         released = 0.0
-        worst = 0.0
+        worst, at_worst = None, (0.0, 0.0, 0.0)
         for index, t in zip(reversed(layers), reversed(timings)):
             mode = self.checkpoint_mode(index)
             cost = self.traced.cost_of(index)
             working = 2 * max((op.bytes_written for op in cost.ops), default=0) / (plan.tp if plan.tp > 1 else 1)
-            regrown = t.saved_bytes - t.saved_for(mode) if mode != "none" else 0.0
-            worst = max(worst, grads_so_far + working + regrown - released)
+            working += t.saved_bytes - t.saved_for(mode) if mode != "none" else 0.0   # recomputed activations
+            value = grads_so_far + working - released
+            if worst is None or value > worst:
+                worst, at_worst = value, (grads_so_far, released, working)
             if not accumulating:
                 grads_so_far += t.params_per_gpu * 4 / (plan.dp if plan.zero >= 2 else 1)
             released += t.saved_for(mode)
-        return max(worst, grads_so_far - released, 0.0)
+        if worst is None or grads_so_far - released > worst:
+            at_worst = (grads_so_far, released, 0.0)
+        return at_worst
 
     # -- result --------------------------------------------------------------------------
     def result(self, step, timeline, slowest, dp_exposed, optimizer, recompute, memory) -> SimResult:

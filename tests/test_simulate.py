@@ -117,3 +117,23 @@ def test_profiled_calibration_drives_the_simulation(cli, tmp_path):
     measured = json.loads(cli(*args, "--calibration", calibration).stdout)
     assert measured["step_time_s"] != default["step_time_s"]
     assert_user_error(cli(*args, "--cluster", "h100:1x1", "--calibration", calibration), "profile this GPU")
+
+
+def test_breakdown_adds_up_to_the_peak():
+    for kw in (dict(), dict(zero=3), dict(dp=8, pp=2, checkpoint=["full"] * 24), dict(dp=8, tp=2)):
+        for m in sim(**kw).stages:
+            parts = m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activations_bytes + m.transient_bytes
+            assert parts == pytest.approx(m.peak_allocated_bytes), kw
+
+
+def test_cli_pictures(cli, tmp_path):
+    timeline, memory = tmp_path / "t.png", tmp_path / "m.png"
+    args = ["simulate", "--model", "gpt3-125m", "--cluster", "a100-sxm-80gb:1x8", "--seq", "512",
+            "--global-batch", "32", "--dp", "2", "--pp", "4", "--schedule", "interleaved", "--interleave", "2"]
+    proc = cli(*args, "--timeline", timeline, "--memory-plot", memory)
+    assert proc.returncode == 0, proc.stderr
+    for png in (timeline, memory):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    before = timeline.read_bytes()
+    assert_user_error(cli(*args, "--timeline", timeline), "already exists")
+    assert timeline.read_bytes() == before

@@ -1,0 +1,65 @@
+"""Pictures of a simulated plan (matplotlib, headless Agg backend).
+
+- `timeline_png`: a Gantt chart per pipeline rank of forward / backward / bubble, plus the
+  data-parallel tail and optimizer step after the last backward.
+- `memory_png`: stacked bars per pipeline stage of parameters, gradients, optimizer state,
+  activations and transients against the GPU's capacity.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cost_models.units import GIB  # noqa: E402
+
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#55A868", "bubble": "#DDDDDD"}
+MEMORY_PARTS = (("params_bytes", "parameters", "#4C72B0"), ("grads_bytes", "gradients", "#DD8452"),
+                ("optimizer_bytes", "optimizer", "#55A868"), ("activations_bytes", "activations", "#C44E52"),
+                ("transient_bytes", "transient", "#8172B3"))
+
+
+def timeline_png(result, path, title: str = "") -> None:
+    timeline = result.timeline
+    ranks = timeline.pp
+    fig, ax = plt.subplots(figsize=(12, 0.6 * ranks + 1.6))
+    ax.broken_barh([(0, result.step_time_s)], (-0.4, ranks - 0.2), color=COLORS["bubble"], zorder=0)
+    for event in timeline.events:
+        ax.broken_barh([(event.start_s, event.end_s - event.start_s)], (event.rank - 0.4, 0.8),
+                       color=COLORS[event.kind], edgecolor="white", linewidth=0.3, zorder=1)
+    for rank in range(ranks):
+        ax.broken_barh([(timeline.finish_s[rank], result.step_time_s - timeline.finish_s[rank])],
+                       (rank - 0.4, 0.8), color=COLORS["tail"], alpha=0.8, zorder=1)
+    ax.set_yticks(range(ranks), [f"stage {r}" for r in range(ranks)])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_xlim(0, result.step_time_s * 1.01)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in ("F", "B", "tail", "bubble")]
+    ax.legend(handles, ["forward", "backward (+ recompute)", "dp sync + optimizer", "idle"],
+              loc="upper center", bbox_to_anchor=(0.5, -0.25 if ranks < 4 else -0.12), ncol=4, frameon=False)
+    ax.set_title(title or f"step {result.step_time_s:.3f} s, MFU {100 * result.mfu:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def memory_png(result, path, title: str = "") -> None:
+    stages = result.stages
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(stages) + 3), 4.5))
+    bottoms = [0.0] * len(stages)
+    xs = range(len(stages))
+    for key, label, color in MEMORY_PARTS:
+        values = [getattr(s, key) / GIB for s in stages]
+        ax.bar(xs, values, bottom=bottoms, color=color, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    reserved = [s.peak_reserved_bytes / GIB for s in stages]
+    ax.scatter(xs, reserved, marker="_", s=400, color="black", label="reserved (allocator)", zorder=3)
+    ax.axhline(result.capacity_bytes / GIB, color="red", linestyle="--", label="usable capacity")
+    ax.set_xticks(list(xs), [f"stage {s.stage}" for s in stages])
+    ax.set_ylabel("GiB per GPU")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title or ("fits" if result.fits else "does not fit"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
