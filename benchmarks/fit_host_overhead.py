@@ -19,31 +19,17 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vtrain import DEFAULT_REFERENCE, MEGATRON_PADDED_VOCAB  # noqa: E402
+from vtrain import DEFAULT_REFERENCE, predict_ms  # noqa: E402
 
 from cost_models.calibration import default_calibration  # noqa: E402
 from cost_models.hardware import get_gpu  # noqa: E402
-from planner.plan import Plan  # noqa: E402
-from planner.simulate import simulate  # noqa: E402
-from planner.zoo import load_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "cost_models" / "data" / "a100-sxm-80gb.json"
 GRID_US = (0, 20, 30, 35, 40, 45, 50, 60)
 
 
 def errors(rows, host_s: float) -> list:
-    out = []
-    for row in rows:
-        layers = row["num_layers"]
-        spec = load_model(dict(arch="gpt", layers=layers, hidden=row["hidden_size"], heads=row["attention_heads"],
-                               vocab=MEGATRON_PADDED_VOCAB, max_seq=row["seq_len"], tie_embeddings=True))
-        plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
-                    micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"],
-                    seq=row["seq_len"], precision="fp16", checkpoint=["full"] * layers)
-        result = simulate(plan, spec, f"a100-sxm-80gb:1x{row['num_gpus']}", host_s_per_op=host_s)
-        measured = row["iteration_time_ms"] / 1e3
-        out.append((result.step_time_s - measured) / measured)
-    return out
+    return [(predict_ms(row, host_s) - row["iteration_time_ms"]) / row["iteration_time_ms"] for row in rows]
 
 
 def main(argv=None) -> int:

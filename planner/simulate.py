@@ -102,7 +102,14 @@ def _model_key(spec: ModelSpec) -> str:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None, host_s_per_op: float | None = None) -> SimResult:
+             comm: CommModel | None = None, host_s_per_op: float | None = None,
+             overlap_dp_comm: bool = True) -> SimResult:
+    """Simulate one training step of `plan`.
+
+    `overlap_dp_comm`: the gradient all-reduce runs in buckets during backward, as
+    meshplan's runtime (DDP/replicate) does. False models frameworks that reduce after
+    backward (Megatron-LM of 2021, vTrain's `use_gradient_bucket=false` runs).
+    """
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
@@ -113,11 +120,12 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None, host_s_per_op)
-    return _Simulation(plan, traced, cluster, compute, comm, coster).run()
+    return _Simulation(plan, traced, cluster, compute, comm, coster, overlap_dp_comm).run()
 
 
 class _Simulation:
-    def __init__(self, plan, traced, cluster, compute, comm, coster):
+    def __init__(self, plan, traced, cluster, compute, comm, coster, overlap_dp_comm=True):
+        self.overlap_dp_comm = overlap_dp_comm
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
         degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
@@ -212,7 +220,7 @@ class _Simulation:
         grad_bytes = params * 4
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
-        exposed = max(all_reduce - last_bwd_s, last_bucket)
+        exposed = max(all_reduce - last_bwd_s, last_bucket) if self.overlap_dp_comm else all_reduce
         if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
             exposed += self.comm.all_gather_s(params * 4, self.dp_group)
         return exposed

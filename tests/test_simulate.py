@@ -137,3 +137,12 @@ def test_cli_pictures(cli, tmp_path):
     before = timeline.read_bytes()
     assert_user_error(cli(*args, "--timeline", timeline), "already exists")
     assert timeline.read_bytes() == before
+
+
+def test_gradient_reduction_after_backward_is_fully_exposed():
+    plan = Plan(dp=16, global_batch=16, seq=1024)
+    overlapped = simulate(plan, MODEL, CLUSTER)
+    after = simulate(plan, MODEL, CLUSTER, overlap_dp_comm=False)
+    assert after.phases["exposed_dp_comm_s"] > overlapped.phases["exposed_dp_comm_s"]
+    assert after.step_time_s - overlapped.step_time_s == pytest.approx(
+        after.phases["exposed_dp_comm_s"] - overlapped.phases["exposed_dp_comm_s"])
