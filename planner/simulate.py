@@ -17,7 +17,7 @@ empirical overhead.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 from cost_models.cluster import ClusterSpec, parse_cluster
@@ -26,6 +26,7 @@ from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
 from planner.costing import LayerCoster, LayerTiming
+from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
 from planner.schedule import build_schedule, in_flight_peak, simulate_pipeline
 from planner.zoo import ModelSpec, load_model
@@ -38,6 +39,7 @@ ALLOCATOR_RESERVED_RATIO = 1.06
 # order of magnitude on H100 with CUDA 12/13); subtracted from capacity before `fits`.
 CUDA_CONTEXT_BYTES = 0.6e9
 DDP_BUCKET_BYTES = 25 * 2 ** 20   # torch DDP's default bucket_cap_mb
+SHALLOW_BLOCKS = 2   # blocks traced for a zoo decoder (see trace_spec)
 
 
 @dataclass
@@ -88,8 +90,42 @@ class SimResult:
 
 @lru_cache(maxsize=64)
 def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str):
+    return trace_spec(_SPECS[model_key], micro_batch, seq, precision)
+
+
+def trace_spec(spec: ModelSpec, micro_batch: int, seq: int, precision: str) -> TracedModel:
+    """Trace a model; a zoo decoder is traced two blocks deep and expanded to its depth.
+
+    Its blocks are identical (one signature), so the trace of a 2-block copy holds every
+    distinct layer; expanding it gives what the full trace gives (a test checks they are
+    equal) in a fraction of the time (0.3 s instead of 1.4 s for GPT-3 175B), which is
+    what lets the planner trace once per micro-batch size.
+    """
     from planner.trace import trace_model
-    return trace_model(_SPECS[model_key], micro_batch, seq, precision)
+    if spec.config is None or spec.config.layers <= SHALLOW_BLOCKS:
+        return trace_model(spec, micro_batch, seq, precision)
+    shallow = ModelSpec(spec.name, replace(spec.config, layers=SHALLOW_BLOCKS))
+    return expand_blocks(trace_model(shallow, micro_batch, seq, precision), spec.config.layers)
+
+
+def expand_blocks(traced: TracedModel, blocks: int) -> TracedModel:
+    """Repeat the (identical) blocks of a shallow trace until there are `blocks` of them."""
+    first = traced.blocks[0]
+    template = traced.layers[first]
+    if len({traced.layers[i].signature for i in traced.blocks}) != 1:
+        raise MeshplanError("expand_blocks needs a trace whose blocks are identical")
+    before = traced.layers[:first]
+    after = traced.layers[traced.blocks[-1] + 1:]
+    prefix = template.name + "."
+    new_blocks = [Layer(f"blocks.{i}", "block", template.signature, 0,
+                        tuple(f"blocks.{i}" + m[len(template.name):] if m == template.name or m.startswith(prefix)
+                              else m for m in template.modules))
+                  for i in range(blocks)]
+    layers = [replace(layer, index=i) for i, layer in enumerate([*before, *new_blocks, *after])]
+    extra = blocks - len(traced.blocks)
+    block_cost = traced.costs[template.signature]
+    return replace(traced, layers=layers, param_count=traced.param_count + extra * block_cost.param_count,
+                   param_bytes=traced.param_bytes + extra * block_cost.param_bytes)
 
 
 _SPECS: dict = {}
