@@ -43,6 +43,10 @@ ATTENTION_BWD_FLOPS_FACTOR = 2.5
 # more per launch, so this slightly overcounts launches there (microseconds per step).
 ADAMW_TENSORS_PER_LAUNCH = {False: 36, True: 30}
 ADAMW_ELEMENTS_PER_LAUNCH = 320 * 65536
+# Assumption (not measured here): host memory traffic one GPU's share of a CPU AdamW step
+# achieves - a dual-socket DGX host streams ~300 GB/s over 8 GPUs and torch's CPU foreach
+# AdamW reaches a fraction of it. Replace with a measurement when one exists.
+HOST_ADAMW_BYTES_PER_S = 10e9
 
 
 # --------------------------------------------------------------------------- first principles
@@ -216,6 +220,18 @@ class ComputeModel:
         moved = param_count * adamw_bytes_per_param(param_precision, grad_precision, master_weights)
         launches = fused_adamw_launches(param_count, num_tensors, master_weights)
         return launches * self.kernel_overhead_s + moved / self.memory_bw_bytes_per_s
+
+    def offloaded_optimizer_step_time_s(self, param_count: float) -> float:
+        """FSDP2 CPUOffloadPolicy: fp32 gradients go to the host, AdamW runs on the CPU, the
+        updated fp32 parameters come back - on the step's critical path.
+
+        First principles with one stated assumption, not a measurement:
+        PCIe at the datasheet rate each way, and the CPU step bound by host memory traffic
+        (adamw_bytes_per_param) at HOST_ADAMW_BYTES_PER_S per GPU.
+        """
+        _check_amounts(param_count=param_count)
+        pcie = 2 * param_count * 4 / self.gpu.host_link_bw_bytes_per_s
+        return pcie + param_count * adamw_bytes_per_param() / HOST_ADAMW_BYTES_PER_S
 
     def op_time_s(self, kind: str, flops: float, bytes_moved: float, precision: str,
                   gemm: tuple | None = None, attention: tuple | None = None, backward: bool = False) -> float:

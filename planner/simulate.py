@@ -219,6 +219,8 @@ class _Simulation:
         if self.plan.zero < 2 or self.plan.dp == 1:
             return 0.0, 0.0
         gather = self.comm.all_gather_s(t.params_per_gpu * self.act_bytes, self.dp_group)
+        if self.plan.offload_optimizer:   # the fp32 shard comes from the host before each gather
+            gather += t.params_per_gpu / self.plan.dp * 4 / self.cluster.gpu.host_link_bw_bytes_per_s
         scatter = self.comm.reduce_scatter_s(t.params_per_gpu * 4, self.dp_group)  # fp32 reduce dtype
         bwd_comm = scatter + (gather if self.plan.zero == 3 else 0.0)
         return max(0.0, gather - fwd), max(0.0, bwd_comm - bwd)
@@ -262,9 +264,9 @@ class _Simulation:
         return exposed
 
     def optimizer_s(self, params: float) -> float:
-        if self.plan.offload_optimizer:
-            return 0.0   # runs on the host, beside the next step's forward (see README caveats)
         local = params / self.plan.dp if self.plan.zero >= 1 else params
+        if self.plan.offload_optimizer:
+            return self.compute.offloaded_optimizer_step_time_s(local)
         return self.compute.optimizer_step_time_s(local)
 
     # -- memory --------------------------------------------------------------------------

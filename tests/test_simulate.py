@@ -146,3 +146,14 @@ def test_gradient_reduction_after_backward_is_fully_exposed():
     assert after.phases["exposed_dp_comm_s"] > overlapped.phases["exposed_dp_comm_s"]
     assert after.step_time_s - overlapped.step_time_s == pytest.approx(
         after.phases["exposed_dp_comm_s"] - overlapped.phases["exposed_dp_comm_s"])
+
+
+def test_optimizer_offload_moves_states_to_host_and_costs_step_time():
+    base = dict(dp=8, zero=3, micro_batch=1, global_batch=8, seq=1024)
+    on_gpu = simulate(Plan(**base), "gpt3-1.3b", "a100-sxm-80gb:1x8")
+    offloaded = simulate(Plan(**base, offload_optimizer=True), "gpt3-1.3b", "a100-sxm-80gb:1x8")
+    assert offloaded.worst_stage.optimizer_bytes == 0 < on_gpu.worst_stage.optimizer_bytes
+    assert offloaded.worst_stage.host_bytes > 0
+    # PCIe both ways plus a CPU AdamW step is slower than a fused GPU step
+    assert offloaded.phases["optimizer_s"] > 10 * on_gpu.phases["optimizer_s"]
+    assert offloaded.step_time_s > on_gpu.step_time_s
