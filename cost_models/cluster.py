@@ -27,6 +27,11 @@ DEFAULT_LATENCY_S = {"nvlink": 3 * US, "pcie": 5 * US, "infiniband": 5 * US,
                      "ethernet": 10 * US, "shm": 20 * US}
 
 
+# Datasheet: a DGX A100 node ships 1 TB of system memory for its 8 GPUs (DGX H100: 2 TB).
+# The default CPU memory one GPU's share of a node offers to optimizer offload.
+HOST_MEMORY_BYTES_PER_GPU = 1e12 / 8
+
+
 @dataclass(frozen=True)
 class LinkSpec:
     """A link as one GPU sees it: unidirectional bandwidth per GPU and one-hop latency."""
@@ -53,6 +58,7 @@ class ClusterSpec:
     intra_node: LinkSpec
     inter_node: LinkSpec
     price_usd_per_gpu_hour: float
+    host_memory_bytes_per_gpu: float = HOST_MEMORY_BYTES_PER_GPU   # what optimizer offload may fill
 
     def __post_init__(self):
         for label, value in (("nodes", self.nodes), ("gpus_per_node", self.gpus_per_node)):

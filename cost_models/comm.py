@@ -238,7 +238,14 @@ class CommModel:
                               {a: sum(parts) for a, parts in priced.items()}, intra, inter)
 
     def time_s(self, kind: str, nbytes: float, group: GroupPlacement, algorithm: str | None = None) -> float:
-        return self.collective(kind, nbytes, group, algorithm).time_s
+        # a planner prices the same few collectives thousands of times: remember them
+        key = (kind, nbytes, group, algorithm)
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            if len(memo) > 100_000:
+                memo.clear()
+            memo[key] = self.collective(kind, nbytes, group, algorithm).time_s
+        return memo[key]
 
     def all_reduce_s(self, nbytes: float, group: GroupPlacement, algorithm: str | None = None) -> float:
         return self.time_s("all_reduce", nbytes, group, algorithm)

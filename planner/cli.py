@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_simulate)
 
+    from planner import plan_cli
+    p = sub.add_parser("plan", help="search the best plans (degrees, ZeRO, micro-batch, schedule, stages, "
+                                    "checkpointing) for a model on a cluster")
+    plan_cli.add_arguments(p)
+    p.set_defaults(handler=plan_cli.run)
+
     from cost_models import calibration
     p = sub.add_parser("profile", help="measure this machine's GEMMs, attention, copies (and collectives) "
                                        "into a calibration JSON")

@@ -63,3 +63,25 @@ def memory_png(result, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plans_png(plans, path, title: str = "") -> None:
+    """The top plans side by side: step time, and peak memory against the budget."""
+    labels = [f"#{i + 1} dp{p.dp} tp{p.tp} pp{p.pp}\nzero{p.zero} mb{p.micro_batch}" for i, p in enumerate(plans)]
+    times = [p.result.step_time_s for p in plans]
+    memory = [p.result.worst_stage.peak_reserved_bytes / GIB for p in plans]
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 0.5 * len(plans) + 2.5), sharey=True)
+    y = range(len(plans))
+    ax_time.barh(y, times, color=COLORS["F"])
+    ax_time.set_xlabel("step time (s)")
+    ax_time.set_yticks(list(y), labels)
+    ax_time.invert_yaxis()
+    ax_mem.barh(y, memory, color=COLORS["B"])
+    ax_mem.axvline(plans.capacity_bytes / GIB, color="black", linestyle="--", label="capacity")
+    ax_mem.axvline(plans.budget_bytes / GIB, color="red", linestyle=":", label="budget (capacity - reserve)")
+    ax_mem.set_xlabel("peak reserved memory per GPU (GiB)")
+    ax_mem.legend(loc="lower right")
+    fig.suptitle(title or "top plans")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -21,6 +21,7 @@ gives Korthikanti et al.'s larger count on the first rank).
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import lru_cache
 from dataclasses import dataclass
 
 from cost_models.errors import MeshplanError
@@ -91,6 +92,16 @@ def _interleaved(pp: int, rank: int, m: int, chunks: int) -> list[Action]:
         actions.append(backward_at(next_b))
         next_b += 1
     return actions
+
+
+@lru_cache(maxsize=4096)
+def in_flight_counts(schedule: str, pp: int, micro_batches: int, chunks: int = 1) -> tuple[int, ...]:
+    """in_flight_peak of every rank, without building 1F1B/GPipe action lists."""
+    if schedule == "1f1b" and chunks == 1:
+        return tuple(min(pp - rank, micro_batches) for rank in range(pp))
+    if schedule == "gpipe":
+        return (micro_batches * chunks,) * pp
+    return tuple(in_flight_peak(a) for a in build_schedule(schedule, pp, micro_batches, chunks))
 
 
 def in_flight_peak(actions: list[Action]) -> int:

@@ -146,6 +146,15 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     meshplan's runtime (DDP/replicate) does. False models frameworks that reduce after
     backward (Megatron-LM of 2021, vTrain's `use_gradient_bucket=false` runs).
     """
+    return prepare(plan, model, cluster, compute, comm, host_s_per_op, overlap_dp_comm).run()
+
+
+def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
+            host_s_per_op: float | None = None, overlap_dp_comm: bool = True) -> "_Simulation":
+    """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
+
+    Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
+    compute model, so simulating many plans of one model re-costs nothing."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
@@ -155,8 +164,21 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
-    coster = LayerCoster(traced, compute, spec.config.hidden if spec.config else None, host_s_per_op)
-    return _Simulation(plan, traced, cluster, compute, comm, coster, overlap_dp_comm).run()
+    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None, host_s_per_op)
+    return _Simulation(plan, traced, cluster, compute, comm, coster, overlap_dp_comm)
+
+
+_COSTERS: dict = {}
+
+
+def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, host_s_per_op) -> LayerCoster:
+    key = (id(traced), id(compute), hidden, host_s_per_op)
+    entry = _COSTERS.get(key)
+    if entry is None or entry[0] is not traced or entry[1] is not compute:
+        if len(_COSTERS) > 256:
+            _COSTERS.clear()
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, host_s_per_op))
+    return entry[2]
 
 
 class _Simulation:
@@ -202,10 +224,11 @@ class _Simulation:
         return self.plan.checkpoint_for(self.traced.blocks.index(index))
 
     # -- time ----------------------------------------------------------------------------
-    def layer_times(self, index: int) -> tuple[float, float, float]:
-        """(forward s, backward s incl. recompute, recompute FLOP-time share) for one micro-batch."""
+    def layer_times(self, index: int, mode: str | None = None) -> tuple[float, float, float]:
+        """(forward s, backward s incl. recompute, recompute FLOP-time share) for one micro-batch,
+        under the plan's checkpoint mode for the layer or the `mode` given."""
         t = self.timing(index)
-        mode = self.checkpoint_mode(index)
+        mode = self.checkpoint_mode(index) if mode is None else mode
         tp_ar = self.comm.all_reduce_s(self.traced.micro_batch * self.traced.seq * self.coster.hidden
                                        * self.act_bytes, self.tp_group) if t.tp_allreduces else 0.0
         fwd = t.fwd_s + t.tp_allreduces * tp_ar
@@ -319,7 +342,7 @@ class _Simulation:
             value = grads_so_far + working - released
             if worst is None or value > worst:
                 worst, at_worst = value, (grads_so_far, released, working)
-            if not accumulating:
+            if not accumulating and not plan.offload_optimizer:   # offloaded grads go to the host
                 grads_so_far += t.params_per_gpu * 4 / (plan.dp if plan.zero >= 2 else 1)
             released += t.saved_for(mode)
         if worst is None or grads_so_far - released > worst:
@@ -348,7 +371,8 @@ class _Simulation:
             "exposed_dp_comm_s": dp_exposed[slowest],
             "optimizer_s": optimizer[slowest],
         }
-        fits = all(m.peak_reserved_bytes <= capacity for m in memory)
+        fits = all(m.peak_reserved_bytes <= capacity and m.host_bytes <= cluster.host_memory_bytes_per_gpu
+                   for m in memory)
         return SimResult(step, tokens / step, model_flops / step / world / 1e12,
                          model_flops / step / world / peak, (model_flops + recompute_flops) / step / world / peak,
                          fits, capacity, phases, memory, timeline)

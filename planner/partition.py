@@ -1,0 +1,253 @@
+"""Pipeline stage partition and per-layer activation checkpointing, chosen together.
+
+Given one candidate (degrees, ZeRO stage, micro-batch, schedule), decide how many
+blocks each pipeline rank holds and which of them are checkpointed, so that every
+rank fits its memory budget and the slowest rank is as fast as possible.
+
+Formulation (an exact bottleneck search over a closed-form inner problem)
+-------------------------------------------------------------------------
+Data, per pipeline rank r = 0..P-1 (from the simulator's own per-layer numbers):
+  f_r        extra time of the non-block layers r holds (embedding on rank 0, the head
+             and loss on rank P-1), forward + backward, per micro-batch
+  g_r        their memory: model states + in-flight activations + the rank's working set
+             (twice its largest op output: gradient in and out) + FSDP's gathered layers
+  k_r        micro-batches whose activations rank r holds at its peak (1F1B: P - r,
+             GPipe: all, interleaved: from the schedule's action list / chunks)
+and per block, for each checkpoint mode c in {none, selective, full}:
+  T_c        forward + backward (+ recomputation) time per micro-batch
+  A_c        activation bytes kept per micro-batch
+  S          model-state bytes (by ZeRO stage; ZeRO-2 adds its gathered copy).
+Decision: n_r >= 1 blocks on rank r (sum_r n_r = L), and on each rank x_r selective
+and y_r fully checkpointed blocks (x_r + y_r <= n_r).
+
+  minimise    max_r  tau_r(n_r)                                    (bottleneck stage)
+  tau_r(n)  = min_{x,y}  f_r + n T_none + x (T_sel - T_none) + y (T_full - T_none)
+  subject to  memory_fits:  g_r + n S + k_r (n A_none - x (A_none - A_sel)
+                                              - y (A_none - A_full)) <= B_r
+              checkpoint_count:  x + y <= n,  x, y >= 0 integers
+
+The inner problem (`_checkpoint_cost`) has two variables and two constraints: its
+optimum lies on a vertex - all savings from selective blocks, all from full blocks, or
+every block checkpointed with the mix that just fits - evaluated in closed form and
+rounded up to whole blocks. tau_r(n) is non-decreasing in n (a block more adds time and
+needs more savings), so the outer problem is solved exactly by bisection over the
+distinct values of the (P x L) table tau: a bottleneck T is feasible iff every rank
+can take at least one block within T and the ranks' largest such n_r sum to >= L
+(`_largest_blocks_within`). Ranks then take their largest n_r in order, leaving at
+least one block for each later rank.
+
+The interleaved schedule keeps Megatron's even split of blocks over virtual stages
+(its chunks must stay balanced round-robin); only checkpointing is chosen per rank.
+A user-pinned checkpoint mode fixes x, y (all selective, all full, or none).
+The estimates here drive the search; `planner.simulate` then prices the chosen split
+exactly, and the search tightens a rank's budget by any excess the simulation finds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cost_models.memory import gathered_param_bytes, model_state_bytes
+from planner.plan import even_stages
+
+MODES = ("none", "selective", "full")
+
+
+@dataclass
+class Partition:
+    stages: list              # [[first_block, end_block), ...] per virtual stage
+    checkpoint: list          # mode per block
+    stage_time_s: list        # estimated forward + backward per micro-batch, per rank
+    stage_memory_bytes: list  # estimated peak allocated per rank
+
+    @property
+    def bottleneck_s(self) -> float:
+        return max(self.stage_time_s)
+
+
+@dataclass
+class _BlockCosts:
+    time_s: dict      # mode -> forward + backward (+ recompute) per micro-batch
+    act_bytes: dict   # mode -> saved activations (+ autocast weight copies) per micro-batch
+    state_bytes: float
+
+
+class StageCosts:
+    """The per-rank data of the formulation, read off a `planner.simulate._Simulation`."""
+
+    def __init__(self, sim, in_flight: list[int]):
+        self.sim, plan = sim, sim.plan
+        self.pp, self.v = plan.pp, plan.interleave
+        self.blocks = sim.traced.blocks
+        self.k = np.array([k / self.v for k in in_flight], dtype=float)
+        self.block = self._block_costs(self.blocks[0])
+        self.f = np.zeros(self.pp)
+        self.g = np.zeros(self.pp)
+        first, last = self.blocks[0], self.blocks[-1]
+        for layer in sim.traced.layers:
+            if layer.kind == "block":
+                continue
+            rank = 0 if layer.index < first else self.pp - 1 if layer.index > last else None
+            if rank is None:
+                continue
+            fwd, bwd, _ = sim.layer_times(layer.index, "none")
+            t = sim.timing(layer.index)
+            self.f[rank] += fwd + bwd
+            self.g[rank] += self._states(t.params_per_gpu) + self.k[rank] * (t.saved_bytes + t.param_copy_bytes)
+        self.g += self._working_bytes() + self._gathered_bytes()
+
+    def _states(self, params: float) -> float:
+        plan = self.sim.plan
+        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        return states.params_bytes + states.grads_bytes + states.optimizer_bytes
+
+    def _block_costs(self, index: int) -> _BlockCosts:
+        sim, plan = self.sim, self.sim.plan
+        t = sim.timing(index)
+        fsdp_mixed = plan.zero >= 2 and plan.precision != "fp32"
+        time_s, act = {}, {}
+        for mode in MODES:
+            fwd, bwd, _ = sim.layer_times(index, mode)
+            time_s[mode] = fwd + bwd
+            copies = 0.0 if fsdp_mixed or mode == "full" else t.param_copy_bytes
+            act[mode] = t.saved_for(mode) + copies
+        state = self._states(t.params_per_gpu)
+        if plan.zero == 2:   # ZeRO-2 keeps each layer gathered from forward to backward
+            state += gathered_param_bytes(2, plan.precision if fsdp_mixed else "fp32", [t.params_per_gpu])
+        return _BlockCosts(time_s, act, state)
+
+    def _working_bytes(self) -> np.ndarray:
+        """The worst moment of a backward walk, beyond the activations still held: a layer's
+        backward needs twice its largest op output (gradient in and out), and a
+        checkpointed block its recomputed activations too. The head and embedding run
+        their backward first and last, when the blocks' recomputation is not live."""
+        sim, tp = self.sim, max(1, self.sim.plan.tp)
+        first, last = self.blocks[0], self.blocks[-1]
+        t = sim.timing(first)
+        block_op = max((op.bytes_written for op in sim.traced.cost_of(first).ops), default=0)
+        working = np.full(self.pp, 2 * block_op / tp + (t.saved_bytes - t.saved_bytes_full))
+        for layer in sim.traced.layers:
+            if layer.kind != "block":
+                rank = 0 if layer.index < first else self.pp - 1 if layer.index > last else 0
+                ops = sim.traced.cost_of(layer.index).ops
+                working[rank] = max(working[rank], 2 * max((op.bytes_written for op in ops), default=0) / tp)
+        return working
+
+    def _gathered_bytes(self) -> float:
+        plan = self.sim.plan
+        if plan.zero != 3:
+            return 0.0
+        return gathered_param_bytes(3, plan.precision, [self.sim.timing(self.blocks[0]).params_per_gpu] * 2)
+
+
+def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinned: str | None):
+    """Least recomputation time (and the x selective, y full counts) fitting n blocks per rank.
+
+    `n` and `budget` broadcast to (ranks, sizes). Infeasible entries get inf time."""
+    b, k = costs.block, costs.k[:, None]
+    g = costs.g[:, None]
+    n = np.broadcast_to(n, np.broadcast_shapes(n.shape, g.shape, np.shape(budget))).astype(float)
+    if pinned is not None:
+        mem = g + n * b.state_bytes + k * n * b.act_bytes[pinned]
+        extra = n * (b.time_s[pinned] - b.time_s["none"])
+        zero = np.zeros_like(n)
+        x, y = (n, zero) if pinned == "selective" else (zero, n) if pinned == "full" else (zero, zero)
+        return np.where(mem <= budget, extra, np.inf), x, y
+    need = g + n * b.state_bytes + k * n * b.act_bytes["none"] - budget   # bytes to save
+    s1 = k * (b.act_bytes["none"] - b.act_bytes["selective"])
+    s2 = k * (b.act_bytes["none"] - b.act_bytes["full"])
+    c1 = b.time_s["selective"] - b.time_s["none"]
+    c2 = b.time_s["full"] - b.time_s["none"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_a = np.where(s1 > 0, np.ceil(np.maximum(need, 0) / s1), np.inf)
+        y_b = np.where(s2 > 0, np.ceil(np.maximum(need, 0) / s2), np.inf)
+        y_c = np.where(s2 > s1, np.ceil((need - n * s1) / (s2 - s1)), np.inf)
+    y_c = np.clip(y_c, 0, None)
+    options = [
+        (np.where(x_a <= n, c1 * x_a, np.inf), x_a, 0 * n),
+        (np.where(y_b <= n, c2 * y_b, np.inf), 0 * n, y_b),
+        (np.where((y_c <= n) & (s1 * (n - y_c) + s2 * y_c >= need), c1 * (n - y_c) + c2 * y_c, np.inf),
+         n - y_c, y_c),
+    ]
+    cost = np.where(need <= 0, 0.0, np.minimum.reduce([o[0] for o in options]))
+    best = np.argmin(np.stack([o[0] for o in options]), axis=0)
+    x = np.choose(best, [np.broadcast_to(o[1], n.shape) for o in options])
+    y = np.choose(best, [np.broadcast_to(o[2], n.shape) for o in options])
+    x, y = np.where(need <= 0, 0, x), np.where(need <= 0, 0, y)
+    return cost, np.nan_to_num(x, posinf=0), np.nan_to_num(y, posinf=0)
+
+
+def _largest_blocks_within(table: np.ndarray, bottleneck_s: float) -> np.ndarray:
+    """Per rank, the most blocks whose time stays within the bottleneck (tau is monotone)."""
+    return (table <= bottleneck_s).sum(axis=1)
+
+
+def partition(costs: StageCosts, budget_bytes, pinned_checkpoint: str | None = None) -> Partition | None:
+    """Best stage split and checkpointing under per-rank budgets; None when nothing fits."""
+    blocks = len(costs.blocks)
+    budget = np.broadcast_to(np.asarray(budget_bytes, dtype=float), (costs.pp,))[:, None]
+    if costs.v > 1 or costs.pp == 1:
+        return _fixed_split(costs, budget, pinned_checkpoint)
+    sizes = np.arange(1, blocks - costs.pp + 2)[None, :]
+    extra, _, _ = _checkpoint_cost(costs, sizes, budget, pinned_checkpoint)
+    table = costs.f[:, None] + sizes * costs.block.time_s["none"] + extra
+    table = np.maximum.accumulate(table, axis=1)   # guard monotonicity against rounding
+    values = np.unique(table[np.isfinite(table)])
+    lo, hi = 0, len(values) - 1
+    if hi < 0 or not _feasible(table, values[hi], blocks):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _feasible(table, values[mid], blocks):
+            hi = mid
+        else:
+            lo = mid + 1
+    counts = _assign(_largest_blocks_within(table, values[lo]), blocks)
+    return _build(costs, counts, budget[:, 0], pinned_checkpoint)
+
+
+def _feasible(table: np.ndarray, bottleneck_s: float, blocks: int) -> bool:
+    most = _largest_blocks_within(table, bottleneck_s)
+    return bool(most.min() >= 1 and most.sum() >= blocks)
+
+
+def _assign(most: np.ndarray, blocks: int) -> list[int]:
+    counts, left = [], blocks
+    ranks = len(most)
+    for r, m in enumerate(most):
+        take = int(min(m, left - (ranks - r - 1)))
+        counts.append(take)
+        left -= take
+    return counts
+
+
+def _fixed_split(costs: StageCosts, budget: np.ndarray, pinned: str | None) -> Partition | None:
+    """Even split over virtual stages (pp == 1 or interleaved): choose checkpointing only."""
+    bounds = even_stages(len(costs.blocks), costs.pp * costs.v)
+    counts = [sum(e - s for c, (s, e) in enumerate(bounds) if c % costs.pp == r) for r in range(costs.pp)]
+    result = _build(costs, counts, budget[:, 0], pinned, bounds)
+    return result if all(np.isfinite(result.stage_time_s)) else None
+
+
+def _build(costs: StageCosts, counts: list[int], budget: np.ndarray, pinned: str | None,
+           bounds: list | None = None) -> Partition:
+    n = np.array(counts, dtype=float)[:, None]
+    extra, x, y = _checkpoint_cost(costs, n, budget[:, None], pinned)
+    x, y = x[:, 0].astype(int), y[:, 0].astype(int)
+    if bounds is None:
+        edges = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        bounds = [[int(edges[r]), int(edges[r + 1])] for r in range(costs.pp)]
+    checkpoint = ["none"] * len(costs.blocks)
+    placed = [0] * costs.pp            # blocks of each rank given a mode so far
+    for c, (s, e) in enumerate(bounds):
+        r = c % costs.pp
+        for block in range(s, e):
+            j = placed[r]
+            checkpoint[block] = "full" if j < y[r] else "selective" if j < y[r] + x[r] else "none"
+            placed[r] += 1
+    b = costs.block
+    times = costs.f + n[:, 0] * b.time_s["none"] + extra[:, 0]
+    memory = (costs.g + n[:, 0] * b.state_bytes + costs.k * (
+        (n[:, 0] - x - y) * b.act_bytes["none"] + x * b.act_bytes["selective"] + y * b.act_bytes["full"]))
+    return Partition(bounds, checkpoint, [float(t) for t in times], [float(m) for m in memory])

@@ -1,0 +1,137 @@
+"""`meshplan plan`: search the best plans for a model on a cluster and show them."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from cost_models import MeshplanError, parse_cluster
+from cost_models.units import GB, GIB
+
+PIN_FLAGS = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "precision",
+             "sequence_parallel", "offload_optimizer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset name, config .json, or file.py:factory")
+    p.add_argument("--cluster", required=True, help="GPU:NODESxGPUS, a named system, or a .yaml/.json file")
+    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--top", type=int, default=5, help="how many plans to list (default 5)")
+    pins = p.add_argument_group("pin a dimension (the search fills in the rest)")
+    for flag in ("dp", "tp", "pp", "zero", "micro-batch", "interleave"):
+        pins.add_argument(f"--{flag}", type=int)
+    pins.add_argument("--checkpoint", choices=["none", "selective", "full"],
+                      help="the same mode for every layer (default: chosen per layer)")
+    pins.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
+    pins.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                      help="default: bf16 (fp16 on GPUs without bf16); fp32 is never faster")
+    pins.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    pins.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor parallelism to span nodes")
+    p.add_argument("--reserve", type=float, help="GB of each GPU kept free beyond the CUDA context "
+                                                 "(default 3%% of the GPU's memory)")
+    p.add_argument("--calibration", help="a calibration JSON from `meshplan profile` for the cluster's GPU")
+    p.add_argument("--json", action="store_true", help='print {"plans": [...], "search": {...}}')
+    p.add_argument("--out", help="write the best plan as JSON (for `simulate --plan` and `train --plan`)")
+    p.add_argument("--force", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--explain", action="store_true", help="why the winner wins and why the rest lost")
+    p.add_argument("--plot", help="write the top plans' step time and memory side by side (.png)")
+
+
+def run(args) -> int:
+    from planner.search import plan
+    from planner.zoo import load_model
+    _check_outputs(args)
+    spec = load_model(args.model)
+    cluster = parse_cluster(args.cluster)
+    pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
+    if "precision" not in pinned:
+        pinned["precision"] = "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16"
+    compute = comm = None
+    if args.calibration:
+        from cost_models.calibration import Calibration
+        from cost_models.comm import CommModel
+        from cost_models.compute import ComputeModel
+        calibration = Calibration.load(args.calibration)
+        compute, comm = ComputeModel(cluster.gpu, calibration), CommModel(cluster, calibration)
+    reserve = None if args.reserve is None else args.reserve * GB
+    plans = plan(spec, cluster, args.global_batch, args.seq, top_k=args.top, compute=compute, comm=comm,
+                 reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **pinned)
+    if args.out:
+        best = plans[0]
+        best.save(args.out, overwrite=args.force)
+    if args.plot:
+        from planner.plots import plans_png
+        plans_png(plans, args.plot, title=f"{spec.name} on {cluster.name}")
+    if args.json:
+        print(json.dumps(plans_json(plans)))
+    else:
+        _print_table(plans, spec.name, cluster)
+    if args.explain and not args.json:
+        from planner.explain import explain
+        for line in explain(plans):
+            print(line)
+    return 0
+
+
+def _check_outputs(args) -> None:
+    """Fail before searching, so a long search never ends in 'cannot write'."""
+    if args.top < 1:
+        raise MeshplanError(f"--top must be >= 1, got {args.top}")
+    for path, may_replace in ((args.out, args.force), (args.plot, False)):
+        if not path:
+            continue
+        target = Path(path)
+        if target.exists() and not may_replace:
+            raise MeshplanError(f"{path!r} already exists: choose another path"
+                                + (" or pass --force" if path == args.out else ""))
+        if not target.parent.is_dir():
+            raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
+
+
+def plans_json(plans) -> dict:
+    out = []
+    for p in plans:
+        data = p.to_dict()
+        data["result"] = p.result.to_dict()
+        out.append(data)
+    search = plans.stats.to_dict()
+    search.update(budget_bytes=plans.budget_bytes, capacity_bytes=plans.capacity_bytes,
+                  reserve_bytes=plans.reserve_bytes)
+    return {"plans": out, "search": search}
+
+
+def _checkpoint_summary(p) -> str:
+    if not p.checkpoint:
+        return "none"
+    counts = {m: p.checkpoint.count(m) for m in ("full", "selective") if p.checkpoint.count(m)}
+    return ", ".join(f"{n} {m}" for m, n in counts.items()) or "none"
+
+
+def _print_table(plans, model_name: str, cluster) -> None:
+    console = Console(width=200)
+    table = Table(title=f"{model_name} on {cluster.name}: best {len(plans)} plans "
+                        f"(memory budget {plans.budget_bytes / GIB:.1f} GiB per GPU)")
+    for col in ("#", "dp", "tp", "pp", "zero", "mb x acc", "schedule", "stages (blocks)", "checkpointed",
+                "step s", "tokens/s", "MFU", "peak GiB"):
+        table.add_column(col, justify="right")
+    for i, p in enumerate(plans, 1):
+        r = p.result
+        schedule = p.schedule + (f" x{p.interleave}" if p.interleave > 1 else "")
+        schedule += " +sp" if p.sequence_parallel else ""
+        schedule += " +offload" if p.offload_optimizer else ""
+        sizes = [e - s for s, e in p.stages]
+        split = "/".join(map(str, sizes)) if len(sizes) <= 8 else f"{min(sizes)}-{max(sizes)} x{len(sizes)}"
+        table.add_row(str(i), str(p.dp), str(p.tp), str(p.pp), str(p.zero), f"{p.micro_batch} x {p.grad_accum}",
+                      schedule, split, _checkpoint_summary(p), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
+                      f"{100 * r.mfu:.1f}%",
+                      f"{r.worst_stage.peak_reserved_bytes / GIB:.1f}/{r.capacity_bytes / GIB:.1f}")
+    console.print(table)
+    s = plans.stats
+    console.print(f"searched {s.candidates} candidates in {s.search_s:.2f} s: {s.pruned_model_states} pruned "
+                  f"(model states), {s.pruned_dominated} dominated, {s.pruned_bound} bounded out, "
+                  f"{s.no_partition} without a fitting split, {s.partitioned} partitioned, {s.simulated} simulated")

@@ -1,0 +1,461 @@
+"""plan(): search data/tensor/pipeline/ZeRO/checkpoint/micro-batch plans and rank them.
+
+The search, in order of cost:
+1. Families: every dp x tp x pp that multiplies to the cluster size, tp inside a node
+   (unless allowed across nodes) and dividing the model's heads and widths, pp at most
+   the model's blocks, dp dividing the global batch; then ZeRO 0-3 (ZeRO-1 only without
+   tp, which the runtime's ZeroRedundancyOptimizer path cannot combine with DTensor),
+   CPU optimizer offload (ZeRO 2/3), micro-batch sizes, sequence parallelism with tp,
+   schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
+   activations in flight, so it is pruned as dominated unless pinned) and precision.
+   Pinned dimensions take one value.
+2. Memory prune: a family whose model states alone (parameters, gradients, optimizer
+   state of an even share of the model) overflow the budget is dropped with its size.
+3. Bound: each candidate's lower bound is its busiest rank's compute with no bubble,
+   no recomputation and no communication; candidates are visited by that bound and the
+   walk stops when the bound passes the k-th best estimate (plus the estimate's margin).
+4. Stage partition + checkpointing per candidate: `planner.partition` (exact bottleneck
+   search under per-rank memory budgets), giving an estimated step time.
+5. The best estimates are simulated (`planner.simulate`, the event simulation of the
+   schedule); a plan whose simulated peak exceeds the budget gets that rank's budget
+   tightened by the excess and is partitioned again (up to `REFIT_ROUNDS` times).
+Plans are ranked by simulated step time. Every number a plan reports is `simulate()`'s.
+
+Memory budget: simulate()'s capacity (device memory minus the CUDA context) minus
+`reserve_bytes` (default `MEMORY_RESERVE_FRACTION` of the device memory). No returned
+plan's predicted peak reserved memory exceeds it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from cost_models.cluster import ClusterSpec, parse_cluster
+from cost_models.comm import CommModel
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from cost_models.memory import model_state_bytes
+from planner.partition import StageCosts, partition
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
+from planner.schedule import in_flight_counts
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, _model_key, _trace_cached, prepare
+from planner.zoo import ModelSpec, load_model
+
+# Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
+# 1.3 % (benchmarks/accuracy.py), the worst case 3.4 %; 3 % of the device is the default.
+MEMORY_RESERVE_FRACTION = 0.03
+MICRO_BATCH_CHOICES = (1, 2, 4, 8)   # searched when divisible; a pinned value may be any
+INTERLEAVE_CHOICES = (2, 4)
+# How far the partition's closed-form estimate may fall below the simulated time before
+# a candidate is no longer worth simulating (its median error on the benchmark families
+# is a few %; generous, since a missed plan costs more than a simulation).
+ESTIMATE_MARGIN = 0.05
+MAX_SIMULATIONS = 40
+REFIT_ROUNDS = 3
+SLACK_FRACTION = 0.005
+PINNABLE = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
+            "sequence_parallel", "offload_optimizer", "precision")
+
+
+@dataclass
+class SearchStats:
+    families: int = 0                 # dp x tp x pp
+    candidates: int = 0               # full configurations enumerated
+    pruned_model_states: int = 0      # model states alone overflow
+    pruned_dominated: int = 0         # gpipe (1F1B is as fast with less memory)
+    pruned_bound: int = 0             # lower bound above the k-th best estimate
+    no_partition: int = 0             # no split and checkpointing fits memory
+    partitioned: int = 0
+    simulated: int = 0
+    rejected_by_simulation: int = 0   # still over budget after refitting
+    tp_ilp_solves: int = 0
+    tp_ilp_s: float = 0.0
+    trace_s: float = 0.0
+    search_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Rejection:
+    family: str        # e.g. "tp8 pp4 dp32"
+    reason: str        # "model states", "memory", "bound", "slower"
+    detail: str
+    need_bytes: float = 0.0
+
+
+class RankedPlans(list):
+    """Plans best first; each has `.result` (its SimResult). Search facts ride along."""
+
+    def __init__(self, plans, stats: SearchStats, rejections: list, budget_bytes: float,
+                 capacity_bytes: float, reserve_bytes: float):
+        super().__init__(plans)
+        self.stats, self.rejections = stats, rejections
+        self.budget_bytes, self.capacity_bytes, self.reserve_bytes = budget_bytes, capacity_bytes, reserve_bytes
+
+
+@dataclass
+class _Candidate:
+    plan: Plan
+    lower_bound_s: float
+    estimate_s: float = float("inf")
+    budgets: list = field(default_factory=list)
+    stage_memory_bytes: list = field(default_factory=list)   # the partition's estimate per rank
+
+
+def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "bf16", top_k: int = 5,
+         compute: ComputeModel | None = None, comm: CommModel | None = None,
+         reserve_bytes: float | None = None, tp_across_nodes: bool = False, **pinned) -> RankedPlans:
+    """The `top_k` best plans (each with `.result`), best first.
+
+    Any of PINNABLE may be given to fix that dimension (`precision=None` searches it).
+    Raises MeshplanError when nothing fits, naming the memory the leanest plan needs and
+    how many GPUs would hold it.
+    """
+    start = time.perf_counter()
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
+    if precision is not None:
+        pinned["precision"] = precision
+    _check_pinned(pinned, top_k, global_batch, seq)
+    search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned)
+    plans = search.run(top_k)
+    search.stats.search_s = time.perf_counter() - start
+    return RankedPlans(plans, search.stats, search.rejections, search.budget_bytes,
+                       search.capacity_bytes, search.reserve_bytes)
+
+
+def _check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
+    unknown = sorted(set(pinned) - set(PINNABLE))
+    if unknown:
+        raise MeshplanError(f"cannot pin {unknown}; pinnable: {', '.join(PINNABLE)}")
+    for name, value in (("top_k", top_k), ("global_batch", global_batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MeshplanError(f"{name} must be a whole number >= 1, got {value!r}")
+    choices = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
+               "zero": (0, 1, 2, 3)}
+    for name, allowed in choices.items():
+        if name in pinned and pinned[name] not in allowed:
+            raise MeshplanError(f"{name} {pinned[name]!r} is unknown; use one of {', '.join(map(str, allowed))}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class _Search:
+    def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned):
+        self.spec, self.cluster = spec, cluster
+        self.global_batch, self.seq, self.pinned = global_batch, seq, pinned
+        self.tp_across_nodes = tp_across_nodes
+        self.compute = compute or ComputeModel(cluster.gpu)
+        self.comm = comm or CommModel(cluster)
+        self.stats = SearchStats()
+        self.rejections: list[Rejection] = []
+        self.capacity_bytes = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
+        self.reserve_bytes = (MEMORY_RESERVE_FRACTION * cluster.gpu.memory_bytes
+                              if reserve_bytes is None else float(reserve_bytes))
+        self.budget_bytes = self.capacity_bytes - self.reserve_bytes
+        if self.budget_bytes <= 0:
+            raise MeshplanError(f"the memory reserve ({self.reserve_bytes / 1e9:.1f} GB) leaves nothing of "
+                                f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
+        self._sims = {}
+
+    # -- enumeration ------------------------------------------------------------------------
+    def values(self, name: str, default):
+        return [self.pinned[name]] if name in self.pinned else list(default)
+
+    def families(self) -> list[tuple[int, int, int]]:
+        world, gpn = self.cluster.world_size, self.cluster.gpus_per_node
+        cfg = self.spec.config
+        blocks = cfg.layers if cfg else None
+        out = []
+        for tp in self.values("tp", _divisors(world)):
+            if world % tp:
+                continue
+            if tp > gpn and not self.tp_across_nodes:
+                continue
+            if tp > 1 and (cfg is None or any(v % tp for v in (cfg.heads, cfg.kv_heads, cfg.ffn, cfg.hidden))):
+                continue
+            for pp in self.values("pp", _divisors(world // tp)):
+                if (world // tp) % pp or (blocks is not None and pp > blocks):
+                    continue
+                dp = world // (tp * pp)
+                if "dp" in self.pinned and dp != self.pinned["dp"]:
+                    continue
+                if self.global_batch % dp == 0:
+                    out.append((dp, tp, pp))
+        if not out:
+            raise MeshplanError(self._no_family_message())
+        return out
+
+    def _no_family_message(self) -> str:
+        world = self.cluster.world_size
+        pins = ", ".join(f"{k}={self.pinned[k]}" for k in ("dp", "tp", "pp") if k in self.pinned)
+        return (f"no dp x tp x pp = {world} devices fits the model and global batch {self.global_batch}"
+                + (f" with {pins}" if pins else "") + ": choose degrees whose product is the cluster size, "
+                "tp dividing the heads (inside a node), and dp dividing the global batch")
+
+    def candidates(self, dp, tp, pp) -> list[Plan]:
+        per_rank = self.global_batch // dp
+        out = []
+        for precision in self.values("precision", ("bf16",)):
+            for mb in self.values("micro_batch", [m for m in MICRO_BATCH_CHOICES if per_rank % m == 0]):
+                if per_rank % mb:
+                    continue
+                m = per_rank // mb
+                for zero in self.values("zero", (0, 1, 2, 3) if dp > 1 else (0,)):
+                    if zero == 1 and tp > 1 and "zero" not in self.pinned:
+                        continue
+                    for offload in self.values("offload_optimizer", (False, True) if zero >= 2 else (False,)):
+                        for sp in self.values("sequence_parallel", (False, True) if tp > 1 else (False,)):
+                            for schedule, v in self._schedules(pp, m):
+                                out.append(Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb,
+                                                global_batch=self.global_batch, seq=self.seq, precision=precision,
+                                                schedule=schedule, interleave=v, sequence_parallel=sp,
+                                                offload_optimizer=offload, model=self.spec.name,
+                                                cluster=self.cluster.name))
+        return out
+
+    def _schedules(self, pp: int, micro_batches: int):
+        blocks = self.spec.config.layers if self.spec.config else None
+        schedules = self.values("schedule", ("1f1b", "gpipe", "interleaved") if pp > 1 else ("1f1b",))
+        for schedule in schedules:
+            if schedule == "gpipe" and "schedule" not in self.pinned:
+                self.stats.pruned_dominated += 1
+                continue
+            if schedule != "interleaved":
+                yield schedule, 1
+                continue
+            if pp < 2 or micro_batches % pp:
+                continue
+            for v in self.values("interleave", INTERLEAVE_CHOICES):
+                if v >= 2 and (blocks is None or pp * v <= blocks):
+                    yield schedule, v
+
+    # -- pricing -------------------------------------------------------------------------------
+    def simulation(self, plan: Plan):
+        started = time.perf_counter()
+        sim = prepare(plan, self.spec, self.cluster, self.compute, self.comm)
+        self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
+        self._sims[(plan.micro_batch, plan.precision)] = True
+        return sim
+
+    def states_floor_bytes(self, plan: Plan) -> float:
+        """Model states of an even 1/(tp*pp) share of the parameters: no rank holds less."""
+        params = self.param_count() / (plan.tp * plan.pp)
+        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        return (states.params_bytes + states.grads_bytes + states.optimizer_bytes) * ALLOCATOR_RESERVED_RATIO
+
+    def host_floor_bytes(self, plan: Plan) -> float:
+        if not plan.offload_optimizer:
+            return 0.0
+        params = self.param_count() / (plan.tp * plan.pp)
+        return model_state_bytes(params, plan.precision, plan.zero, plan.dp, True).host_bytes
+
+    def param_count(self) -> float:
+        if not hasattr(self, "_param_count"):
+            precision = self.values("precision", ("bf16",))[0]
+            self._param_count = float(_trace_cached(_model_key(self.spec), 1, self.seq, precision).param_count)
+        return self._param_count
+
+    def lower_bound_s(self, sim) -> float:
+        """The busiest rank's compute, perfectly balanced, without bubble or recomputation."""
+        plan = sim.plan
+        counts = {}
+        for layer in sim.traced.layers:
+            first, n = counts.get(layer.signature, (layer.index, 0))
+            counts[layer.signature] = (first, n + 1)
+        total = sum(n * sum(sim.layer_times(first, "none")[:2]) for first, n in counts.values())
+        return plan.grad_accum * total / plan.pp
+
+    def estimate(self, cand: _Candidate):
+        """Partition + checkpoint the candidate; its estimated step time (inf: nothing fits)."""
+        plan = cand.plan
+        sim = self.simulation(plan)
+        costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave))
+        pinned = self.pinned.get("checkpoint")
+        budgets = cand.budgets or [self.budget_bytes / ALLOCATOR_RESERVED_RATIO] * plan.pp
+        cand.budgets = budgets
+        split = partition(costs, budgets, pinned)
+        if split is None:
+            return None
+        cand.plan = replace(plan, stages=split.stages, checkpoint=split.checkpoint)
+        cand.stage_memory_bytes = split.stage_memory_bytes
+        m, v = plan.grad_accum, plan.interleave
+        bottleneck = split.bottleneck_s
+        bubble = (plan.pp - 1) * bottleneck / v
+        params = max(sum(sim.timing(i).params_per_gpu for i in sim.traced.blocks) / plan.pp, 1.0)
+        cand.estimate_s = m * bottleneck + bubble + sim.optimizer_s(params) + sim.dp_tail_s(params, bottleneck)
+        return split
+
+    # -- the walk ------------------------------------------------------------------------------
+    def run(self, top_k: int) -> list[Plan]:
+        families = self.families()
+        self.stats.families = len(families)
+        pool = []
+        for dp, tp, pp in families:
+            for p in self.candidates(dp, tp, pp):
+                self.stats.candidates += 1
+                floor = self.states_floor_bytes(p)
+                host = self.host_floor_bytes(p)
+                if host > self.cluster.host_memory_bytes_per_gpu:
+                    self.stats.pruned_model_states += 1
+                    self._reject(p, "model states", f"offloaded states need {host / 1e9:.0f} GB of CPU memory per "
+                                 f"GPU > {self.cluster.host_memory_bytes_per_gpu / 1e9:.0f} GB")
+                    continue
+                if floor > self.budget_bytes:
+                    self.stats.pruned_model_states += 1
+                    self._reject(p, "model states", f"model states alone need {floor / 1e9:.1f} GB per GPU "
+                                 f"> {self.budget_bytes / 1e9:.1f} GB budget", floor)
+                    continue
+                pool.append(p)
+        if not pool:
+            raise MeshplanError(self.nothing_fits())
+        bounded = sorted((_Candidate(p, self.lower_bound_s(self.simulation(p))) for p in pool),
+                         key=lambda c: c.lower_bound_s)
+        estimated = self._estimate_all(bounded, top_k)
+        plans = self._simulate_best(estimated, top_k)
+        if not plans:
+            raise MeshplanError(self.nothing_fits())
+        return plans
+
+    def _estimate_all(self, bounded: list[_Candidate], top_k: int) -> list[_Candidate]:
+        done = []
+        kth = float("inf")
+        for i, cand in enumerate(bounded):
+            if cand.lower_bound_s > kth * (1 + ESTIMATE_MARGIN):
+                self.stats.pruned_bound += len(bounded) - i
+                for rest in bounded[i:]:
+                    self._reject(rest.plan, "bound", f"even with no bubble its compute alone takes "
+                                 f"{rest.lower_bound_s:.3g} s > {kth:.3g} s")
+                break
+            split = self.estimate(cand)
+            if split is None:
+                self.stats.no_partition += 1
+                self._reject(cand.plan, "memory", "no stage split and checkpointing fits the budget")
+                continue
+            self.stats.partitioned += 1
+            done.append(cand)
+            best = sorted(c.estimate_s for c in done)
+            kth = best[min(top_k, len(best)) - 1]
+        return sorted(done, key=lambda c: c.estimate_s)
+
+    def _simulate_best(self, estimated: list[_Candidate], top_k: int) -> list[Plan]:
+        ranked = []
+        for cand in estimated:
+            kth = sorted(p.result.step_time_s for p in ranked)[top_k - 1] if len(ranked) >= top_k else float("inf")
+            if cand.estimate_s > kth * (1 + ESTIMATE_MARGIN) or self.stats.simulated >= MAX_SIMULATIONS:
+                self._reject(cand.plan, "slower", f"estimated {cand.estimate_s:.3g} s per step")
+                continue
+            plan = self._fit(cand)
+            if plan is not None:
+                ranked.append(plan)
+        ranked.sort(key=lambda p: p.result.step_time_s)
+        for p in ranked[top_k:]:
+            self._reject(p, "slower", f"simulated {p.result.step_time_s:.3g} s per step")
+        return ranked[:top_k]
+
+    def _fit(self, cand: _Candidate) -> Plan | None:
+        """Simulate; move each rank's budget by the simulated excess (or slack) and re-partition.
+
+        The partition's memory model is close to simulate()'s but not equal: a rank over the
+        budget gets its budget tightened by the excess; a fitting plan that recomputes with
+        memory to spare gets one round with the slack given back, kept if it still fits."""
+        best = None
+        for _ in range(REFIT_ROUNDS + 1):
+            plan = self._with_layout(cand.plan)
+            result = prepare(plan, self.spec, self.cluster, self.compute, self.comm).run()
+            self.stats.simulated += 1
+            over = [s.peak_reserved_bytes - self.budget_bytes for s in result.stages]
+            if max(over) <= 0 and result.fits:
+                improved = best is None or result.step_time_s < best.result.step_time_s
+                if improved:
+                    plan.result, best = result, plan
+                if not improved or not self._has_slack(plan, over):
+                    return best
+            # in the partition's own units: its estimate of this split, moved by what simulate found
+            cand.budgets = [m - o / ALLOCATOR_RESERVED_RATIO - (1 << 20)
+                            for m, o in zip(cand.stage_memory_bytes, over)]
+            cand.plan = replace(cand.plan, stages=[], checkpoint=[])
+            if self.estimate(cand) is None:
+                break
+        if best is not None:
+            return best
+        self.stats.rejected_by_simulation += 1
+        self._reject(cand.plan, "memory", f"simulated peak {max(s.peak_reserved_bytes for s in result.stages) / 1e9:.1f}"
+                     f" GB > {self.budget_bytes / 1e9:.1f} GB budget after {REFIT_ROUNDS} refits")
+        return None
+
+    def _has_slack(self, plan: Plan, over: list) -> bool:
+        """Recomputes while some rank has more than SLACK_FRACTION of the budget to spare."""
+        recomputes = any(m != "none" for m in plan.checkpoint)
+        return recomputes and "checkpoint" not in self.pinned and min(over) < -SLACK_FRACTION * self.budget_bytes
+
+    def _with_layout(self, plan: Plan) -> Plan:
+        return replace(plan)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0):
+        self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes))
+
+    def nothing_fits(self) -> str:
+        leanest = self.leanest_bytes(self.cluster)
+        gpus = self.gpus_to_fit()
+        more = (f"about {gpus} GPUs ({gpus // self.cluster.gpus_per_node} nodes of {self.cluster.gpus_per_node}) "
+                f"would hold it" if gpus else "more GPUs alone would not hold it: use GPUs with more memory")
+        return (f"nothing fits: the leanest plan needs {leanest / 1e9:.1f} GB per GPU but "
+                f"{self.cluster.gpu.display_name} leaves {self.budget_bytes / 1e9:.1f} GB "
+                f"(after a {self.reserve_bytes / 1e9:.1f} GB reserve); {more}")
+
+    def leanest_bytes(self, cluster: ClusterSpec, simulated: bool = True) -> float:
+        """Peak reserved memory per GPU of the leanest plan on `cluster`: ZeRO-3 (with
+        optimizer offload where the host memory holds it), micro-batch 1, every block fully
+        checkpointed, evenly split, sequence parallel with tp, over every dp x tp x pp.
+        `simulated`: priced by simulate() (else by the partition model, for a quick scan)."""
+        search = self if cluster is self.cluster else _Search(
+            self.spec, cluster, self.global_batch, self.seq, self.compute, None, self.reserve_bytes,
+            self.tp_across_nodes, {k: v for k, v in self.pinned.items() if k not in ("dp", "pp")})
+        best = float("inf")
+        precision = self.values("precision", ("bf16",))[0]
+        for dp, tp, pp in search.families():
+            lean = Plan(dp=dp, tp=tp, pp=pp, zero=3 if dp > 1 else 0, micro_batch=1,
+                        global_batch=self.global_batch, seq=self.seq, precision=precision,
+                        sequence_parallel=tp > 1, offload_optimizer=dp > 1)
+            if search.host_floor_bytes(lean) > cluster.host_memory_bytes_per_gpu:
+                lean = replace(lean, offload_optimizer=False)
+            sim = prepare(lean, self.spec, cluster, search.compute, search.comm)
+            if simulated:
+                result = replace(lean, checkpoint=["full"] * len(sim.traced.blocks))
+                peak = max(s.peak_reserved_bytes for s in
+                           prepare(result, self.spec, cluster, search.compute, search.comm).run().stages)
+            else:
+                split = partition(StageCosts(sim, in_flight_counts("1f1b", pp, lean.grad_accum)),
+                                  float("inf"), "full")
+                peak = max(split.stage_memory_bytes) * ALLOCATOR_RESERVED_RATIO
+            best = min(best, peak)
+        return best
+
+    def gpus_to_fit(self) -> int | None:
+        """The smallest cluster of this node type (doubling the nodes) whose leanest plan fits."""
+        for doublings in range(1, 13):
+            bigger = replace(self.cluster, nodes=self.cluster.nodes * 2 ** doublings)
+            try:
+                if (self.leanest_bytes(bigger, simulated=False) <= self.budget_bytes
+                        and self.leanest_bytes(bigger) <= self.budget_bytes):
+                    return bigger.world_size
+            except MeshplanError:
+                continue
+        return None
+
+
+def describe_family(plan: Plan) -> str:
+    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
+    if plan.interleave > 1:
+        text += f"x{plan.interleave}"
+    if plan.sequence_parallel:
+        text += " sp"
+    if plan.offload_optimizer:
+        text += " offload"
+    return text

@@ -1,0 +1,111 @@
+"""plan(): ranked plans that fit, honour pins, match simulate(), and beat a brute force."""
+import itertools
+
+import pytest
+
+from cost_models import MeshplanError
+from cost_models.cluster import parse_cluster
+from planner.plan import Plan
+from planner.search import plan
+from planner.simulate import simulate
+
+MODEL, CLUSTER = "gpt3-350m", "a100-sxm-80gb:1x8"
+
+
+@pytest.fixture(scope="module")
+def ranked():
+    return plan(MODEL, CLUSTER, global_batch=32, seq=1024, top_k=4)
+
+
+def test_plans_are_ranked_fit_the_budget_and_are_what_simulate_says(ranked):
+    assert 1 <= len(ranked) <= 4
+    times = [p.result.step_time_s for p in ranked]
+    assert times == sorted(times)
+    for p in ranked:
+        assert p.world_size == 8 and p.global_batch == 32 and p.seq == 1024
+        assert all(s.peak_reserved_bytes <= ranked.budget_bytes for s in p.result.stages)
+        assert ranked.budget_bytes == pytest.approx(ranked.capacity_bytes - ranked.reserve_bytes)
+        again = simulate(Plan.from_dict(p.to_dict()), MODEL, CLUSTER)
+        assert again.step_time_s == pytest.approx(p.result.step_time_s, rel=1e-12)
+
+
+def test_search_statistics_account_for_every_candidate(ranked):
+    s = ranked.stats
+    assert s.candidates == s.pruned_model_states + s.pruned_bound + s.no_partition + s.partitioned
+    assert 0 < s.simulated and s.search_s > 0 and s.families >= 4
+
+
+def test_pinned_dimensions_are_kept():
+    pinned = plan(MODEL, CLUSTER, 32, 1024, top_k=3, tp=2, pp=2, checkpoint="full", schedule="1f1b")
+    for p in pinned:
+        assert (p.tp, p.pp, p.dp, p.schedule) == (2, 2, 2, "1f1b")
+        assert p.checkpoint == ["full"] * 24
+
+
+def test_search_is_at_least_as_good_as_brute_force_over_uniform_plans():
+    """Every dp x tp x pp x zero x micro-batch x uniform checkpoint, simulated: the planner's
+    best (which also chooses stage splits and per-layer checkpointing) is no slower."""
+    model, cluster, gb, seq = "gpt3-125m", "a10:1x4", 16, 1024
+    best = plan(model, cluster, gb, seq, top_k=1)[0]
+    budget = plan(model, cluster, gb, seq, top_k=1).budget_bytes
+    fastest = float("inf")
+    for tp, pp in itertools.product((1, 2, 4), (1, 2, 4)):
+        if 4 % (tp * pp):
+            continue
+        dp = 4 // (tp * pp)
+        for zero, mb, mode in itertools.product((0, 1, 2, 3), (1, 2, 4), ("none", "selective", "full")):
+            if gb % (dp * mb) or (zero and dp == 1) or (zero == 1 and tp > 1):
+                continue
+            candidate = Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb, global_batch=gb, seq=seq,
+                             checkpoint=[mode] * 12)
+            result = simulate(candidate, model, cluster)
+            if max(s.peak_reserved_bytes for s in result.stages) <= budget:
+                fastest = min(fastest, result.step_time_s)
+    assert fastest < float("inf")
+    assert best.result.step_time_s <= fastest * (1 + 1e-9)
+
+
+def test_memory_pressure_makes_the_planner_checkpoint_only_what_it_must():
+    roomy = plan("gpt3-1.3b", "a100-sxm-80gb:1x8", 64, 2048, top_k=1, tp=1, pp=1, zero=3, micro_batch=8)[0]
+    tight = plan("gpt3-1.3b", "a10:1x8", 64, 2048, top_k=1, tp=1, pp=1, zero=3, micro_batch=8)[0]
+    assert roomy.checkpoint.count("none") == 24 or not roomy.checkpoint
+    recomputed = sum(m != "none" for m in tight.checkpoint)
+    assert 0 < recomputed
+    budget = plan("gpt3-1.3b", "a10:1x8", 64, 2048, top_k=1, tp=1, pp=1, zero=3, micro_batch=8).budget_bytes
+    assert tight.result.worst_stage.peak_reserved_bytes <= budget
+    # one checkpointed block fewer would not fit: only what memory needs is recomputed
+    lighter = list(tight.checkpoint)
+    first = next(i for i, m in enumerate(lighter) if m != "none")
+    lighter[first] = "selective" if lighter[first] == "full" else "none"
+    again = simulate(Plan.from_dict({**tight.to_dict(), "checkpoint": lighter}), "gpt3-1.3b", "a10:1x8")
+    assert again.worst_stage.peak_reserved_bytes > budget
+
+
+def test_a_larger_reserve_is_honoured():
+    reserve = 10e9
+    plans = plan("gpt3-1.3b", "a10:1x8", 64, 2048, top_k=2, reserve_bytes=reserve)
+    capacity = plans.capacity_bytes
+    for p in plans:
+        assert p.result.worst_stage.peak_reserved_bytes <= capacity - reserve
+
+
+def test_nothing_fits_names_the_memory_needed_and_the_gpus_that_would_hold_it():
+    with pytest.raises(MeshplanError) as err:
+        plan("gpt3-6.7b", "a10:1x1", 16, 2048)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("nothing fits")
+    assert "GB per GPU" in message and "GPUs" in message
+    gpus = int(message.split("about ")[1].split(" GPUs")[0])
+    found = plan("gpt3-6.7b", f"a10:{gpus}x1", 16, 2048, top_k=1)
+    assert found and found[0].world_size == gpus
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(tp=3), "no dp x tp x pp"),
+    (dict(zero=5), "zero 5"),
+    (dict(checkpoint="some"), "checkpoint 'some'"),
+    (dict(unknown_knob=1), "cannot pin"),
+])
+def test_bad_constraints_are_one_line_errors(kwargs, words):
+    with pytest.raises(MeshplanError, match=words):
+        plan(MODEL, CLUSTER, 32, 1024, **kwargs)
