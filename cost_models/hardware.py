@@ -129,8 +129,9 @@ _CATALOGUE = [
          896, 64, 750, 6.00, 400, aliases=("mi300x-192gb",), source=_SPECS + " (MI300X)"),
     # A CPU "device" so plans run on gloo ranks in tests and demos. Rough figures for a
     # small cloud VM (2 cores with AVX2, 4 GiB per rank); calibrate with `meshplan profile` before trusting them.
+    # bf16 and fp16 run (emulated, slower than fp32) under CPU autocast.
     _gpu("cpu", "CPU (gloo ranks)", "generic",
-         dict(fp32=0.1, bf16=0.05), 4 * GIB, 20, 0, 10, 65, 0.05, 10,
+         dict(fp32=0.1, bf16=0.05, fp16=0.05), 4 * GIB, 20, 0, 10, 65, 0.05, 10,
          source="assumed small-VM figures, not a datasheet"),
 ]
 

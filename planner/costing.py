@@ -70,8 +70,8 @@ def _module_name(op: OpInfo) -> str:
 def linear_style(op: OpInfo, tp_layout: dict) -> str:
     """colwise | rowwise | replicate for a linear op, from the plan's layout or Megatron's."""
     name = _module_name(op)
-    if name in tp_layout:
-        return tp_layout[name]
+    if name in tp_layout:   # a vocabulary-parallel head splits its output features
+        return "colwise" if tp_layout[name] == "vocab" else tp_layout[name]
     if name in COLWISE:
         return "colwise"
     if name in ROWWISE:
@@ -155,7 +155,8 @@ class LayerCoster:
             args = (b, heads, sq, skv, d, precision, bool(causal))
             return (self.compute.attention_time_s(*args),
                     self.compute.attention_time_s(*args, backward=True), 1.0)
-        vocab_parallel = kind == "embedding" and _module_name(op) in VOCAB
+        vocab_parallel = (kind == "embedding" and _module_name(op) in VOCAB
+                          and layout.get(_module_name(op), "vocab") == "vocab")
         share = 1.0 / tp if vocab_parallel or self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))

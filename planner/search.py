@@ -39,6 +39,7 @@ from planner.partition import StageCosts, partition
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.schedule import in_flight_counts
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, _model_key, _trace_cached, prepare
+from planner.tp_ilp import layouts_for
 from planner.zoo import ModelSpec, load_model
 
 # Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
@@ -49,7 +50,7 @@ INTERLEAVE_CHOICES = (2, 4)
 # How far the partition's closed-form estimate may fall below the simulated time before
 # a candidate is no longer worth simulating (its median error on the benchmark families
 # is a few %; generous, since a missed plan costs more than a simulation).
-ESTIMATE_MARGIN = 0.05
+ESTIMATE_MARGIN = 0.03
 MAX_SIMULATIONS = 40
 REFIT_ROUNDS = 3
 SLACK_FRACTION = 0.005
@@ -161,6 +162,7 @@ class _Search:
             raise MeshplanError(f"the memory reserve ({self.reserve_bytes / 1e9:.1f} GB) leaves nothing of "
                                 f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
         self._sims = {}
+        self._layouts = {}
 
     # -- enumeration ------------------------------------------------------------------------
     def values(self, name: str, default):
@@ -394,7 +396,20 @@ class _Search:
         return recomputes and "checkpoint" not in self.pinned and min(over) < -SLACK_FRACTION * self.budget_bytes
 
     def _with_layout(self, plan: Plan) -> Plan:
-        return replace(plan)
+        """The plan with the TP-layout ILP's layout (solved once per block signature and
+        (micro-batch, precision, tp, sp)); embedding and head vocabulary-parallel."""
+        if plan.tp == 1 or self.spec.config is None:
+            return replace(plan)
+        key = (plan.micro_batch, plan.precision, plan.tp, plan.sequence_parallel)
+        if key not in self._layouts:
+            sim = self.simulation(plan)
+            started = time.perf_counter()
+            blocks = layouts_for(sim.traced, self.compute, self.comm, sim.tp_group,
+                                 sequence_parallel=plan.sequence_parallel)
+            self.stats.tp_ilp_s += time.perf_counter() - started
+            self.stats.tp_ilp_solves += blocks.solves
+            self._layouts[key] = {**blocks.plan_layout(), **top_level_layout(self.spec.config, plan)}
+        return replace(plan, tp_layout=dict(self._layouts[key]))
 
     # -- reporting -------------------------------------------------------------------------------
     def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0):
@@ -448,6 +463,17 @@ class _Search:
             except MeshplanError:
                 continue
         return None
+
+
+def top_level_layout(config, plan: Plan) -> dict:
+    """Embedding and head vocabulary-parallel when tp divides the vocabulary (else
+    replicated), the final norm sequence-parallel with SP: the modules outside the blocks,
+    which the block ILP does not decide."""
+    vocab = "vocab" if config.vocab % plan.tp == 0 else "replicate"
+    layout = {"tok": vocab, "head": vocab, "norm": "sequence" if plan.sequence_parallel else "replicate"}
+    if config.arch == "gpt":
+        layout["pos"] = "replicate"
+    return layout
 
 
 def describe_family(plan: Plan) -> str:

@@ -75,8 +75,35 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0):
 
 
 def write_plan(path: Path, **fields) -> Path:
-    """Plan JSON as `meshplan plan ... --out` would write it (that command is not there yet)."""
+    """Plan JSON written directly: for what `meshplan plan` decides itself and cannot be
+    pinned to (hand-made stage splits, TP layouts, per-layer checkpoint mixes, rank
+    orders), and for deliberately wrong plans."""
     Plan(**fields).save(path, overwrite=True)
+    return path
+
+
+_DECIDED_BY_THE_PLANNER = ("stages", "tp_layout", "rank_order")
+
+
+def planned(path: Path, model: str, **fields) -> Path:
+    """The plan `meshplan plan --model M --cluster cpu:1xN ... --out PATH` writes with every
+    degree pinned: the path users take. Plans with fields no flag pins go to write_plan."""
+    checkpoint = fields.get("checkpoint") or ["none"]
+    if any(k in fields for k in _DECIDED_BY_THE_PLANNER) or len(set(checkpoint)) > 1:
+        return write_plan(path, **fields)
+    from planner.cli import main
+    p = Plan(**fields)
+    argv = ["plan", "--model", model, "--cluster", f"cpu:1x{p.world_size}", "--global-batch", str(p.global_batch),
+            "--seq", str(p.seq), "--dp", str(p.dp), "--tp", str(p.tp), "--pp", str(p.pp), "--zero", str(p.zero),
+            "--micro-batch", str(p.micro_batch), "--schedule", p.schedule, "--interleave", str(p.interleave),
+            "--precision", p.precision, "--checkpoint", checkpoint[0],
+            "--sequence-parallel" if p.sequence_parallel else "--no-sequence-parallel",
+            "--offload-optimizer" if p.offload_optimizer else "--no-offload-optimizer",
+            "--top", "1", "--out", str(path), "--force"]
+    assert main(argv) == 0, f"meshplan {' '.join(argv)} failed"
+    written = Plan.load(path)
+    assert (written.dp, written.tp, written.pp, written.zero, written.micro_batch) == (
+        p.dp, p.tp, p.pp, p.zero, p.micro_batch)
     return path
 
 

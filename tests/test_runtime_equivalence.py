@@ -10,8 +10,9 @@ steps' gradient norms are 1.3-2.2), so the global gradient norm must be right as
 
 All 4-rank plans run one after another inside a single forked 4-rank job (one process
 start for all of them); the single-process references run in a forked 1-rank job.
-Plan files are written with Plan(...).save; once `meshplan plan ... --dp --tp --pp`
-exists they will come from it.
+Plan files come from `meshplan plan ... --out` with every degree pinned (the path users
+take); the few plans with hand-made stage splits, TP layouts, per-layer checkpoint mixes
+or rank orders, which no flag pins, are written directly.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import json
 
 import pytest
 
-from runtime_helpers import drop_checkpoints_after, mesh_coords, read_jsonl, run_ranks, train_many, write_plan
+from runtime_helpers import (drop_checkpoints_after, mesh_coords, planned, read_jsonl, run_ranks, train_many,
+                             write_plan)
 
 STEPS = 5
 BASE = dict(seq=32, global_batch=8)
@@ -73,13 +75,13 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("equivalence")
     refs = []
     for name, (model, fields) in REFERENCES.items():
-        plan = write_plan(d / f"ref-{name}.json", **{"precision": "fp32", **BASE, **fields})
+        plan = planned(d / f"ref-{name}.json", model, **{"precision": "fp32", **BASE, **fields})
         refs.append(_args(model, plan, d / f"ref-{name}.jsonl"))
     run_ranks(1, train_many, refs, timeout=120)
 
     jobs = []
     for name, (model, _, fields) in PLANS.items():
-        plan = write_plan(d / f"{name}.json", **{"precision": "fp32", **BASE, **fields})
+        plan = planned(d / f"{name}.json", model, **{"precision": "fp32", **BASE, **fields})
         jobs.append(_args(model, plan, d / f"{name}.jsonl"))
     # Resume inside the job too: pp2 x tp2 with checkpoints at steps 3 and 5; the step-5 one is
     # removed (as if the run had died after step 4), and a --resume run redoes steps 4 and 5.

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from runtime_helpers import read_jsonl, write_plan
+from runtime_helpers import planned, read_jsonl
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun + SIGKILL test written for Linux")
 
@@ -26,7 +26,7 @@ def _torchrun(args, env_extra=None, timeout=180):
 
 
 def test_sigkill_then_resume_reproduces_losses(tmp_path):
-    plan = write_plan(tmp_path / "plan.json", dp=2, zero=3, micro_batch=1, global_batch=4, seq=32,
+    plan = planned(tmp_path / "plan.json", "gpt-tiny", dp=2, zero=3, micro_batch=1, global_batch=4, seq=32,
                       precision="fp32")
     common = ["--model", "gpt-tiny", "--plan", str(plan), "--steps", "6", "--checkpoint-every", "3",
               "--device", "cpu", "--seed", "1"]
