@@ -12,3 +12,14 @@ def test_describe_job_example_runs():
     assert proc.returncode == 0, proc.stderr
     assert "174.62 B parameters" in proc.stdout and "1024 devices" in proc.stdout
     assert "plan dp=16 tp=8 pp=8: 96 micro-batches per step" in proc.stdout
+
+
+def test_get_a_plan_example_plans_and_saves(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "get_a_plan.py"), "gpt3-350m",
+                           "a100-sxm-80gb:1x8", "32", str(out)], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#1 dp=") and "searched" in proc.stdout
+    from planner.plan import Plan
+    assert Plan.load(out).world_size == 8
