@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_arguments(p)
     p.set_defaults(handler=plan_cli.run)
 
+    from planner import compare
+    p = sub.add_parser("compare", help="plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2")
+    compare.add_arguments(p)
+    p.set_defaults(handler=compare.run)
+
     from cost_models import calibration
     p = sub.add_parser("profile", help="measure this machine's GEMMs, attention, copies (and collectives) "
                                        "into a calibration JSON")

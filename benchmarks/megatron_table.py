@@ -1,0 +1,144 @@
+"""Megatron-LM weak scaling (SC21 Table 1): predicted vs published TFLOP/s, and plan quality.
+
+    python benchmarks/megatron_table.py            # all 10 rows, 1.7B on 32 GPUs ... 1T on 3072
+    python benchmarks/megatron_table.py --rows 4   # the first 4 rows
+    python benchmarks/megatron_table.py --json     # machine-readable
+
+Ground truth: Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", SC21 (arXiv:2104.04473), Table 1, as transcribed in
+shared/reference/megatron_sc21_table1.json. Selene: DGX A100 80GB nodes, NVSwitch inside a
+node, 8x 200 Gb/s HDR InfiniBand per node (one 200 Gb/s NIC per GPU) = the named system
+`dgx-a100` (cost_models/cluster.py SYSTEMS), so a row of N GPUs runs on `dgx-a100:N/8`.
+
+Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degrees):
+(a) `plan()` with the paper's tp and pp pinned, the rest searched; and again with
+    checkpoint="full" pinned as well (the paper recomputed every layer's activations).
+    Predicted TFLOP/s per GPU uses the paper's own FLOP count, which includes the recompute
+    forward pass whatever the plan checkpoints: F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))
+    per iteration, divided by (simulated step time x GPUs).
+(b) `plan()` unconstrained; the plan-quality bar is that its simulated throughput
+    (tokens/s) is at least that of the pinned-(tp, pp) plan.
+Nothing here is fitted; the paper's micro-batch sizes and interleave factors are not
+reported, so the planner chooses them. Precision is the planner's default (bf16; the paper
+ran fp16 mixed precision, and the A100's bf16 and fp16 peaks are equal).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from planner.search import plan
+from planner.zoo import PRESETS
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TABLE = "megatron_sc21_table1.json"
+GPUS_PER_NODE = 8   # DGX A100
+
+
+def paper_flops_per_iteration(row: dict) -> float:
+    """The paper's F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)), recompute forward included."""
+    b, s, l, h, v = (row[k] for k in ("global_batch_size", "seq_len", "num_layers", "hidden_size", "vocab_size"))
+    return 96 * b * s * l * h ** 2 * (1 + s / (6 * h) + v / (16 * l * h))
+
+
+def preset_for(row: dict) -> str:
+    """The `megatron-*` zoo preset with this row's shape (layers, hidden, heads, vocab, seq)."""
+    shape = (row["num_layers"], row["hidden_size"], row["attention_heads"], row["vocab_size"], row["seq_len"])
+    for name, cfg in PRESETS.items():
+        if name.startswith("megatron-") and (cfg.layers, cfg.hidden, cfg.heads, cfg.vocab, cfg.max_seq) == shape:
+            return name
+    raise SystemExit(f"no megatron-* preset in planner/zoo.py has the shape {shape}")
+
+
+def timed_plan(model: str, row: dict, **pinned) -> dict:
+    """The best plan for the row (with `pinned`), its predicted TFLOP/s by the paper's count."""
+    gpus = row["num_gpus"]
+    started = time.perf_counter()
+    best = plan(model, f"dgx-a100:{gpus // GPUS_PER_NODE}", row["global_batch_size"], row["seq_len"],
+                top_k=1, **pinned)[0]
+    plan_s = time.perf_counter() - started
+    result = best.result
+    tflops = paper_flops_per_iteration(row) / (result.step_time_s * gpus) / 1e12
+    return dict(plan=summary(best), step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s,
+                tflops_per_gpu=tflops, plan_s=plan_s, hfu=result.hfu, phases=result.phases,
+                error_pct=100 * (tflops - row["achieved_tflops_per_gpu"]) / row["achieved_tflops_per_gpu"])
+
+
+def summary(p) -> str:
+    text = f"dp{p.dp} tp{p.tp} pp{p.pp} z{p.zero} mb{p.micro_batch} {p.schedule}"
+    text += f"x{p.interleave}" if p.interleave > 1 else ""
+    text += " sp" if p.sequence_parallel else ""
+    text += " off" if p.offload_optimizer else ""
+    modes = [m for m in ("full", "selective") if m in (p.checkpoint or [])]
+    return text + (" ckpt:" + "+".join(modes) if modes else "")
+
+
+def evaluate(row: dict) -> dict:
+    model = preset_for(row)
+    degrees = dict(tp=row["tensor_parallel"], pp=row["pipeline_parallel"])
+    pinned = timed_plan(model, row, **degrees)
+    full = timed_plan(model, row, checkpoint="full", **degrees)
+    free = timed_plan(model, row)
+    return dict(model=model, params_billion=row["params_billion"], gpus=row["num_gpus"],
+                paper_tflops_per_gpu=row["achieved_tflops_per_gpu"], pinned=pinned, pinned_full=full,
+                unconstrained=free, plan_quality_ok=free["tokens_per_s"] >= pinned["tokens_per_s"] * (1 - 1e-9),
+                unconstrained_speedup=free["tokens_per_s"] / pinned["tokens_per_s"])
+
+
+def error_stats(results: list[dict], key: str) -> dict:
+    errors = [abs(r[key]["error_pct"]) for r in results]
+    worst = max(results, key=lambda r: abs(r[key]["error_pct"]))
+    return dict(mean_abs_error_pct=statistics.fmean(errors), max_abs_error_pct=max(errors),
+                max_error_model=worst["model"])
+
+
+def print_report(results: list[dict]) -> None:
+    header = (f"{'model':<14}{'params':>8}{'GPUs':>6}{'paper':>7}{'pinned':>8}{'err%':>7}{'full':>7}{'err%':>7}"
+              f"  {'pinned (tp,pp) plan':<58}  {'unconstrained plan':<58}{'TF/s':>6}{'x':>6}  ok")
+    print("TFLOP/s per GPU (paper's FLOP count, recompute included) on dgx-a100 nodes")
+    print(header)
+    for r in results:
+        p, f, u = r["pinned"], r["pinned_full"], r["unconstrained"]
+        print(f"{r['model']:<14}{r['params_billion']:>7.1f}B{r['gpus']:>6}{r['paper_tflops_per_gpu']:>7.0f}"
+              f"{p['tflops_per_gpu']:>8.1f}{p['error_pct']:>+7.1f}{f['tflops_per_gpu']:>7.1f}{f['error_pct']:>+7.1f}"
+              f"  {p['plan']:<58}  {u['plan']:<58}{u['tflops_per_gpu']:>6.1f}{r['unconstrained_speedup']:>6.2f}"
+              f"  {'yes' if r['plan_quality_ok'] else 'NO'}")
+    for key, label in (("pinned", "pinned (tp, pp), checkpointing planned"),
+                       ("pinned_full", "pinned (tp, pp) + full recompute")):
+        s = error_stats(results, key)
+        print(f"{label}: mean |error| {s['mean_abs_error_pct']:.1f} %, max {s['max_abs_error_pct']:.1f} % "
+              f"({s['max_error_model']})")
+    ok = sum(r["plan_quality_ok"] for r in results)
+    print(f"plan quality (unconstrained tokens/s >= pinned (tp, pp) tokens/s): {ok}/{len(results)} rows")
+    print("plan() seconds per row (pinned / pinned+full / unconstrained): " + ", ".join(
+        f"{r['model'].removeprefix('megatron-')} {r['pinned']['plan_s']:.1f}/{r['pinned_full']['plan_s']:.1f}/"
+        f"{r['unconstrained']['plan_s']:.1f}" for r in results))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--rows", type=int, default=0, help="evaluate only the first ROWS rows (default: all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    rows = json.loads((args.reference / TABLE).read_text())["rows"]
+    rows = rows[: args.rows] if args.rows > 0 else rows
+    started = time.perf_counter()
+    results = [evaluate(row) for row in rows]
+    elapsed_s = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(dict(rows=results, pinned=error_stats(results, "pinned"),
+                              pinned_full=error_stats(results, "pinned_full"),
+                              plan_quality_ok=sum(r["plan_quality_ok"] for r in results), elapsed_s=elapsed_s)))
+    else:
+        print_report(results)
+        print(f"{len(results)} rows in {elapsed_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
