@@ -39,7 +39,7 @@ def winner_vs_runner_up(plans: RankedPlans) -> str:
     return text + "."
 
 
-def rejected_families(plans: RankedPlans, limit: int = 12) -> list[str]:
+def rejected_families(plans: RankedPlans, limit: int = 40) -> list[str]:
     """One line per dp x tp x pp family without a plan in the list: its best reason."""
     kept = {_degrees(describe_family(p)) for p in plans}
     by_family: dict[str, object] = {}
@@ -52,7 +52,11 @@ def rejected_families(plans: RankedPlans, limit: int = 12) -> list[str]:
             by_family[family] = rejection
     lines = []
     for family, rejection in sorted(by_family.items(), key=lambda kv: REASON_ORDER.index(kv[1].reason)):
-        lines.append(f"{family}: {_reason_words(rejection)} (best variant {rejection.family}: {rejection.detail})")
+        detail = rejection.detail
+        if rejection.planned is not None and plans:
+            term, gap_s = deciding_term(plans[0], rejection.planned)
+            detail += f", {gap_s:.3g} s more {term} than the winner"
+        lines.append(f"{family}: {_reason_words(rejection)} (best variant {rejection.family}: {detail})")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more families"]
     return lines

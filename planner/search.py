@@ -84,6 +84,7 @@ class Rejection:
     reason: str        # "model states", "memory", "bound", "slower"
     detail: str
     need_bytes: float = 0.0
+    planned: object = None   # the simulated Plan (with .result) of a family that lost on time
 
 
 class RankedPlans(list):
@@ -262,6 +263,13 @@ class _Search:
             self._param_count = float(_trace_cached(_model_key(self.spec), 1, self.seq, precision).param_count)
         return self._param_count
 
+    def checkpointed_need_bytes(self, plan: Plan) -> float:
+        """Peak reserved bytes (partition model) of the candidate with every block fully checkpointed."""
+        sim = self.simulation(plan)
+        costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave))
+        split = partition(costs, float("inf"), "full")
+        return max(split.stage_memory_bytes) * ALLOCATOR_RESERVED_RATIO
+
     def lower_bound_s(self, sim) -> float:
         """The busiest rank's compute, perfectly balanced, without bubble or recomputation."""
         plan = sim.plan
@@ -336,7 +344,9 @@ class _Search:
             split = self.estimate(cand)
             if split is None:
                 self.stats.no_partition += 1
-                self._reject(cand.plan, "memory", "no stage split and checkpointing fits the budget")
+                need = self.checkpointed_need_bytes(cand.plan)
+                self._reject(cand.plan, "memory", f"needs {need / 1e9:.1f} GB per GPU even with every block fully "
+                             f"checkpointed: {(need - self.budget_bytes) / 1e9:.1f} GB over the budget", need)
                 continue
             self.stats.partitioned += 1
             done.append(cand)
@@ -356,7 +366,7 @@ class _Search:
                 ranked.append(plan)
         ranked.sort(key=lambda p: p.result.step_time_s)
         for p in ranked[top_k:]:
-            self._reject(p, "slower", f"simulated {p.result.step_time_s:.3g} s per step")
+            self._reject(p, "slower", f"simulated {p.result.step_time_s:.3g} s per step", result=p)
         return ranked[:top_k]
 
     def _fit(self, cand: _Candidate) -> Plan | None:
@@ -412,8 +422,8 @@ class _Search:
         return replace(plan, tp_layout=dict(self._layouts[key]))
 
     # -- reporting -------------------------------------------------------------------------------
-    def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0):
-        self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes))
+    def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0, result=None):
+        self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes, result))
 
     def nothing_fits(self) -> str:
         leanest = self.leanest_bytes(self.cluster)
