@@ -16,7 +16,7 @@ from rich.table import Table
 from cost_models import GPUS, SYSTEMS, MeshplanError, parse_cluster
 from cost_models.units import GB, GIB, TERA
 from planner.models import count_parameters
-from planner.plan import Plan
+from planner.plan import Plan, check_new_path
 from planner.zoo import PRESETS, load_model
 
 
@@ -169,7 +169,7 @@ def _simulate(args) -> int:
         _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
     for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
         if target:
-            _check_new(target)
+            check_new_path(target)
             from planner import plots
             getattr(plots, draw)(result, target)
     if args.json:
@@ -179,18 +179,8 @@ def _simulate(args) -> int:
     return 0
 
 
-def _check_new(path: str):
-    """Refuse to overwrite a user's file or to write into a missing directory."""
-    from pathlib import Path
-    target = Path(path)
-    if target.exists():
-        raise MeshplanError(f"{path!r} already exists: choose another path")
-    if not target.parent.is_dir():
-        raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
-
-
 def _write_new(path: str, text: str):
-    _check_new(path)
+    check_new_path(path)
     from pathlib import Path
     Path(path).write_text(text)
 

@@ -15,10 +15,10 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
+from planner.plan import check_new_path
 
 SECONDS_PER_DAY = 86400.0
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -173,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
     if args.plot:
-        _check_new_file(args.plot)
+        check_new_path(args.plot)
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
     pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
     choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
@@ -201,14 +201,6 @@ def parse_prices(items: list[str]) -> dict:
             raise MeshplanError(f"--price {item!r}: write GPU=USD_PER_HOUR, e.g. --price h100-sxm-80gb=2.50")
         prices[name.strip()] = usd
     return prices
-
-
-def _check_new_file(path: str) -> None:
-    target = Path(path)
-    if target.exists():
-        raise MeshplanError(f"{path!r} already exists: choose another path")
-    if not target.parent.is_dir():
-        raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
 
 
 def _plan_summary(plan) -> str:

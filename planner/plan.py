@@ -206,13 +206,20 @@ class Plan:
     def save(self, path: str | Path, overwrite: bool = False):
         """Write atomically; never replace an existing file unless asked to."""
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise MeshplanError(f"{str(path)!r} already exists: choose another path or pass --force")
-        if not path.parent.is_dir():
-            raise MeshplanError(f"directory {str(path.parent)!r} does not exist")
+        check_new_path(path, overwrite, force_hint=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_json() + "\n")
         tmp.replace(path)
+
+
+def check_new_path(path, overwrite: bool = False, force_hint: bool = False) -> None:
+    """Refuse to overwrite a user's file (unless asked to) or to write into a missing directory."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise MeshplanError(f"{str(path)!r} already exists: choose another path"
+                            + (" or pass --force" if force_hint else ""))
+    if not target.parent.is_dir():
+        raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
 
 
 def _is_range(value) -> bool:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
 from cost_models.units import GB, GIB
+from planner.plan import check_new_path
 
 PIN_FLAGS = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "precision",
              "sequence_parallel", "offload_optimizer")
@@ -82,15 +82,10 @@ def _check_outputs(args) -> None:
     """Fail before searching, so a long search never ends in 'cannot write'."""
     if args.top < 1:
         raise MeshplanError(f"--top must be >= 1, got {args.top}")
-    for path, may_replace in ((args.out, args.force), (args.plot, False)):
-        if not path:
-            continue
-        target = Path(path)
-        if target.exists() and not may_replace:
-            raise MeshplanError(f"{path!r} already exists: choose another path"
-                                + (" or pass --force" if path == args.out else ""))
-        if not target.parent.is_dir():
-            raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
+    if args.out:
+        check_new_path(args.out, overwrite=args.force, force_hint=True)
+    if args.plot:
+        check_new_path(args.plot)
 
 
 def plans_json(plans) -> dict:
