@@ -18,12 +18,20 @@ import sys
 import time
 from pathlib import Path
 
+from cost_models.compute import ComputeModel
 from planner.plan import Plan
 from planner.simulate import simulate
 from planner.zoo import load_model
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MEGATRON_PADDED_VOCAB = 50304
+# vTrain's model of the measured system (VIA-Research/vTrain src/model/gpt_modeling.py):
+# Megatron's unfused core attention (baddbmm, fused scale-mask-softmax, dropout, bmm) and
+# dropout 0.1 on embeddings, attention probabilities and both residual branches.
+MEGATRON_DROPOUT = 0.1
+# Megatron-LM trains fp16 with the model's parameters in fp16 (fp32 master copies in the
+# optimizer): no per-op casts, fp16 norms and residual stream.
+MEGATRON_CAST = "params"
 
 
 # The measured runs reduce gradients after backward, not in buckets during it (vTrain's
@@ -31,17 +39,20 @@ MEGATRON_PADDED_VOCAB = 50304
 VTRAIN_OVERLAPS_DP_COMM = False
 
 
-def predict_ms(row: dict, host_s_per_op: float | None = None) -> float:
+def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
+    """Predicted iteration time; `compute` overrides the shipped A100 calibration (for fits)."""
     layers = row["num_layers"]
     spec = load_model(dict(arch="gpt", layers=layers, hidden=row["hidden_size"], heads=row["attention_heads"],
                            vocab=MEGATRON_PADDED_VOCAB, max_seq=row["seq_len"], tie_embeddings=True,
+                           attention="unfused", dropout=MEGATRON_DROPOUT,
                            name=f"gpt-h{row['hidden_size']}-l{layers}"))
     gpus = row["num_gpus"]
     cluster = f"a100-sxm-80gb:1x{gpus}" if gpus <= 8 else f"a100-sxm-80gb:{gpus // 8}x8"
     plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
                 micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
                 precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
-    result = simulate(plan, spec, cluster, host_s_per_op=host_s_per_op, overlap_dp_comm=VTRAIN_OVERLAPS_DP_COMM)
+    result = simulate(plan, spec, cluster, compute=compute, overlap_dp_comm=VTRAIN_OVERLAPS_DP_COMM,
+                      cast=MEGATRON_CAST)
     return 1e3 * result.step_time_s
 
 

@@ -102,6 +102,10 @@ class Calibration:
     # Host time per launched aten op in eager PyTorch (a property of the host CPU and the
     # framework more than of the GPU): layers whose kernels are shorter are host-bound.
     host_s_per_op: float = 0.0
+    # How host and device time of a layer combine: (device^p + host^p)^(1/p). The GPU runs
+    # ahead of the host only as far as the layer's ops let it (short kernels after long ones
+    # wait for their launch), so near the crossover the two add partly. 0 = plain max.
+    host_overlap_exponent: float = 0.0
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -136,7 +140,7 @@ class Calibration:
             "gemm": {p: vars(f) for p, f in self.gemm.items()},
             "attention": {"fwd": vars(self.attention_fwd), "bwd": vars(self.attention_bwd)},
             "comm": {"bw_efficiency": self.comm_bw_efficiency, "latency_s": self.comm_latency_s},
-            "host_s_per_op": self.host_s_per_op,
+            "host_s_per_op": self.host_s_per_op, "host_overlap_exponent": self.host_overlap_exponent,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         }
 
@@ -160,6 +164,8 @@ class Calibration:
                 comm_bw_efficiency=dict(comm.get("bw_efficiency", {})),
                 comm_latency_s=dict(comm.get("latency_s", {})),
                 host_s_per_op=_positive(data.get("host_s_per_op", 0.0), "host_s_per_op", zero_ok=True),
+                host_overlap_exponent=_positive(data.get("host_overlap_exponent", 0.0), "host_overlap_exponent",
+                                                zero_ok=True),
                 source=str(data.get("source", "")), device_name=str(data.get("device_name", "")),
                 measurements=dict(data.get("measurements", {})),
                 fit_quality=dict(data.get("fit_quality", {})))

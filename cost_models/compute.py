@@ -174,6 +174,15 @@ class ComputeModel:
         """Host (Python dispatch + launch) time per eager aten op (empirical, per calibration)."""
         return self.calibration.host_s_per_op
 
+    def host_bound_s(self, device_s: float, host_s: float) -> float:
+        """A stretch of eager work that takes `device_s` on the GPU and `host_s` to issue
+        (empirical combination, see Calibration.host_overlap_exponent)."""
+        p = self.calibration.host_overlap_exponent
+        if not p or not host_s or not device_s:
+            return max(device_s, host_s)
+        big = max(device_s, host_s)   # scaled, so large exponents do not overflow
+        return big * ((device_s / big) ** p + (host_s / big) ** p) ** (1.0 / p)
+
     @property
     def memory_bw_bytes_per_s(self) -> float:
         """Achieved DRAM bandwidth, bytes read + written per second (empirical: a device copy)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
+from cost_models.memory import DTYPE_BYTES
 from planner.ir import LayerCost, OpInfo, TracedModel
 
 COLWISE = {"qkv", "q", "k", "v", "fc1", "gate", "up", "c_attn", "q_proj", "k_proj", "v_proj",
@@ -36,6 +37,27 @@ REPLICATED_ACTIVATION_SHARE = 10 / 34   # Korthikanti et al. 2022: sbh*10 of sbh
 # The per-op host time comes from the calibration (ComputeModel.host_s_per_op); backward
 # issues about twice the forward's ops (grad input and grad weight per matmul).
 HOST_BWD_OPS_PER_FWD_OP = 2.0
+# Backward memory traffic of a streaming op as a multiple of its forward's (bytes read +
+# written), from what each gradient kernel touches. Default 1.5: a pointwise op's backward
+# reads the output gradient and the saved input and writes the input gradient (3 tensors
+# against the forward's 2) - gelu, silu, softmax, norms. Exceptions, by aten name:
+BWD_TRAFFIC_RATIO = {
+    "add": 0.0, "sub": 0.0,              # the gradient passes through to both inputs, no kernel (but
+                                         # see AUTOCAST_ADD_BWD_TRAFFIC_RATIO)
+    "clone": 0.0, "contiguous": 0.0,     # identity gradient
+    "_to_copy": 1.0,                     # one cast of the gradient back
+    "native_dropout": 1.0,               # the saved mask applied to the gradient
+    "masked_fill": 1.0, "masked_fill_": 1.0, "where": 1.0,
+    "mul": 5 / 3,                        # reads both inputs and the gradient, writes two gradients
+    # norms: the input gradient pass (x, dy, stats -> dx) plus the weight-gradient pass that
+    # reads x and dy again and reduces over tokens
+    "native_layer_norm": 2.0, "fused_rms_norm": 2.0, "rms_norm": 2.0,
+}
+DEFAULT_BWD_TRAFFIC_RATIO = 2.0
+# Under autocast a residual add mixes the fp32 stream with a 16-bit branch output, so its
+# backward casts the gradient for the 16-bit operand: read 4 + write 2 bytes per element
+# against the forward's 4 + 2 + 4.
+AUTOCAST_ADD_BWD_TRAFFIC_RATIO = 0.6
 _DTYPE_TO_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _COMPUTE_KINDS = {"conv": "matmul"}
 
@@ -77,6 +99,12 @@ def linear_style(op: OpInfo, tp_layout: dict) -> str:
     if name in ROWWISE:
         return "rowwise"
     return "replicate"
+
+
+def _aten_name(op: OpInfo) -> str:
+    """"aten.masked_fill_.Scalar" -> "masked_fill_" (any namespace.name.overload)."""
+    parts = op.target.split(".")
+    return parts[1] if len(parts) > 2 else op.target
 
 
 def _precision_of(op: OpInfo, default: str) -> str:
@@ -128,7 +156,8 @@ class LayerCoster:
             params += op.param_count * share
         launched = sum(1 for op in cost.ops if op.kind != "view")
         host_fwd = launched * self.host_s_per_op
-        fwd, bwd = max(fwd, host_fwd), max(bwd, host_fwd * HOST_BWD_OPS_PER_FWD_OP)
+        fwd = self.compute.host_bound_s(fwd, host_fwd)
+        bwd = self.compute.host_bound_s(bwd, host_fwd * HOST_BWD_OPS_PER_FWD_OP)
         streaming = min(streaming, fwd)
         split = 1.0 / tp
         replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE
@@ -149,6 +178,8 @@ class LayerCoster:
             return 0.0, 0.0, 1.0
         if kind == "linear" and op.gemm is not None:
             return self._linear_time(op, tp, layout, precision)
+        if kind == "matmul" and op.gemm is not None:
+            return self._activation_matmul_time(op, tp, sp, precision)
         if kind == "attention" and op.attention is not None:
             b, h, sq, skv, d, causal = op.attention
             heads = max(1, h // tp)
@@ -162,11 +193,16 @@ class LayerCoster:
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))
         if not op.requires_grad and kind not in ("linear", "matmul"):
             return fwd, 0.0, share
-        # backward of a streaming op reads its saved input and the output gradient and
-        # writes the input gradient: about twice the forward traffic
-        bwd = (self.compute.op_time_s(kind, op.bwd_flops * share, 2 * moved, _precision_of(op, precision))
-               if moved or op.bwd_flops else 0.0)
+        ratio = self._bwd_traffic_ratio(op)
+        bwd = (self.compute.op_time_s(kind, op.bwd_flops * share, ratio * moved, _precision_of(op, precision))
+               if (moved and ratio) or op.bwd_flops else 0.0)
         return fwd, bwd, share
+
+    def _bwd_traffic_ratio(self, op: OpInfo) -> float:
+        name = _aten_name(op)
+        if name in ("add", "sub") and self.traced.cast == "autocast" and self.traced.precision != "fp32":
+            return AUTOCAST_ADD_BWD_TRAFFIC_RATIO
+        return BWD_TRAFFIC_RATIO.get(name, DEFAULT_BWD_TRAFFIC_RATIO)
 
     def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str):
         gemm = op.gemm
@@ -181,7 +217,24 @@ class LayerCoster:
         # grad input (m x n @ n x k) and grad weight (k x m @ m x n), when something needs them
         bwd = self.compute.matmul_time_s(m, n, k, precision, batch) + self.compute.matmul_time_s(
             k, m, n, precision, batch) if op.requires_grad or op.param_count else 0.0
+        if bwd and _aten_name(op) == "addmm":   # the bias gradient: the output gradient summed over tokens
+            bwd += self.compute.memory_bound_time_s(batch * m * n * DTYPE_BYTES[_precision_of(op, precision)])
         return fwd, bwd, share
+
+    def _activation_matmul_time(self, op: OpInfo, tp: int, sp: bool, precision: str):
+        """A product of two activations (attention's QK^T and PV when not fused): timed from
+        its shape, so a baddbmm with beta=0 is not charged for reading its output; tensor
+        parallelism splits its batch (the heads)."""
+        m, k, n, batch = (*op.gemm, 1) if len(op.gemm) == 3 else (*op.gemm[1:], op.gemm[0])
+        if self._split_by_tp(op, sp):
+            batch = max(1, batch // tp)
+        fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
+        if not op.requires_grad:
+            return fwd, 0.0, 1.0
+        # one product per operand's gradient (both are activations here)
+        bwd = self.compute.matmul_time_s(m, n, k, precision, batch) + self.compute.matmul_time_s(
+            k, m, n, precision, batch)
+        return fwd, bwd, 1.0
 
     def _split_by_tp(self, op: OpInfo, sp: bool) -> bool:
         if self.residual_numel is None:

@@ -6,6 +6,12 @@ grouped-query attention. Attention is `F.scaled_dot_product_attention(is_causal=
 and the loss is cross-entropy on fp32 logits, as in shared/reference/h100/measure.py,
 so a single-GPU plan of ours runs the same arithmetic as that reference loop.
 
+`attention="unfused"` runs Megatron-LM's core attention instead (the default of
+Megatron-LM before flash attention, and what the SC21 and vTrain measurements ran):
+scores by one baddbmm, causal mask and softmax, dropout on the probabilities, one bmm
+with the values - the s x s scores live in memory. `dropout=p` adds Megatron's dropouts:
+embeddings, attention probabilities and each residual branch (its default is 0.1).
+
 Built for parallelism:
 - blocks live in an `nn.ModuleDict` keyed "0".."L-1": a pipeline stage deletes the
   blocks it does not own and keeps the others' names (and checkpoint keys);
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from cost_models.errors import MeshplanError
 
 ARCHS = ("gpt", "llama")
+ATTENTION_KINDS = ("sdpa", "unfused")
 
 
 @dataclass
@@ -42,6 +49,8 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # default: True for gpt, False for llama
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    attention: str = "sdpa"           # or "unfused": Megatron-LM's baddbmm-softmax-dropout-bmm
+    dropout: float = 0.0              # embeddings, attention probabilities, residual branches
     name: str = "custom"
 
     def __post_init__(self):
@@ -61,6 +70,10 @@ class ModelConfig:
             raise MeshplanError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.heads % self.kv_heads:
             raise MeshplanError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.attention not in ATTENTION_KINDS:
+            raise MeshplanError(f"model attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION_KINDS)}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise MeshplanError(f"model dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.arch == "gpt" and self.kv_heads != self.heads:
             raise MeshplanError("gpt models have no grouped-query attention: drop kv_heads or use arch llama")
         if self.arch == "llama" and (self.hidden // self.heads) % 2:
@@ -95,11 +108,39 @@ def _llama_ffn(hidden: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(ffn / multiple_of)
 
 
+def dropped(x, p: float, training: bool):
+    """F.dropout, left out of the graph entirely when it would do nothing."""
+    return F.dropout(x, p, training) if p and training else x
+
+
+def causal_attention(q, k, v, kind: str, dropout: float, training: bool):
+    """Causal self-attention of (B, heads, T, D) queries over (B, kv_heads, T, D) keys/values.
+
+    "sdpa": PyTorch's fused kernel (flash on GPUs). "unfused": Megatron-LM's core
+    attention - scaled scores written by one baddbmm, the causal mask and softmax, dropout
+    on the probabilities, and the values' bmm.
+    """
+    p = dropout if training else 0.0
+    gqa = k.shape[1] != q.shape[1]
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+    if gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    B, heads, T, D = q.shape
+    scores = torch.baddbmm(q.new_empty(B * heads, T, T), q.reshape(B * heads, T, D),
+                           k.reshape(B * heads, T, D).transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(D))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = dropped(torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1), p, training)
+    return torch.bmm(probs, v.reshape(B * heads, T, D)).view(B, heads, T, D)
+
+
 class GPTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         h, kw = cfg.hidden, dict(device=device)
         self.head_dim = cfg.head_dim
+        self.attention, self.dropout = cfg.attention, cfg.dropout
         self.ln1 = nn.LayerNorm(h, eps=cfg.norm_eps, **kw)
         self.qkv = nn.Linear(h, 3 * h, **kw)
         self.proj = nn.Linear(h, h, **kw)
@@ -111,9 +152,9 @@ class GPTBlock(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, T, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, -1))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        y = causal_attention(q, k, v, self.attention, self.dropout, self.training)
+        x = x + dropped(self.proj(y.transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
+        return x + dropped(self.fc2(F.gelu(self.fc1(self.ln2(x)))), self.dropout, self.training)
 
 
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -131,7 +172,7 @@ class LlamaBlock(nn.Module):
         super().__init__()
         h, hd, kw = cfg.hidden, cfg.head_dim, dict(bias=False, device=device)
         self.head_dim, self.rope_theta = hd, cfg.rope_theta
-        self.gqa = cfg.kv_heads != cfg.heads
+        self.attention, self.dropout = cfg.attention, cfg.dropout
         self.n1 = nn.RMSNorm(h, eps=cfg.norm_eps, device=device)
         self.q = nn.Linear(h, h, **kw)
         self.k = nn.Linear(h, cfg.kv_heads * hd, **kw)
@@ -148,10 +189,10 @@ class LlamaBlock(nn.Module):
         q = rotary(self.q(y).view(B, T, -1, self.head_dim).transpose(1, 2), self.rope_theta)
         k = rotary(self.k(y).view(B, T, -1, self.head_dim).transpose(1, 2), self.rope_theta)
         v = self.v(y).view(B, T, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
-        x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
+        y = causal_attention(q, k, v, self.attention, self.dropout, self.training)
+        x = x + dropped(self.o(y.transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
         y = self.n2(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+        return x + dropped(self.down(F.silu(self.gate(y)) * self.up(y)), self.dropout, self.training)
 
 
 class Decoder(nn.Module):
@@ -182,7 +223,7 @@ class Decoder(nn.Module):
             h = self.tok(x)
             if self.pos is not None:
                 h = h + self.pos(torch.arange(T, device=x.device))
-            x = h
+            x = dropped(h, self.config.dropout, self.training)
         for block in self.blocks.values():
             x = block(x)
         if self.head is None:

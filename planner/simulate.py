@@ -89,11 +89,11 @@ class SimResult:
 
 
 @lru_cache(maxsize=64)
-def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str):
-    return trace_spec(_SPECS[model_key], micro_batch, seq, precision)
+def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str, cast: str = "autocast"):
+    return trace_spec(_SPECS[model_key], micro_batch, seq, precision, cast)
 
 
-def trace_spec(spec: ModelSpec, micro_batch: int, seq: int, precision: str) -> TracedModel:
+def trace_spec(spec: ModelSpec, micro_batch: int, seq: int, precision: str, cast: str = "autocast") -> TracedModel:
     """Trace a model; a zoo decoder is traced two blocks deep and expanded to its depth.
 
     Its blocks are identical (one signature), so the trace of a 2-block copy holds every
@@ -103,9 +103,9 @@ def trace_spec(spec: ModelSpec, micro_batch: int, seq: int, precision: str) -> T
     """
     from planner.trace import trace_model
     if spec.config is None or spec.config.layers <= SHALLOW_BLOCKS:
-        return trace_model(spec, micro_batch, seq, precision)
+        return trace_model(spec, micro_batch, seq, precision, cast=cast)
     shallow = ModelSpec(spec.name, replace(spec.config, layers=SHALLOW_BLOCKS))
-    return expand_blocks(trace_model(shallow, micro_batch, seq, precision), spec.config.layers)
+    return expand_blocks(trace_model(shallow, micro_batch, seq, precision, cast=cast), spec.config.layers)
 
 
 def expand_blocks(traced: TracedModel, blocks: int) -> TracedModel:
@@ -139,18 +139,23 @@ def _model_key(spec: ModelSpec) -> str:
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
              comm: CommModel | None = None, host_s_per_op: float | None = None,
-             overlap_dp_comm: bool = True) -> SimResult:
+             overlap_dp_comm: bool = True, cast: str | None = None) -> SimResult:
     """Simulate one training step of `plan`.
 
     `overlap_dp_comm`: the gradient all-reduce runs in buckets during backward, as
     meshplan's runtime (DDP/replicate) does. False models frameworks that reduce after
     backward (Megatron-LM of 2021, vTrain's `use_gradient_bucket=false` runs).
+    `cast`: how the low precision is applied (planner.trace.CASTS); None is what meshplan's
+    runtime does (`plan.cast`). "params" with ZeRO 0 models Megatron-LM's fp16 training
+    (fp16 parameters, fp32 master weights in the optimizer) for the traced ops; the
+    model-state memory stays that of meshplan's runtime.
     """
-    return prepare(plan, model, cluster, compute, comm, host_s_per_op, overlap_dp_comm).run()
+    return prepare(plan, model, cluster, compute, comm, host_s_per_op, overlap_dp_comm, cast).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
-            host_s_per_op: float | None = None, overlap_dp_comm: bool = True) -> "_Simulation":
+            host_s_per_op: float | None = None, overlap_dp_comm: bool = True,
+            cast: str | None = None) -> "_Simulation":
     """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
@@ -159,7 +164,7 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
-    traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision)
+    traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision, cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
     plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
@@ -300,7 +305,7 @@ class _Simulation:
         params = sum(t.params_per_gpu for t in timings)
         states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
         in_flight = in_flight_peak(actions[rank]) / plan.interleave  # in units of the whole rank's layers
-        fsdp_mixed = plan.zero >= 2 and plan.precision != "fp32"
+        fsdp_mixed = plan.cast == "params"
         saved = sum(t.saved_for(self.checkpoint_mode(i)) for i, t in zip(layers, timings))
         # autocast's low-precision weight copies stay saved until backward, except in
         # fully checkpointed layers (recomputed there); FSDP mixed precision has none

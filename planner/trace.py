@@ -60,7 +60,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,13 +87,18 @@ from planner.zoo import ModelSpec, load_model
 
 aten = torch.ops.aten
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How a low precision is applied: "autocast" keeps fp32 parameters and casts per op (each
+# forward casts every weight); "params" holds the parameters themselves in the low precision
+# (FSDP2's MixedPrecisionPolicy, Megatron-LM/DeepSpeed fp16 with fp32 master weights in the
+# optimizer): no per-op casts, and norms and the residual stream run in the low precision.
+CASTS = ("autocast", "params")
 ROUTES = ("torch.fx.symbolic_trace", "make_fx")
 
 
 # ----------------------------------------------------------------------------- public API
 
 def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inputs=None,
-                kernels: str = "cuda") -> TracedModel:
+                kernels: str = "cuda", cast: str = "autocast") -> TracedModel:
     """Trace one training step (forward + backward) of `model` for a micro-batch.
 
     `model`: an nn.Module (built on the meta device, ideally), a `ModelSpec`, anything
@@ -102,16 +107,20 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
     a tuple of positional arguments, a dict of keyword arguments, or a callable
     `(micro_batch, seq) -> one of those`. `kernels`: "cuda" measures what a GPU step saves
     (fused RMSNorm and dropout, flash attention with dropout); "cpu" what a CPU step saves.
+    `cast`: how the low precision is applied, "autocast" or "params" (see CASTS).
     """
     start = time.perf_counter()
     _check_step(micro_batch, seq, precision)
     if kernels not in KERNELS:
         raise MeshplanError(f"kernels {kernels!r} is unknown; use one of {', '.join(KERNELS)}")
+    if cast not in CASTS:
+        raise MeshplanError(f"cast {cast!r} is unknown; use one of {', '.join(CASTS)}")
+    low = PRECISION_DTYPES[precision] if cast == "params" else None
     module, name, call = _resolve(model, micro_batch, seq, inputs)
     units = find_units(module)
     with hf.eager_masks(module):
-        skeleton, route = _trace_skeleton(module, name, call, units, precision, kernels)
-        layers, programs = _split_layers(skeleton, module)
+        skeleton, route = _trace_skeleton(module, name, call, units, precision, kernels, low)
+        layers, programs = _split_layers(skeleton, module, low)
         costs: dict[str, LayerCost] = {}
         for layer in layers:
             if layer.signature not in costs:
@@ -119,7 +128,7 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
                                                        module, kernels)
     params = list(module.parameters())  # tied parameters once
     return TracedModel(
-        name=name, micro_batch=micro_batch, seq=seq, precision=precision, route=route,
+        name=name, micro_batch=micro_batch, seq=seq, precision=precision, cast=cast, route=route,
         layers=layers, costs=costs, param_count=sum(p.numel() for p in params),
         param_bytes=sum(p.numel() * p.element_size() for p in params),
         trace_seconds=time.perf_counter() - start)
@@ -382,12 +391,19 @@ def _digest(*parts: str) -> str:
 
 # ----------------------------------------------------------------------------- fake execution helpers
 
-def _fake_state(module: nn.Module) -> tuple[list[str], list[torch.Tensor], list[bool]]:
+def _state_dtype(dtype: torch.dtype, low: torch.dtype | None) -> torch.dtype:
+    """A floating parameter's dtype in the trace: `low` when parameters are held in the low
+    precision (cast "params"), else its own."""
+    return low if low is not None and dtype.is_floating_point else dtype
+
+
+def _fake_state(module: nn.Module, low: torch.dtype | None = None) -> tuple[list[str], list[torch.Tensor], list[bool]]:
     """Names, fake copies (call inside a FakeTensorMode) and is-parameter flags of the
-    module's parameters and buffers; tied parameters appear once."""
+    module's parameters and buffers; tied parameters appear once. Parameters take the
+    dtype `low` when given (see CASTS)."""
     names, tensors, is_param = [], [], []
     for name, p in module.named_parameters():
-        fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+        fake = torch.empty_strided(p.shape, p.stride(), dtype=_state_dtype(p.dtype, low), device="cpu")
         names.append(name)
         tensors.append(nn.Parameter(fake, requires_grad=p.requires_grad))
         is_param.append(True)
@@ -674,13 +690,13 @@ class _RouteUnsupported(Exception):
     """A route cannot take this model (raised by the tracer itself, not a bug)."""
 
 
-def _trace_skeleton(module, name, call, units, precision, kernels) -> tuple[_Skeleton, str]:
+def _trace_skeleton(module, name, call, units, precision, kernels, low=None) -> tuple[_Skeleton, str]:
     """Try the routes in order; one MeshplanError naming each route's failure if all fail."""
     failures = []
     for route in ROUTES:
         try:
             root = _symbolic_root(module, call, units) if route == ROUTES[0] else module
-            return _lower(root, module, call, units, precision, kernels), route
+            return _lower(root, module, call, units, precision, kernels, low), route
         except MeshplanError:
             raise
         except Exception as exc:  # a failure in the model's code (or torch's) sends us to the next route
@@ -695,11 +711,12 @@ def _raised_by_tracer(exc: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1][0].f_code.co_filename) == _HERE
 
 
-def _lower(root: nn.Module, model: nn.Module, call: _Call, units, precision, kernels) -> _Skeleton:
-    """make_fx of `root` on fake CPU tensors under autocast, blocks as meshplan::unit ops."""
+def _lower(root: nn.Module, model: nn.Module, call: _Call, units, precision, kernels, low=None) -> _Skeleton:
+    """make_fx of `root` on fake CPU tensors under autocast (or with parameters in the low
+    dtype `low`), blocks as meshplan::unit ops."""
     fake = FakeTensorMode()
     with fake:
-        names, state, is_param = _fake_state(root)
+        names, state, is_param = _fake_state(root, low)
         tensors = [s.make() for s in call.tensor_specs()]
 
     def step(state_list, tensor_list):
@@ -708,7 +725,7 @@ def _lower(root: nn.Module, model: nn.Module, call: _Call, units, precision, ker
         return _primary_output(out)
 
     stubs = _UnitStubs(units, model)
-    with fake, _autocast(precision), _module_stack(model), stubs, kernel_choices(kernels):
+    with fake, _autocast(precision, low is None), _module_stack(model), stubs, kernel_choices(kernels):
         gm = make_fx(step, tracing_mode="real")(state, tensors)
     unit_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.meshplan.unit.default]
     assert len(unit_nodes) == len(stubs.calls), "every block call is one unit node"
@@ -769,7 +786,7 @@ class _Program:
     output_specs: list = field(default_factory=list)
 
 
-def _split_layers(sk: _Skeleton, model: nn.Module) -> tuple[list[Layer], dict[str, _Program]]:
+def _split_layers(sk: _Skeleton, model: nn.Module, low=None) -> tuple[list[Layer], dict[str, _Program]]:
     """Cut the skeleton into layers in execution order; one program per signature."""
     nodes = [n for n in sk.gm.graph.nodes if n.op == "call_function"]
     unit_index = {}
@@ -798,7 +815,7 @@ def _split_layers(sk: _Skeleton, model: nn.Module) -> tuple[list[Layer], dict[st
             call = sk.calls[unit_index[item]]
             layer = Layer(call.path, call.kind, call.signature, len(layers), (call.path,))
             if call.signature not in programs:
-                programs[call.signature] = _unit_program(call)
+                programs[call.signature] = _unit_program(call, low)
             seen_units += 1
         else:
             if not _has_work(item):
@@ -848,12 +865,13 @@ def _skeleton_requires_grad(sk: _Skeleton, unit_index) -> dict:
     return _propagate_requires_grad(sk.gm.graph, flags, unit_flags)
 
 
-def _unit_program(call: _UnitCall) -> _Program:
+def _unit_program(call: _UnitCall, low=None) -> _Program:
     module = call.module
     names, specs, is_param = [], [], []
     for name, p in module.named_parameters():
         names.append(name)
-        specs.append(TensorSpec.of(p, p.requires_grad))
+        spec = TensorSpec.of(p, p.requires_grad)
+        specs.append(replace(spec, dtype=_state_dtype(spec.dtype, low)))
         is_param.append(True)
     for name, b in module.named_buffers():
         names.append(name)
@@ -865,7 +883,7 @@ def _unit_program(call: _UnitCall) -> _Program:
         return functional_call(module, dict(zip(names, state)), args, kwargs)
 
     return _Program(fn, [f"{call.path}.{n}" for n in names], specs, is_param, call.call.tensor_specs(),
-                    autocast=True, output_specs=[s for s in call.out_leaves if isinstance(s, TensorSpec)])
+                    autocast=low is None, output_specs=[s for s in call.out_leaves if isinstance(s, TensorSpec)])
 
 
 def _segment_program(sk: _Skeleton, nodes: list, rg: dict) -> tuple[_Program, str]:
@@ -919,6 +937,9 @@ _VIEW_OPS = frozenset({"view", "_unsafe_view", "reshape", "t", "transpose", "per
                        "unbind", "chunk", "narrow", "diagonal", "unfold", "view_as", "expand_as", "_reshape_alias",
                        "lift_fresh", "unsafe_split", "unsafe_chunk", "movedim", "flatten", "unflatten"})
 _MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"})
+# Allocations without a kernel (torch.empty and friends): no bytes move.
+_ALLOCATION_OPS = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
+                             "empty_permuted"})
 _NORM_OPS = frozenset({"native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm", "fused_rms_norm",
                        "native_group_norm",
                        "group_norm", "native_batch_norm", "_native_batch_norm_legit", "batch_norm",
@@ -974,7 +995,7 @@ def _kind_of_target(target) -> str:
         return "loss"
     if name in _NORM_OPS:
         return "norm"
-    if name in _VIEW_OPS or _returns_view(target):
+    if name in _VIEW_OPS or name in _ALLOCATION_OPS or _returns_view(target):
         return "view"
     if name in _REDUCTION_OPS:
         return "reduction"

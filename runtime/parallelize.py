@@ -320,7 +320,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
 
 def uses_fsdp_precision(plan: Plan) -> bool:
     """FSDP's MixedPrecisionPolicy casts for us (ZeRO 2/3); otherwise autocast does."""
-    return plan.zero >= 2
+    return plan.cast == "params"
 
 
 def autocast_context(plan: Plan, device: torch.device):

@@ -133,7 +133,7 @@ def test_json_round_trip_and_transfer():
     h100 = shipped_calibration("h100-sxm-80gb")
     assert Calibration.from_dict(json.loads(json.dumps(h100.to_dict()))) == h100
     a100 = get_gpu("a100")
-    moved = default_calibration(a100)
+    moved = h100.transferred_to(a100)
     assert moved.gpu == a100.name and moved.measurements == {}
     assert moved.gemm == h100.gemm and moved.attention_fwd == h100.attention_fwd
     assert moved.copy_bytes_per_s / a100.memory_bw_bytes_per_s == pytest.approx(

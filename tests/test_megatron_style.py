@@ -1,0 +1,143 @@
+"""Megatron-style execution: unfused attention, dropout, parameters held in the low
+precision (`cast="params"`), and how the cost model prices them."""
+import math
+
+import pytest
+import torch
+
+from cost_models.calibration import Calibration, shipped_calibration
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from cost_models.hardware import get_gpu
+from planner.costing import LayerCoster
+from planner.models import Decoder, ModelConfig
+from planner.plan import Plan
+from planner.trace import trace_model
+from planner.zoo import load_model
+
+B, T = 2, 16
+
+
+def tiny(arch="gpt", **kw):
+    extra = dict(kv_heads=2) if arch == "llama" else {}
+    return ModelConfig(arch, layers=2, hidden=32, heads=4, vocab=64, max_seq=T, **extra, **kw)
+
+
+def loss_of(cfg, seed=0, train=True):
+    torch.manual_seed(seed)
+    model = Decoder(cfg).init_weights(seed=1)
+    model.train(train)
+    idx = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(2))
+    return model(idx, idx)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_unfused_attention_computes_what_sdpa_computes(arch):
+    fused = loss_of(tiny(arch))
+    unfused = loss_of(tiny(arch, attention="unfused"))
+    assert unfused.item() == pytest.approx(fused.item(), rel=1e-5)
+
+
+def test_dropout_acts_in_training_only():
+    plain = loss_of(tiny()).item()
+    assert loss_of(tiny(dropout=0.1)).item() != pytest.approx(plain, rel=1e-4)
+    assert loss_of(tiny(dropout=0.1), train=False).item() == pytest.approx(
+        loss_of(tiny(), train=False).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(attention="flash3"), dict(dropout=1.0), dict(dropout=-0.1),
+                                 dict(dropout=True)])
+def test_bad_attention_or_dropout_is_refused(bad):
+    with pytest.raises(MeshplanError, match="attention|dropout"):
+        tiny(**bad)
+
+
+def block_ops(traced):
+    return traced.cost_of(traced.blocks[0]).ops
+
+
+def test_unfused_trace_has_megatrons_kernels_and_saves_the_scores():
+    spec = dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=32)
+    sdpa = trace_model(load_model(spec), B, 32, "bf16")
+    unfused = trace_model(load_model({**spec, "attention": "unfused", "dropout": 0.1}), B, 32, "bf16")
+    names = [op.target.split(".")[1] for op in block_ops(unfused) if op.kind != "view"]
+    for kernel in ("baddbmm", "masked_fill_", "_softmax", "native_dropout", "bmm"):
+        assert kernel in names
+    scores = next(op for op in block_ops(unfused) if "baddbmm" in op.target)
+    assert scores.gemm == (B * 4, 32, 16, 32) and scores.kind == "matmul"
+    # torch.empty for baddbmm's output launches nothing and moves nothing
+    empties = [op for op in block_ops(unfused) if "new_empty" in op.target]
+    assert empties and all(op.kind == "view" and op.bytes_read + op.bytes_written == 0 for op in empties)
+    # probabilities (bf16), the dropout mask (bool) and dropped probabilities are saved: >= 5 bytes per score
+    extra = unfused.cost_of(unfused.blocks[0]).saved_bytes - sdpa.cost_of(sdpa.blocks[0]).saved_bytes
+    assert extra >= 5 * B * 4 * 32 * 32
+
+
+def test_params_cast_traces_low_precision_parameters_without_casts():
+    spec = load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=32))
+    autocast = trace_model(spec, B, 32, "bf16")
+    params = trace_model(spec, B, 32, "bf16", cast="params")
+    assert params.cast == "params" and autocast.cast == "autocast"
+    assert autocast.cost_of(autocast.blocks[0]).saved_param_copy_bytes > 0
+    assert params.cost_of(params.blocks[0]).saved_param_copy_bytes == 0
+    casts = [op for op in block_ops(params) if "_to_copy" in op.target]
+    assert not casts
+    assert {op.dtype for op in block_ops(params) if op.kind in ("linear", "norm")} == {"bfloat16"}
+    with pytest.raises(MeshplanError, match="cast"):
+        trace_model(spec, B, 32, "bf16", cast="amp")
+
+
+def test_plan_cast_follows_the_runtime():
+    common = dict(micro_batch=1, global_batch=4, seq=32)
+    assert Plan(dp=4, zero=2, precision="bf16", **common).cast == "params"
+    assert Plan(dp=4, zero=3, precision="fp16", **common).cast == "params"
+    assert Plan(dp=4, zero=1, precision="bf16", **common).cast == "autocast"
+    assert Plan(dp=4, zero=3, precision="fp32", **common).cast == "autocast"
+
+
+def coster(traced):
+    return LayerCoster(traced, ComputeModel(get_gpu("a100-sxm-80gb")), hidden=64)
+
+
+def test_tensor_parallelism_splits_the_attention_products_by_heads():
+    traced = trace_model(load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512,
+                                         attention="unfused")), 8, 512, "bf16", cast="params")
+    c = coster(traced)
+    op = next(op for op in block_ops(traced) if "baddbmm" in op.target)
+    one = c._op_time(op, 1, False, {}, "bf16")
+    two = c._op_time(op, 2, False, {}, "bf16")
+    assert two[0] < one[0] and two[1] < one[1]
+    compute = c.compute
+    assert one[0] == pytest.approx(compute.matmul_time_s(512, 16, 512, "bf16", batch=8 * 4))
+    assert two[0] == pytest.approx(compute.matmul_time_s(512, 16, 512, "bf16", batch=8 * 2))
+
+
+def test_backward_traffic_follows_the_gradient_kernels():
+    spec = load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=256, dropout=0.1))
+    params, autocast = (trace_model(spec, 4, 256, "bf16", cast=cast) for cast in ("params", "autocast"))
+    for traced, add_bwd_is_free in ((params, True), (autocast, False)):
+        c = coster(traced)
+        add = next(op for op in block_ops(traced) if op.target.startswith("aten.add.Tensor"))
+        fwd, bwd, _ = c._op_time(add, 1, False, {}, "bf16")
+        assert (bwd == 0) == add_bwd_is_free and fwd > 0
+    c = coster(params)
+    drop = next(op for op in block_ops(params) if "native_dropout" in op.target)
+    fwd, bwd, _ = c._op_time(drop, 1, False, {}, "bf16")
+    assert bwd == pytest.approx(fwd)   # the saved mask applied to the gradient: the same traffic
+    gelu = next(op for op in block_ops(params) if "gelu" in op.target)
+    fwd, bwd, _ = c._op_time(gelu, 1, False, {}, "bf16")
+    assert bwd > fwd
+
+
+def test_host_and_device_time_combine_by_the_calibrated_exponent():
+    gpu = get_gpu("a100-sxm-80gb")
+    base = shipped_calibration("a100-sxm-80gb")
+    plain = ComputeModel(gpu, Calibration.from_dict({**base.to_dict(), "host_overlap_exponent": 0.0}))
+    smooth = ComputeModel(gpu, Calibration.from_dict({**base.to_dict(), "host_overlap_exponent": 4.0}))
+    assert plain.host_bound_s(3.0, 2.0) == 3.0
+    assert smooth.host_bound_s(3.0, 2.0) == pytest.approx((3.0 ** 4 + 2.0 ** 4) ** 0.25)
+    assert 3.0 < smooth.host_bound_s(3.0, 2.0) < 5.0
+    assert smooth.host_bound_s(2.0, 3.0) == pytest.approx(smooth.host_bound_s(3.0, 2.0))
+    assert smooth.host_bound_s(1.0, 0.0) == 1.0 and smooth.host_bound_s(0.0, 1.0) == 1.0
+    assert math.isclose(smooth.host_bound_s(1e3, 1.0), 1e3, rel_tol=1e-6)
+    assert Calibration.from_dict(smooth.calibration.to_dict()).host_overlap_exponent == 4.0
