@@ -260,7 +260,8 @@ class _Search:
     def param_count(self) -> float:
         if not hasattr(self, "_param_count"):
             precision = self.values("precision", ("bf16",))[0]
-            self._param_count = float(_trace_cached(_model_key(self.spec), 1, self.seq, precision).param_count)
+            traced = _trace_cached(_model_key(self.spec), 1, self.seq, precision, "autocast")
+            self._param_count = float(traced.param_count)
         return self._param_count
 
     def checkpointed_need_bytes(self, plan: Plan) -> float:

@@ -89,7 +89,7 @@ class SimResult:
 
 
 @lru_cache(maxsize=64)
-def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str, cast: str = "autocast"):
+def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str, cast: str):
     return trace_spec(_SPECS[model_key], micro_batch, seq, precision, cast)
 
 
