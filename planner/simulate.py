@@ -138,8 +138,7 @@ def _model_key(spec: ModelSpec) -> str:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None, host_s_per_op: float | None = None,
-             overlap_dp_comm: bool = True, cast: str | None = None) -> SimResult:
+             comm: CommModel | None = None, overlap_dp_comm: bool = True, cast: str | None = None) -> SimResult:
     """Simulate one training step of `plan`.
 
     `overlap_dp_comm`: the gradient all-reduce runs in buckets during backward, as
@@ -150,12 +149,11 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     (fp16 parameters, fp32 master weights in the optimizer) for the traced ops; the
     model-state memory stays that of meshplan's runtime.
     """
-    return prepare(plan, model, cluster, compute, comm, host_s_per_op, overlap_dp_comm, cast).run()
+    return prepare(plan, model, cluster, compute, comm, overlap_dp_comm, cast).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
-            host_s_per_op: float | None = None, overlap_dp_comm: bool = True,
-            cast: str | None = None) -> "_Simulation":
+            overlap_dp_comm: bool = True, cast: str | None = None) -> "_Simulation":
     """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
@@ -169,20 +167,20 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
     plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
-    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None, host_s_per_op)
+    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
     return _Simulation(plan, traced, cluster, compute, comm, coster, overlap_dp_comm)
 
 
 _COSTERS: dict = {}
 
 
-def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, host_s_per_op) -> LayerCoster:
-    key = (id(traced), id(compute), hidden, host_s_per_op)
+def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerCoster:
+    key = (id(traced), id(compute), hidden)
     entry = _COSTERS.get(key)
     if entry is None or entry[0] is not traced or entry[1] is not compute:
         if len(_COSTERS) > 256:
             _COSTERS.clear()
-        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, host_s_per_op))
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden))
     return entry[2]
 
 
