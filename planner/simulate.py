@@ -146,8 +146,8 @@ def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
     backward (Megatron-LM of 2021, vTrain's `use_gradient_bucket=false` runs).
     `cast`: how the low precision is applied (planner.trace.CASTS); None is what meshplan's
     runtime does (`plan.cast`). "params" with ZeRO 0 models Megatron-LM's fp16 training
-    (fp16 parameters, fp32 master weights in the optimizer) for the traced ops; the
-    model-state memory stays that of meshplan's runtime.
+    (fp16 parameters and gradients, fp32 master weights in the optimizer) for the traced
+    ops and the gradient all-reduce; the model-state memory stays that of meshplan's runtime.
     """
     return prepare(plan, model, cluster, compute, comm, overlap_dp_comm, cast).run()
 
@@ -196,6 +196,10 @@ class _Simulation:
         pp_group = comm.group(degrees, "pp", order)
         self.pp_cross_node = pp_group.crosses_nodes
         self.act_bytes = DTYPE_BYTES[plan.precision]
+        # DDP all-reduces each .grad in its parameter's dtype: fp32 for our runtime's
+        # fp32 parameters under autocast, 16-bit where the parameters themselves are
+        # (Megatron-LM's fp16 training); FSDP2 reduces in fp32 (charged in fsdp_exposed)
+        self.grad_dtype_bytes = self.act_bytes if traced.cast == "params" else 4
 
     # -- layers to stages ----------------------------------------------------------------
     def stage_layers(self) -> list[list[int]]:
@@ -281,7 +285,7 @@ class _Simulation:
         plan = self.plan
         if plan.dp == 1 or plan.zero >= 2:
             return 0.0   # FSDP's reduce-scatters were charged per layer
-        grad_bytes = params * 4
+        grad_bytes = params * self.grad_dtype_bytes
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
         exposed = max(all_reduce - last_bwd_s, last_bucket) if self.overlap_dp_comm else all_reduce
@@ -303,7 +307,7 @@ class _Simulation:
         params = sum(t.params_per_gpu for t in timings)
         states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
         in_flight = in_flight_peak(actions[rank]) / plan.interleave  # in units of the whole rank's layers
-        fsdp_mixed = plan.cast == "params"
+        fsdp_mixed = self.traced.cast == "params"
         saved = sum(t.saved_for(self.checkpoint_mode(i)) for i, t in zip(layers, timings))
         # autocast's low-precision weight copies stay saved until backward, except in
         # fully checkpointed layers (recomputed there); FSDP mixed precision has none

@@ -141,3 +141,22 @@ def test_host_and_device_time_combine_by_the_calibrated_exponent():
     assert smooth.host_bound_s(1.0, 0.0) == 1.0 and smooth.host_bound_s(0.0, 1.0) == 1.0
     assert math.isclose(smooth.host_bound_s(1e3, 1.0), 1e3, rel_tol=1e-6)
     assert Calibration.from_dict(smooth.calibration.to_dict()).host_overlap_exponent == 4.0
+
+
+def test_params_cast_all_reduces_16_bit_gradients_after_backward():
+    """Megatron's fp16 DDP reduces .grad in the parameters' dtype (2 bytes), our runtime's
+    DDP its fp32 gradients (4 bytes); both after backward here, so the whole all-reduce of a
+    DP group of 32 (one rank per node) is exposed."""
+    from cost_models.cluster import parse_cluster
+    from planner.simulate import prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=512, heads=8, vocab=1024, max_seq=128))
+    cluster = parse_cluster("dgx-a100:32")
+    plan = Plan(dp=32, tp=8, micro_batch=1, global_batch=32, seq=128, precision="fp16")
+    exposed = {}
+    for cast in ("autocast", "params"):
+        sim = prepare(plan, spec, cluster, overlap_dp_comm=False, cast=cast)
+        params = sum(sim.timing(layer.index).params_per_gpu for layer in sim.traced.layers)
+        exposed[cast] = sim.run().phases["exposed_dp_comm_s"]
+        bytes_per_grad = 2 if cast == "params" else 4
+        assert exposed[cast] == pytest.approx(sim.comm.all_reduce_s(params * bytes_per_grad, sim.dp_group))
+    assert exposed["params"] < 0.6 * exposed["autocast"]
