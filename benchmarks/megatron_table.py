@@ -14,8 +14,9 @@ Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degr
 (a) `plan()` with the paper's tp and pp pinned, the rest searched (meshplan's runtime);
     and the paper's system: tp, pp, full recompute, no ZeRO and no sequence parallelism
     pinned, the model as Megatron-LM ran it in 2021 (unfused attention - flash attention
-    came in 2022 - and dropout 0.1), fp16 parameters and gradients (`cast="params"`) and
-    the gradient all-reduce after backward. These are facts of the measured system, not
+    came in 2022 - and dropout 0.1), executed as Megatron-LM of 2021 did
+    (planner.simulate.MEGATRON_2021: fp16 parameters and gradients, the gradient all-reduce
+    after backward, blocking pipeline sends with scatter/gather). These are facts of the measured system, not
     fits; this column is the bar.
     Predicted TFLOP/s per GPU uses the paper's own FLOP count, which includes the recompute
     forward pass whatever the plan checkpoints: F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))
@@ -36,17 +37,17 @@ import time
 from pathlib import Path
 
 from planner.search import plan
-from planner.simulate import simulate
+from planner.simulate import MEGATRON_2021, simulate
 from planner.zoo import PRESETS
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TABLE = "megatron_sc21_table1.json"
 GPUS_PER_NODE = 8   # DGX A100
-MEGATRON_2021 = dict(attention="unfused", dropout=0.1)   # Megatron-LM's GPT as the paper ran it
+MEGATRON_2021_MODEL = dict(attention="unfused", dropout=0.1)   # Megatron-LM's GPT as the paper ran it
 # The paper's execution, pinned: full recompute, no ZeRO, and no sequence parallelism (it came
 # a year later, Korthikanti et al. 2022): with tp 8, every GPU of the TP group runs the
 # LayerNorms, dropouts and residual adds on the whole residual stream.
-MEGATRON_2021_EXECUTION = dict(checkpoint="full", zero=0, sequence_parallel=False)
+MEGATRON_2021_PINNED = dict(checkpoint="full", zero=0, sequence_parallel=False)
 
 
 def paper_flops_per_iteration(row: dict) -> float:
@@ -66,14 +67,13 @@ def preset_for(row: dict) -> str:
 
 def timed_plan(model, row: dict, megatron: bool = False, **pinned) -> dict:
     """The best plan for the row (with `pinned`), its predicted TFLOP/s by the paper's count;
-    `megatron`: that plan simulated as Megatron-LM of 2021 executes it (fp16 parameters, the
-    gradient all-reduce after backward)."""
+    `megatron`: that plan simulated as Megatron-LM of 2021 executes it (MEGATRON_2021)."""
     gpus = row["num_gpus"]
     cluster = f"dgx-a100:{gpus // GPUS_PER_NODE}"
     started = time.perf_counter()
     best = plan(model, cluster, row["global_batch_size"], row["seq_len"], top_k=1, **pinned)[0]
     plan_s = time.perf_counter() - started
-    result = simulate(best, model, cluster, cast="params", overlap_dp_comm=False) if megatron else best.result
+    result = simulate(best, model, cluster, execution=MEGATRON_2021) if megatron else best.result
     tflops = paper_flops_per_iteration(row) / (result.step_time_s * gpus) / 1e12
     return dict(plan=summary(best), step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s,
                 tflops_per_gpu=tflops, plan_s=plan_s, hfu=result.hfu, phases=result.phases,
@@ -93,8 +93,8 @@ def evaluate(row: dict) -> dict:
     model = preset_for(row)
     degrees = dict(tp=row["tensor_parallel"], pp=row["pipeline_parallel"])
     pinned = timed_plan(model, row, **degrees)
-    megatron_model = {**PRESETS[model].to_dict(), **MEGATRON_2021}
-    full = timed_plan(megatron_model, row, megatron=True, **MEGATRON_2021_EXECUTION, **degrees)
+    megatron_model = {**PRESETS[model].to_dict(), **MEGATRON_2021_MODEL}
+    full = timed_plan(megatron_model, row, megatron=True, **MEGATRON_2021_PINNED, **degrees)
     free = timed_plan(model, row)
     return dict(model=model, params_billion=row["params_billion"], gpus=row["num_gpus"],
                 paper_tflops_per_gpu=row["achieved_tflops_per_gpu"], pinned=pinned, pinned_full=full,

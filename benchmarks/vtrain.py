@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cost_models.compute import ComputeModel
 from planner.plan import Plan
-from planner.simulate import simulate
+from planner.simulate import MEGATRON_2021, simulate
 from planner.zoo import load_model
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -29,14 +29,10 @@ MEGATRON_PADDED_VOCAB = 50304
 # Megatron's unfused core attention (baddbmm, fused scale-mask-softmax, dropout, bmm) and
 # dropout 0.1 on embeddings, attention probabilities and both residual branches.
 MEGATRON_DROPOUT = 0.1
-# Megatron-LM trains fp16 with the model's parameters in fp16 (fp32 master copies in the
-# optimizer): no per-op casts, fp16 norms and residual stream.
-MEGATRON_CAST = "params"
-
-
-# The measured runs reduce gradients after backward, not in buckets during it (vTrain's
-# validation configs: use_gradient_bucket=false): a fact of the measured system, not a fit.
-VTRAIN_OVERLAPS_DP_COMM = False
+# Megatron-LM's execution (planner.simulate.MEGATRON_2021): fp16 parameters and gradients
+# (fp32 master copies in the optimizer), gradients reduced after backward, not in buckets
+# during it (vTrain's validation configs: use_gradient_bucket=false), blocking pipeline
+# sends with the scatter/gather optimisation. Facts of the measured system, not fits.
 
 
 def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
@@ -51,8 +47,7 @@ def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
     plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
                 micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
                 precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
-    result = simulate(plan, spec, cluster, compute=compute, overlap_dp_comm=VTRAIN_OVERLAPS_DP_COMM,
-                      cast=MEGATRON_CAST)
+    result = simulate(plan, spec, cluster, compute=compute, execution=MEGATRON_2021)
     return 1e3 * result.step_time_s
 
 

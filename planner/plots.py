@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cost_models.units import GIB  # noqa: E402
 
-COLORS = {"F": "#4C72B0", "B": "#DD8452", "tail": "#55A868", "bubble": "#DDDDDD"}
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "send": "#8172B3", "tail": "#55A868", "bubble": "#DDDDDD"}
+LEGEND = {"F": "forward", "B": "backward (+ recompute)", "send": "blocking send", "tail": "dp sync + optimizer",
+          "bubble": "idle"}
 MEMORY_PARTS = (("params_bytes", "parameters", "#4C72B0"), ("grads_bytes", "gradients", "#DD8452"),
                 ("optimizer_bytes", "optimizer", "#55A868"), ("activations_bytes", "activations", "#C44E52"),
                 ("transient_bytes", "transient", "#8172B3"))
@@ -35,9 +37,10 @@ def timeline_png(result, path, title: str = "") -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_xlim(0, result.step_time_s * 1.01)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in ("F", "B", "tail", "bubble")]
-    ax.legend(handles, ["forward", "backward (+ recompute)", "dp sync + optimizer", "idle"],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if ranks < 4 else -0.12), ncol=4, frameon=False)
+    shown = [k for k in LEGEND if k != "send" or any(e.kind == "send" for e in timeline.events)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
+    ax.legend(handles, [LEGEND[k] for k in shown], loc="upper center",
+              bbox_to_anchor=(0.5, -0.25 if ranks < 4 else -0.12), ncol=len(shown), frameon=False)
     ax.set_title(title or f"step {result.step_time_s:.3f} s, MFU {100 * result.mfu:.1f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -145,11 +145,13 @@ class PipelineTimeline:
                      dur=(e.end_s - e.start_s) * 1e6) for e in self.events]
 
 
-def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float = 0.0) -> PipelineTimeline:
+def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float = 0.0,
+                      blocking_p2p: bool = False) -> PipelineTimeline:
     """Event simulation. fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v.
 
     `p2p_s` is the time to move one micro-batch's boundary activation (or its gradient)
-    to the neighbouring stage; transfers run beside compute and delay only the receiver.
+    to the neighbouring stage. Transfers run beside compute and delay only the receiver,
+    or, with `blocking_p2p`, also hold the sender until they are done.
     """
     pp = len(schedule)
     stages = len(fwd_s)
@@ -177,12 +179,21 @@ def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float =
             done[(action.kind, action.micro_batch, vs)] = end
             events.append(Event(rank, action.kind, action.micro_batch, action.chunk, start, end))
             free_at[rank], busy[rank] = end, busy[rank] + duration
+            if blocking_p2p and p2p_s > 0 and _sends_to_other_rank(action, vs, stages, pp):
+                events.append(Event(rank, "send", action.micro_batch, action.chunk, end, end + p2p_s))
+                free_at[rank] = end + p2p_s
             cursor[rank] += 1
             pending.extend(waiting.pop((action.kind, action.micro_batch, vs), ()))
     stuck = [r for r in range(pp) if cursor[r] < len(schedule[r])]
     if stuck:
         raise MeshplanError(f"pipeline schedule deadlocks on rank(s) {stuck}: its action lists are inconsistent")
     return PipelineTimeline(events, free_at, busy, pp)
+
+
+def _sends_to_other_rank(action: Action, vs: int, stages: int, pp: int) -> bool:
+    """Whether the action's output (activation forward, gradient backward) leaves the rank."""
+    consumer = vs + 1 if action.kind == "F" else vs - 1
+    return 0 <= consumer < stages and consumer % pp != vs % pp
 
 
 def _dependency(action: Action, vs: int, stages: int):

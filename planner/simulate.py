@@ -42,6 +42,34 @@ DDP_BUCKET_BYTES = 25 * 2 ** 20   # torch DDP's default bucket_cap_mb
 SHALLOW_BLOCKS = 2   # blocks traced for a zoo decoder (see trace_spec)
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a training framework runs a plan, where frameworks differ. The default is
+    meshplan's runtime; MEGATRON_2021 is Megatron-LM as the measured runs used it.
+
+    overlap_dp_comm: the gradient all-reduce runs in buckets during backward (torch DDP)
+        rather than after it.
+    cast: how the low precision is applied (planner.trace.CASTS); None = `plan.cast`.
+        "params" with ZeRO 0 is Megatron's fp16 training: fp16 parameters and gradients,
+        fp32 master weights in the optimizer (the model-state memory stays meshplan's).
+    blocking_p2p: a pipeline send holds its rank until the transfer is done (Megatron waits
+        on every batched isend/irecv, then torch.cuda.synchronize()); else sends run
+        beside compute and delay only the receiver (torch.distributed.pipelining).
+    p2p_scatter_gather: with tp > 1 each rank of a TP group sends 1/tp of the (replicated)
+        boundary activation and the receivers all-gather it over the TP group
+        (Megatron's scatter/gather optimisation, Narayanan et al. 2021 Sec. 4.1).
+    """
+
+    overlap_dp_comm: bool = True
+    cast: str | None = None
+    blocking_p2p: bool = False
+    p2p_scatter_gather: bool = False
+
+
+MESHPLAN_RUNTIME = Execution()
+MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True)
+
+
 @dataclass
 class StageMemory:
     stage: int
@@ -138,22 +166,13 @@ def _model_key(spec: ModelSpec) -> str:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None, overlap_dp_comm: bool = True, cast: str | None = None) -> SimResult:
-    """Simulate one training step of `plan`.
-
-    `overlap_dp_comm`: the gradient all-reduce runs in buckets during backward, as
-    meshplan's runtime (DDP/replicate) does. False models frameworks that reduce after
-    backward (Megatron-LM of 2021, vTrain's `use_gradient_bucket=false` runs).
-    `cast`: how the low precision is applied (planner.trace.CASTS); None is what meshplan's
-    runtime does (`plan.cast`). "params" with ZeRO 0 models Megatron-LM's fp16 training
-    (fp16 parameters and gradients, fp32 master weights in the optimizer) for the traced
-    ops and the gradient all-reduce; the model-state memory stays that of meshplan's runtime.
-    """
-    return prepare(plan, model, cluster, compute, comm, overlap_dp_comm, cast).run()
+             comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> SimResult:
+    """Simulate one training step of `plan`, run as `execution` says (default: meshplan's runtime)."""
+    return prepare(plan, model, cluster, compute, comm, execution).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
-            overlap_dp_comm: bool = True, cast: str | None = None) -> "_Simulation":
+            execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
     """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
@@ -162,13 +181,14 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
-    traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision, cast or plan.cast)
+    traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision,
+                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
     plan.check_fits(len(traced.blocks), cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
-    return _Simulation(plan, traced, cluster, compute, comm, coster, overlap_dp_comm)
+    return _Simulation(plan, traced, cluster, compute, comm, coster, execution)
 
 
 _COSTERS: dict = {}
@@ -185,16 +205,15 @@ def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerC
 
 
 class _Simulation:
-    def __init__(self, plan, traced, cluster, compute, comm, coster, overlap_dp_comm=True):
-        self.overlap_dp_comm = overlap_dp_comm
+    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME):
+        self.execution = execution
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
         degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
         order = tuple(plan.rank_order)
         self.tp_group = comm.group(degrees, "tp", order)
         self.dp_group = comm.group(degrees, "dp", order)
-        pp_group = comm.group(degrees, "pp", order)
-        self.pp_cross_node = pp_group.crosses_nodes
+        self.pp_cross_node = comm.group(degrees, "pp", order).crosses_nodes
         self.act_bytes = DTYPE_BYTES[plan.precision]
         # DDP all-reduces each .grad in its parameter's dtype: fp32 for our runtime's
         # fp32 parameters under autocast, 16-bit where the parameters themselves are
@@ -265,9 +284,8 @@ class _Simulation:
             bwd.append(sum(t[1] for t in times))
             recompute.append(sum(t[2] for t in times))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
-        p2p = self.comm.p2p_s(boundary, self.pp_cross_node) if plan.pp > 1 else 0.0
         actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
-        timeline = simulate_pipeline(actions, fwd, bwd, p2p)
+        timeline = simulate_pipeline(actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p)
         tails, dp_exposed, optimizer = [], [], []
         for rank in range(plan.pp):
             layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
@@ -281,6 +299,16 @@ class _Simulation:
         memory = [self.stage_memory(rank, stages, actions) for rank in range(plan.pp)]
         return self.result(step, timeline, slowest, dp_exposed, optimizer, recompute, memory)
 
+    def p2p_s(self, boundary_bytes: float) -> float:
+        """One micro-batch's boundary activation (or its gradient) to the next stage."""
+        plan = self.plan
+        if plan.pp == 1:
+            return 0.0
+        if not (self.execution.p2p_scatter_gather and plan.tp > 1 and not plan.sequence_parallel):
+            return self.comm.p2p_s(boundary_bytes, self.pp_cross_node)
+        return (self.comm.p2p_s(boundary_bytes / plan.tp, self.pp_cross_node)
+                + self.comm.all_gather_s(boundary_bytes, self.tp_group))
+
     def dp_tail_s(self, params: float, last_bwd_s: float) -> float:
         plan = self.plan
         if plan.dp == 1 or plan.zero >= 2:
@@ -288,7 +316,7 @@ class _Simulation:
         grad_bytes = params * self.grad_dtype_bytes
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
-        exposed = max(all_reduce - last_bwd_s, last_bucket) if self.overlap_dp_comm else all_reduce
+        exposed = max(all_reduce - last_bwd_s, last_bucket) if self.execution.overlap_dp_comm else all_reduce
         if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
             exposed += self.comm.all_gather_s(params * 4, self.dp_group)
         return exposed

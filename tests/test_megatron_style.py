@@ -148,15 +148,35 @@ def test_params_cast_all_reduces_16_bit_gradients_after_backward():
     DDP its fp32 gradients (4 bytes); both after backward here, so the whole all-reduce of a
     DP group of 32 (one rank per node) is exposed."""
     from cost_models.cluster import parse_cluster
-    from planner.simulate import prepare
+    from planner.simulate import Execution, prepare
     spec = load_model(dict(arch="gpt", layers=2, hidden=512, heads=8, vocab=1024, max_seq=128))
     cluster = parse_cluster("dgx-a100:32")
     plan = Plan(dp=32, tp=8, micro_batch=1, global_batch=32, seq=128, precision="fp16")
     exposed = {}
     for cast in ("autocast", "params"):
-        sim = prepare(plan, spec, cluster, overlap_dp_comm=False, cast=cast)
+        sim = prepare(plan, spec, cluster, execution=Execution(overlap_dp_comm=False, cast=cast))
         params = sum(sim.timing(layer.index).params_per_gpu for layer in sim.traced.layers)
         exposed[cast] = sim.run().phases["exposed_dp_comm_s"]
         bytes_per_grad = 2 if cast == "params" else 4
         assert exposed[cast] == pytest.approx(sim.comm.all_reduce_s(params * bytes_per_grad, sim.dp_group))
     assert exposed["params"] < 0.6 * exposed["autocast"]
+
+
+def test_megatron_scatter_gather_sends_a_tp_share_then_gathers_it():
+    """With tp 8 and no sequence parallelism the boundary activation is replicated on the
+    TP group: Megatron sends 1/8 per rank across nodes and all-gathers it over NVLink;
+    meshplan's runtime sends the whole tensor from each rank."""
+    from cost_models.cluster import parse_cluster
+    from planner.simulate import MEGATRON_2021, prepare
+    spec = load_model(dict(arch="gpt", layers=4, hidden=1024, heads=16, vocab=1024, max_seq=512))
+    plan = Plan(dp=1, tp=8, pp=2, micro_batch=1, global_batch=4, seq=512, precision="fp16")
+    boundary = 512 * 1024 * 2
+    ours = prepare(plan, spec, parse_cluster("dgx-a100:2"))
+    megatron = prepare(plan, spec, parse_cluster("dgx-a100:2"), execution=MEGATRON_2021)
+    assert ours.pp_cross_node and megatron.pp_cross_node
+    assert ours.p2p_s(boundary) == pytest.approx(ours.comm.p2p_s(boundary, True))
+    assert megatron.p2p_s(boundary) == pytest.approx(
+        megatron.comm.p2p_s(boundary / 8, True) + megatron.comm.all_gather_s(boundary, megatron.tp_group))
+    assert megatron.p2p_s(boundary) < ours.p2p_s(boundary)
+    sends = [e for e in megatron.run().timeline.events if e.kind == "send"]
+    assert sends and not [e for e in ours.run().timeline.events if e.kind == "send"]

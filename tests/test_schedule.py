@@ -82,3 +82,19 @@ def test_in_flight_counts_match_the_action_lists(schedule, pp, m, chunks):
     from planner.schedule import in_flight_counts
     expected = tuple(in_flight_peak(a) for a in build_schedule(schedule, pp, m, chunks))
     assert in_flight_counts(schedule, pp, m, chunks) == expected
+
+
+def test_blocking_sends_hold_the_sender():
+    """GPipe, 2 stages, 2 micro-batches, F 1 s, B 2 s, transfers 0.5 s, worked by hand.
+    Sends beside compute: rank 1 ends its backwards at 7.5, rank 0 at 10. Blocking sends
+    (Megatron waits on each p2p): rank 0's second forward starts at 1.5, rank 1's backwards
+    end at 8.5 and its last send at 9, so rank 0's last backward runs 9-11."""
+    actions = build_schedule("gpipe", 2, 2, 1)
+    beside = simulate_pipeline(actions, [1.0, 1.0], [2.0, 2.0], 0.5)
+    blocking = simulate_pipeline(actions, [1.0, 1.0], [2.0, 2.0], 0.5, blocking_p2p=True)
+    assert beside.makespan_s == pytest.approx(10.0)
+    assert blocking.makespan_s == pytest.approx(11.0)
+    sends = [(e.rank, e.start_s, e.end_s) for e in blocking.events if e.kind == "send"]
+    assert sorted(sends) == [(0, 1.0, 1.5), (0, 2.5, 3.0), (1, 6.0, 6.5), (1, 8.5, 9.0)]
+    assert blocking.busy_s == beside.busy_s == [6.0, 6.0]
+    assert not any(e.kind == "send" for e in beside.events)

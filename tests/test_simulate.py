@@ -5,7 +5,7 @@ import pytest
 from conftest import assert_user_error
 from cost_models import MeshplanError
 from planner.plan import Plan
-from planner.simulate import simulate
+from planner.simulate import Execution, simulate
 
 MODEL = "gpt3-1.3b"
 CLUSTER = "a100-sxm-80gb:2x8"
@@ -142,7 +142,7 @@ def test_cli_pictures(cli, tmp_path):
 def test_gradient_reduction_after_backward_is_fully_exposed():
     plan = Plan(dp=16, global_batch=16, seq=1024)
     overlapped = simulate(plan, MODEL, CLUSTER)
-    after = simulate(plan, MODEL, CLUSTER, overlap_dp_comm=False)
+    after = simulate(plan, MODEL, CLUSTER, execution=Execution(overlap_dp_comm=False))
     assert after.phases["exposed_dp_comm_s"] > overlapped.phases["exposed_dp_comm_s"]
     assert after.step_time_s - overlapped.step_time_s == pytest.approx(
         after.phases["exposed_dp_comm_s"] - overlapped.phases["exposed_dp_comm_s"])
