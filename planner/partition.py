@@ -105,7 +105,7 @@ class StageCosts:
     def _block_costs(self, index: int) -> _BlockCosts:
         sim, plan = self.sim, self.sim.plan
         t = sim.timing(index)
-        fsdp_mixed = plan.cast == "params"
+        fsdp_mixed = sim.traced.cast == "params"
         time_s, act = {}, {}
         for mode in MODES:
             fwd, bwd, _ = sim.layer_times(index, mode)

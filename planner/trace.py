@@ -125,7 +125,7 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
         for layer in layers:
             if layer.signature not in costs:
                 costs[layer.signature] = _cost_program(layer.signature, programs[layer.signature], precision,
-                                                       module, kernels)
+                                                       module, kernels, checkpointable=layer.kind not in ("embedding", "head"))
     params = list(module.parameters())  # tied parameters once
     return TracedModel(
         name=name, micro_batch=micro_batch, seq=seq, precision=precision, cast=cast, route=route,
@@ -1278,11 +1278,12 @@ def _make_state(spec: TensorSpec, is_param: bool) -> torch.Tensor:
 
 
 def _cost_program(signature: str, program: _Program, precision: str, model: nn.Module,
-                  kernels: str) -> LayerCost:
-    """Everything a cost model needs about one layer signature."""
+                  kernels: str, checkpointable: bool = True) -> LayerCost:
+    """Everything a cost model needs about one layer signature. The embedding and the head
+    are never checkpointed (the runtime checkpoints blocks): they keep one saved size."""
     gm = _trace_program(program, precision, model, kernels)
     ops, graph = _analyse(gm, program)
-    memory = measure_saved(program, precision, kernels)
+    memory = measure_saved(program, precision, kernels, checkpointable)
     attention = [op for op in ops if op.kind == "attention"]
     return LayerCost(
         signature=signature,
@@ -1364,10 +1365,14 @@ def _selective_policy(weight_keys: Callable[[], set]):
     return policy
 
 
-def measure_saved(program: _Program, precision: str, kernels: str = "cuda") -> dict[str, int]:
+def measure_saved(program: _Program, precision: str, kernels: str = "cuda",
+                  checkpointable: bool = True) -> dict[str, int]:
     """Activation bytes kept for backward: none / full checkpoint / selective checkpoint,
-    and autocast's saved parameter copies (see `planner.ir.LayerCost`)."""
+    and autocast's saved parameter copies (see `planner.ir.LayerCost`). A layer that is
+    never checkpointed keeps the same bytes in every mode (measured once)."""
     none, copies = _measure_variant(program, precision, kernels, None)
+    if not checkpointable:
+        return {"none": none, "full": none, "selective": none, "param_copies": copies}
     full, _ = _measure_variant(program, precision, kernels, "full")
     selective, _ = _measure_variant(program, precision, kernels, "selective")
     return {"none": none, "full": full, "selective": selective, "param_copies": copies}
