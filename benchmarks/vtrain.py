@@ -29,10 +29,6 @@ MEGATRON_PADDED_VOCAB = 50304
 # Megatron's unfused core attention (baddbmm, fused scale-mask-softmax, dropout, bmm) and
 # dropout 0.1 on embeddings, attention probabilities and both residual branches.
 MEGATRON_DROPOUT = 0.1
-# Megatron-LM's execution (planner.simulate.MEGATRON_2021): fp16 parameters and gradients
-# (fp32 master copies in the optimizer), gradients reduced after backward, not in buckets
-# during it (vTrain's validation configs: use_gradient_bucket=false), blocking pipeline
-# sends with the scatter/gather optimisation. Facts of the measured system, not fits.
 
 
 def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
@@ -47,6 +43,9 @@ def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
     plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
                 micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
                 precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
+    # Megatron-LM's execution (planner.simulate.MEGATRON_2021): fp16 parameters and gradients,
+    # gradients reduced after backward, not in buckets during it (vTrain's validation configs:
+    # use_gradient_bucket=false), blocking pipeline sends with scatter/gather. Facts, not fits.
     result = simulate(plan, spec, cluster, compute=compute, execution=MEGATRON_2021)
     return 1e3 * result.step_time_s
 

@@ -124,8 +124,9 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
         costs: dict[str, LayerCost] = {}
         for layer in layers:
             if layer.signature not in costs:
+                never_checkpointed = layer.kind in ("embedding", "head")
                 costs[layer.signature] = _cost_program(layer.signature, programs[layer.signature], precision,
-                                                       module, kernels, checkpointable=layer.kind not in ("embedding", "head"))
+                                                       module, kernels, checkpointable=not never_checkpointed)
     params = list(module.parameters())  # tied parameters once
     return TracedModel(
         name=name, micro_batch=micro_batch, seq=seq, precision=precision, cast=cast, route=route,
