@@ -45,7 +45,8 @@ def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
                 precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
     # Megatron-LM's execution (planner.simulate.MEGATRON_2021): fp16 parameters and gradients,
     # gradients reduced after backward, not in buckets during it (vTrain's validation configs:
-    # use_gradient_bucket=false), blocking pipeline sends with scatter/gather. Facts, not fits.
+    # use_gradient_bucket=false), blocking pipeline sends with scatter/gather, and the host
+    # launches of its get_batch and vocab-parallel loss, counted in its code. Facts, not fits.
     result = simulate(plan, spec, cluster, compute=compute, execution=MEGATRON_2021)
     return 1e3 * result.step_time_s
 

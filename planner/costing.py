@@ -133,17 +133,21 @@ class LayerCoster:
         self._cache = {}
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
-               tp_layout: dict | None = None) -> LayerTiming:
+               tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0)) -> LayerTiming:
+        """`extra_host_ops`: (forward, backward) launches the framework issues with this layer
+        beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head)."""
         layer = self.traced.layers[layer_index]
-        key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())))
+        key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops)
         if key not in self._cache:
             if tp > 1 and self.hidden is None:
                 raise MeshplanError("tensor parallelism needs a zoo model (or a plan tp_layout): "
                                     "this model has no known hidden size; use tp 1")
-            self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {})
+            self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
+                                            extra_host_ops)
         return self._cache[key]
 
-    def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict) -> LayerTiming:
+    def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
+                extra_host_ops: tuple[int, int] = (0, 0)) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = 0.0
         allreduces = 0
@@ -157,9 +161,10 @@ class LayerCoster:
                 allreduces += 1
             params += op.param_count * share
         launched = sum(1 for op in cost.ops if op.kind != "view")
-        host_fwd = launched * self.compute.host_s_per_op
+        host_fwd = (launched + extra_host_ops[0]) * self.compute.host_s_per_op
+        host_bwd = (launched * HOST_BWD_OPS_PER_FWD_OP + extra_host_ops[1]) * self.compute.host_s_per_op
         fwd = self.compute.host_bound_s(fwd, host_fwd)
-        bwd = self.compute.host_bound_s(bwd, host_fwd * HOST_BWD_OPS_PER_FWD_OP)
+        bwd = self.compute.host_bound_s(bwd, host_bwd)
         streaming = min(streaming, fwd)
         split = 1.0 / tp
         replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE

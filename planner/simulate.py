@@ -58,16 +58,40 @@ class Execution:
     p2p_scatter_gather: with tp > 1 each rank of a TP group sends 1/tp of the (replicated)
         boundary activation and the receivers all-gather it over the TP group
         (Megatron's scatter/gather optimisation, Narayanan et al. 2021 Sec. 4.1).
+    batch_host_ops: launches per micro-batch, on every pipeline stage, that fetch the batch
+        and build its masks; charged at the calibration's host time per op and never hidden
+        behind the GPU, because the framework synchronises the device around them.
+    loss_host_ops: (forward, backward) launches per micro-batch that the framework's loss
+        adds to the traced head (whose loss is one log_softmax + nll_loss); they join the
+        head's host time, so they hide behind a device-bound head.
     """
 
     overlap_dp_comm: bool = True
     cast: str | None = None
     blocking_p2p: bool = False
     p2p_scatter_gather: bool = False
+    batch_host_ops: int = 0
+    loss_host_ops: tuple[int, int] = (0, 0)
 
 
 MESHPLAN_RUNTIME = Execution()
-MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True)
+# Megatron-LM's per-micro-batch host work, counted launch by launch in its code (2021-22):
+# - batch (pretrain_gpt.get_batch, every stage): the sizes' H2D copy, broadcast and D2H
+#   read-back, the tokens' H2D copy and broadcast, two .contiguous() for tokens/labels, and
+#   get_ltor_masks_and_position_ids' ones, tril, ones (loss mask), arange and `< 0.5`: 12.
+#   Its 'batch-generator' and 'forward-compute' timers call torch.cuda.synchronize().
+# - loss forward: mpu.vocab_parallel_cross_entropy issues 20 launches (max, three
+#   all-reduces, sub_, masks, clone, two masked fills, arange, gather, clone, exp, sum, log,
+#   sub, div_) where the trace has 2; loss_func and average_losses_across_data_parallel_group
+#   add 8 (mul, two sums, div, clone, cat, all-reduce, div) and the schedule 1 (/ num
+#   micro-batches): 18 + 8 + 1 = 27.
+# - loss backward: the cross-entropy's 7 (arange, float, rsub, index, sub, index_put, mul_),
+#   the loss scaling (1) and the gradients of loss_func's and the schedule's ops (5), where the
+#   trace's two loss ops count for ~3: 10.
+MEGATRON_BATCH_HOST_OPS = 12
+MEGATRON_LOSS_HOST_OPS = (27, 10)
+MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
+                          batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS)
 
 
 @dataclass
@@ -241,7 +265,8 @@ class _Simulation:
         return stages
 
     def timing(self, index: int) -> LayerTiming:
-        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.plan.tp_layout)
+        extra = self.execution.loss_host_ops if self.traced.layers[index].kind == "head" else (0, 0)
+        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.plan.tp_layout, extra)
 
     def checkpoint_mode(self, index: int) -> str:
         layer = self.traced.layers[index]
@@ -278,9 +303,10 @@ class _Simulation:
         plan = self.plan
         stages = self.stage_layers()
         fwd, bwd, recompute = [], [], []
+        batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
         for layers in stages:
             times = [self.layer_times(i) for i in layers]
-            fwd.append(sum(t[0] for t in times))
+            fwd.append(batch_s + sum(t[0] for t in times))
             bwd.append(sum(t[1] for t in times))
             recompute.append(sum(t[2] for t in times))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)

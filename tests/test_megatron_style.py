@@ -180,3 +180,35 @@ def test_megatron_scatter_gather_sends_a_tp_share_then_gathers_it():
     assert megatron.p2p_s(boundary) < ours.p2p_s(boundary)
     sends = [e for e in megatron.run().timeline.events if e.kind == "send"]
     assert sends and not [e for e in ours.run().timeline.events if e.kind == "send"]
+
+
+def test_batch_host_ops_are_exposed_once_per_micro_batch():
+    """Megatron synchronises around get_batch, so its launches add their host time to every
+    micro-batch: on one stage the step grows by micro-batches x ops x host time per op."""
+    from planner.simulate import Execution, prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=256, heads=4, vocab=1024, max_seq=128))
+    plan = Plan(dp=1, micro_batch=1, global_batch=6, seq=128, precision="fp16")
+    base = prepare(plan, spec, "a100-sxm-80gb:1x1", execution=Execution(cast="params"))
+    loaded = prepare(plan, spec, "a100-sxm-80gb:1x1", execution=Execution(cast="params", batch_host_ops=12))
+    grown = loaded.run().step_time_s - base.run().step_time_s
+    assert grown == pytest.approx(6 * 12 * base.compute.host_s_per_op, rel=1e-9)
+
+
+def _head_with_loss_ops(vocab: int, seq: int, loss_ops):
+    from planner.simulate import Execution, prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=1024, heads=8, vocab=vocab, max_seq=seq))
+    plan = Plan(dp=1, micro_batch=1, global_batch=1, seq=seq, precision="fp16")
+    sim = prepare(plan, spec, "a100-sxm-80gb:1x1", execution=Execution(cast="params", loss_host_ops=loss_ops))
+    head = next(layer.index for layer in sim.traced.layers if layer.kind == "head")
+    return sim.timing(head), sim.compute.host_s_per_op
+
+
+def test_loss_host_ops_hide_behind_a_device_bound_head():
+    """The framework's extra loss launches join the head's host time: a small head is
+    host-bound and pays nearly all of it, a head with a large logits GEMM hides it."""
+    for vocab, seq, paid_share in ((256, 16, (0.8, 1.0)), (262144, 1024, (0.0, 0.05))):
+        plain, host_s = _head_with_loss_ops(vocab, seq, (0, 0))
+        extra, _ = _head_with_loss_ops(vocab, seq, (27, 10))
+        share_fwd = (extra.fwd_s - plain.fwd_s) / (27 * host_s)
+        assert paid_share[0] <= share_fwd <= paid_share[1], (vocab, share_fwd)
+        assert extra.bwd_s >= plain.bwd_s
