@@ -246,4 +246,9 @@ class LayerCoster:
             return False
         if sp:
             return True
-        return _numel(op.output_shape) != self.residual_numel
+        return not self._is_residual_stream(op.output_shape)
+
+    def _is_residual_stream(self, shape) -> bool:
+        """A batch x seq x hidden tensor. The element count alone is not enough: attention's
+        context (heads x seq x head_dim per sample) has as many elements, and it is split by heads."""
+        return bool(shape) and int(shape[-1]) == self.hidden and _numel(shape) == self.residual_numel

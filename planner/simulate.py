@@ -307,7 +307,8 @@ class _Simulation:
         for layers in stages:
             times = [self.layer_times(i) for i in layers]
             fwd.append(batch_s + sum(t[0] for t in times))
-            bwd.append(sum(t[1] for t in times))
+            params = sum(self.timing(i).params_per_gpu for i in layers)
+            bwd.append(sum(t[1] for t in times) + self.grad_accumulation_s(params))
             recompute.append(sum(t[2] for t in times))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
         actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
@@ -324,6 +325,15 @@ class _Simulation:
         slowest = tails.index(step)
         memory = [self.stage_memory(rank, stages, actions) for rank in range(plan.pp)]
         return self.result(step, timeline, slowest, dp_exposed, optimizer, recompute, memory)
+
+    def grad_accumulation_s(self, params: float) -> float:
+        """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
+        (autograd's AccumulateGrad, Megatron's main_grad.add_: read both, write the sum, in the
+        gradients' dtype). Every micro-batch but the first adds; spread evenly over them."""
+        n = self.plan.grad_accum
+        if n <= 1 or not params:
+            return 0.0
+        return (n - 1) / n * self.compute.memory_bound_time_s(3 * params * self.grad_dtype_bytes)
 
     def p2p_s(self, boundary_bytes: float) -> float:
         """One micro-batch's boundary activation (or its gradient) to the next stage."""

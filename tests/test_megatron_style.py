@@ -110,6 +110,12 @@ def test_tensor_parallelism_splits_the_attention_products_by_heads():
     compute = c.compute
     assert one[0] == pytest.approx(compute.matmul_time_s(512, 16, 512, "bf16", batch=8 * 4))
     assert two[0] == pytest.approx(compute.matmul_time_s(512, 16, 512, "bf16", batch=8 * 2))
+    # the probabilities @ V product: its output (batch*heads, seq, head_dim) has as many elements
+    # as the residual stream (heads * head_dim = hidden) but is split by heads all the same
+    pv = next(op for op in block_ops(traced) if "bmm" in op.target and "baddbmm" not in op.target)
+    assert pv.output_shape == (8 * 4, 512, 16)
+    assert c._op_time(pv, 2, False, {}, "bf16")[0] == pytest.approx(
+        compute.matmul_time_s(512, 512, 16, "bf16", batch=8 * 2))
 
 
 def test_backward_traffic_follows_the_gradient_kernels():

@@ -6,6 +6,7 @@ from conftest import assert_user_error
 from cost_models import MeshplanError
 from planner.plan import Plan
 from planner.simulate import Execution, simulate
+from planner.zoo import load_model
 
 MODEL = "gpt3-1.3b"
 CLUSTER = "a100-sxm-80gb:2x8"
@@ -157,3 +158,19 @@ def test_optimizer_offload_moves_states_to_host_and_costs_step_time():
     # PCIe both ways plus a CPU AdamW step is slower than a fused GPU step
     assert offloaded.phases["optimizer_s"] > 10 * on_gpu.phases["optimizer_s"]
     assert offloaded.step_time_s > on_gpu.step_time_s
+
+
+def test_gradient_accumulation_adds_each_extra_micro_batchs_gradients():
+    """Four micro-batches on one GPU cost four times one, plus three gradient additions:
+    read the accumulated and the new fp32 gradients, write the sum (12 bytes a parameter)."""
+    from planner.simulate import prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=256, heads=4, vocab=512, max_seq=64))
+    runs = {}
+    for n in (1, 4):
+        sim = prepare(Plan(micro_batch=2, global_batch=2 * n, seq=64), spec, "h100-sxm-80gb:1x1")
+        result = sim.run()
+        runs[n] = result.step_time_s - result.phases["optimizer_s"]
+        params = sum(sim.timing(layer.index).params_per_gpu for layer in sim.traced.layers)
+    added = sim.compute.memory_bound_time_s(3 * params * 4)
+    assert runs[4] == pytest.approx(4 * runs[1] + 3 * added, rel=1e-9)
+    assert added > 0
