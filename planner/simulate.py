@@ -302,21 +302,20 @@ class _Simulation:
     def run(self) -> SimResult:
         plan = self.plan
         stages = self.stage_layers()
-        fwd, bwd, recompute = [], [], []
+        fwd, bwd, recompute, stage_params = [], [], [], []
         batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
         for layers in stages:
             times = [self.layer_times(i) for i in layers]
+            stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
             fwd.append(batch_s + sum(t[0] for t in times))
-            params = sum(self.timing(i).params_per_gpu for i in layers)
-            bwd.append(sum(t[1] for t in times) + self.grad_accumulation_s(params))
+            bwd.append(sum(t[1] for t in times) + self.grad_accumulation_s(stage_params[-1]))
             recompute.append(sum(t[2] for t in times))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
         actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
         timeline = simulate_pipeline(actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p)
         tails, dp_exposed, optimizer = [], [], []
         for rank in range(plan.pp):
-            layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
-            params = sum(self.timing(i).params_per_gpu for i in layers)
+            params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
             last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
             dp_exposed.append(self.dp_tail_s(params, last_bwd))
             optimizer.append(self.optimizer_s(params))
