@@ -29,6 +29,7 @@ Conventions (the tracer fills the numbers; they are defined here, once):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 import networkx as nx
 
@@ -238,10 +239,15 @@ class TracedModel:
             layer = self.layers[layer]
         return self.costs[layer.signature]
 
-    @property
+    @functools.cached_property
     def blocks(self) -> list[int]:
-        """Indices (into `layers`) of the repeated blocks."""
+        """Indices (into `layers`) of the repeated blocks (layers are fixed once traced)."""
         return [layer.index for layer in self.layers if layer.kind == "block"]
+
+    @functools.cached_property
+    def block_number(self) -> dict[int, int]:
+        """Layer index -> its position among the blocks (what a plan's checkpoint list is keyed by)."""
+        return {index: number for number, index in enumerate(self.blocks)}
 
     def layers_with(self, signature: str) -> list[int]:
         """Indices of the layers sharing `signature`."""

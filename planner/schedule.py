@@ -21,34 +21,42 @@ gives Korthikanti et al.'s larger count on the first rank).
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 from cost_models.errors import MeshplanError
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):   # a tuple: cheap to build, hash and unpack
     kind: str          # "F" or "B"
     micro_batch: int
     chunk: int = 0
 
 
-def build_schedule(schedule: str, pp: int, micro_batches: int, chunks: int = 1) -> list[list[Action]]:
-    """Per-rank action lists for gpipe, 1f1b or interleaved (chunks > 1)."""
+@lru_cache(maxsize=256)
+def build_schedule(schedule: str, pp: int, micro_batches: int, chunks: int = 1) -> tuple[tuple[Action, ...], ...]:
+    """Per-rank action lists for gpipe, 1f1b or interleaved (chunks > 1). Immutable and
+    cached: the planner simulates many plans with the same pipeline shape."""
+    _check_shape(schedule, pp, micro_batches, chunks)
+    if schedule == "gpipe":
+        ranks = [_gpipe(micro_batches, chunks) for _ in range(pp)]
+    elif schedule == "1f1b":
+        ranks = [_one_f_one_b(pp, r, micro_batches) for r in range(pp)]
+    else:
+        ranks = [_interleaved(pp, r, micro_batches, chunks) for r in range(pp)]
+    return tuple(tuple(actions) for actions in ranks)
+
+
+def _check_shape(schedule: str, pp: int, micro_batches: int, chunks: int) -> None:
     if micro_batches < 1 or pp < 1 or chunks < 1:
         raise MeshplanError("a pipeline needs pp, micro-batches and chunks >= 1")
-    if schedule == "gpipe":
-        return [_gpipe(micro_batches, chunks) for _ in range(pp)]
-    if schedule == "1f1b":
-        if chunks != 1:
-            raise MeshplanError("1f1b runs one chunk per rank: use schedule 'interleaved' for chunks > 1")
-        return [_one_f_one_b(pp, r, micro_batches) for r in range(pp)]
-    if schedule == "interleaved":
-        if micro_batches % pp:
-            raise MeshplanError(f"interleaved needs micro-batches ({micro_batches}) divisible by pp ({pp})")
-        return [_interleaved(pp, r, micro_batches, chunks) for r in range(pp)]
-    raise MeshplanError(f"unknown schedule {schedule!r}; use gpipe, 1f1b or interleaved")
+    if schedule not in ("gpipe", "1f1b", "interleaved"):
+        raise MeshplanError(f"unknown schedule {schedule!r}; use gpipe, 1f1b or interleaved")
+    if schedule == "1f1b" and chunks != 1:
+        raise MeshplanError("1f1b runs one chunk per rank: use schedule 'interleaved' for chunks > 1")
+    if schedule == "interleaved" and micro_batches % pp:
+        raise MeshplanError(f"interleaved needs micro-batches ({micro_batches}) divisible by pp ({pp})")
 
 
 def _gpipe(m: int, chunks: int) -> list[Action]:
@@ -58,7 +66,7 @@ def _gpipe(m: int, chunks: int) -> list[Action]:
 
 
 def _one_f_one_b(pp: int, rank: int, m: int) -> list[Action]:
-    warmup = min(pp - rank - 1, m)
+    warmup = _warmup(pp, rank, m, 1)
     actions = [Action("F", mb) for mb in range(warmup)]
     next_f, next_b = warmup, 0
     while next_b < m:
@@ -82,7 +90,7 @@ def _interleaved(pp: int, rank: int, m: int, chunks: int) -> list[Action]:
         group, pos = divmod(k, pp * chunks)
         return Action("B", group * pp + pos % pp, chunks - 1 - (k // pp) % chunks)
 
-    warmup = min((pp - rank - 1) * 2 + (chunks - 1) * pp, total)
+    warmup = _warmup(pp, rank, total, chunks)
     actions = [forward_at(k) for k in range(warmup)]
     next_f, next_b = warmup, 0
     while next_b < total:
@@ -96,12 +104,20 @@ def _interleaved(pp: int, rank: int, m: int, chunks: int) -> list[Action]:
 
 @lru_cache(maxsize=4096)
 def in_flight_counts(schedule: str, pp: int, micro_batches: int, chunks: int = 1) -> tuple[int, ...]:
-    """in_flight_peak of every rank, without building 1F1B/GPipe action lists."""
-    if schedule == "1f1b" and chunks == 1:
-        return tuple(min(pp - rank, micro_batches) for rank in range(pp))
+    """in_flight_peak of every rank, without building the action lists: a 1F1B-style rank
+    holds its warm-up forwards plus the one of its first steady 1F1B pair."""
+    _check_shape(schedule, pp, micro_batches, chunks)
     if schedule == "gpipe":
         return (micro_batches * chunks,) * pp
-    return tuple(in_flight_peak(a) for a in build_schedule(schedule, pp, micro_batches, chunks))
+    total = micro_batches * chunks
+    return tuple(min(_warmup(pp, rank, total, chunks) + 1, total) for rank in range(pp))
+
+
+def _warmup(pp: int, rank: int, total: int, chunks: int) -> int:
+    """Forwards a rank runs before its first backward (1F1B; interleaved when chunks > 1)."""
+    if chunks == 1:
+        return min(pp - rank - 1, total)
+    return min((pp - rank - 1) * 2 + (chunks - 1) * pp, total)
 
 
 def in_flight_peak(actions: list[Action]) -> int:
@@ -113,8 +129,7 @@ def in_flight_peak(actions: list[Action]) -> int:
     return peak
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):   # a tuple: simulations create thousands of them
     rank: int
     kind: str          # "F", "B", "send", "recv-wait"
     micro_batch: int
@@ -166,24 +181,36 @@ def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float =
     waiting = defaultdict(list)  # dependency key -> ranks blocked on it
     while pending:
         rank = pending.pop()
-        while cursor[rank] < len(schedule[rank]):
-            action = schedule[rank][cursor[rank]]
-            vs = action.chunk * pp + rank
-            ready = _input_ready(action, vs, stages, pp, done, p2p_s)
-            if ready is None:
-                waiting[_dependency(action, vs, stages)].append(rank)
-                break
-            start = max(free_at[rank], ready)
-            duration = fwd_s[vs] if action.kind == "F" else bwd_s[vs]
+        actions = schedule[rank]
+        while cursor[rank] < len(actions):
+            kind, mb, chunk = action = actions[cursor[rank]]
+            vs = chunk * pp + rank
+            # the input: the previous stage's forward, or the next stage's backward (the last
+            # stage's backward starts from its own forward); a backward needs its own forward
+            forward = kind == "F"
+            dep = (("F", mb, vs - 1) if vs > 0 else None) if forward else \
+                  (("F", mb, vs) if vs == stages - 1 else ("B", mb, vs + 1))
+            ready = 0.0
+            if dep is not None:
+                ready = done.get(dep)
+                if ready is None or not forward and ("F", mb, vs) not in done:
+                    waiting[dep if ready is None else ("F", mb, vs)].append(rank)
+                    break
+                if dep[2] % pp != rank:
+                    ready += p2p_s
+            start = free_at[rank] if free_at[rank] > ready else ready
+            duration = fwd_s[vs] if forward else bwd_s[vs]
             end = start + duration
-            done[(action.kind, action.micro_batch, vs)] = end
-            events.append(Event(rank, action.kind, action.micro_batch, action.chunk, start, end))
+            key = (kind, mb, vs)
+            done[key] = end
+            events.append(Event(rank, kind, mb, chunk, start, end))
             free_at[rank], busy[rank] = end, busy[rank] + duration
             if blocking_p2p and p2p_s > 0 and _sends_to_other_rank(action, vs, stages, pp):
-                events.append(Event(rank, "send", action.micro_batch, action.chunk, end, end + p2p_s))
+                events.append(Event(rank, "send", mb, chunk, end, end + p2p_s))
                 free_at[rank] = end + p2p_s
             cursor[rank] += 1
-            pending.extend(waiting.pop((action.kind, action.micro_batch, vs), ()))
+            if key in waiting:
+                pending.extend(waiting.pop(key))
     stuck = [r for r in range(pp) if cursor[r] < len(schedule[r])]
     if stuck:
         raise MeshplanError(f"pipeline schedule deadlocks on rank(s) {stuck}: its action lists are inconsistent")
@@ -194,25 +221,3 @@ def _sends_to_other_rank(action: Action, vs: int, stages: int, pp: int) -> bool:
     """Whether the action's output (activation forward, gradient backward) leaves the rank."""
     consumer = vs + 1 if action.kind == "F" else vs - 1
     return 0 <= consumer < stages and consumer % pp != vs % pp
-
-
-def _dependency(action: Action, vs: int, stages: int):
-    if action.kind == "F":
-        return ("F", action.micro_batch, vs - 1) if vs > 0 else None
-    if vs == stages - 1:
-        return ("F", action.micro_batch, vs)
-    return ("B", action.micro_batch, vs + 1)
-
-
-def _input_ready(action: Action, vs: int, stages: int, pp: int, done: dict, p2p_s: float):
-    """When the action's input is on this rank, or None if its producer has not run."""
-    dep = _dependency(action, vs, stages)
-    if dep is None:
-        return 0.0
-    if dep not in done:
-        return None
-    own_forward = ("F", action.micro_batch, vs)
-    if action.kind == "B" and own_forward not in done:
-        return None
-    same_rank = dep[2] % pp == vs % pp
-    return done[dep] + (0.0 if same_rank else p2p_s)

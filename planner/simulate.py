@@ -272,7 +272,7 @@ class _Simulation:
         layer = self.traced.layers[index]
         if layer.kind != "block":
             return "none"
-        return self.plan.checkpoint_for(self.traced.blocks.index(index))
+        return self.plan.checkpoint_for(self.traced.block_number[index])
 
     # -- time ----------------------------------------------------------------------------
     def layer_times(self, index: int, mode: str | None = None) -> tuple[float, float, float]:
@@ -328,11 +328,15 @@ class _Simulation:
     def grad_accumulation_s(self, params: float) -> float:
         """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
         (autograd's AccumulateGrad, Megatron's main_grad.add_: read both, write the sum, in the
-        gradients' dtype). Every micro-batch but the first adds; spread evenly over them."""
+        gradients' dtype). Every micro-batch but the first adds; spread evenly over them.
+        Under FSDP2 (ZeRO 2/3) each micro-batch's gradients are reduce-scattered first (in
+        fp32, its reduce dtype), so only this rank's fp32 1/dp shard is added."""
         n = self.plan.grad_accum
         if n <= 1 or not params:
             return 0.0
-        return (n - 1) / n * self.compute.memory_bound_time_s(3 * params * self.grad_dtype_bytes)
+        fsdp = self.plan.zero >= 2
+        added_bytes = 3 * params / self.plan.dp * 4 if fsdp else 3 * params * self.grad_dtype_bytes
+        return (n - 1) / n * self.compute.memory_bound_time_s(added_bytes)
 
     def p2p_s(self, boundary_bytes: float) -> float:
         """One micro-batch's boundary activation (or its gradient) to the next stage."""

@@ -77,7 +77,9 @@ def test_bad_schedules():
 
 
 @pytest.mark.parametrize("schedule,pp,m,chunks", [("1f1b", 4, 8, 1), ("1f1b", 8, 3, 1), ("gpipe", 4, 6, 1),
-                                                  ("gpipe", 2, 4, 2), ("interleaved", 4, 8, 2)])
+                                                  ("gpipe", 2, 4, 2), ("interleaved", 4, 8, 2),
+                                                  ("interleaved", 4, 4, 3), ("interleaved", 2, 2, 4),
+                                                  ("interleaved", 8, 16, 2), ("1f1b", 4, 2, 1)])
 def test_in_flight_counts_match_the_action_lists(schedule, pp, m, chunks):
     from planner.schedule import in_flight_counts
     expected = tuple(in_flight_peak(a) for a in build_schedule(schedule, pp, m, chunks))

@@ -174,3 +174,19 @@ def test_gradient_accumulation_adds_each_extra_micro_batchs_gradients():
     added = sim.compute.memory_bound_time_s(3 * params * 4)
     assert runs[4] == pytest.approx(4 * runs[1] + 3 * added, rel=1e-9)
     assert added > 0
+
+
+def test_fsdp_accumulates_only_its_gradient_shard():
+    """ZeRO 2/3 reduce-scatter each micro-batch's gradients (the runtime keeps FSDP2's
+    gradient sync on), so the addition covers this rank's 1/dp shard; ZeRO 1 adds whole
+    gradients (they are all-reduced after the last micro-batch)."""
+    from planner.simulate import prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=256, heads=4, vocab=512, max_seq=64))
+    sims = {z: prepare(Plan(dp=4, zero=z, micro_batch=2, global_batch=32, seq=64), spec, "h100-sxm-80gb:1x4")
+            for z in (1, 3)}
+    params = 1e8
+    whole = sims[1].compute.memory_bound_time_s(3 * params * 4) * 3 / 4
+    shard = sims[3].compute.memory_bound_time_s(3 * params / 4 * 4) * 3 / 4
+    assert sims[1].grad_accumulation_s(params) == pytest.approx(whole)
+    assert sims[3].grad_accumulation_s(params) == pytest.approx(shard)
+    assert shard < whole
