@@ -106,6 +106,10 @@ class Calibration:
     # ahead of the host only as far as the layer's ops let it (short kernels after long ones
     # wait for their launch), so near the crossover the two add partly. 0 = plain max.
     host_overlap_exponent: float = 0.0
+    # One GPU's share of the host's CPU AdamW rate, in bytes of AdamW traffic per second
+    # (memory.adamw_bytes_per_param per parameter): what optimizer offload runs at. A
+    # property of the host; 0 = not measured (compute.HOST_ADAMW_BYTES_PER_S is assumed).
+    host_adamw_bytes_per_s: float = 0.0
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -141,6 +145,7 @@ class Calibration:
             "attention": {"fwd": vars(self.attention_fwd), "bwd": vars(self.attention_bwd)},
             "comm": {"bw_efficiency": self.comm_bw_efficiency, "latency_s": self.comm_latency_s},
             "host_s_per_op": self.host_s_per_op, "host_overlap_exponent": self.host_overlap_exponent,
+            "host_adamw_bytes_per_s": self.host_adamw_bytes_per_s,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         }
 
@@ -166,6 +171,8 @@ class Calibration:
                 host_s_per_op=_positive(data.get("host_s_per_op", 0.0), "host_s_per_op", zero_ok=True),
                 host_overlap_exponent=_positive(data.get("host_overlap_exponent", 0.0), "host_overlap_exponent",
                                                 zero_ok=True),
+                host_adamw_bytes_per_s=_positive(data.get("host_adamw_bytes_per_s", 0.0), "host_adamw_bytes_per_s",
+                                                 zero_ok=True),
                 source=str(data.get("source", "")), device_name=str(data.get("device_name", "")),
                 measurements=dict(data.get("measurements", {})),
                 fit_quality=dict(data.get("fit_quality", {})))
@@ -293,6 +300,14 @@ def fit_copy(rows: list) -> float:
     return 2 * row["bytes"] / row["seconds"]
 
 
+def fit_host_adamw(rows: list) -> float:
+    """AdamW traffic per second of the host's optimizer step: the fastest measurement's rate
+    (0 when nothing was measured)."""
+    from cost_models.memory import adamw_bytes_per_param
+    rates = [r["params"] * adamw_bytes_per_param() / r["seconds"] for r in rows if r["seconds"] > 0]
+    return max(rates, default=0.0)
+
+
 def fit_gemm(rows: list, peak_flops: dict, copy_bytes_per_s: float) -> tuple[float, dict]:
     """Fit one shared kernel overhead and a GemmFit per precision, minimising relative error.
 
@@ -363,6 +378,7 @@ def build_calibration(gpu: GPUSpec, measurements: dict, source: str, device_name
         attention_bwd=fit_attention(attention_rows, peaks, "bwd"),
         peak_flops=peaks, memory_bw_bytes_per_s=gpu.memory_bw_bytes_per_s,
         comm_bw_efficiency=dict(comm[0]), comm_latency_s=dict(comm[1]),
+        host_adamw_bytes_per_s=fit_host_adamw(measurements.get("host_adamw", [])),
         source=source, device_name=device_name, measurements=measurements)
     return replace(calibration, fit_quality=fit_quality(calibration, gpu))
 
@@ -439,6 +455,11 @@ CPU_ATTENTION = ((2, 4, 512, 64), (1, 8, 1024, 64), (2, 4, 256, 128))
 CPU_QUICK_ATTENTION = ((1, 4, 128, 64), (2, 4, 256, 64))
 COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 24, 2 ** 27)
 QUICK_COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 20, 2 ** 23)
+# (parameters, tensors) of the host AdamW measurement: 64M parameters (1 GB of fp32
+# parameters, gradients and moments) stream through memory like a large layer's shard;
+# the quick one (4M) fits in the caches of big CPUs, so it reads high.
+HOST_ADAMW = (64 * 2 ** 20, 8)
+QUICK_HOST_ADAMW = (4 * 2 ** 20, 4)
 
 
 def _torch():
@@ -511,6 +532,21 @@ def measure_copy(device: str, size_bytes: int, min_time_s: float) -> list:
     y = torch.empty_like(x)
     seconds = seconds_per_call(lambda: y.copy_(x), _sync_fn(device), min_time_s)
     return [dict(bytes=size_bytes, seconds=seconds)]
+
+
+def measure_host_adamw(param_count: int, tensors: int, min_time_s: float) -> list:
+    """torch.optim.AdamW steps on CPU tensors, as FSDP2's CPUOffloadPolicy runs them: fp32
+    parameters and gradients in host memory, the optimizer's default CPU implementation.
+    Run under torchrun with one rank per GPU, every rank steps at once, so the rate is one
+    GPU's share of the host (memory bandwidth and cores are shared, as in training)."""
+    torch = _torch()
+    size = param_count // tensors
+    params = [torch.zeros(size, requires_grad=True) for _ in range(tensors)]
+    for p in params:
+        p.grad = torch.randn(size)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    seconds = seconds_per_call(optimizer.step, lambda: None, min_time_s, repeats=3)
+    return [dict(params=size * tensors, tensors=tensors, seconds=seconds)]
 
 
 def measure_attention(device: str, precision: str, cases, min_time_s: float) -> list:
@@ -643,6 +679,7 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False) -> tuple[dict
         "matmul": measure_gemms(device, profile_precisions(device, gpu), gemm_shapes, min_time_s),
         "copy": measure_copy(device, copy_bytes, min_time_s),
         "attention": measure_attention(device, attention_precision, attention, min_time_s),
+        "host_adamw": measure_host_adamw(*(QUICK_HOST_ADAMW if quick else HOST_ADAMW), min_time_s),
     }
     comm = ({}, {})
     if _distributed_world() > 1:
@@ -695,6 +732,9 @@ def summary_lines(calibration: Calibration) -> list:
                      f"{calibration.peak_flops[precision] / 1e12:.3g} TFLOP/s, traffic weight {fit.traffic_weight:.2f}")
     for name, fit in (("fwd", calibration.attention_fwd), ("bwd", calibration.attention_bwd)):
         lines.append(f"  attention {name}: {fit.peak_fraction:.3f} of peak + {fit.fixed_s * 1e6:.1f} us per call")
+    if calibration.host_adamw_bytes_per_s:
+        lines.append(f"  host AdamW (optimizer offload): {calibration.host_adamw_bytes_per_s / GB:.1f} GB/s "
+                     f"of its traffic per GPU")
     for kind, eff in calibration.comm_bw_efficiency.items():
         lines.append(f"  {kind}: {eff:.2f} of link peak, {calibration.comm_latency_s.get(kind, 0) * 1e6:.1f} us per step")
     lines += [f"  fit {k}: {v:.1f}" for k, v in calibration.fit_quality.items()]

@@ -22,7 +22,7 @@ import numbers
 from cost_models.calibration import Calibration, default_calibration
 from cost_models.errors import MeshplanError
 from cost_models.hardware import GPUSpec
-from cost_models.memory import ADAM_STATE_BYTES_PER_PARAM, DTYPE_BYTES
+from cost_models.memory import DTYPE_BYTES, adamw_bytes_per_param  # noqa: F401 (part of this API)
 
 OP_KINDS = ("linear", "matmul", "attention", "norm", "elementwise", "embedding", "loss",
             "reduction", "view", "other")
@@ -43,9 +43,10 @@ ATTENTION_BWD_FLOPS_FACTOR = 2.5
 # more per launch, so this slightly overcounts launches there (microseconds per step).
 ADAMW_TENSORS_PER_LAUNCH = {False: 36, True: 30}
 ADAMW_ELEMENTS_PER_LAUNCH = 320 * 65536
-# Assumption (not measured here): host memory traffic one GPU's share of a CPU AdamW step
-# achieves - a dual-socket DGX host streams ~300 GB/s over 8 GPUs and torch's CPU foreach
-# AdamW reaches a fraction of it. Replace with a measurement when one exists.
+# Assumption, used only when the calibration has no measurement of its own (`meshplan
+# profile` measures it: Calibration.host_adamw_bytes_per_s): host memory traffic one GPU's
+# share of a CPU AdamW step achieves - a dual-socket DGX host streams ~300 GB/s over 8 GPUs
+# and torch's CPU AdamW reaches a fraction of it.
 HOST_ADAMW_BYTES_PER_S = 10e9
 
 
@@ -97,23 +98,6 @@ def attention_bytes(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: i
     q_sized, kv_sized = (4, 4) if backward else (2, 2)
     elements = batch * heads * head_dim * (q_sized * seq_q + kv_sized * seq_kv)
     return float(_dtype_bytes(precision) * elements)
-
-
-def adamw_bytes_per_param(param_precision: str = "fp32", grad_precision: str = "fp32",
-                          master_weights: bool = False) -> float:
-    """DRAM bytes a fused AdamW step moves per parameter (it is bandwidth-bound).
-
-    Reads the gradient and both fp32 moments and writes the moments back (grad + 16 bytes).
-    Without master weights it reads and writes the parameter (2 x its width): 28 bytes per
-    parameter for fp32 parameters and gradients, the case of autocast training. With fp32
-    master weights it reads and writes the master copy (8) and writes the low-precision
-    parameter once.
-    """
-    grad = _dtype_bytes(grad_precision)
-    param = _dtype_bytes(param_precision)
-    moments = 2 * ADAM_STATE_BYTES_PER_PARAM      # exp_avg and exp_avg_sq, read and written
-    weights = 2 * 4 + param if master_weights else 2 * param
-    return float(grad + moments + weights)
 
 
 def fused_adamw_launches(param_count: float, num_tensors: int, master_weights: bool = False) -> int:
@@ -234,13 +218,18 @@ class ComputeModel:
         """FSDP2 CPUOffloadPolicy: fp32 gradients go to the host, AdamW runs on the CPU, the
         updated fp32 parameters come back - on the step's critical path.
 
-        First principles with one stated assumption, not a measurement:
         PCIe at the datasheet rate each way, and the CPU step bound by host memory traffic
-        (adamw_bytes_per_param) at HOST_ADAMW_BYTES_PER_S per GPU.
+        (adamw_bytes_per_param) at the rate `meshplan profile` measured on the host
+        (Calibration.host_adamw_bytes_per_s), else the assumed HOST_ADAMW_BYTES_PER_S.
         """
         _check_amounts(param_count=param_count)
         pcie = 2 * param_count * 4 / self.gpu.host_link_bw_bytes_per_s
-        return pcie + param_count * adamw_bytes_per_param() / HOST_ADAMW_BYTES_PER_S
+        return pcie + param_count * adamw_bytes_per_param() / self.host_adamw_bytes_per_s
+
+    @property
+    def host_adamw_bytes_per_s(self) -> float:
+        """One GPU's share of the host's AdamW memory traffic (measured, else assumed)."""
+        return self.calibration.host_adamw_bytes_per_s or HOST_ADAMW_BYTES_PER_S
 
     def op_time_s(self, kind: str, flops: float, bytes_moved: float, precision: str,
                   gemm: tuple | None = None, attention: tuple | None = None, backward: bool = False) -> float:

@@ -100,6 +100,26 @@ def gathered_param_bytes(zero: int, precision: str, layer_param_counts: list,
     return width * float(sum(largest))
 
 
+def adamw_bytes_per_param(param_precision: str = "fp32", grad_precision: str = "fp32",
+                          master_weights: bool = False) -> float:
+    """DRAM bytes a fused AdamW step moves per parameter (it is bandwidth-bound).
+
+    Reads the gradient and both fp32 moments and writes the moments back (grad + 16 bytes).
+    Without master weights it reads and writes the parameter (2 x its width): 28 bytes per
+    parameter for fp32 parameters and gradients, the case of autocast training. With fp32
+    master weights it reads and writes the master copy (8) and writes the low-precision
+    parameter once.
+    """
+    for precision in (param_precision, grad_precision):
+        if precision not in DTYPE_BYTES:
+            raise MeshplanError(f"unknown precision {precision!r}; use one of {', '.join(DTYPE_BYTES)}")
+    grad = DTYPE_BYTES[grad_precision]
+    param = DTYPE_BYTES[param_precision]
+    moments = 2 * ADAM_STATE_BYTES_PER_PARAM      # exp_avg and exp_avg_sq, read and written
+    weights = 2 * 4 + param if master_weights else 2 * param
+    return float(grad + moments + weights)
+
+
 def optimizer_step_transient_bytes(largest_group_params: float, fused: bool = True) -> float:
     """Extra memory during optimizer.step(): none for fused AdamW (updates in place)."""
     return 0.0 if fused else MASTER_BYTES_PER_PARAM * float(largest_group_params)

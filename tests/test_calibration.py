@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def test_cpu_profile_measures_and_writes_a_loadable_calibration(cpu_profile):
     assert loaded.measurements["copy"][0]["seconds"] > 0
     assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in loaded.measurements["attention"])
     assert "collectives" not in loaded.measurements          # one process: no collectives
+    adamw = loaded.measurements["host_adamw"][0]
+    assert adamw["seconds"] > 0 and loaded.host_adamw_bytes_per_s == pytest.approx(
+        adamw["params"] * 28 / adamw["seconds"])          # fp32 AdamW moves 28 bytes a parameter
     assert loaded.copy_bytes_per_s > 0 and loaded.kernel_overhead_s >= 0
     assert set(loaded.fit_quality) == {"matmul_mape_pct", "attention_fwd_mape_pct", "attention_bwd_mape_pct"}
 
@@ -139,6 +143,20 @@ def test_json_round_trip_and_transfer():
     assert moved.copy_bytes_per_s / a100.memory_bw_bytes_per_s == pytest.approx(
         h100.copy_bytes_per_s / h100.memory_bw_bytes_per_s)
     assert default_calibration(get_gpu("h100")) is h100
+
+
+def test_offload_runs_at_the_measured_host_adamw_rate(cpu_profile):
+    """A profiled host's AdamW rate replaces the assumed one in the offloaded optimizer step."""
+    from cost_models.compute import HOST_ADAMW_BYTES_PER_S
+    out, _ = cpu_profile
+    measured = Calibration.load(out)
+    params = 1e9
+    pcie = 2 * params * 4 / CPU.host_link_bw_bytes_per_s
+    assert ComputeModel(CPU, measured).offloaded_optimizer_step_time_s(params) == pytest.approx(
+        pcie + params * 28 / measured.host_adamw_bytes_per_s)
+    unmeasured = replace(measured, host_adamw_bytes_per_s=0.0)
+    assert ComputeModel(CPU, unmeasured).offloaded_optimizer_step_time_s(params) == pytest.approx(
+        pcie + params * 28 / HOST_ADAMW_BYTES_PER_S)
 
 
 def test_missing_precisions_borrow_the_nearest_fit():
