@@ -22,7 +22,7 @@ import numbers
 from cost_models.calibration import Calibration, default_calibration
 from cost_models.errors import MeshplanError
 from cost_models.hardware import GPUSpec
-from cost_models.memory import DTYPE_BYTES, adamw_bytes_per_param  # noqa: F401 (part of this API)
+from cost_models.memory import adamw_bytes_per_param, dtype_bytes
 
 OP_KINDS = ("linear", "matmul", "attention", "norm", "elementwise", "embedding", "loss",
             "reduction", "view", "other")
@@ -59,7 +59,7 @@ def gemm_flops(m: int, k: int, n: int, batch: int = 1) -> float:
 
 def gemm_bytes(m: int, k: int, n: int, precision: str, batch: int = 1) -> float:
     """Minimum DRAM traffic: read A and B once, write C once, in the precision's width."""
-    return float(_dtype_bytes(precision) * batch * (m * k + k * n + m * n))
+    return float(dtype_bytes(precision) * batch * (m * k + k * n + m * n))
 
 
 def causal_fraction(seq_q: int, seq_kv: int) -> float:
@@ -97,7 +97,7 @@ def attention_bytes(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: i
     """
     q_sized, kv_sized = (4, 4) if backward else (2, 2)
     elements = batch * heads * head_dim * (q_sized * seq_q + kv_sized * seq_kv)
-    return float(_dtype_bytes(precision) * elements)
+    return float(dtype_bytes(precision) * elements)
 
 
 def fused_adamw_launches(param_count: float, num_tensors: int, master_weights: bool = False) -> int:
@@ -105,12 +105,6 @@ def fused_adamw_launches(param_count: float, num_tensors: int, master_weights: b
     by_tensors = math.ceil(num_tensors / ADAMW_TENSORS_PER_LAUNCH[master_weights])
     by_elements = math.ceil(param_count / ADAMW_ELEMENTS_PER_LAUNCH)
     return max(1, by_tensors, by_elements)
-
-
-def _dtype_bytes(precision: str) -> int:
-    if precision not in DTYPE_BYTES:
-        raise MeshplanError(f"unknown precision {precision!r}; use one of {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[precision]
 
 
 def _check_sizes(**sizes) -> bool:
@@ -245,7 +239,7 @@ class ComputeModel:
         if kind == "view":
             return 0.0
         if kind in GEMM_KINDS and gemm is not None:
-            m, k, n, batch = _gemm_args(gemm)
+            m, k, n, batch = gemm_dims(gemm)
             return self.matmul_time_s(m, k, n, precision, batch)
         if kind == "attention" and attention is not None:
             batch, heads, seq_q, seq_kv, head_dim, causal = _attention_args(attention)
@@ -273,8 +267,8 @@ class ComputeModel:
         return max(fit.fixed_s, self.kernel_overhead_s) + max(math_s, moved_bytes / self.memory_bw_bytes_per_s)
 
 
-def _gemm_args(gemm) -> tuple:
-    """(M, K, N) or (batch, M, K, N) -> (m, k, n, batch)."""
+def gemm_dims(gemm) -> tuple:
+    """A GEMM shape, (M, K, N) or (batch, M, K, N), as (m, k, n, batch)."""
     if len(gemm) == 3:
         return (*gemm, 1)
     if len(gemm) == 4:

@@ -32,6 +32,13 @@ MASTER_BYTES_PER_PARAM = 4           # fp32 parameters (PyTorch) / fp32 master c
 DEEPSPEED_K = 12                     # ZeRO paper: fp32 master + momentum + variance
 
 
+def dtype_bytes(precision: str) -> int:
+    """Bytes per element of a precision name; a user error for an unknown one."""
+    if precision not in DTYPE_BYTES:
+        raise MeshplanError(f"unknown precision {precision!r}; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[precision]
+
+
 @dataclass(frozen=True)
 class ModelStates:
     params_bytes: float
@@ -49,8 +56,7 @@ def model_state_bytes(param_count: float, precision: str, zero: int, dp: int,
     """Resident model states on one GPU holding `param_count` parameters before ZeRO sharding."""
     if zero not in (0, 1, 2, 3):
         raise MeshplanError(f"zero must be 0-3, got {zero!r}")
-    if precision not in DTYPE_BYTES:
-        raise MeshplanError(f"unknown precision {precision!r}")
+    dtype_bytes(precision)   # validates the name
     if accounting == "deepspeed":
         return _deepspeed_states(param_count, zero, dp)
     if accounting != "pytorch":
@@ -110,11 +116,8 @@ def adamw_bytes_per_param(param_precision: str = "fp32", grad_precision: str = "
     master weights it reads and writes the master copy (8) and writes the low-precision
     parameter once.
     """
-    for precision in (param_precision, grad_precision):
-        if precision not in DTYPE_BYTES:
-            raise MeshplanError(f"unknown precision {precision!r}; use one of {', '.join(DTYPE_BYTES)}")
-    grad = DTYPE_BYTES[grad_precision]
-    param = DTYPE_BYTES[param_precision]
+    grad = dtype_bytes(grad_precision)
+    param = dtype_bytes(param_precision)
     moments = 2 * ADAM_STATE_BYTES_PER_PARAM      # exp_avg and exp_avg_sq, read and written
     weights = 2 * 4 + param if master_weights else 2 * param
     return float(grad + moments + weights)

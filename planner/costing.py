@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cost_models.compute import ComputeModel
+from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.ir import LayerCost, OpInfo, TracedModel
@@ -104,11 +104,6 @@ def _aten_name(op: OpInfo) -> str:
     """"aten.masked_fill_.Scalar" -> "masked_fill_" (any namespace.name.overload)."""
     parts = op.target.split(".")
     return parts[1] if len(parts) > 2 else op.target
-
-
-def _gemm_dims(gemm: tuple) -> tuple:
-    """OpInfo.gemm, (M, K, N) or (batch, M, K, N), as (m, k, n, batch)."""
-    return (*gemm, 1) if len(gemm) == 3 else (*gemm[1:], gemm[0])
 
 
 def _precision_of(op: OpInfo, default: str) -> str:
@@ -212,7 +207,7 @@ class LayerCoster:
         return BWD_TRAFFIC_RATIO.get(name, DEFAULT_BWD_TRAFFIC_RATIO)
 
     def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str):
-        m, k, n, batch = _gemm_dims(op.gemm)
+        m, k, n, batch = gemm_dims(op.gemm)
         style = linear_style(op, layout) if tp > 1 else "replicate"
         if style == "colwise":
             n = max(1, n // tp)
@@ -229,7 +224,7 @@ class LayerCoster:
         """A product of two activations (attention's QK^T and PV when not fused): timed from
         its shape, so a baddbmm with beta=0 is not charged for reading its output; tensor
         parallelism splits its batch (the heads)."""
-        m, k, n, batch = _gemm_dims(op.gemm)
+        m, k, n, batch = gemm_dims(op.gemm)
         if self._split_by_tp(op, sp):
             batch = max(1, batch // tp)
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)

@@ -160,9 +160,10 @@ class PipelineTimeline:
                      dur=(e.end_s - e.start_s) * 1e6) for e in self.events]
 
 
-def simulate_pipeline(schedule: list[list[Action]], fwd_s, bwd_s, p2p_s: float = 0.0,
+def simulate_pipeline(schedule, fwd_s, bwd_s, p2p_s: float = 0.0,
                       blocking_p2p: bool = False) -> PipelineTimeline:
-    """Event simulation. fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v.
+    """Event simulation of `schedule` (per-rank action lists, as build_schedule gives).
+    fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v.
 
     `p2p_s` is the time to move one micro-batch's boundary activation (or its gradient)
     to the neighbouring stage. Transfers run beside compute and delay only the receiver,

@@ -28,7 +28,7 @@ from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_by
 from planner.costing import LayerCoster, LayerTiming
 from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
-from planner.schedule import build_schedule, in_flight_peak, simulate_pipeline
+from planner.schedule import build_schedule, in_flight_counts, simulate_pipeline
 from planner.zoo import ModelSpec, load_model
 
 # PyTorch's caching allocator keeps freed blocks and rounds allocations up. Empirical:
@@ -322,7 +322,7 @@ class _Simulation:
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
         slowest = tails.index(step)
-        memory = [self.stage_memory(rank, stages, actions) for rank in range(plan.pp)]
+        memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
         return self.result(step, timeline, slowest, dp_exposed, optimizer, recompute, memory)
 
     def grad_accumulation_s(self, params: float) -> float:
@@ -367,13 +367,14 @@ class _Simulation:
         return self.compute.optimizer_step_time_s(local)
 
     # -- memory --------------------------------------------------------------------------
-    def stage_memory(self, rank: int, stages, actions) -> StageMemory:
+    def stage_memory(self, rank: int, stages) -> StageMemory:
         plan = self.plan
         layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
         timings = [self.timing(i) for i in layers]
         params = sum(t.params_per_gpu for t in timings)
         states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
-        in_flight = in_flight_peak(actions[rank]) / plan.interleave  # in units of the whole rank's layers
+        in_flight = (in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)[rank]
+                     / plan.interleave)  # in units of the whole rank's layers
         fsdp_mixed = self.traced.cast == "params"
         saved = sum(t.saved_for(self.checkpoint_mode(i)) for i, t in zip(layers, timings))
         # autocast's low-precision weight copies stay saved until backward, except in

@@ -89,7 +89,7 @@ import pulp
 import torch
 
 from cost_models.comm import CommModel, GroupPlacement
-from cost_models.compute import ComputeModel
+from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.units import US
 from planner.ir import LayerCost, OpInfo, TracedModel
@@ -302,7 +302,7 @@ def _styles(op: OpInfo, tp: int, sp: bool) -> list[str]:
     if tp == 1:
         return ["replicate"]
     if op.kind == "linear" and op.gemm is not None:
-        m, k, n, _ = _gemm_dims(op.gemm)
+        m, k, n, _ = gemm_dims(op.gemm)
         return ["replicate"] + ["colwise"] * (n % tp == 0) + ["rowwise"] * (k % tp == 0)
     if op.kind == "attention" and op.attention is not None:
         heads = op.attention[1]
@@ -330,7 +330,7 @@ def _op_s(op: OpInfo, style: str, setting: _Setting) -> float:
     if op.kind in ("input", "output"):
         return 0.0
     if op.kind in ("linear", "matmul") and op.gemm is not None:
-        m, k, n, batch = _gemm_dims(op.gemm)
+        m, k, n, batch = gemm_dims(op.gemm)
         n, k, batch = (n // tp if style == "colwise" else n, k // tp if style == "rowwise" else k,
                        batch // tp if style == "heads" else batch)
         return sum(compute.matmul_time_s(*dims, precision, batch) for dims in ((m, k, n), (m, n, k), (k, m, n)))
@@ -350,11 +350,6 @@ def _streaming_s(op: OpInfo, share: float, setting: _Setting) -> float:
     if not op.requires_grad:
         return fwd
     return fwd + setting.compute.op_time_s(kind, op.bwd_flops * share, 2 * moved, setting.precision)
-
-
-def _gemm_dims(gemm: tuple) -> tuple[int, int, int, int]:
-    """(M, K, N) or (batch, M, K, N) -> (m, k, n, batch)."""
-    return (*gemm, 1) if len(gemm) == 3 else (*gemm[1:], gemm[0])
 
 
 def reshard_kind(src: str, dst: str) -> str | None:
