@@ -185,6 +185,16 @@ def _write_new(path: str, text: str):
     Path(path).write_text(text)
 
 
+def format_phases(phases: dict) -> str:
+    """'compute 8.178 s (recomputation 0.412 s), exposed tensor-parallel communication ...'"""
+    from planner.simulate import PHASE_WORDS
+
+    parts = [f"{PHASE_WORDS.get(k, k)} {v:.3f} s" for k, v in phases.items() if k != "recompute_s"]
+    if phases.get("recompute_s"):
+        parts[0] += f" (recomputation {phases['recompute_s']:.3f} s)"
+    return ", ".join(parts)
+
+
 def _print_result(plan: Plan, result) -> None:
     console = Console()
     console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
@@ -192,7 +202,7 @@ def _print_result(plan: Plan, result) -> None:
                   f"{plan.schedule}")
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
-    console.print("phases: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in result.phases.items()))
+    console.print("phases: " + format_phases(result.phases))
     table = Table(title=f"memory per GPU (capacity {result.capacity_bytes / GIB:.1f} GiB)")
     for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
         table.add_column(col, justify="right")

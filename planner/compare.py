@@ -142,8 +142,9 @@ def _choose(spec, cluster: ClusterSpec, tokens, global_batch, seq, pue, grid, pi
 
 
 def busy_fraction(result) -> float:
-    """Mean over pipeline ranks of the compute time (recompute included) per step; every
-    rank stands for the same number of GPUs. Communication-only and idle time count as idle."""
+    """Mean over pipeline ranks of the time a rank's layers run (recompute, and the TP and
+    FSDP communication inside them, included) per step; every rank stands for the same number
+    of GPUs. Pipeline bubbles, the gradient reduction after backward and idle time count as idle."""
     busy_s = result.timeline.busy_s if result.timeline is not None else [result.phases["compute_s"]]
     return min(sum(busy_s) / len(busy_s) / result.step_time_s, 1.0)
 

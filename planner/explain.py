@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 from planner.search import RankedPlans, describe_family
-
-PHASE_WORDS = {"compute_s": "compute", "pipeline_bubble_s": "pipeline bubble", "recompute_s": "recomputation",
-               "exposed_dp_comm_s": "exposed data-parallel communication", "optimizer_s": "optimizer step"}
+from planner.simulate import PHASE_WORDS
 REASON_ORDER = ("slower", "memory", "model states", "bound")
 
 

@@ -91,9 +91,9 @@ class StageCosts:
             rank = 0 if layer.index < first else self.pp - 1 if layer.index > last else None
             if rank is None:
                 continue
-            fwd, bwd, _ = sim.layer_times(layer.index, "none")
+            times = sim.layer_times(layer.index, "none")
             t = sim.timing(layer.index)
-            self.f[rank] += fwd + bwd
+            self.f[rank] += times.fwd_s + times.bwd_s
             self.g[rank] += self._states(t.params_per_gpu) + self.k[rank] * (t.saved_bytes + t.param_copy_bytes)
         self.g += self._working_bytes() + self._gathered_bytes()
 
@@ -108,8 +108,8 @@ class StageCosts:
         fsdp_mixed = sim.traced.cast == "params"
         time_s, act = {}, {}
         for mode in MODES:
-            fwd, bwd, _ = sim.layer_times(index, mode)
-            time_s[mode] = fwd + bwd
+            times = sim.layer_times(index, mode)
+            time_s[mode] = times.fwd_s + times.bwd_s
             copies = 0.0 if fsdp_mixed or mode == "full" else t.param_copy_bytes
             act[mode] = t.saved_for(mode) + copies
         state = self._states(t.params_per_gpu)

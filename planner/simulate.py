@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from typing import NamedTuple
 
 from cost_models.cluster import ClusterSpec, parse_cluster
 from cost_models.comm import CommModel
@@ -228,6 +229,26 @@ def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerC
     return entry[2]
 
 
+# SimResult.phases: the slowest pipeline rank's step split into parts that add up to the
+# step time (recompute_s is the part of compute_s spent recomputing), in words for people.
+PHASE_WORDS = {"compute_s": "compute", "recompute_s": "recomputation",
+               "exposed_tp_comm_s": "exposed tensor-parallel communication",
+               "exposed_dp_comm_s": "exposed data-parallel communication",
+               "pipeline_bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
+
+
+class LayerTimes(NamedTuple):
+    """One micro-batch through a layer (or summed over a stage's layers): forward and
+    backward as the schedule runs them, and the parts of them that are recomputation and
+    exposed TP and FSDP communication (what the phases report)."""
+
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    tp_comm_s: float
+    fsdp_comm_s: float
+
+
 class _Simulation:
     def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME):
         self.execution = execution
@@ -275,18 +296,22 @@ class _Simulation:
         return self.plan.checkpoint_for(self.traced.block_number[index])
 
     # -- time ----------------------------------------------------------------------------
-    def layer_times(self, index: int, mode: str | None = None) -> tuple[float, float, float]:
-        """(forward s, backward s incl. recompute, recompute FLOP-time share) for one micro-batch,
-        under the plan's checkpoint mode for the layer or the `mode` given."""
+    def layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
+        """One micro-batch through one layer, under the plan's checkpoint mode for the layer
+        or the `mode` given: forward, backward (recompute included), and the parts of those
+        spent recomputing and in exposed TP and FSDP communication."""
         t = self.timing(index)
         mode = self.checkpoint_mode(index) if mode is None else mode
         tp_ar = self.comm.all_reduce_s(self.traced.micro_batch * self.traced.seq * self.coster.hidden
                                        * self.act_bytes, self.tp_group) if t.tp_allreduces else 0.0
+        # one set of all-reduces forward, one backward, one more in a full recomputation
+        tp_passes = 3 if mode == "full" else 2
         fwd = t.fwd_s + t.tp_allreduces * tp_ar
-        recompute = t.recompute_s(mode) + (t.tp_allreduces * tp_ar if mode == "full" else 0.0)
-        bwd = t.bwd_s + t.tp_allreduces * tp_ar + recompute
+        recompute = t.recompute_s(mode)
+        bwd = t.bwd_s + recompute + (tp_passes - 1) * t.tp_allreduces * tp_ar
         fsdp_fwd, fsdp_bwd = self.fsdp_exposed(t, fwd, bwd)
-        return fwd + fsdp_fwd, bwd + fsdp_bwd, recompute
+        return LayerTimes(fwd + fsdp_fwd, bwd + fsdp_bwd, recompute, tp_passes * t.tp_allreduces * tp_ar,
+                          fsdp_fwd + fsdp_bwd)
 
     def fsdp_exposed(self, t: LayerTiming, fwd: float, bwd: float) -> tuple[float, float]:
         """FSDP collectives per layer per micro-batch, hidden behind the layer's compute."""
@@ -302,14 +327,14 @@ class _Simulation:
     def run(self) -> SimResult:
         plan = self.plan
         stages = self.stage_layers()
-        fwd, bwd, recompute, stage_params = [], [], [], []
+        fwd, bwd, parts, stage_params = [], [], [], []
         batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
         for layers in stages:
             times = [self.layer_times(i) for i in layers]
             stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
-            fwd.append(batch_s + sum(t[0] for t in times))
-            bwd.append(sum(t[1] for t in times) + self.grad_accumulation_s(stage_params[-1]))
-            recompute.append(sum(t[2] for t in times))
+            fwd.append(batch_s + sum(t.fwd_s for t in times))
+            bwd.append(sum(t.bwd_s for t in times) + self.grad_accumulation_s(stage_params[-1]))
+            parts.append(LayerTimes(*map(sum, zip(*times))) if times else LayerTimes(0, 0, 0, 0, 0))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
         actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
         timeline = simulate_pipeline(actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p)
@@ -323,7 +348,7 @@ class _Simulation:
         step = max(tails)
         slowest = tails.index(step)
         memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
-        return self.result(step, timeline, slowest, dp_exposed, optimizer, recompute, memory)
+        return self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory)
 
     def grad_accumulation_s(self, params: float) -> float:
         """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
@@ -425,7 +450,7 @@ class _Simulation:
         return at_worst
 
     # -- result --------------------------------------------------------------------------
-    def result(self, step, timeline, slowest, dp_exposed, optimizer, recompute, memory) -> SimResult:
+    def result(self, step, timeline, slowest, dp_exposed, optimizer, parts, memory) -> SimResult:
         plan, cluster = self.plan, self.cluster
         tokens = plan.global_batch * plan.seq
         fwd_flops, bwd_flops = self.traced.flop_counter_flops()
@@ -438,12 +463,16 @@ class _Simulation:
         world = cluster.world_size
         peak = cluster.gpu.peak_flops_for(plan.precision)
         capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
-        busy = timeline.busy_s[slowest]
+        # the slowest rank's step, phase by phase: every micro-batch passes each of its
+        # virtual stages once forward and once backward
+        mine = [parts[c * plan.pp + slowest] for c in range(plan.interleave)]
+        per_step = {name: plan.grad_accum * sum(getattr(p, name) for p in mine) for name in LayerTimes._fields}
         phases = {
-            "compute_s": busy,
+            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["fsdp_comm_s"],
+            "recompute_s": per_step["recompute_s"],   # part of compute_s
+            "exposed_tp_comm_s": per_step["tp_comm_s"],
+            "exposed_dp_comm_s": per_step["fsdp_comm_s"] + dp_exposed[slowest],
             "pipeline_bubble_s": timeline.bubble_s(slowest),
-            "recompute_s": sum(recompute) * plan.grad_accum / max(1, plan.pp),
-            "exposed_dp_comm_s": dp_exposed[slowest],
             "optimizer_s": optimizer[slowest],
         }
         fits = all(m.peak_reserved_bytes <= capacity and m.host_bytes <= cluster.host_memory_bytes_per_gpu

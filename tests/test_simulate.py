@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conftest import assert_user_error
-from cost_models import MeshplanError
+from cost_models import MeshplanError, parse_cluster
+from cost_models.comm import CommModel
 from planner.plan import Plan
 from planner.simulate import Execution, simulate
 from planner.zoo import load_model
@@ -190,3 +191,41 @@ def test_fsdp_accumulates_only_its_gradient_shard():
     assert sims[1].grad_accumulation_s(params) == pytest.approx(whole)
     assert sims[3].grad_accumulation_s(params) == pytest.approx(shard)
     assert shard < whole
+
+
+class _FreeCollectives(CommModel):
+    """Every collective and transfer takes no time: what a step would cost with free links."""
+
+    def time_s(self, kind, nbytes, group, algorithm=None):
+        return 0.0
+
+    def p2p_s(self, nbytes, cross_node):
+        return 0.0
+
+
+PHASE_PARTS = ("compute_s", "exposed_tp_comm_s", "exposed_dp_comm_s", "pipeline_bubble_s", "optimizer_s")
+
+
+@pytest.mark.parametrize("kw", [dict(dp=8, tp=2), dict(dp=4, tp=2, pp=2, checkpoint=["full"] * 24),
+                                dict(dp=4, pp=4, schedule="interleaved", interleave=2, global_batch=32),
+                                dict(zero=3), dict(dp=8, tp=2, zero=2, checkpoint=["selective"] * 24)])
+def test_phases_add_up_to_the_step(kw):
+    result = sim(**kw)
+    assert sum(result.phases[k] for k in PHASE_PARTS) == pytest.approx(result.step_time_s, rel=1e-9)
+    assert all(v >= 0 for v in result.phases.values())
+    assert result.phases["recompute_s"] <= result.phases["compute_s"]
+    assert (result.phases["exposed_tp_comm_s"] > 0) == (kw.get("tp", 1) > 1)
+
+
+def test_exposed_communication_is_what_free_links_would_save():
+    """One node, no pipeline: TP all-reduces are the only communication of a tp plan, and
+    FSDP's gathers and reduce-scatters (plus nothing else) of a ZeRO-3 plan."""
+    cluster = parse_cluster("a100-sxm-80gb:1x8")
+    for kw, phase in ((dict(dp=1, tp=8, global_batch=8, checkpoint=["full"] * 24), "exposed_tp_comm_s"),
+                      (dict(dp=8, zero=3, micro_batch=4, global_batch=64), "exposed_dp_comm_s")):
+        plan = Plan(seq=1024, **{"micro_batch": 1, **kw})
+        real = simulate(plan, MODEL, cluster)
+        free = simulate(plan, MODEL, cluster, comm=_FreeCollectives(cluster))
+        assert real.phases[phase] > 0.01 * real.step_time_s
+        assert real.step_time_s - free.step_time_s == pytest.approx(real.phases[phase], rel=1e-6)
+        assert free.phases["compute_s"] == pytest.approx(real.phases["compute_s"], rel=1e-9)
