@@ -10,8 +10,9 @@ odd-numbered rows; the multi-node file is never read here:
 - `host_s_per_op`, eager PyTorch's host time per launched aten op on those DGX-A100 hosts;
 - `host_overlap_exponent`, how a layer's host and device time combine:
   (device^p + host^p)^(1/p), 0 meaning a plain max.
-Everything else is the H100 calibration transferred to the A100 datasheet
-(default_calibration). With --write, saves cost_models/data/a100-sxm-80gb.json.
+Everything else is the shipped H100 calibration transferred to the A100 datasheet. The 16-bit
+GEMM fraction is fitted on whole training iterations, so it is the sustained rate already
+(GemmFit.sustained 1). With --write, saves cost_models/data/a100-sxm-80gb.json.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vtrain import DEFAULT_REFERENCE, predict_ms  # noqa: E402
 
-from cost_models.calibration import default_calibration  # noqa: E402
+from cost_models.calibration import REFERENCE_GPU, shipped_calibration  # noqa: E402
 from cost_models.compute import ComputeModel  # noqa: E402
 from cost_models.hardware import get_gpu  # noqa: E402
 
@@ -38,10 +39,10 @@ SIXTEEN_BIT = ("fp16", "bf16")
 
 
 def calibration(gemm_fraction: float, host_us: float, exponent: float):
-    base = default_calibration(get_gpu("a100-sxm-80gb"))
+    base = shipped_calibration(REFERENCE_GPU).transferred_to(get_gpu("a100-sxm-80gb"))
     gemm = dict(base.gemm)
-    for precision in SIXTEEN_BIT:
-        gemm[precision] = replace(gemm[precision], peak_fraction=gemm_fraction)
+    for precision in SIXTEEN_BIT:   # fitted on training iterations: already the sustained rate
+        gemm[precision] = replace(gemm[precision], peak_fraction=gemm_fraction, sustained=1.0)
     return replace(base, gemm=gemm, host_s_per_op=host_us * 1e-6, host_overlap_exponent=exponent)
 
 

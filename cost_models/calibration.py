@@ -16,8 +16,9 @@ as a fraction of HBM bandwidth), so it carries over by scaling with the other GP
 datasheet; fixed times (kernel overhead, attention call overhead) carry over as seconds.
 
 The model forms, fitted per calibration (all fitted constants are empirical):
-  GEMM       t = kernel_overhead_s + max(flops / (peak * peak_fraction)
+  GEMM       t = kernel_overhead_s + max(flops / (peak * peak_fraction * sustained)
                  + traffic_weight * min_bytes / copy_bytes_per_s, min_bytes / copy_bytes_per_s)
+             (sustained: the share of the microbenchmarked rate kept in whole training steps)
   attention  t = fixed_s + flops / (peak * peak_fraction)       (per direction)
   copy       t = kernel_overhead_s + bytes_moved / copy_bytes_per_s
 `compute.py` owns the first-principles parts (FLOP and byte counts).
@@ -25,11 +26,12 @@ The model forms, fitted per calibration (all fitted constants are empirical):
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -62,10 +64,16 @@ class GemmFit:
 
     peak_fraction: float
     traffic_weight: float
+    # The fraction of the microbenchmarked math rate that GEMMs keep inside whole training
+    # steps (a step holds the GPU at its power and thermal limits for hundreds of ms, where
+    # a microbenchmark's few back-to-back launches do not). Fitted on measured training
+    # steps where a calibration has them (benchmarks/fit_h100_compute.py); 1 = not derated.
+    sustained: float = 1.0
 
     def __post_init__(self):
         _check_fraction(self.peak_fraction, "GEMM peak_fraction")
         _positive(self.traffic_weight, "GEMM traffic_weight", zero_ok=True)
+        _check_fraction(self.sustained, "GEMM sustained")
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,11 @@ class Calibration:
                 return self.gemm[name]
         return next(iter(self.gemm.values()))
 
+    def at_burst(self) -> "Calibration":
+        """This calibration as its microbenchmarks saw the GPU: GEMMs not derated for
+        sustained training load (what its own GEMM measurements are scored against)."""
+        return replace(self, gemm={p: replace(f, sustained=1.0) for p, f in self.gemm.items()})
+
     def transferred_to(self, gpu: GPUSpec) -> "Calibration":
         """This calibration's efficiencies applied to another GPU's datasheet.
 
@@ -136,18 +149,19 @@ class Calibration:
                        device_name="", measurements={}, fit_quality={})
 
     def to_dict(self) -> dict:
-        return {
+        """A JSON-ready copy: editing it never changes this (possibly cached, shared) calibration."""
+        return copy.deepcopy({
             "format": FORMAT, "version": VERSION, "gpu": self.gpu, "device_name": self.device_name,
             "source": self.source, "kernel_overhead_s": self.kernel_overhead_s,
             "copy_bytes_per_s": self.copy_bytes_per_s,
             "memory_bw_bytes_per_s": self.memory_bw_bytes_per_s, "peak_flops": self.peak_flops,
-            "gemm": {p: vars(f) for p, f in self.gemm.items()},
-            "attention": {"fwd": vars(self.attention_fwd), "bwd": vars(self.attention_bwd)},
+            "gemm": {p: asdict(f) for p, f in self.gemm.items()},
+            "attention": {"fwd": asdict(self.attention_fwd), "bwd": asdict(self.attention_bwd)},
             "comm": {"bw_efficiency": self.comm_bw_efficiency, "latency_s": self.comm_latency_s},
             "host_s_per_op": self.host_s_per_op, "host_overlap_exponent": self.host_overlap_exponent,
             "host_adamw_bytes_per_s": self.host_adamw_bytes_per_s,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "calibration") -> "Calibration":
@@ -386,7 +400,7 @@ def build_calibration(gpu: GPUSpec, measurements: dict, source: str, device_name
 def fit_quality(calibration: Calibration, gpu: GPUSpec) -> dict:
     """Mean absolute percentage errors of the calibration on its own measurements."""
     from cost_models.compute import ComputeModel
-    model = ComputeModel(gpu, calibration)
+    model = ComputeModel(gpu, calibration.at_burst())
     out = {}
     matmul = calibration.measurements.get("matmul", [])
     if matmul:
@@ -712,9 +726,19 @@ def profile_device(device: str, out_path, quick: bool = False, gpu: str | None =
     source = (f"meshplan profile{' --quick' if quick else ''} on {_device_name(device)}, "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     calibration = build_calibration(spec, measurements, source, _device_name(device), comm)
+    if device != "cpu":
+        calibration = sustained_like(calibration, default_calibration(spec))
     if _rank() == 0:
         calibration.save(out_path, force=force)
     return calibration
+
+
+def sustained_like(calibration: Calibration, reference: Calibration) -> Calibration:
+    """`calibration` with the GEMM derating under sustained training load taken from
+    `reference` (the GPU's shipped calibration, or the H100's): a profile times kernels in
+    short bursts and cannot see it, and whole training steps are needed to fit it."""
+    gemm = {p: replace(f, sustained=reference.gemm_fit(p).sustained) for p, f in calibration.gemm.items()}
+    return replace(calibration, gemm=gemm)
 
 
 def _rank() -> int:
@@ -729,7 +753,8 @@ def summary_lines(calibration: Calibration) -> list:
              f"copy {calibration.copy_bytes_per_s / GB:.1f} GB/s (read+write)"]
     for precision, fit in calibration.gemm.items():
         lines.append(f"  GEMM {precision}: {fit.peak_fraction:.3f} of "
-                     f"{calibration.peak_flops[precision] / 1e12:.3g} TFLOP/s, traffic weight {fit.traffic_weight:.2f}")
+                     f"{calibration.peak_flops[precision] / 1e12:.3g} TFLOP/s, traffic weight {fit.traffic_weight:.2f}"
+                     + (f", x{fit.sustained:.3f} sustained in training" if fit.sustained != 1.0 else ""))
     for name, fit in (("fwd", calibration.attention_fwd), ("bwd", calibration.attention_bwd)):
         lines.append(f"  attention {name}: {fit.peak_fraction:.3f} of peak + {fit.fixed_s * 1e6:.1f} us per call")
     if calibration.host_adamw_bytes_per_s:

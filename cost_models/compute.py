@@ -257,7 +257,7 @@ class ComputeModel:
     def _gemm_s(self, flops: float, moved_bytes: float, precision: str) -> float:
         """Fitted math + exposed-traffic time, never below the bandwidth roofline (GEMVs)."""
         fit = self.calibration.gemm_fit(precision)
-        math_s = flops / (self.peak_flops(precision) * fit.peak_fraction)
+        math_s = flops / (self.peak_flops(precision) * fit.peak_fraction * fit.sustained)
         traffic_s = moved_bytes / self.memory_bw_bytes_per_s
         return self.kernel_overhead_s + max(math_s + fit.traffic_weight * traffic_s, traffic_s)
 

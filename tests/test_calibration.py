@@ -221,3 +221,44 @@ def test_collectives_are_measured_across_two_gloo_ranks(tmp_path):
     model = CommModel(cluster, calibration)
     assert model.bw_efficiency["shm"] == efficiency["shm"]
     assert model.all_reduce_s(1 << 20, group) != CommModel(cluster).all_reduce_s(1 << 20, group)
+
+
+def test_sustained_gemm_rate_slows_only_the_math():
+    """GemmFit.sustained divides the math rate; the traffic term and the overhead stay."""
+    h100 = shipped_calibration("h100-sxm-80gb")
+    burst = h100.at_burst()
+    assert all(f.sustained == 1.0 for f in burst.gemm.values())
+    halved = replace(burst, gemm={p: replace(f, sustained=0.5) for p, f in burst.gemm.items()})
+    gpu = get_gpu("h100")
+    m, k, n = 8192, 8192, 8192
+    math_s = gemm_flops(m, k, n) / (gpu.peak_flops["bf16"] * burst.gemm["bf16"].peak_fraction)
+    fast = ComputeModel(gpu, burst).matmul_time_s(m, k, n, "bf16")
+    slow = ComputeModel(gpu, halved).matmul_time_s(m, k, n, "bf16")
+    assert slow - fast == pytest.approx(math_s, rel=1e-9)
+    # a GEMV is bandwidth-bound: no math rate changes it
+    assert ComputeModel(gpu, halved).matmul_time_s(1, 8192, 8192, "bf16") == pytest.approx(
+        ComputeModel(gpu, burst).matmul_time_s(1, 8192, 8192, "bf16"))
+
+
+def test_sustained_rate_is_validated_and_optional_in_json():
+    data = shipped_calibration("h100-sxm-80gb").to_dict()
+    data["gemm"]["bf16"]["sustained"] = 1.5
+    with pytest.raises(MeshplanError, match="sustained"):
+        Calibration.from_dict(data)
+    del data["gemm"]["bf16"]["sustained"]   # files written before the field: not derated
+    assert Calibration.from_dict(data).gemm["bf16"].sustained == 1.0
+
+
+def test_gpu_profile_takes_the_sustained_rate_from_the_shipped_calibration(cpu_profile):
+    """A profile times kernels in bursts; for a GPU the derating of the GPU's shipped (or
+    transferred H100) calibration is applied, per precision, the way profile_device does."""
+    from cost_models.calibration import sustained_like
+    _, measured = cpu_profile
+    assert all(f.sustained == 1.0 for f in measured.gemm.values())   # a CPU profile stays as measured
+    measured = replace(measured, gemm={"fp32": measured.gemm_fit("fp32"), "bf16": measured.gemm_fit("bf16")})
+    h100 = shipped_calibration("h100-sxm-80gb")
+    as_gpu = sustained_like(measured, h100)
+    assert as_gpu.gemm["bf16"].sustained < 1.0 == as_gpu.gemm["fp32"].sustained
+    for precision, fit in as_gpu.gemm.items():
+        assert fit.sustained == h100.gemm_fit(precision).sustained
+        assert fit.peak_fraction == measured.gemm[precision].peak_fraction
