@@ -29,13 +29,12 @@ from vtrain import DEFAULT_REFERENCE, predict_ms  # noqa: E402
 
 from cost_models.calibration import REFERENCE_GPU, shipped_calibration  # noqa: E402
 from cost_models.compute import ComputeModel  # noqa: E402
-from cost_models.hardware import get_gpu  # noqa: E402
+from cost_models.hardware import SIXTEEN_BIT, get_gpu  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "cost_models" / "data" / "a100-sxm-80gb.json"
 GEMM_GRID = (0.7, 0.75, 0.8, 0.85, 0.9)
 HOST_GRID_US = (35, 40, 45, 50)
 EXPONENT_GRID = (3.0, 4.0, 6.0)
-SIXTEEN_BIT = ("fp16", "bf16")
 
 
 def calibration(gemm_fraction: float, host_us: float, exponent: float):

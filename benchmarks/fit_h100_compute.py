@@ -40,7 +40,7 @@ from accuracy import h100_cases, predict  # noqa: E402
 from cost_models.calibration import (Calibration, build_calibration, mape, measurements_from_reference, predict_attention_row,  # noqa: E402
                                      predict_matmul_row, summary_lines)
 from cost_models.compute import ComputeModel  # noqa: E402
-from cost_models.hardware import get_gpu  # noqa: E402
+from cost_models.hardware import SIXTEEN_BIT, get_gpu  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "h100" / "measured.jsonl"
 DEFAULT_OUT = REPO / "cost_models" / "data" / "h100-sxm-80gb.json"
@@ -56,7 +56,6 @@ ATTENTION_KERNELS = {"fwd": 1, "bwd": 3}
 SUSTAINED_GRID = tuple(round(0.6 + 0.05 * i, 2) for i in range(9))        # 0.60 ... 1.00
 HOST_GRID_US = tuple(range(0, 45, 5))
 EXPONENT_GRID = (0.0, 2.0, 4.0, 6.0)
-SIXTEEN_BIT = ("bf16", "fp16")
 
 
 def shape(row: dict) -> tuple:

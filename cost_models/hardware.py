@@ -19,6 +19,8 @@ from cost_models.errors import MeshplanError
 from cost_models.units import GB, GIB, TERA
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
+# the tensor-core half precisions (equal peaks on NVIDIA GPUs; one GEMM fit serves both)
+SIXTEEN_BIT = ("bf16", "fp16")
 
 # torch.cuda.get_device_properties(0).total_memory on the reference H100 80GB HBM3
 # (shared/reference/h100/measured.jsonl, "kind": "env").

@@ -331,10 +331,10 @@ class _Simulation:
         batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
         for layers in stages:
             times = [self.layer_times(i) for i in layers]
+            parts.append(LayerTimes(*(sum(t[k] for t in times) for k in range(len(LayerTimes._fields)))))
             stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
-            fwd.append(batch_s + sum(t.fwd_s for t in times))
-            bwd.append(sum(t.bwd_s for t in times) + self.grad_accumulation_s(stage_params[-1]))
-            parts.append(LayerTimes(*map(sum, zip(*times))) if times else LayerTimes(0, 0, 0, 0, 0))
+            fwd.append(batch_s + parts[-1].fwd_s)
+            bwd.append(parts[-1].bwd_s + self.grad_accumulation_s(stage_params[-1]))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
         actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
         timeline = simulate_pipeline(actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p)
