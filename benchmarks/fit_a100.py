@@ -32,8 +32,8 @@ from cost_models.compute import ComputeModel  # noqa: E402
 from cost_models.hardware import SIXTEEN_BIT, get_gpu  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "cost_models" / "data" / "a100-sxm-80gb.json"
-GEMM_GRID = (0.7, 0.75, 0.8, 0.85, 0.9)
-HOST_GRID_US = (35, 40, 45, 50)
+GEMM_GRID = (0.75, 0.775, 0.8, 0.825, 0.85, 0.875, 0.9)
+HOST_GRID_US = (35, 37.5, 40, 42.5, 45, 50)
 EXPONENT_GRID = (3.0, 4.0, 6.0)
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     for point in itertools.product(GEMM_GRID, HOST_GRID_US, EXPONENT_GRID):
         errs = errors(train, point)
         mape = statistics.mean(map(abs, errs))
-        print(f"GEMM {point[0]:.2f} of peak, {point[1]:3d} us/op, p {point[2]:3.1f}: train MAPE {100 * mape:5.1f}%  "
+        print(f"GEMM {point[0]:.3f} of peak, {point[1]:4.1f} us/op, p {point[2]:3.1f}: train MAPE {100 * mape:5.1f}%  "
               f"mean signed {100 * statistics.mean(errs):+5.1f}%", flush=True)
         if best is None or mape < best[1]:
             best = (point, mape)

@@ -51,6 +51,7 @@ BWD_TRAFFIC_RATIO = {
     "native_dropout": 1.0,               # the saved mask applied to the gradient
     "masked_fill": 1.0, "masked_fill_": 1.0, "where": 1.0,
     "mul": 5 / 3,                        # reads both inputs and the gradient, writes two gradients
+    "_softmax": 1.5,                     # reads the probabilities and their gradient, writes one gradient
 }
 DEFAULT_BWD_TRAFFIC_RATIO = 2.0
 # Under autocast a residual add mixes the fp32 stream with a 16-bit branch output, so its
@@ -117,6 +118,17 @@ def _numel(shape) -> int:
     return count
 
 
+def _without_masks_fused_into_softmax(ops: list) -> list:
+    """The ops less every masked fill whose next kernel is a softmax over the same shape: a
+    fused masked softmax (Megatron-LM's scaled-masked-softmax kernels) applies the mask
+    while it reads the scores, so the fill costs neither a launch nor a pass over memory."""
+    kernels = [op for op in ops if op.kind != "view"]
+    fused = {id(op) for op, nxt in zip(kernels, kernels[1:])
+             if _aten_name(op) in ("masked_fill", "masked_fill_") and _aten_name(nxt) == "_softmax"
+             and tuple(op.output_shape) == tuple(nxt.output_shape)}
+    return [op for op in ops if id(op) not in fused]
+
+
 class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
@@ -128,26 +140,32 @@ class LayerCoster:
         self._cache = {}
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
-               tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0)) -> LayerTiming:
+               tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
+               fused_masked_softmax: bool = False) -> LayerTiming:
         """`extra_host_ops`: (forward, backward) launches the framework issues with this layer
-        beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head)."""
+        beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
+        `fused_masked_softmax`: the framework applies a mask inside its softmax kernel
+        (planner.simulate.Execution.fused_masked_softmax), so a masked fill that feeds a
+        softmax launches nothing and moves no bytes of its own."""
         layer = self.traced.layers[layer_index]
-        key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops)
+        key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
+               fused_masked_softmax)
         if key not in self._cache:
             if tp > 1 and self.hidden is None:
                 raise MeshplanError("tensor parallelism needs a zoo model (or a plan tp_layout): "
                                     "this model has no known hidden size; use tp 1")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops)
+                                            extra_host_ops, fused_masked_softmax)
         return self._cache[key]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
-                extra_host_ops: tuple[int, int] = (0, 0)) -> LayerTiming:
+                extra_host_ops: tuple[int, int] = (0, 0), fused_masked_softmax: bool = False) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = 0.0
         allreduces = 0
         params = 0.0
-        for op in cost.ops:
+        ops = _without_masks_fused_into_softmax(cost.ops) if fused_masked_softmax else cost.ops
+        for op in ops:
             f, b, share = self._op_time(op, tp, sp, layout, precision)
             fwd, bwd = fwd + f, bwd + b
             if op.kind not in ("linear", "matmul", "conv", "attention"):
@@ -155,7 +173,7 @@ class LayerCoster:
             if op.kind == "linear" and tp > 1 and linear_style(op, layout) == "rowwise":
                 allreduces += 1
             params += op.param_count * share
-        launched = sum(1 for op in cost.ops if op.kind != "view")
+        launched = sum(1 for op in ops if op.kind != "view")
         host_fwd = (launched + extra_host_ops[0]) * self.compute.host_s_per_op
         host_bwd = (launched * HOST_BWD_OPS_PER_FWD_OP + extra_host_ops[1]) * self.compute.host_s_per_op
         fwd = self.compute.host_bound_s(fwd, host_fwd)

@@ -218,3 +218,48 @@ def test_loss_host_ops_hide_behind_a_device_bound_head():
         share_fwd = (extra.fwd_s - plain.fwd_s) / (27 * host_s)
         assert paid_share[0] <= share_fwd <= paid_share[1], (vocab, share_fwd)
         assert extra.bwd_s >= plain.bwd_s
+
+
+def _coster_with_host(traced, host_s_per_op: float) -> LayerCoster:
+    """A coster on the A100 whose host time per launch is `host_s_per_op`, combined with the
+    device time by a plain max (exponent 0)."""
+    gpu = get_gpu("a100-sxm-80gb")
+    calibration = Calibration.from_dict({**shipped_calibration(gpu.name).to_dict(),
+                                         "host_s_per_op": host_s_per_op, "host_overlap_exponent": 0.0})
+    return LayerCoster(traced, ComputeModel(gpu, calibration), hidden=64)
+
+
+def test_fused_masked_softmax_drops_the_fill_before_the_softmax_only():
+    """Megatron's scaled-masked-softmax kernel masks the scores while it reads them: under
+    fused_masked_softmax the causal mask's fill costs no pass over the scores and no launch,
+    and nothing else of the block changes; SDPA blocks have no such fill."""
+    spec = dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512)
+    traced = trace_model(load_model({**spec, "attention": "unfused"}), 8, 512, "bf16", cast="params")
+    device_only = _coster_with_host(traced, 0.0)
+    block = traced.blocks[0]
+    eager, fused = device_only.timing(block), device_only.timing(block, fused_masked_softmax=True)
+    fill = next(op for op in block_ops(traced) if "masked_fill_" in op.target)
+    fill_fwd, fill_bwd, _ = device_only._op_time(fill, 1, False, {}, "bf16")
+    assert fill_fwd > 0 and fill_bwd > 0
+    assert eager.fwd_s - fused.fwd_s == pytest.approx(fill_fwd)
+    assert eager.bwd_s - fused.bwd_s == pytest.approx(fill_bwd)
+    assert fused.saved_bytes == eager.saved_bytes and fused.params_per_gpu == eager.params_per_gpu
+    # host-bound (1 ms a launch): one launch fewer forward, two fewer backward
+    host_bound = _coster_with_host(traced, 1e-3)
+    eager, fused = host_bound.timing(block), host_bound.timing(block, fused_masked_softmax=True)
+    assert eager.fwd_s - fused.fwd_s == pytest.approx(1e-3)
+    assert eager.bwd_s - fused.bwd_s == pytest.approx(2e-3)
+    sdpa = trace_model(load_model(spec), 8, 512, "bf16", cast="params")
+    c = coster(sdpa)
+    assert c.timing(sdpa.blocks[0], fused_masked_softmax=True) == c.timing(sdpa.blocks[0])
+
+
+def test_softmax_backward_reads_two_tensors_and_writes_one():
+    traced = trace_model(load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512,
+                                         attention="unfused")), 8, 512, "bf16", cast="params")
+    c = coster(traced)
+    softmax = next(op for op in block_ops(traced) if "_softmax" in op.target)
+    moved = softmax.bytes_read + softmax.bytes_written
+    fwd, bwd, _ = c._op_time(softmax, 1, False, {}, "bf16")
+    assert fwd == pytest.approx(c.compute.op_time_s("reduction", softmax.fwd_flops, moved, "bf16"))
+    assert bwd == pytest.approx(c.compute.op_time_s("reduction", softmax.bwd_flops, 1.5 * moved, "bf16"))
