@@ -27,8 +27,8 @@ Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degr
     run_table_1.sh): its micro-batch size, virtual pipeline stages and DDP implementation
     (torch DDP overlaps the all-reduce with backward, Megatron's local DDP runs it after).
 Nothing here is fitted; the paper does not report micro-batch sizes and interleave factors,
-so (a) lets the planner choose them, as the bar asks. Precision is the planner's default (bf16; the paper
-ran fp16 mixed precision, and the A100's bf16 and fp16 peaks are equal).
+so (a) lets the planner choose them, as the bar asks. Precision is the planner's default
+(bf16; the paper ran fp16 mixed precision, and the A100's bf16 and fp16 peaks are equal).
 """
 from __future__ import annotations
 
@@ -37,9 +37,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from planner.plan import Plan
 from planner.search import plan
@@ -79,24 +78,32 @@ def preset_for(row: dict) -> str:
     raise SystemExit(f"no megatron-* preset in planner/zoo.py has the shape {shape}")
 
 
-def timed_plan(model, row: dict, megatron: bool = False, **pinned) -> dict:
-    """The best plan for the row (with `pinned`), its predicted TFLOP/s by the paper's count;
-    `megatron`: that plan simulated as Megatron-LM of 2021 executes it (MEGATRON_2021)."""
-    gpus = row["num_gpus"]
-    cluster = f"dgx-a100:{gpus // GPUS_PER_NODE}"
-    started = time.perf_counter()
-    best = plan(model, cluster, row["global_batch_size"], row["seq_len"], top_k=1, **pinned)[0]
-    plan_s = time.perf_counter() - started
-    result = simulate(best, model, cluster, execution=MEGATRON_2021) if megatron else best.result
-    tflops = paper_flops_per_iteration(row) / (result.step_time_s * gpus) / 1e12
-    return dict(plan=summary(best), step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s,
+def cluster_of(row: dict) -> str:
+    return f"dgx-a100:{row['num_gpus'] // GPUS_PER_NODE}"
+
+
+def scored(row: dict, plan_text: str, result, plan_s: float) -> dict:
+    """A simulated step of the row, with its TFLOP/s by the paper's count and its error."""
+    tflops = paper_flops_per_iteration(row) / (result.step_time_s * row["num_gpus"]) / 1e12
+    return dict(plan=plan_text, step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s,
                 tflops_per_gpu=tflops, plan_s=plan_s, hfu=result.hfu, phases=result.phases,
                 error_pct=100 * (tflops - row["achieved_tflops_per_gpu"]) / row["achieved_tflops_per_gpu"])
 
 
+def timed_plan(model, row: dict, megatron: bool = False, **pinned) -> dict:
+    """The best plan for the row (with `pinned`), its predicted TFLOP/s by the paper's count;
+    `megatron`: that plan simulated as Megatron-LM of 2021 executes it (MEGATRON_2021)."""
+    cluster = cluster_of(row)
+    started = time.perf_counter()
+    best = plan(model, cluster, row["global_batch_size"], row["seq_len"], top_k=1, **pinned)[0]
+    plan_s = time.perf_counter() - started
+    result = simulate(best, model, cluster, execution=MEGATRON_2021) if megatron else best.result
+    return scored(row, summary(best), result, plan_s)
+
+
 def as_run(megatron_model: dict, row: dict) -> dict:
     """The paper's system with the artifact's micro-batch, interleaving and DDP (AS_RUN)."""
-    layers, gpus = row["num_layers"], row["num_gpus"]
+    layers = row["num_layers"]
     global_batch, micro_batch, per_virtual_stage, ddp = AS_RUN[(layers, row["hidden_size"])]
     if global_batch != row["global_batch_size"]:
         raise SystemExit(f"run_table_1.sh's global batch {global_batch} is not the table's {row['global_batch_size']}")
@@ -106,11 +113,8 @@ def as_run(megatron_model: dict, row: dict) -> dict:
              global_batch=global_batch, seq=row["seq_len"], precision="fp16", interleave=chunks,
              schedule="interleaved" if chunks > 1 else "1f1b", checkpoint=["full"] * layers)
     execution = replace(MEGATRON_2021, overlap_dp_comm=ddp == "torch")
-    result = simulate(p, megatron_model, f"dgx-a100:{gpus // GPUS_PER_NODE}", execution=execution)
-    tflops = paper_flops_per_iteration(row) / (result.step_time_s * gpus) / 1e12
-    return dict(plan=summary(p) + f" {ddp}-ddp", step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s,
-                tflops_per_gpu=tflops, plan_s=0.0, hfu=result.hfu, phases=result.phases,
-                error_pct=100 * (tflops - row["achieved_tflops_per_gpu"]) / row["achieved_tflops_per_gpu"])
+    result = simulate(p, megatron_model, cluster_of(row), execution=execution)
+    return scored(row, summary(p) + f" {ddp}-ddp", result, 0.0)
 
 
 def summary(p) -> str:
