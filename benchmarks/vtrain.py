@@ -38,7 +38,7 @@ MEGATRON_DROPOUT = 0.1
 # Read from the source, not fitted. (Their intra_node_bandwidth, 150 GB/s, is only the
 # fallback vTrain's simulator uses for groups above 8 GPUs - it times smaller all-reduces
 # from measured tables - so the NVLink stays the catalogue's; the single-node runs barely
-# depend on it: 7.4-7.8 % MAPE for achieved NVLink fractions 0.5-0.9.)
+# depend on it: 7.4-7.8 % MAPE on the 720 even rows for achieved NVLink fractions 0.5-0.9.)
 VTRAIN_GPUS_PER_NODE = 8
 VTRAIN_NODE_Gbps = 800
 
