@@ -17,6 +17,7 @@ from cost_models import GPUS, SYSTEMS, MeshplanError, parse_cluster
 from cost_models.units import GB, GIB, TERA
 from planner.models import count_parameters
 from planner.plan import Plan, check_new_path
+from planner.tables import console_for
 from planner.zoo import PRESETS, load_model
 
 
@@ -38,7 +39,7 @@ def _describe(args) -> int:
                           "cluster": cluster.to_dict()}))
         return 0
     console = Console()
-    console.print(f"[bold]{spec.name}[/bold]: {params:,} parameters ({params / 1e9:.2f} B)")
+    console.print(f"[bold]{spec.name}[/bold]: {params:,} parameters ({parameter_count(params)})")
     if spec.config:
         c = spec.config
         console.print(f"  {c.arch}: {c.layers} layers, hidden {c.hidden}, {c.heads} heads "
@@ -46,6 +47,11 @@ def _describe(args) -> int:
                       f"tied embeddings: {c.tie_embeddings}")
     console.print(f"[bold]cluster[/bold] {cluster.summary()}")
     return 0
+
+
+def parameter_count(count: int) -> str:
+    """A parameter count in billions, or millions below a billion (a tiny model is not "0.00 B")."""
+    return f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"
 
 
 def _models(args) -> int:
@@ -62,8 +68,8 @@ def _models(args) -> int:
     for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
         table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=col == "name")
     for r in rows:
-        table.add_row(*[f"{r[k] / 1e9:.2f} B" if k == "params" else str(r[k]) for k in r])
-    Console().print(table)
+        table.add_row(*[parameter_count(r[k]) if k == "params" else str(r[k]) for k in r])
+    console_for(table).print(table)
     return 0
 
 
@@ -83,8 +89,9 @@ def _gpus(args) -> int:
         table.add_row(g.name, f"{g.memory_bytes / GIB:.0f}", f"{bf16 / TERA:.0f}" if bf16 else "-",
                       f"{g.peak_flops['fp32'] / TERA:.1f}", f"{g.memory_bw_bytes_per_s / GB:.0f}",
                       f"{g.nvlink_bw_bytes_per_s / GB:.0f}", f"{g.tdp_w:.0f}", f"{g.price_usd_per_hour:.2f}")
-    Console().print(table)
-    Console().print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
+    console = console_for(table)
+    console.print(table)
+    console.print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
     return 0
 
 
@@ -196,13 +203,6 @@ def format_phases(phases: dict) -> str:
 
 
 def _print_result(plan: Plan, result) -> None:
-    console = Console()
-    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
-                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
-                  f"{plan.schedule}")
-    console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
-    console.print("phases: " + format_phases(result.phases))
     table = Table(title=f"memory per GPU (capacity {result.capacity_bytes / GIB:.1f} GiB)")
     for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
         table.add_column(col, justify="right")
@@ -210,6 +210,13 @@ def _print_result(plan: Plan, result) -> None:
         table.add_row(str(m.stage), *[f"{v / GIB:.2f}" for v in (
             m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
+    console = console_for(table)
+    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
+                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
+                  f"{plan.schedule}")
+    console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
+    console.print("phases: " + format_phases(result.phases))
     console.print(table)
     console.print("fits" if result.fits else "[red]does not fit[/red]")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
 from planner.plan import check_new_path
+from planner.tables import console_for
 
 SECONDS_PER_DAY = 86400.0
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -209,9 +210,7 @@ def _plan_summary(plan) -> str:
 
 
 def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> None:
-    from rich.console import Console
     from rich.table import Table
-    console = Console(width=200)
     table = Table(title=f"{model}: {tokens:.3g} tokens, best plan per cluster, fastest first")
     for col in ("cluster", "GPUs", "best plan", "step s", "MFU", "days", "GPU-hours", "$", "MWh", "t CO2"):
         table.add_column(col, justify="left" if col in ("cluster", "best plan") else "right")
@@ -223,6 +222,7 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> Non
         table.add_row(c.cluster, str(c.gpus), _plan_summary(c.plan), f"{r.step_time_s:.3f}", f"{100 * r.mfu:.1f}%",
                       f"{c.days:,.1f}", f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
                       f"{cost.energy_kwh / 1e3:,.1f}", f"{cost.co2_kg / 1e3:,.1f}")
+    console = console_for(table)
     console.print(table)
     for c in choices:
         if not c.fits:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
 from cost_models.units import GB, GIB
 from planner.plan import check_new_path
+from planner.tables import console_for
 
 PIN_FLAGS = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "precision",
              "sequence_parallel", "offload_optimizer")
@@ -108,7 +108,6 @@ def _checkpoint_summary(p) -> str:
 
 
 def _print_table(plans, model_name: str, cluster) -> None:
-    console = Console(width=200)
     table = Table(title=f"{model_name} on {cluster.name}: best {len(plans)} plans "
                         f"(memory budget {plans.budget_bytes / GIB:.1f} GiB per GPU)")
     for col in ("#", "dp", "tp", "pp", "zero", "mb x acc", "schedule", "stages (blocks)", "checkpointed",
@@ -125,6 +124,7 @@ def _print_table(plans, model_name: str, cluster) -> None:
                       schedule, split, _checkpoint_summary(p), f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}",
                       f"{100 * r.mfu:.1f}%",
                       f"{r.worst_stage.peak_reserved_bytes / GIB:.1f}/{r.capacity_bytes / GIB:.1f}")
+    console = console_for(table)
     console.print(table)
     s = plans.stats
     console.print(f"searched {s.candidates} candidates in {s.search_s:.2f} s: {s.pruned_model_states} pruned "

@@ -32,6 +32,16 @@ def test_listings(cli):
     assert {"h100-sxm-80gb", "mi300x", "cpu"} <= {g["name"] for g in gpus}
 
 
+def test_tables_piped_to_a_file_keep_every_cell_whole(cli):
+    """Without a terminal rich would squeeze tables into 80 columns and cut cells with an ellipsis."""
+    models = cli("models")
+    assert models.returncode == 0, models.stderr
+    assert "…" not in models.stdout
+    assert "174.62 B" in models.stdout and "0.22 M" in models.stdout   # gpt3-175b, gpt-tiny
+    gpus = cli("gpus")
+    assert gpus.returncode == 0 and "…" not in gpus.stdout and "NVLink GB/s" in gpus.stdout
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["describe", "--model", "gpt5", "--cluster", "dgx-a100"], "unknown model 'gpt5'"),
     (["describe", "--model", "gpt-tiny", "--cluster", "z100:1x8"], "unknown GPU 'z100'"),

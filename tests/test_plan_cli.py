@@ -48,6 +48,7 @@ def test_pins_explain_and_plot(cli, tmp_path):
     proc = cli(*ARGS, "--tp", "2", "--pp", "2", "--top", "2", "--explain", "--plot", picture)
     assert proc.returncode == 0, proc.stderr
     assert "beats" in proc.stdout or "only plan" in proc.stdout
+    assert "…" not in proc.stdout   # the ranked table is printed whole, not squeezed into 80 columns
     assert "rejected families:" in proc.stdout
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
