@@ -4,9 +4,11 @@
     python benchmarks/vtrain.py --multi-node    # HELD OUT: 109 runs up to 512 GPUs, report only
     python benchmarks/vtrain.py --limit 100     # every 14th single-node row, for a quick look
 
-The runs (shared/reference/vtrain/*.json) used Megatron-LM GPT models with activation
-checkpointing on every layer and the non-interleaved 1F1B schedule; vocab 50257 padded
-to 50304 as Megatron pads it, tied embeddings. The cluster is the one vTrain's validation
+The runs (shared/reference/vtrain/*.json) were measured with Megatron-DeepSpeed
+(VIA-Research/vTrain data/README.md): Megatron-LM's GPT (its fused kernels, unfused core
+attention) under DeepSpeed's engine, activation checkpointing on every layer and the
+non-interleaved 1F1B schedule; vocab 50257 padded to 50304 as Megatron pads it, tied
+embeddings. The cluster is the one vTrain's validation
 configs describe: 8-GPU A100 nodes with 800 Gb/s of network per node (`vtrain_cluster`).
 Nothing in meshplan is fitted to the multi-node set.
 """
@@ -63,10 +65,13 @@ def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
     plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
                 micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
                 precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
-    # Megatron-LM's execution (planner.simulate.MEGATRON_2021): fp16 parameters and gradients,
-    # gradients reduced after backward, not in buckets during it (vTrain's validation configs:
-    # use_gradient_bucket=false), blocking pipeline sends with scatter/gather, and the host
-    # launches of its get_batch and vocab-parallel loss, counted in its code. Facts, not fits.
+    # Megatron-LM's execution (planner.simulate.MEGATRON_2021), which DeepSpeed's engine shares
+    # on every point it models: fp16 parameters and gradients, gradients reduced after backward,
+    # not in buckets during it (vTrain's validation configs: use_gradient_bucket=false),
+    # blocking pipeline sends that each TP rank makes for 1/tp of the boundary activation
+    # (Megatron's scatter/gather; DeepSpeed's PipelineEngine partitions its pipe buffers over
+    # the model-parallel group, is_pipe_partitioned), and the host launches of Megatron's
+    # get_batch and vocab-parallel loss, counted in its code. Facts, not fits.
     result = simulate(plan, spec, cluster, compute=compute, execution=MEGATRON_2021)
     return 1e3 * result.step_time_s
 
