@@ -1,6 +1,7 @@
 """Predicted vs measured: single-H100 training steps (shared/reference/h100/measured.jsonl).
 
     python benchmarks/accuracy.py [--reference DIR] [--json]
+    python benchmarks/accuracy.py --calibration h100.json   # score a `meshplan profile --device cuda` file
 
 For each measured case, builds the same model (untied head, the case's vocab and
 shapes, as in the reference measure.py), a one-GPU plan (dp=tp=pp=1, no accumulation)
@@ -17,6 +18,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from cost_models.calibration import Calibration
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from cost_models.hardware import get_gpu
 from planner.plan import Plan
 from planner.simulate import simulate
 from planner.zoo import load_model
@@ -47,13 +52,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--calibration", type=Path,
+                        help="an H100 calibration file to score instead of the shipped one")
     args = parser.parse_args(argv)
+    try:
+        compute = ComputeModel(get_gpu("h100-sxm-80gb"), Calibration.load(args.calibration)) if args.calibration else None
+    except MeshplanError as exc:
+        parser.error(str(exc))
     mem_err, time_err, rows = [], [], []
     print(f"{'case':42s} {'mem pred':>9s} {'mem meas':>9s} {'err':>7s} {'t pred ms':>10s} {'t meas ms':>10s} {'err':>7s}")
     for case in h100_cases(args.reference):
         if case.get("status") != "ok":
             continue
-        result = predict(case)
+        result = predict(case, compute)
         mem = result.worst_stage.peak_allocated_bytes
         mem_e = (mem - case["peak_allocated_bytes"]) / case["peak_allocated_bytes"]
         t_e = (result.step_time_s - case["step_time_s_median"]) / case["step_time_s_median"]

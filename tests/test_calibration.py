@@ -249,16 +249,25 @@ def test_sustained_rate_is_validated_and_optional_in_json():
     assert Calibration.from_dict(data).gemm["bf16"].sustained == 1.0
 
 
-def test_gpu_profile_takes_the_sustained_rate_from_the_shipped_calibration(cpu_profile):
-    """A profile times kernels in bursts; for a GPU the derating of the GPU's shipped (or
-    transferred H100) calibration is applied, per precision, the way profile_device does."""
-    from cost_models.calibration import sustained_like
+def test_gpu_profile_takes_the_training_step_constants_from_the_shipped_calibration(cpu_profile):
+    """A profile times kernels back to back in bursts; for a GPU, the constants only whole
+    training steps show - GEMM derating per precision, host time per op, host/device
+    overlap - come from the GPU's shipped (or transferred H100) calibration, the way
+    profile_device applies them; everything measured stays as measured."""
+    from cost_models.calibration import training_constants_like
     _, measured = cpu_profile
     assert all(f.sustained == 1.0 for f in measured.gemm.values())   # a CPU profile stays as measured
+    assert measured.host_s_per_op == 0.0 == measured.host_overlap_exponent
     measured = replace(measured, gemm={"fp32": measured.gemm_fit("fp32"), "bf16": measured.gemm_fit("bf16")})
     h100 = shipped_calibration("h100-sxm-80gb")
-    as_gpu = sustained_like(measured, h100)
+    as_gpu = training_constants_like(measured, h100)
     assert as_gpu.gemm["bf16"].sustained < 1.0 == as_gpu.gemm["fp32"].sustained
     for precision, fit in as_gpu.gemm.items():
         assert fit.sustained == h100.gemm_fit(precision).sustained
         assert fit.peak_fraction == measured.gemm[precision].peak_fraction
+    assert (as_gpu.host_s_per_op, as_gpu.host_overlap_exponent) == (h100.host_s_per_op, h100.host_overlap_exponent)
+    assert as_gpu.copy_bytes_per_s == measured.copy_bytes_per_s and as_gpu.attention_fwd == measured.attention_fwd
+    # and the compute model charges it: eager ops cost host time under the GPU calibration
+    cpu = get_gpu(measured.gpu)
+    assert ComputeModel(cpu, as_gpu).host_s_per_op == h100.host_s_per_op > 0
+    assert ComputeModel(cpu, measured).host_s_per_op == 0.0
