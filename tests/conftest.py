@@ -8,6 +8,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
+# Copies of the reference files the tests read (tests/fixtures/reference/README.md), so the
+# suite runs them - never skips them - where shared/ is not beside the checkout.
+VENDORED_REFERENCE = REPO / "tests" / "fixtures" / "reference"
+VENDORED_FILES = ("gpu_specs.json", "h100/measured.jsonl")
 
 
 def run_cli(*args, cwd=None, timeout=120):
@@ -22,11 +26,16 @@ def cli():
     return run_cli
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference():
-    if not REFERENCE.is_dir():
-        pytest.skip("shared/reference is not beside this checkout")
-    return REFERENCE
+    """The reference folder the tests read: the repo's copies, checked against shared/reference
+    wherever that is beside the checkout (a copy that went stale fails, it is not used)."""
+    for name in VENDORED_FILES:
+        original = REFERENCE / name
+        if original.is_file():
+            assert (VENDORED_REFERENCE / name).read_bytes() == original.read_bytes(), \
+                f"tests/fixtures/reference/{name} differs from shared/reference/{name}: copy it again"
+    return VENDORED_REFERENCE
 
 
 def assert_user_error(proc, *fragments):
