@@ -19,4 +19,5 @@ def console_for(*tables) -> Console:
     console = Console()
     options = console.options.update_width(_UNBOUNDED_COLUMNS)
     needed = max((Measurement.get(console, options, table).maximum for table in tables), default=0)
-    return Console(width=needed) if needed > console.width else console
+    # widened: lines of text beside the table are left whole too (one line per message)
+    return Console(width=needed, soft_wrap=True) if needed > console.width else console
