@@ -35,9 +35,9 @@ from cost_models.compute import ComputeModel  # noqa: E402
 from cost_models.hardware import SIXTEEN_BIT, get_gpu  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "cost_models" / "data" / "a100-sxm-80gb.json"
-GEMM_GRID = (0.75, 0.775, 0.8, 0.825, 0.85, 0.875, 0.9)
-HOST_GRID_US = (35, 37.5, 40, 42.5, 45, 50)
-EXPONENT_GRID = (3.0, 4.0, 6.0)
+GEMM_GRID = (0.65, 0.7, 0.725, 0.75, 0.775, 0.8, 0.825, 0.85, 0.9)
+HOST_GRID_US = (35, 40, 45, 50, 55, 60, 65)
+EXPONENT_GRID = (3.0, 4.0, 6.0, 8.0)
 
 
 def calibration(gemm_fraction: float, host_us: float, exponent: float):

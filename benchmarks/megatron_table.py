@@ -16,8 +16,8 @@ Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degr
     pinned, the model as Megatron-LM ran it in 2021 (unfused attention - flash attention
     came in 2022 - and dropout 0.1), executed as Megatron-LM of 2021 did
     (planner.simulate.MEGATRON_2021: fp16 parameters and gradients, the gradient all-reduce
-    after backward, blocking pipeline sends with scatter/gather). These are facts of the
-    measured system, not fits; this column is the bar.
+    after backward, blocking pipeline sends with scatter/gather, its fused kernels). These
+    are facts of the measured system, not fits; this column is the bar.
     Predicted TFLOP/s per GPU uses the paper's own FLOP count, which includes the recompute
     forward pass whatever the plan checkpoints: F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))
     per iteration, divided by (simulated step time x GPUs).

@@ -19,7 +19,7 @@ dropout-free attention/MLP inputs) are not split (Korthikanti et al. 2022, Sec. 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
@@ -54,6 +54,11 @@ BWD_TRAFFIC_RATIO = {
     "_softmax": 1.5,                     # reads the probabilities and their gradient, writes one gradient
 }
 DEFAULT_BWD_TRAFFIC_RATIO = 2.0
+# Megatron's fused dropout + residual add (_as_megatron_kernels), a synthetic op name: its
+# gradient kernel is the dropout's alone (the add passes the gradient through), which reads
+# the output gradient and the bool mask and writes the input gradient.
+FUSED_DROPOUT_ADD = "megatron.bias_dropout_add"
+MASK_BYTES_PER_ELEMENT = 1
 # Under autocast a residual add mixes the fp32 stream with a 16-bit branch output, so its
 # backward casts the gradient for the 16-bit operand: read 4 + write 2 bytes per element
 # against the forward's 4 + 2 + 4.
@@ -118,15 +123,52 @@ def _numel(shape) -> int:
     return count
 
 
-def _without_masks_fused_into_softmax(ops: list) -> list:
-    """The ops less every masked fill whose next kernel is a softmax over the same shape: a
-    fused masked softmax (Megatron-LM's scaled-masked-softmax kernels) applies the mask
-    while it reads the scores, so the fill costs neither a launch nor a pass over memory."""
+def _as_megatron_kernels(ops: list) -> list:
+    """The ops as Megatron-LM's GPT launches them (megatron/model/transformer.py, and
+    VIA-Research/vTrain src/model/gpt_modeling.py, its copy of the measured model), where
+    eager PyTorch launches one kernel per op:
+    - the causal mask: applied inside its scaled-masked-softmax kernel while it reads the
+      scores, and built once per micro-batch (get_batch, Execution.batch_host_ops), so a
+      masked fill whose next kernel is a softmax, and the bool ops just before it that build
+      the seq x seq mask, cost no launch and no pass over memory;
+    - attention's batched products: its [seq, batch, heads, head_dim] layout lets baddbmm
+      and bmm read q, k and v as strided views, so the copies eager PyTorch makes just before
+      a baddbmm or bmm are not made (the context's copy after the bmm is, in both);
+    - a dropout whose next kernel is the residual add over the same shape runs as one kernel
+      (bias_dropout_add_fused_train): it reads the branch and the residual and writes the sum
+      and the mask, never the dropout's output (priced as FUSED_DROPOUT_ADD).
+    Its bias-GeLU fusion moves the bytes the eager addmm + gelu pair moves: nothing to change."""
     kernels = [op for op in ops if op.kind != "view"]
-    fused = {id(op) for op, nxt in zip(kernels, kernels[1:])
-             if _aten_name(op) in ("masked_fill", "masked_fill_") and _aten_name(nxt) == "_softmax"
-             and tuple(op.output_shape) == tuple(nxt.output_shape)}
-    return [op for op in ops if id(op) not in fused]
+    gone, fused = set(), {}
+    for i, op in enumerate(kernels):
+        name = _aten_name(op)
+        if name in ("baddbmm", "bmm"):
+            gone.update(id(k) for k in _run_before(kernels, i, lambda k: _aten_name(k) == "clone"))
+        elif name in ("masked_fill", "masked_fill_") and i + 1 < len(kernels) \
+                and _aten_name(kernels[i + 1]) == "_softmax" \
+                and tuple(op.output_shape) == tuple(kernels[i + 1].output_shape):
+            mask_shape = tuple(op.output_shape[-2:])
+            gone.add(id(op))
+            gone.update(id(k) for k in _run_before(
+                kernels, i, lambda k: str(k.dtype).endswith("bool") and tuple(k.output_shape) == mask_shape))
+        elif name == "native_dropout" and i + 1 < len(kernels) and _aten_name(kernels[i + 1]) == "add" \
+                and tuple(op.output_shape) == tuple(kernels[i + 1].output_shape):
+            add = kernels[i + 1]
+            stored = add.bytes_written   # the dropout's output: written, then read back by the add
+            fused[id(op)] = replace(op, target=FUSED_DROPOUT_ADD, bytes_read=op.bytes_read + add.bytes_read - stored,
+                                    bytes_written=op.bytes_written - stored + add.bytes_written)
+            gone.add(id(add))
+    return [fused.get(id(op), op) for op in ops if id(op) not in gone]
+
+
+def _run_before(kernels: list, index: int, matches) -> list:
+    """The unbroken run of kernels just before `index` that `matches` accepts."""
+    run = []
+    for kernel in reversed(kernels[:index]):
+        if not matches(kernel):
+            break
+        run.append(kernel)
+    return run
 
 
 class LayerCoster:
@@ -141,30 +183,29 @@ class LayerCoster:
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
                tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
-               fused_masked_softmax: bool = False) -> LayerTiming:
+               megatron_kernels: bool = False) -> LayerTiming:
         """`extra_host_ops`: (forward, backward) launches the framework issues with this layer
         beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
-        `fused_masked_softmax`: the framework applies a mask inside its softmax kernel
-        (planner.simulate.Execution.fused_masked_softmax), so a masked fill that feeds a
-        softmax launches nothing and moves no bytes of its own."""
+        `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
+        several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels)."""
         layer = self.traced.layers[layer_index]
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               fused_masked_softmax)
+               megatron_kernels)
         if key not in self._cache:
             if tp > 1 and self.hidden is None:
                 raise MeshplanError("tensor parallelism needs a zoo model (or a plan tp_layout): "
                                     "this model has no known hidden size; use tp 1")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops, fused_masked_softmax)
+                                            extra_host_ops, megatron_kernels)
         return self._cache[key]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
-                extra_host_ops: tuple[int, int] = (0, 0), fused_masked_softmax: bool = False) -> LayerTiming:
+                extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = 0.0
         allreduces = 0
         params = 0.0
-        ops = _without_masks_fused_into_softmax(cost.ops) if fused_masked_softmax else cost.ops
+        ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
         for op in ops:
             f, b, share = self._op_time(op, tp, sp, layout, precision)
             fwd, bwd = fwd + f, bwd + b
@@ -219,6 +260,9 @@ class LayerCoster:
         return fwd, bwd, share
 
     def _bwd_traffic_ratio(self, op: OpInfo) -> float:
+        if op.target == FUSED_DROPOUT_ADD:   # forward: x, residual, sum, mask; backward: gradient, mask, gradient
+            element = DTYPE_BYTES[_precision_of(op, self.traced.precision)]
+            return (2 * element + MASK_BYTES_PER_ELEMENT) / (3 * element + MASK_BYTES_PER_ELEMENT)
         name = _aten_name(op)
         if name in ("add", "sub") and self.traced.cast == "autocast" and self.traced.precision != "fp32":
             return AUTOCAST_ADD_BWD_TRAFFIC_RATIO

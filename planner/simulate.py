@@ -65,9 +65,11 @@ class Execution:
     loss_host_ops: (forward, backward) launches per micro-batch that the framework's loss
         adds to the traced head (whose loss is one log_softmax + nll_loss); they join the
         head's host time, so they hide behind a device-bound head.
-    fused_masked_softmax: the framework masks attention scores inside its softmax kernel
-        (one read and one write of the scores), where eager PyTorch runs a masked fill
-        and then the softmax (two passes); planner.costing drops such fills.
+    megatron_kernels: the framework runs Megatron-LM's kernels where eager PyTorch runs
+        several ops (planner.costing._as_megatron_kernels): the causal mask applied inside
+        its softmax kernel and built once per micro-batch, attention's batched products
+        reading q, k and v as strided views (no copies), and each residual branch's dropout
+        fused with its residual add.
     """
 
     overlap_dp_comm: bool = True
@@ -76,7 +78,7 @@ class Execution:
     p2p_scatter_gather: bool = False
     batch_host_ops: int = 0
     loss_host_ops: tuple[int, int] = (0, 0)
-    fused_masked_softmax: bool = False
+    megatron_kernels: bool = False
 
 
 MESHPLAN_RUNTIME = Execution()
@@ -95,12 +97,17 @@ MESHPLAN_RUNTIME = Execution()
 #   trace's two loss ops count for ~3: 10.
 MEGATRON_BATCH_HOST_OPS = 12
 MEGATRON_LOSS_HOST_OPS = (27, 10)
-# - attention: Megatron's FusedScaleMaskSoftmax runs its CUDA kernels
+# Megatron's kernels (megatron_kernels), on by default in its arguments (the --no-*-fusion
+# flags turn them off; examples/sc21 and vTrain's model keep them on):
+# - attention: FusedScaleMaskSoftmax runs its CUDA kernels
 #   (megatron/fused_kernels/scaled_upper_triang_masked_softmax*.cu, scaled_masked_softmax*.cu)
-#   for fp16/bf16 scores: scale, causal mask and softmax in one pass over the scores.
+#   for fp16/bf16 scores: scale, causal mask and softmax in one pass over the scores; q, k
+#   and v stay [seq, batch, heads, head_dim] views into the QKV projection's output, which
+#   baddbmm and bmm read strided;
+# - residual branches: bias_dropout_add_fused_train (torch.jit.script), one kernel.
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
-                          fused_masked_softmax=True)
+                          megatron_kernels=True)
 
 
 @dataclass
@@ -296,7 +303,7 @@ class _Simulation:
     def timing(self, index: int) -> LayerTiming:
         extra = self.execution.loss_host_ops if self.traced.layers[index].kind == "head" else (0, 0)
         return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.plan.tp_layout, extra,
-                                  self.execution.fused_masked_softmax)
+                                  self.execution.megatron_kernels)
 
     def checkpoint_mode(self, index: int) -> str:
         layer = self.traced.layers[index]

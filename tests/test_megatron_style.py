@@ -9,7 +9,7 @@ from cost_models.calibration import Calibration, shipped_calibration
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.hardware import get_gpu
-from planner.costing import LayerCoster
+from planner.costing import FUSED_DROPOUT_ADD, LayerCoster, _as_megatron_kernels
 from planner.models import Decoder, ModelConfig
 from planner.plan import Plan
 from planner.trace import trace_model
@@ -229,29 +229,63 @@ def _coster_with_host(traced, host_s_per_op: float) -> LayerCoster:
     return LayerCoster(traced, ComputeModel(gpu, calibration), hidden=64)
 
 
-def test_fused_masked_softmax_drops_the_fill_before_the_softmax_only():
-    """Megatron's scaled-masked-softmax kernel masks the scores while it reads them: under
-    fused_masked_softmax the causal mask's fill costs no pass over the scores and no launch,
-    and nothing else of the block changes; SDPA blocks have no such fill."""
-    spec = dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512)
-    traced = trace_model(load_model({**spec, "attention": "unfused"}), 8, 512, "bf16", cast="params")
-    device_only = _coster_with_host(traced, 0.0)
+def _kernel_names(ops) -> list:
+    return [op.target for op in ops if op.kind != "view"]
+
+
+def test_megatron_kernels_rewrite_only_what_megatron_fuses():
+    """Under megatron_kernels a block launches what Megatron-LM's GPT launches: no causal-mask
+    building or fill (its softmax kernel masks), no copies of q, k, v before the batched
+    products (strided views), each residual dropout + add as one kernel; every other op
+    stays, and the attention-probability dropout (followed by a copy, not an add) too."""
+    spec = dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512, attention="unfused",
+                dropout=0.1)
+    traced = trace_model(load_model(spec), 8, 512, "bf16", cast="params")
+    eager_ops = block_ops(traced)
+    megatron_ops = _as_megatron_kernels(eager_ops)
+    megatron = _kernel_names(megatron_ops)
+    gone = [op.target for op in eager_ops if op.kind != "view" and all(op is not m for m in megatron_ops)]
+    assert sorted(gone) == sorted(["aten.ones.default", "aten.triu.default", "aten.masked_fill_.Scalar",
+                                   "aten.clone.default", "aten.clone.default", "aten.clone.default",   # q, k, v
+                                   "aten.native_dropout.default", "aten.native_dropout.default",       # fused
+                                   "aten.add.Tensor", "aten.add.Tensor"])
+    assert megatron.count(FUSED_DROPOUT_ADD) == 2
+    assert megatron.count("aten.clone.default") == 1          # the context's copy after the bmm
+    assert megatron.count("aten.native_dropout.default") == 1  # on the attention probabilities
+    # the fused kernel moves what it reads and writes: branch + residual in, sum + mask out
+    fused = next(op for op in megatron_ops if op.target == FUSED_DROPOUT_ADD)
+    residual = 8 * 512 * 64 * 2   # batch x seq x hidden bf16 elements, in bytes
+    assert (fused.bytes_read, fused.bytes_written) == (2 * residual, residual + residual // 2)
+    # SDPA blocks without dropout have none of these ops: nothing changes
+    sdpa = trace_model(load_model({**spec, "attention": "sdpa", "dropout": 0.0}), 8, 512, "bf16", cast="params")
+    assert _as_megatron_kernels(block_ops(sdpa)) == block_ops(sdpa)
+
+
+def test_megatron_kernels_save_their_bytes_and_launches():
+    """Priced: the fused dropout + add costs its own bytes forward and the dropout's gradient
+    kernel backward (the add passes the gradient through); each op not launched saves one
+    launch of host time forward and the model's two backward launches per forward launch."""
+    spec = dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512, attention="unfused",
+                dropout=0.1)
+    traced = trace_model(load_model(spec), 8, 512, "bf16", cast="params")
     block = traced.blocks[0]
-    eager, fused = device_only.timing(block), device_only.timing(block, fused_masked_softmax=True)
-    fill = next(op for op in block_ops(traced) if "masked_fill_" in op.target)
-    fill_fwd, fill_bwd, _ = device_only._op_time(fill, 1, False, {}, "bf16")
-    assert fill_fwd > 0 and fill_bwd > 0
-    assert eager.fwd_s - fused.fwd_s == pytest.approx(fill_fwd)
-    assert eager.bwd_s - fused.bwd_s == pytest.approx(fill_bwd)
-    assert fused.saved_bytes == eager.saved_bytes and fused.params_per_gpu == eager.params_per_gpu
-    # host-bound (1 ms a launch): one launch fewer forward, two fewer backward
-    host_bound = _coster_with_host(traced, 1e-3)
-    eager, fused = host_bound.timing(block), host_bound.timing(block, fused_masked_softmax=True)
-    assert eager.fwd_s - fused.fwd_s == pytest.approx(1e-3)
-    assert eager.bwd_s - fused.bwd_s == pytest.approx(2e-3)
-    sdpa = trace_model(load_model(spec), 8, 512, "bf16", cast="params")
-    c = coster(sdpa)
-    assert c.timing(sdpa.blocks[0], fused_masked_softmax=True) == c.timing(sdpa.blocks[0])
+    device_only = _coster_with_host(traced, 0.0)
+    eager, megatron = device_only.timing(block), device_only.timing(block, megatron_kernels=True)
+    assert megatron.fwd_s < eager.fwd_s and megatron.bwd_s <= eager.bwd_s
+    assert megatron.saved_bytes == eager.saved_bytes and megatron.params_per_gpu == eager.params_per_gpu
+    dropout = next(op for op in block_ops(traced) if "native_dropout" in op.target and op.output_shape[-1] == 64)
+    fused = next(op for op in _as_megatron_kernels(block_ops(traced)) if op.target == FUSED_DROPOUT_ADD)
+    _, dropout_bwd, _ = device_only._op_time(dropout, 1, False, {}, "bf16")
+    fused_fwd, fused_bwd, _ = device_only._op_time(fused, 1, False, {}, "bf16")
+    assert fused_bwd == pytest.approx(dropout_bwd)
+    assert fused_fwd == pytest.approx(device_only.compute.op_time_s("elementwise", 0, 3.5 * 8 * 512 * 64 * 2, "bf16"))
+    host_bound = _coster_with_host(traced, 1e-3)   # 1 ms a launch: only launches count
+    eager, megatron = host_bound.timing(block), host_bound.timing(block, megatron_kernels=True)
+    eager_launches = len(_kernel_names(block_ops(traced)))
+    megatron_launches = len(_kernel_names(_as_megatron_kernels(block_ops(traced))))
+    assert eager_launches - megatron_launches == 8   # mask (2), fill, three copies, two adds
+    assert eager.fwd_s - megatron.fwd_s == pytest.approx(8e-3)
+    assert eager.bwd_s - megatron.bwd_s == pytest.approx(16e-3)
 
 
 def test_softmax_backward_reads_two_tensors_and_writes_one():
