@@ -144,21 +144,24 @@ def _as_megatron_kernels(ops: list) -> list:
         name = _aten_name(op)
         if name in ("baddbmm", "bmm"):
             gone.update(id(k) for k in _run_before(kernels, i, lambda k: _aten_name(k) == "clone"))
-        elif name in ("masked_fill", "masked_fill_") and i + 1 < len(kernels) \
-                and _aten_name(kernels[i + 1]) == "_softmax" \
-                and tuple(op.output_shape) == tuple(kernels[i + 1].output_shape):
+        elif name in ("masked_fill", "masked_fill_") and _feeds(kernels, i, "_softmax"):
             mask_shape = tuple(op.output_shape[-2:])
             gone.add(id(op))
             gone.update(id(k) for k in _run_before(
                 kernels, i, lambda k: str(k.dtype).endswith("bool") and tuple(k.output_shape) == mask_shape))
-        elif name == "native_dropout" and i + 1 < len(kernels) and _aten_name(kernels[i + 1]) == "add" \
-                and tuple(op.output_shape) == tuple(kernels[i + 1].output_shape):
+        elif name == "native_dropout" and _feeds(kernels, i, "add"):
             add = kernels[i + 1]
             stored = add.bytes_written   # the dropout's output: written, then read back by the add
             fused[id(op)] = replace(op, target=FUSED_DROPOUT_ADD, bytes_read=op.bytes_read + add.bytes_read - stored,
                                     bytes_written=op.bytes_written - stored + add.bytes_written)
             gone.add(id(add))
     return [fused.get(id(op), op) for op in ops if id(op) not in gone]
+
+
+def _feeds(kernels: list, index: int, name: str) -> bool:
+    """Whether the kernel after `index` is the aten op `name` over the same shape."""
+    return index + 1 < len(kernels) and _aten_name(kernels[index + 1]) == name \
+        and tuple(kernels[index].output_shape) == tuple(kernels[index + 1].output_shape)
 
 
 def _run_before(kernels: list, index: int, matches) -> list:
