@@ -250,8 +250,16 @@ def shipped_calibration(gpu_name: str) -> Calibration | None:
     return Calibration.from_dict(json.loads(file.read_text()), where=f"shipped calibration {gpu_name}")
 
 
+# Catalogue GPUs without a calibration of their own that share a calibrated one's chip, power
+# limit and software (same peaks per datasheet): they take its efficiencies, transferred to
+# their own datasheet (the A100 40GB differs from the 80GB in HBM size and bandwidth only),
+# rather than the H100's.
+SAME_CHIP = {"a100-sxm-40gb": "a100-sxm-80gb"}
+
+
 def default_calibration(gpu: GPUSpec) -> Calibration:
-    """The shipped calibration for `gpu`, else the H100 one transferred to its datasheet.
+    """The shipped calibration for `gpu`, else its SAME_CHIP sibling's, else the H100 one,
+    transferred to its datasheet.
 
     A shipped calibration whose datasheet figures differ from `gpu`'s (a custom GPU that
     reuses a catalogue name with other peaks) is transferred too, never used as is.
@@ -262,6 +270,9 @@ def default_calibration(gpu: GPUSpec) -> Calibration:
         return own
     if own is not None:
         return own.transferred_to(gpu)
+    sibling = shipped_calibration(SAME_CHIP[gpu.name]) if gpu.name in SAME_CHIP else None
+    if sibling is not None:
+        return sibling.transferred_to(gpu)
     reference = shipped_calibration(REFERENCE_GPU)
     if reference is None:
         raise MeshplanError(f"the shipped {REFERENCE_GPU} calibration is missing from cost_models/data; "

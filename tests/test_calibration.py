@@ -145,6 +145,35 @@ def test_json_round_trip_and_transfer():
     assert default_calibration(get_gpu("h100")) is h100
 
 
+def test_a100_40gb_takes_the_a100_80gb_efficiencies_not_the_h100s():
+    """Same chip and power limit, other HBM: the 40GB part gets the fitted A100 calibration
+    transferred to its datasheet (its copy bandwidth scaled to its HBM), so an A100 40GB
+    runs a GEMM at the A100's fitted rate, where the H100's transfer would have it slower."""
+    a100, a100_40gb = shipped_calibration("a100-sxm-80gb"), get_gpu("a100-sxm-40gb")
+    chosen = default_calibration(a100_40gb)
+    assert chosen.gemm == a100.gemm and chosen.host_s_per_op == a100.host_s_per_op
+    assert chosen.copy_bytes_per_s == pytest.approx(
+        a100.copy_bytes_per_s * a100_40gb.memory_bw_bytes_per_s / a100.memory_bw_bytes_per_s)
+    gemm_s = ComputeModel(a100_40gb, chosen).matmul_time_s(8192, 8192, 8192, "bf16")
+    gemm_80gb_s = ComputeModel(get_gpu("a100-sxm-80gb")).matmul_time_s(8192, 8192, 8192, "bf16")
+    assert gemm_80gb_s <= gemm_s < 1.01 * gemm_80gb_s   # only the traffic term sees the slower HBM
+    h100_transfer = shipped_calibration("h100-sxm-80gb").transferred_to(a100_40gb)
+    assert ComputeModel(a100_40gb, h100_transfer).matmul_time_s(8192, 8192, 8192, "bf16") > 1.1 * gemm_s
+
+
+def test_a100_training_rate_is_stored_as_burst_times_sustained():
+    """The A100's 16-bit GEMM rate is fitted on training steps; it is stored as a burst
+    fraction times a sustained share below 1, so a profile of an A100 (which measures the
+    burst rate) is derated by that share like an H100's (training_constants_like)."""
+    from cost_models.calibration import training_constants_like
+    a100 = shipped_calibration("a100-sxm-80gb")
+    for precision in ("bf16", "fp16"):
+        fit = a100.gemm[precision]
+        assert fit.sustained < 1.0 and fit.peak_fraction * fit.sustained == pytest.approx(0.775)
+    profiled = replace(a100, gemm={p: replace(f, sustained=1.0) for p, f in a100.gemm.items()})
+    assert training_constants_like(profiled, a100).gemm == a100.gemm
+
+
 def test_offload_runs_at_the_measured_host_adamw_rate(cpu_profile):
     """A profiled host's AdamW rate replaces the assumed one in the offloaded optimizer step."""
     from cost_models.compute import HOST_ADAMW_BYTES_PER_S
