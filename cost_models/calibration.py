@@ -148,7 +148,7 @@ class Calibration:
         return replace(self, gpu=gpu.name, copy_bytes_per_s=self.copy_bytes_per_s * scale,
                        peak_flops=dict(gpu.peak_flops), memory_bw_bytes_per_s=gpu.memory_bw_bytes_per_s,
                        source=f"transferred from the {self.gpu} calibration (fractions of peak); "
-                              f"run `meshplan profile` on a {gpu.name} to measure it",
+                              f"run `meshplan profile --gpu {gpu.name}` on one to measure it",
                        device_name="", measurements={}, fit_quality={})
 
     def to_dict(self) -> dict:

@@ -118,6 +118,12 @@ def test_profiled_calibration_drives_the_simulation(cli, tmp_path):
     default = json.loads(cli(*args).stdout)
     measured = json.loads(cli(*args, "--calibration", calibration).stdout)
     assert measured["step_time_s"] != default["step_time_s"]
+    # the text report names the calibration behind its numbers
+    text = cli(*args[:-1], "--calibration", calibration).stdout
+    assert "calibration: cpu, meshplan profile --quick on" in text
+    text = cli("simulate", "--model", "gpt3-125m", "--cluster", "dgx-a100-40gb:1", "--seq", "512",
+               "--global-batch", "16", "--dp", "8").stdout
+    assert "calibration: a100-sxm-40gb, transferred from the a100-sxm-80gb calibration" in text
     assert_user_error(cli(*args, "--cluster", "h100:1x1", "--calibration", calibration), "profile this GPU")
 
 
