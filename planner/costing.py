@@ -202,6 +202,10 @@ class LayerCoster:
                                             extra_host_ops, megatron_kernels)
         return self._cache[key]
 
+    def op_forward_s(self, op: OpInfo, tp: int = 1) -> float:
+        """One traced op's forward time on this GPU under tensor-parallel degree `tp`."""
+        return self._op_time(op, tp, False, {}, self.traced.precision)[0]
+
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
         precision = self.traced.precision

@@ -288,6 +288,16 @@ def test_megatron_kernels_save_their_bytes_and_launches():
     assert eager.bwd_s - megatron.bwd_s == pytest.approx(16e-3)
 
 
+def test_op_forward_times_add_up_to_the_layers_forward():
+    """LayerCoster.op_forward_s prices one op as the layer's timing does: with no host time
+    the ops' forward times sum to the block's forward time."""
+    traced = trace_model(load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512,
+                                         attention="unfused", dropout=0.1)), 8, 512, "bf16", cast="params")
+    c = _coster_with_host(traced, 0.0)
+    block = traced.blocks[0]
+    assert sum(c.op_forward_s(op) for op in block_ops(traced)) == pytest.approx(c.timing(block).fwd_s)
+
+
 def test_softmax_backward_reads_two_tensors_and_writes_one():
     traced = trace_model(load_model(dict(arch="gpt", layers=2, hidden=64, heads=4, vocab=128, max_seq=512,
                                          attention="unfused")), 8, 512, "bf16", cast="params")
