@@ -280,6 +280,23 @@ def default_calibration(gpu: GPUSpec) -> Calibration:
     return reference.transferred_to(gpu)
 
 
+def cost_models_for(cluster, path=None) -> tuple:
+    """(compute, comm, calibration) for the CLI: with `path`, models built on that
+    `meshplan profile` file; without, (None, None) - the simulator's own defaults - and the
+    calibration those use, whose source the report names."""
+    if not path:
+        return None, None, default_calibration(cluster.gpu)
+    from cost_models.comm import CommModel
+    from cost_models.compute import ComputeModel
+    calibration = Calibration.load(path)
+    return ComputeModel(cluster.gpu, calibration), CommModel(cluster, calibration), calibration
+
+
+def calibration_line(calibration: Calibration) -> str:
+    """'calibration: GPU, source': where a report's compute numbers come from."""
+    return f"calibration: {calibration.gpu}, {calibration.source}"
+
+
 def measurements_from_reference(path) -> tuple[dict, str]:
     """shared/reference/h100/measured.jsonl rows in the calibration's measurement format,
     and the device name (used by benchmarks/fit_h100_compute.py and the tests)."""

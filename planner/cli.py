@@ -164,15 +164,8 @@ def _simulate(args) -> int:
     if not args.plan:
         plan = _with_layers(plan, spec, args.checkpoint)
     cluster = parse_cluster(cluster_text)
-    compute = comm = None
-    from cost_models.calibration import Calibration, default_calibration
-    if args.calibration:
-        from cost_models.comm import CommModel
-        from cost_models.compute import ComputeModel
-        calibration = Calibration.load(args.calibration)
-        compute, comm = ComputeModel(cluster.gpu, calibration), CommModel(cluster, calibration)
-    else:
-        calibration = default_calibration(cluster.gpu)   # what simulate() uses when given none
+    from cost_models.calibration import calibration_line, cost_models_for
+    compute, comm, calibration = cost_models_for(cluster, args.calibration)
     result = simulate(plan, spec, cluster, compute=compute, comm=comm)
     if args.trace:
         _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
@@ -185,7 +178,7 @@ def _simulate(args) -> int:
         print(json.dumps(result.to_dict()))
         return 0
     _print_result(plan, result)
-    print(f"calibration: {calibration.gpu}, {calibration.source}")
+    print(calibration_line(calibration))
     return 0
 
 

@@ -51,13 +51,8 @@ def run(args) -> int:
     pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
     if "precision" not in pinned:
         pinned["precision"] = "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16"
-    compute = comm = None
-    if args.calibration:
-        from cost_models.calibration import Calibration
-        from cost_models.comm import CommModel
-        from cost_models.compute import ComputeModel
-        calibration = Calibration.load(args.calibration)
-        compute, comm = ComputeModel(cluster.gpu, calibration), CommModel(cluster, calibration)
+    from cost_models.calibration import calibration_line, cost_models_for
+    compute, comm, calibration = cost_models_for(cluster, args.calibration)
     reserve = None if args.reserve is None else args.reserve * GB
     plans = plan(spec, cluster, args.global_batch, args.seq, top_k=args.top, compute=compute, comm=comm,
                  reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **pinned)
@@ -71,6 +66,7 @@ def run(args) -> int:
         print(json.dumps(plans_json(plans)))
     else:
         _print_table(plans, spec.name, cluster)
+        print(calibration_line(calibration))
     if args.explain and not args.json:
         from planner.explain import explain
         for line in explain(plans):

@@ -49,6 +49,7 @@ def test_pins_explain_and_plot(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "beats" in proc.stdout or "only plan" in proc.stdout
     assert "…" not in proc.stdout   # the ranked table is printed whole, not squeezed into 80 columns
+    assert "calibration: a100-sxm-80gb, " in proc.stdout   # and the report names its calibration
     assert "rejected families:" in proc.stdout
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
 
