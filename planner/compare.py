@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
+from cost_models.calibration import calibration_line, default_calibration
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
 from planner.plan import check_new_path
 from planner.tables import console_for
@@ -37,6 +38,7 @@ class ClusterChoice:
     run_cost: RunCost | None = None
     busy_fraction: float = 0.0     # mean share of the step the GPUs' compute streams are busy
     reason: str | None = None      # why nothing fits (one line)
+    calibration: str = ""          # where its GPU's compute numbers come from (calibration_line)
 
     @property
     def fits(self) -> bool:
@@ -48,7 +50,8 @@ class ClusterChoice:
 
     def to_dict(self) -> dict:
         data = dict(cluster=self.cluster, gpu=self.gpu, gpus=self.gpus,
-                    price_usd_per_gpu_hour=self.price_usd_per_gpu_hour, fits=self.fits, reason=self.reason)
+                    price_usd_per_gpu_hour=self.price_usd_per_gpu_hour, fits=self.fits, reason=self.reason,
+                    calibration=self.calibration)
         if self.fits:
             result = self.plan.result
             data.update(plan=self.plan.to_dict(), busy_fraction=self.busy_fraction, days=self.days,
@@ -127,7 +130,8 @@ def _gpu_name(name: str) -> str:
 
 def _choose(spec, cluster: ClusterSpec, tokens, global_batch, seq, pue, grid, pinned) -> ClusterChoice:
     from planner.search import plan
-    choice = ClusterChoice(cluster.name, cluster.gpu.name, cluster.world_size, cluster.price_usd_per_gpu_hour)
+    choice = ClusterChoice(cluster.name, cluster.gpu.name, cluster.world_size, cluster.price_usd_per_gpu_hour,
+                           calibration=calibration_line(default_calibration(cluster.gpu)))
     pins = dict(pinned)
     precision = pins.pop("precision", "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16")
     try:
@@ -227,6 +231,8 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> Non
     for c in choices:
         if not c.fits:
             console.print(f"{c.cluster}: {c.reason}", highlight=False)
+    for line in dict.fromkeys(c.calibration for c in choices):   # one per GPU, in table order
+        console.print(line, highlight=False)
 
 
 def compare_png(choices: list[ClusterChoice], path: str, title: str = "") -> None:

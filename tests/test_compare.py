@@ -127,6 +127,7 @@ def test_json_and_plot(tmp_path, capsys):
     assert rows[0]["run_cost"]["cost_usd"] == pytest.approx(2.5 * rows[0]["run_cost"]["gpu_hours"])
     assert rows[0]["plan"]["dp"] * rows[0]["plan"]["tp"] * rows[0]["plan"]["pp"] == 8
     assert rows[2]["fits"] is False and "nothing fits" in rows[2]["reason"]
+    assert rows[1]["calibration"].startswith("calibration: a100-sxm-80gb, ")
     assert plot.is_file() and plot.stat().st_size > 10_000
     stamp = plot.stat().st_mtime_ns
     assert _main([*ARGV, "--clusters", H100, "--plot", str(plot)]) == 2
@@ -138,6 +139,9 @@ def test_table_names_the_misfit(capsys):
     assert _main([*ARGV, "--clusters", f"{H100},{TOO_SMALL}", "--tp", "1"]) == 0
     out = capsys.readouterr().out
     assert "dp8 tp1 pp1" in out and "does not fit" in out and f"{TOO_SMALL}: nothing fits" in out
+    # each GPU's calibration is named once: the V100 has none of its own, it borrows the H100's
+    assert out.count("calibration: h100-sxm-80gb, ") == 1
+    assert "calibration: v100-16gb, transferred from the h100-sxm-80gb calibration" in out
 
 
 @pytest.mark.parametrize("extra,fragment", [
