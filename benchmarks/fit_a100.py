@@ -14,10 +14,10 @@ Everything else is the shipped H100 calibration transferred to the A100 datashee
 GEMM fraction is fitted on whole training iterations, so it is the sustained rate; the file
 stores it as the transferred burst fraction times GemmFit.sustained (the same product, so
 the same predictions), which is what `meshplan profile` on an A100 derates its measured
-burst rate by (calibration.training_constants_like). The overall MAPE is dominated by host-bound rows and nearly flat in
-the GEMM fraction, so the script also prints the fraction the device-bound even rows alone
-choose (those still predicted at >= 95 % of their time with no host time): the two should
-agree. With --write, saves cost_models/data/a100-sxm-80gb.json.
+burst rate by (calibration.training_constants_like). The overall MAPE is dominated by
+host-bound rows and nearly flat in the GEMM fraction, so the script also prints the
+fraction the device-bound even rows alone choose (those still predicted at >= 95 % of
+their time with no host time): the two should agree. With --write, saves cost_models/data/a100-sxm-80gb.json.
 """
 from __future__ import annotations
 
@@ -42,8 +42,13 @@ HOST_GRID_US = (35, 40, 45, 50, 55, 60, 65)
 EXPONENT_GRID = (3.0, 4.0, 6.0, 8.0)
 
 
+def h100_on_a100():
+    """The shipped H100 calibration transferred to the A100 datasheet: the fit's starting point."""
+    return shipped_calibration(REFERENCE_GPU).transferred_to(get_gpu("a100-sxm-80gb"))
+
+
 def calibration(gemm_fraction: float, host_us: float, exponent: float):
-    base = shipped_calibration(REFERENCE_GPU).transferred_to(get_gpu("a100-sxm-80gb"))
+    base = h100_on_a100()
     gemm = dict(base.gemm)
     for precision in SIXTEEN_BIT:   # fitted on training iterations: already the sustained rate
         gemm[precision] = replace(gemm[precision], peak_fraction=gemm_fraction, sustained=1.0)
@@ -53,7 +58,7 @@ def calibration(gemm_fraction: float, host_us: float, exponent: float):
 def as_burst_times_sustained(fitted):
     """`fitted` with each 16-bit training rate split into the transferred burst fraction times
     a sustained share (unchanged products); a rate above the burst fraction stays as it is."""
-    burst = shipped_calibration(REFERENCE_GPU).transferred_to(get_gpu("a100-sxm-80gb")).gemm
+    burst = h100_on_a100().gemm
     gemm = dict(fitted.gemm)
     for precision in SIXTEEN_BIT:
         rate, ceiling = gemm[precision].peak_fraction, burst[precision].peak_fraction
