@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from cost_models.errors import MeshplanError
 from planner.models import count_parameters
 from planner.plan import Plan
 from runtime import optim as optim_mod
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
-                                 tensor_parallel, with_autocast)
+                                 tensor_parallel, vocab_parallel_loss, with_autocast)
 from runtime.pipeline import build_schedule, check_schedule, cut, local_stages, loss_fn, stage_ranges
 
 
@@ -83,6 +84,9 @@ class Engine:
             parts = {0: full}
         del full
         layout = resolve_layout(cfg, plan) if plan.tp > 1 else None
+        # a vocabulary-parallel head leaves its logits split: the loss and its backward run
+        # under loss_parallel, so the logits are never gathered (vocab_parallel_loss)
+        self.loss_context = loss_parallel if vocab_parallel_loss(layout) else contextlib.nullcontext
 
         self.parts, self.modules = {}, {}
         for v, part in parts.items():
@@ -114,7 +118,7 @@ class Engine:
         self.mb_losses: list = []
         if plan.pp > 1:
             def stage_loss(logits, targets):
-                loss = loss_fn(logits, targets)
+                loss = _local(loss_fn(logits, targets))   # a replicated DTensor under loss_parallel
                 return self.scaler.scale(loss) if self.scaler is not None else loss
             self.schedule, self.stages = build_schedule(plan, self.modules, rt, stage_loss)
             self.has_first = 0 in self.modules
@@ -168,9 +172,9 @@ class Engine:
                       for i in range(0, inputs.shape[0], micro_batch)]
             n = len(chunks)
             for k, (x, y) in enumerate(chunks):
-                with self._sync(model, k == n - 1):
+                with self._sync(model, k == n - 1), self.loss_context():
                     with autocast_context(plan, self.device):
-                        loss = model(x, y)
+                        loss = _local(model(x, y))
                     self.mb_losses.append(loss.detach())
                     scaled = loss / n
                     if self.scaler is not None:
@@ -178,12 +182,13 @@ class Engine:
                     scaled.backward()
         else:
             losses = [] if self.has_last else None
-            if self.has_first:
-                self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
-            elif self.has_last:
-                self.schedule.step(target=targets, losses=losses)
-            else:
-                self.schedule.step()
+            with self.loss_context():
+                if self.has_first:
+                    self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
+                elif self.has_last:
+                    self.schedule.step(target=targets, losses=losses)
+                else:
+                    self.schedule.step()
             if losses:
                 scale = self.scaler.get_scale() if self.scaler is not None else 1.0
                 self.mb_losses = [l.detach() / scale for l in losses]

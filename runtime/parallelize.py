@@ -3,7 +3,10 @@
 Everything here is PyTorch's own machinery:
 - tensor (+ sequence) parallelism: DTensor `parallelize_module` with the plan's
   `tp_layout` turned into ColwiseParallel / RowwiseParallel / SequenceParallel /
-  PrepareModuleInput/Output styles (see `tp_styles`);
+  PrepareModuleInput/Output styles (see `_style`); a region's input projections share
+  one replicated input (`_shared_regions`), and a vocabulary-parallel head keeps its
+  logits split for `loss_parallel` (`vocab_parallel_loss`), so a block and the head issue
+  Megatron-LM's collectives;
 - activation checkpointing: `torch.utils.checkpoint.checkpoint(use_reentrant=False)`
   around a block's forward; "selective" passes a policy through
   `create_selective_checkpoint_contexts` that keeps the outputs of matmuls and
@@ -45,6 +48,8 @@ REGIONS = {
     "gpt": [("attention", ("qkv",), "proj"), ("mlp", ("fc1",), "fc2")],
     "llama": [("attention", ("q", "k", "v"), "o"), ("mlp", ("gate", "up"), "down")],
 }
+# The norm whose output every input projection of a region reads.
+REGION_NORMS = {"gpt": {"attention": "ln1", "mlp": "ln2"}, "llama": {"attention": "n1", "mlp": "n2"}}
 TOP_ROLES = {"tok": "embed", "pos": "embed", "norm": "norm", "head": "head"}
 _ROLE_WORDS = {"in": "an input projection", "out": "an output projection", "norm": "a norm",
                "embed": "an embedding", "head": "the output head"}
@@ -187,12 +192,21 @@ def _style(role: str, style: str, sp: bool):
             return ColwiseParallel(input_layouts=rep, output_layouts=rep)
         return None
     if role == "head":
-        if style in ("vocab", "colwise"):
-            return ColwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
+        if style in ("vocab", "colwise"):   # logits stay split over the vocabulary (see vocab_parallel_loss)
+            return ColwiseParallel(input_layouts=seq if sp else rep, output_layouts=Shard(-1), use_local_output=False)
         if style == "rowwise":
             return RowwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
         return PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True) if sp else None
     raise AssertionError(role)
+
+
+def vocab_parallel_loss(layout: dict | None) -> bool:
+    """Whether the head's logits stay a DTensor split over the vocabulary, so the loss must run
+    (forward and backward) under `torch.distributed.tensor.parallel.loss_parallel`: each rank
+    computes the softmax over its vocabulary slice with all-reduced max and sum, as
+    Megatron-LM's vocab-parallel cross-entropy does, instead of all-gathering the logits
+    (b x s x vocab) onto every rank of the TP group. The simulator prices the head this way."""
+    return layout is not None and layout.get("head") in ("vocab", "colwise")
 
 
 def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, plan: Plan,
@@ -212,13 +226,21 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
             style = _style(role, layout[name], sp)
             if style is not None:
                 styles[name] = style
+    shared = {index: _shared_regions(index, layout, cfg, sp) for index in part.blocks}
     for index in part.blocks:
-        for name, role in roles.items():
-            style = _style(role, layout[f"blocks.{index}.{name}"], sp)
+        reads_shared = {name for _, ins, _ in shared[index] for name in ins}
+        for name, role in roles.items():   # a shared input arrives replicated, sp or not
+            style = _style(role, layout[f"blocks.{index}.{name}"], sp and name not in reads_shared)
             if style is not None:
                 styles[f"blocks.{index}.{name}"] = style
     if styles:
         parallelize_module(part, tp_mesh, styles)
+    for index, regions in shared.items():
+        for region, _, _ in regions:
+            norm = getattr(part.blocks[index], REGION_NORMS[cfg.arch][region])
+            parallelize_module(norm, tp_mesh, PrepareModuleOutput(
+                output_layouts=(Shard(1) if sp else Replicate(),), desired_output_layouts=(Replicate(),),
+                use_local_output=False))
     if sp and len(part.blocks):
         keys = list(part.blocks)
         first, last = part.blocks[keys[0]], part.blocks[keys[-1]]
@@ -229,6 +251,23 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
             parallelize_module(last, tp_mesh, PrepareModuleOutput(
                 output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True))
     retie(part, cfg)
+
+
+def _shared_regions(index: int, layout: dict, cfg: ModelConfig, sp: bool) -> list:
+    """The regions of block `index` whose norm hands its column-parallel input projections one
+    replicated DTensor. Each ColwiseParallel would otherwise redistribute the same input on
+    its own: in backward every projection's input gradient is all-reduced (reduce-scattered
+    under sequence parallelism, which also all-gathers the input once per projection in
+    forward) - five times per Llama block (q, k, v; gate, up) where Megatron-LM, and the
+    simulator, reduce once per region. Shared, autograd sums the projections' partial
+    gradients first and the norm's output hook reduces them once."""
+    regions = []
+    for region, ins, out in REGIONS[cfg.arch]:
+        norm = REGION_NORMS[cfg.arch][region]
+        if all(layout[f"blocks.{index}.{name}"] == "colwise" for name in ins) \
+                and (layout[f"blocks.{index}.{norm}"] == "sequence") == sp:
+            regions.append((region, ins, out))
+    return regions
 
 
 def retie(part: nn.Module, cfg: ModelConfig):
