@@ -192,7 +192,7 @@ def _style(role: str, style: str, sp: bool):
             return ColwiseParallel(input_layouts=rep, output_layouts=rep)
         return None
     if role == "head":
-        if style in ("vocab", "colwise"):   # logits stay split over the vocabulary (see vocab_parallel_loss)
+        if _head_splits_vocab(style):   # logits stay split over the vocabulary (see vocab_parallel_loss)
             return ColwiseParallel(input_layouts=seq if sp else rep, output_layouts=Shard(-1), use_local_output=False)
         if style == "rowwise":
             return RowwiseParallel(input_layouts=seq if sp else rep, output_layouts=rep)
@@ -206,7 +206,11 @@ def vocab_parallel_loss(layout: dict | None) -> bool:
     computes the softmax over its vocabulary slice with all-reduced max and sum, as
     Megatron-LM's vocab-parallel cross-entropy does, instead of all-gathering the logits
     (b x s x vocab) onto every rank of the TP group. The simulator prices the head this way."""
-    return layout is not None and layout.get("head") in ("vocab", "colwise")
+    return layout is not None and _head_splits_vocab(layout.get("head", "replicate"))
+
+
+def _head_splits_vocab(style: str) -> bool:
+    return _vocab_dim(style, "head") == 0
 
 
 def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, plan: Plan,

@@ -19,16 +19,22 @@ from runtime_helpers import run_ranks
 TP = 2
 
 
-def _check_rank(rank: int, out_dir: str):
-    from torch.distributed.tensor.parallel import loss_parallel
-    spec = load_model("gpt-tiny")
+def _sharded(model: str, sp: bool = False):
+    """(config, the model built with seed 0 and split over TP ranks as the runtime splits it)."""
+    spec = load_model(model)
     cfg = spec.config
-    plan = Plan(tp=TP, micro_batch=2, global_batch=2, seq=16)
-    reference = spec.build("cpu").init_weights(0)
-    sharded = spec.build("cpu").init_weights(0)
+    plan = Plan(tp=TP, micro_batch=2, global_batch=2, seq=16, sequence_parallel=sp)
     layout = resolve_layout(cfg, plan)
     assert vocab_parallel_loss(layout)
-    tensor_parallel(sharded, init_device_mesh("cpu", (TP,)), layout, cfg, plan, first_stage=True, last_stage=True)
+    part = spec.build("cpu").init_weights(0)
+    tensor_parallel(part, init_device_mesh("cpu", (TP,)), layout, cfg, plan, first_stage=True, last_stage=True)
+    return cfg, part
+
+
+def _check_rank(rank: int, out_dir: str):
+    from torch.distributed.tensor.parallel import loss_parallel
+    cfg, sharded = _sharded("gpt-tiny")
+    reference = load_model("gpt-tiny").build("cpu").init_weights(0)
 
     torch.manual_seed(1)
     x = torch.randint(0, cfg.vocab, (2, 16))
@@ -42,8 +48,9 @@ def _check_rank(rank: int, out_dir: str):
     expected = reference(x, y)
     expected.backward()
     torch.testing.assert_close(loss.to_local(), expected, rtol=1e-6, atol=1e-6)
+    sharded_params = dict(sharded.named_parameters())
     for name, p in reference.named_parameters():
-        got = dict(sharded.named_parameters())[name].grad
+        got = sharded_params[name].grad
         got = got.full_tensor() if isinstance(got, DTensor) else got
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
     (Path(out_dir) / f"ok-{rank}").touch()   # the parent sees every rank get here
@@ -57,12 +64,7 @@ def test_vocab_parallel_head_and_loss_match_the_unsplit_model(tmp_path):
 def _count_rank(rank: int, out_dir: str, model: str, sp: bool):
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import loss_parallel
-    spec = load_model(model)
-    cfg = spec.config
-    plan = Plan(tp=TP, micro_batch=2, global_batch=2, seq=16, sequence_parallel=sp)
-    part = spec.build("cpu").init_weights(0)
-    tensor_parallel(part, init_device_mesh("cpu", (TP,)), resolve_layout(cfg, plan), cfg, plan,
-                    first_stage=True, last_stage=True)
+    cfg, part = _sharded(model, sp)
     x = torch.randint(0, cfg.vocab, (2, 16))
     with CommDebugMode() as comms, loss_parallel():
         part(x, x).to_local().backward()
