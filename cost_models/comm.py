@@ -138,6 +138,13 @@ def _node_counts(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return spans, most
 
 
+def pair_group(cross_node: bool) -> GroupPlacement:
+    """Two ranks outside the mesh's dimensions (e.g. the first and last pipeline stage that
+    share a tied embedding): on two nodes, or on one."""
+    pattern = (2, 1) if cross_node else (1, 2)
+    return GroupPlacement("pair", 2, *pattern, rank_stride=0, patterns=(pattern,))
+
+
 # --------------------------------------------------------------------------- first principles
 
 def ring_all_reduce_s(n: int, nbytes: float, bw_bytes_per_s: float, alpha_s: float) -> float:

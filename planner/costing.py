@@ -12,7 +12,14 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
   and recomputes the streaming ops (norms, activations, casts) in backward;
 - each row-parallel linear ends in one all-reduce of the residual stream in forward
   and one in backward (Megatron: two per block each way); with sequence parallelism
-  each becomes a reduce-scatter plus an all-gather of the same total volume.
+  each becomes a reduce-scatter plus an all-gather of the same total volume;
+- outside the blocks, as `runtime.parallelize` runs them: the vocabulary-parallel embedding
+  all-reduces its output in forward (and, under sequence parallelism, gathers the gradient
+  in backward); the vocabulary-parallel head reduces its input gradient in backward (under
+  sequence parallelism: gathers its input, reduce-scatters the gradient) and its loss
+  all-reduces LOSS_PARALLEL_ALLREDUCES per-token statistics. `LayerTiming.tp_comm_fwd` /
+  `tp_comm_bwd` list them as (collective, bytes), which tests/test_tp_collectives.py checks
+  against the collectives the runtime issues.
 Activation memory under TP without SP keeps Korthikanti et al.'s replicated share:
 10 of the 34 sbh units of a block's saved activations (LayerNorm inputs, residual and
 dropout-free attention/MLP inputs) are not split (Korthikanti et al. 2022, Sec. 4.2).
@@ -30,6 +37,12 @@ COLWISE = {"qkv", "q", "k", "v", "fc1", "gate", "up", "c_attn", "q_proj", "k_pro
            "gate_proj", "up_proj", "c_fc", "head", "lm_head"}
 ROWWISE = {"proj", "o", "fc2", "down", "c_proj", "o_proj", "down_proj"}
 VOCAB = {"tok", "wte", "embed_tokens"}
+HEADS = {"head", "lm_head"}
+# A vocabulary-parallel cross-entropy all-reduces three per-token fp32 statistics in forward:
+# the logits' max, the target's logit and the sum of exponentials (Megatron-LM's
+# mpu.vocab_parallel_cross_entropy; torch's loss_parallel issues the same three).
+LOSS_PARALLEL_ALLREDUCES = 3
+LOSS_STATISTIC_BYTES = 4
 REPLICATED_ACTIVATION_SHARE = 10 / 34   # Korthikanti et al. 2022: sbh*10 of sbh*34 unsplit by TP
 # Eager PyTorch issues kernels from Python: each aten op costs host time (dispatch,
 # autograd bookkeeping, the launch) whether or not the GPU is busy. The GPU runs ahead of
@@ -74,7 +87,8 @@ class LayerTiming:
     fwd_s: float
     bwd_s: float
     streaming_fwd_s: float          # non-matmul, non-attention ops: what selective recomputation repeats
-    tp_allreduces: int              # residual-stream all-reduces per direction
+    tp_comm_fwd: tuple              # TP collectives of one forward: ((kind, bytes), ...)
+    tp_comm_bwd: tuple              # ... and of one backward (a full recomputation repeats the forward's)
     params_per_gpu: float           # after TP sharding
     saved_bytes: float              # activations held for backward, by checkpoint mode below
     saved_bytes_full: float
@@ -104,6 +118,17 @@ def linear_style(op: OpInfo, tp_layout: dict) -> str:
     if name in ROWWISE:
         return "rowwise"
     return "replicate"
+
+
+def top_level_layout(config, plan) -> dict:
+    """Embedding and head vocabulary-parallel when tp divides the vocabulary (else
+    replicated), the final norm sequence-parallel with SP: the modules outside the blocks,
+    which the block ILP does not decide."""
+    vocab = "vocab" if config.vocab % plan.tp == 0 else "replicate"
+    layout = {"tok": vocab, "head": vocab, "norm": "sequence" if plan.sequence_parallel else "replicate"}
+    if config.arch == "gpt":
+        layout["pos"] = "replicate"
+    return layout
 
 
 def _aten_name(op: OpInfo) -> str:
@@ -210,7 +235,7 @@ class LayerCoster:
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = 0.0
-        allreduces = 0
+        comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
         for op in ops:
@@ -218,8 +243,10 @@ class LayerCoster:
             fwd, bwd = fwd + f, bwd + b
             if op.kind not in ("linear", "matmul", "conv", "attention"):
                 streaming += f
-            if op.kind == "linear" and tp > 1 and linear_style(op, layout) == "rowwise":
-                allreduces += 1
+            if tp > 1:
+                op_fwd, op_bwd = self._tp_collectives(op, sp, layout, precision)
+                comm_fwd += op_fwd
+                comm_bwd += op_bwd
             params += op.param_count * share
         launched = sum(1 for op in ops if op.kind != "view")
         host_fwd = (launched + extra_host_ops[0]) * self.compute.host_s_per_op
@@ -232,12 +259,53 @@ class LayerCoster:
         act_share = replicated + (1 - replicated) * split
         boundary_share = split if sp else 1.0
         return LayerTiming(
-            fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, tp_allreduces=allreduces,
+            fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
             params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share,
             saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
             saved_bytes_selective=cost.saved_bytes_selective * act_share,
             param_copy_bytes=cost.saved_param_copy_bytes * split if tp > 1 else cost.saved_param_copy_bytes,
             boundary_bytes=cost.output_bytes * boundary_share)
+
+    def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
+        """(forward, backward) collectives over the TP group that `op` causes, as
+        [(kind, bytes of the unsharded tensor)] (see the module docstring). A block region's
+        pair - its input projections' gathered input and its output projection's reduced
+        output - is charged on the output (row-parallel) projection, so q, k and v sharing one
+        input count once."""
+        if self.residual_numel is None:
+            return [], []
+        stream = self.residual_numel * DTYPE_BYTES[_precision_of(op, precision)]
+        name = _module_name(op)
+        if self._vocab_parallel_embedding(op, layout):
+            return [("all_reduce", stream)], [("all_gather", stream)] if sp else []
+        if op.kind != "linear":
+            return [], []
+        style = linear_style(op, layout)
+        if name in HEADS:
+            return self._head_collectives(op, style, sp, stream, precision)
+        if style != "rowwise":
+            return [], []
+        if sp:
+            return [("all_gather", stream), ("reduce_scatter", stream)], [("all_gather", stream), ("reduce_scatter", stream)]
+        return [("all_reduce", stream)], [("all_reduce", stream)]
+
+    def _head_collectives(self, op: OpInfo, style: str, sp: bool, stream: float, precision: str):
+        """The output head's collectives: it reads the (replicated, or under sequence
+        parallelism sequence-split) final norm output."""
+        gather_input = [("all_gather", stream)] if sp else []
+        if style == "colwise":   # vocabulary-parallel: logits stay split, the loss reduces statistics
+            tokens = self.residual_numel // self.hidden
+            statistics = [("all_reduce", tokens * LOSS_STATISTIC_BYTES)] * LOSS_PARALLEL_ALLREDUCES
+            return gather_input + statistics, [("reduce_scatter" if sp else "all_reduce", stream)]
+        if style == "rowwise":   # partial logits summed; the input gradient gathered from feature shards
+            logits = _numel(op.output_shape) * DTYPE_BYTES[_precision_of(op, precision)]
+            return gather_input + [("all_reduce", logits)], [("all_gather", stream)]
+        return gather_input, []
+
+    @staticmethod
+    def _vocab_parallel_embedding(op: OpInfo, layout: dict) -> bool:
+        name = _module_name(op)
+        return op.kind == "embedding" and name in VOCAB and layout.get(name, "vocab") == "vocab"
 
     def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str):
         """(forward s, backward s, parameter share kept on this GPU) for one op."""
@@ -254,9 +322,7 @@ class LayerCoster:
             args = (b, heads, sq, skv, d, precision, bool(causal))
             return (self.compute.attention_time_s(*args),
                     self.compute.attention_time_s(*args, backward=True), 1.0)
-        vocab_parallel = (kind == "embedding" and _module_name(op) in VOCAB
-                          and layout.get(_module_name(op), "vocab") == "vocab")
-        share = 1.0 / tp if vocab_parallel or self._split_by_tp(op, sp) else 1.0
+        share = 1.0 / tp if self._vocab_parallel_embedding(op, layout) or self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))
         if not op.requires_grad and kind not in ("linear", "matmul"):

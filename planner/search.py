@@ -35,6 +35,7 @@ from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import model_state_bytes
+from planner.costing import top_level_layout
 from planner.partition import StageCosts, partition
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.schedule import in_flight_counts
@@ -474,17 +475,6 @@ class _Search:
             except MeshplanError:
                 continue
         return None
-
-
-def top_level_layout(config, plan: Plan) -> dict:
-    """Embedding and head vocabulary-parallel when tp divides the vocabulary (else
-    replicated), the final norm sequence-parallel with SP: the modules outside the blocks,
-    which the block ILP does not decide."""
-    vocab = "vocab" if config.vocab % plan.tp == 0 else "replicate"
-    layout = {"tok": vocab, "head": vocab, "norm": "sequence" if plan.sequence_parallel else "replicate"}
-    if config.arch == "gpt":
-        layout["pos"] = "replicate"
-    return layout
 
 
 def describe_family(plan: Plan) -> str:

@@ -22,11 +22,11 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from cost_models.cluster import ClusterSpec, parse_cluster
-from cost_models.comm import CommModel
+from cost_models.comm import CommModel, pair_group
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
-from planner.costing import LayerCoster, LayerTiming
+from planner.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
 from planner.schedule import build_schedule, in_flight_counts, simulate_pipeline
@@ -228,7 +228,7 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
-    return _Simulation(plan, traced, cluster, compute, comm, coster, execution)
+    return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config)
 
 
 _COSTERS: dict = {}
@@ -265,8 +265,14 @@ class LayerTimes(NamedTuple):
 
 
 class _Simulation:
-    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME):
+    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME, config=None):
         self.execution = execution
+        # an empty tp_layout is Megatron's, with the embedding and head replicated where tp does
+        # not divide the vocabulary, as the runtime does it (runtime.parallelize.megatron_layout)
+        self.tp_layout = plan.tp_layout or (top_level_layout(config, plan) if config and plan.tp > 1 else {})
+        # a tied embedding lives on the first and last stage; it is split when the embedding is
+        self.tied_params = config.vocab * config.hidden if config and config.tie_embeddings else 0
+        self.tied_split = plan.tp if plan.tp > 1 and self.tp_layout.get("tok", "vocab") == "vocab" else 1
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
         degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
@@ -302,7 +308,7 @@ class _Simulation:
 
     def timing(self, index: int) -> LayerTiming:
         extra = self.execution.loss_host_ops if self.traced.layers[index].kind == "head" else (0, 0)
-        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.plan.tp_layout, extra,
+        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
                                   self.execution.megatron_kernels)
 
     def checkpoint_mode(self, index: int) -> str:
@@ -318,16 +324,19 @@ class _Simulation:
         spent recomputing and in exposed TP and FSDP communication."""
         t = self.timing(index)
         mode = self.checkpoint_mode(index) if mode is None else mode
-        tp_ar = self.comm.all_reduce_s(self.traced.micro_batch * self.traced.seq * self.coster.hidden
-                                       * self.act_bytes, self.tp_group) if t.tp_allreduces else 0.0
-        # one set of all-reduces forward, one backward, one more in a full recomputation
-        tp_passes = 3 if mode == "full" else 2
-        fwd = t.fwd_s + t.tp_allreduces * tp_ar
+        tp_fwd, tp_bwd = self.tp_comm_s(t.tp_comm_fwd), self.tp_comm_s(t.tp_comm_bwd)
+        if mode == "full":   # the recomputed forward issues its collectives again
+            tp_bwd += tp_fwd
+        fwd = t.fwd_s + tp_fwd
         recompute = t.recompute_s(mode)
-        bwd = t.bwd_s + recompute + (tp_passes - 1) * t.tp_allreduces * tp_ar
+        bwd = t.bwd_s + recompute + tp_bwd
         fsdp_fwd, fsdp_bwd = self.fsdp_exposed(t, fwd, bwd)
-        return LayerTimes(fwd + fsdp_fwd, bwd + fsdp_bwd, recompute, tp_passes * t.tp_allreduces * tp_ar,
-                          fsdp_fwd + fsdp_bwd)
+        return LayerTimes(fwd + fsdp_fwd, bwd + fsdp_bwd, recompute, tp_fwd + tp_bwd, fsdp_fwd + fsdp_bwd)
+
+    def tp_comm_s(self, collectives) -> float:
+        """TP collectives ((kind, bytes), ...) in a row on the TP group: inside a layer they sit
+        between the kernels that produce and consume them, so none is hidden."""
+        return sum(self.comm.time_s(kind, nbytes, self.tp_group) for kind, nbytes in collectives)
 
     def fsdp_exposed(self, t: LayerTiming, fwd: float, bwd: float) -> tuple[float, float]:
         """FSDP collectives per layer per micro-batch, hidden behind the layer's compute."""
@@ -358,7 +367,7 @@ class _Simulation:
         for rank in range(plan.pp):
             params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
             last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
-            dp_exposed.append(self.dp_tail_s(params, last_bwd))
+            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.tied_grad_s(rank))
             optimizer.append(self.optimizer_s(params))
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
@@ -400,6 +409,17 @@ class _Simulation:
         if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
             exposed += self.comm.all_gather_s(params * 4, self.dp_group)
         return exposed
+
+    def tied_grad_s(self, rank: int) -> float:
+        """With pipeline stages, a tied embedding lives twice: as the first stage's token
+        embedding and the last stage's head. After backward those two ranks all-reduce its
+        gradient before the optimizer step (runtime.engine; Megatron-LM's embedding group)."""
+        plan = self.plan
+        if plan.pp == 1 or not self.tied_params or rank not in (0, plan.pp - 1):
+            return 0.0
+        shard = plan.dp if plan.zero >= 2 else 1   # FSDP holds a 1/dp shard of the gradient
+        nbytes = self.tied_params / self.tied_split / shard * self.grad_dtype_bytes
+        return self.comm.all_reduce_s(nbytes, pair_group(self.pp_cross_node))
 
     def optimizer_s(self, params: float) -> float:
         local = params / self.plan.dp if self.plan.zero >= 1 else params

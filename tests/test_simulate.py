@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -235,3 +236,39 @@ def test_exposed_communication_is_what_free_links_would_save():
         assert real.phases[phase] > 0.01 * real.step_time_s
         assert real.step_time_s - free.step_time_s == pytest.approx(real.phases[phase], rel=1e-6)
         assert free.phases["compute_s"] == pytest.approx(real.phases["compute_s"], rel=1e-9)
+
+
+@pytest.mark.parametrize("cluster, cross_node", [("a100-sxm-80gb:1x4", False), ("a100-sxm-80gb:2x2", True)])
+def test_tied_embedding_gradient_is_summed_between_first_and_last_stage(cluster, cross_node):
+    """GPT ties its head to the token embedding; with pipeline stages the two copies (first
+    and last stage) all-reduce their gradient after backward, split over TP when the
+    embedding is vocabulary-parallel. A Llama (untied) has no such reduction."""
+    from cost_models.comm import pair_group
+    from planner.simulate import prepare
+    shape = dict(layers=4, hidden=256, heads=4, vocab=512, max_seq=64)
+    tied, untied = (load_model(dict(arch=arch, **shape)) for arch in ("gpt", "llama"))
+    plan = Plan(tp=2, pp=2, micro_batch=2, global_batch=8, seq=64)
+    sims = {name: prepare(plan, spec, cluster) for name, spec in (("tied", tied), ("untied", untied))}
+    expected = sims["tied"].comm.all_reduce_s(512 * 256 / 2 * 4, pair_group(cross_node))
+    assert expected > 0
+    assert [sims["tied"].tied_grad_s(rank) for rank in (0, 1)] == [pytest.approx(expected)] * 2
+    assert [sims["untied"].tied_grad_s(rank) for rank in (0, 1)] == [0.0, 0.0]
+    result = sims["tied"].run()
+    assert result.phases["exposed_dp_comm_s"] == pytest.approx(expected)   # dp 1: nothing else to reduce
+    single_stage = prepare(replace(plan, pp=1, dp=2), tied, cluster)
+    assert single_stage.tied_grad_s(0) == 0.0
+
+
+def test_replicated_embedding_and_head_when_tp_does_not_divide_the_vocabulary():
+    """As the runtime's default layout: GPT-2's 50257-token vocabulary stays whole on every TP
+    rank, so neither the embedding nor the head is split or reduces anything."""
+    from planner.simulate import prepare
+    spec = load_model(dict(arch="gpt", layers=2, hidden=256, heads=4, vocab=501, max_seq=64))
+    sim = prepare(Plan(tp=2, micro_batch=2, global_batch=2, seq=64), spec, "a100-sxm-80gb:1x2")
+    top = [layer for layer in sim.traced.layers if layer.kind != "block"]
+    assert top and all(not sim.timing(layer.index).tp_comm_fwd + sim.timing(layer.index).tp_comm_bwd
+                       for layer in top)
+    block = sim.timing(sim.traced.blocks[0])
+    assert len(block.tp_comm_fwd) == len(block.tp_comm_bwd) == 2
+    head_params = sum(sim.timing(layer.index).params_per_gpu for layer in top)
+    assert head_params >= 501 * 256   # the whole vocabulary table

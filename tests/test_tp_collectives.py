@@ -4,6 +4,7 @@ block issues the collectives Megatron-LM does, and the simulator charges, no mor
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from planner.plan import Plan
+from planner.simulate import prepare
 from planner.zoo import load_model
 from runtime.parallelize import resolve_layout, tensor_parallel, vocab_parallel_loss
 from runtime_helpers import run_ranks
@@ -73,17 +75,33 @@ def _count_rank(rank: int, out_dir: str, model: str, sp: bool):
         (Path(out_dir) / "counts.json").write_text(json.dumps(dict(counts=counts, layers=cfg.layers)))
 
 
+# CommDebugMode's names for the collectives the simulator prices (planner.costing)
+FUNCTIONAL_NAMES = {"all_reduce": "all_reduce", "all_gather": "all_gather_into_tensor",
+                    "reduce_scatter": "reduce_scatter_tensor"}
+
+
+def simulated_counts(model: str, sp: bool) -> dict:
+    """The TP collectives the simulator charges for one micro-batch's forward and backward."""
+    plan = Plan(tp=TP, micro_batch=2, global_batch=2, seq=16, sequence_parallel=sp)
+    sim = prepare(plan, model, f"cpu:1x{TP}")
+    counts = Counter()
+    for layer in sim.traced.layers:
+        timing = sim.timing(layer.index)
+        counts.update(FUNCTIONAL_NAMES[kind] for kind, _ in timing.tp_comm_fwd + timing.tp_comm_bwd)
+    return dict(counts)
+
+
 @pytest.mark.parametrize("sp", [False, True])
 @pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
 def test_each_block_reduces_once_per_region_each_way(tmp_path, model, sp):
-    """Megatron's count, which the simulator charges: per block one collective forward and one
-    backward for each of attention and MLP; a Llama's q, k, v (and gate, up) share theirs."""
+    """Megatron's count: per block one collective forward and one backward for each of
+    attention and MLP (a Llama's q, k, v and gate, up share theirs); beyond the blocks the
+    vocabulary-parallel embedding's and head's reductions and loss_parallel's three per-token
+    statistics. The simulator charges exactly the collectives the runtime issues."""
     run_ranks(TP, _count_rank, str(tmp_path), model, sp)
     got = json.loads((tmp_path / "counts.json").read_text())
     per_block = 2 * 2 * got["layers"]   # 2 regions x (forward + backward)
     counts = got["counts"]
-    # Beyond the blocks: the vocab-parallel embedding's forward and the head's backward
-    # reduction, and loss_parallel's few all-reduces of per-token statistics.
     if sp:   # each all-reduce becomes a reduce-scatter + an all-gather
         assert per_block <= counts["all_gather_into_tensor"] <= per_block + 2
         assert per_block <= counts["reduce_scatter_tensor"] <= per_block + 2
@@ -91,3 +109,4 @@ def test_each_block_reduces_once_per_region_each_way(tmp_path, model, sp):
     else:
         assert per_block + 2 <= counts["all_reduce"] <= per_block + 5
         assert set(counts) == {"all_reduce"}
+    assert simulated_counts(model, sp) == counts
