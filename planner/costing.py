@@ -269,25 +269,33 @@ class LayerCoster:
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
         """(forward, backward) collectives over the TP group that `op` causes, as
         [(kind, bytes of the unsharded tensor)] (see the module docstring). A block region's
-        pair - its input projections' gathered input and its output projection's reduced
-        output - is charged on the output (row-parallel) projection, so q, k and v sharing one
-        input count once."""
+        pair - its input projections' gathered input (and reduced input gradient) and its
+        output projection's reduced output - is charged on the output (row-parallel)
+        projection, so q, k and v sharing one input count once. What crosses the region's
+        input is the residual stream's dtype (fp32 under autocast: the norm's output, before
+        the projections cast it); what leaves it is the projection's output dtype."""
         if self.residual_numel is None:
             return [], []
-        stream = self.residual_numel * DTYPE_BYTES[_precision_of(op, precision)]
-        name = _module_name(op)
+        stream = self.residual_numel * self._stream_bytes_per_element()
+        out = self.residual_numel * DTYPE_BYTES[_precision_of(op, precision)]
         if self._vocab_parallel_embedding(op, layout):
-            return [("all_reduce", stream)], [("all_gather", stream)] if sp else []
+            return [("all_reduce", out)], [("all_gather", out)] if sp else []
         if op.kind != "linear":
             return [], []
         style = linear_style(op, layout)
-        if name in HEADS:
+        if _module_name(op) in HEADS:
             return self._head_collectives(op, style, sp, stream, precision)
         if style != "rowwise":
             return [], []
         if sp:
-            return [("all_gather", stream), ("reduce_scatter", stream)], [("all_gather", stream), ("reduce_scatter", stream)]
-        return [("all_reduce", stream)], [("all_reduce", stream)]
+            return [("all_gather", stream), ("reduce_scatter", out)], [("all_gather", out), ("reduce_scatter", stream)]
+        return [("all_reduce", out)], [("all_reduce", stream)]
+
+    def _stream_bytes_per_element(self) -> int:
+        """The residual stream's element size: fp32 parameters under autocast keep it fp32."""
+        if self.traced.cast == "autocast":
+            return DTYPE_BYTES["fp32"]
+        return DTYPE_BYTES[self.traced.precision]
 
     def _head_collectives(self, op: OpInfo, style: str, sp: bool, stream: float, precision: str):
         """The output head's collectives: it reads the (replicated, or under sequence
@@ -322,7 +330,10 @@ class LayerCoster:
             args = (b, heads, sq, skv, d, precision, bool(causal))
             return (self.compute.attention_time_s(*args),
                     self.compute.attention_time_s(*args, backward=True), 1.0)
-        share = 1.0 / tp if self._vocab_parallel_embedding(op, layout) or self._split_by_tp(op, sp) else 1.0
+        if kind == "embedding":   # a vocabulary-parallel table is split; any other (positions) replicated
+            share = 1.0 / tp if self._vocab_parallel_embedding(op, layout) else 1.0
+        else:
+            share = 1.0 / tp if self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))
         if not op.requires_grad and kind not in ("linear", "matmul"):
@@ -349,6 +360,10 @@ class LayerCoster:
         elif style == "rowwise":
             k = max(1, k // tp)
         share = 1.0 if style == "replicate" else 1.0 / tp
+        if style == "rowwise" and _aten_name(op) == "addmm" and op.param_count:
+            # the weight splits on its input features; the bias is added once after the
+            # reduction, so every rank keeps all of it
+            share = ((op.param_count - n) / tp + n) / op.param_count
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
         bwd = self._matmul_bwd_s(m, k, n, precision, batch) if op.requires_grad or op.param_count else 0.0
         if bwd and _aten_name(op) == "addmm":   # the bias gradient: the output gradient summed over tokens

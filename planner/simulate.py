@@ -17,6 +17,7 @@ empirical overhead.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -65,6 +66,11 @@ class Execution:
     loss_host_ops: (forward, backward) launches per micro-batch that the framework's loss
         adds to the traced head (whose loss is one log_softmax + nll_loss); they join the
         head's host time, so they hide behind a device-bound head.
+    recompute_stops_early: a fully checkpointed block's recomputation stops once the last
+        tensor backward needs is rebuilt (torch.utils.checkpoint, non-reentrant), so the
+        block's last collective - its MLP output's reduction - is not issued again
+        (measured: tests/test_comm_volume.py); Megatron-LM's reentrant checkpoint reruns the
+        whole forward.
     megatron_kernels: the framework runs Megatron-LM's kernels where eager PyTorch runs
         several ops (planner.costing._as_megatron_kernels): the causal mask applied inside
         its softmax kernel and built once per micro-batch, attention's batched products
@@ -79,6 +85,7 @@ class Execution:
     batch_host_ops: int = 0
     loss_host_ops: tuple[int, int] = (0, 0)
     megatron_kernels: bool = False
+    recompute_stops_early: bool = True
 
 
 MESHPLAN_RUNTIME = Execution()
@@ -107,7 +114,7 @@ MEGATRON_LOSS_HOST_OPS = (27, 10)
 # - residual branches: bias_dropout_add_fused_train (torch.jit.script), one kernel.
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
-                          megatron_kernels=True)
+                          megatron_kernels=True, recompute_stops_early=False)
 
 
 @dataclass
@@ -135,6 +142,9 @@ class SimResult:
     phases: dict
     stages: list
     timeline: object = field(repr=False, default=None)
+    # per pipeline rank, what one step communicates: {group: {collective: bytes}}
+    # (_Simulation.comm_bytes); a GPU of a TP or DP group moves what its peers move
+    comm_bytes: list = field(default_factory=list)
 
     @property
     def worst_stage(self) -> StageMemory:
@@ -153,6 +163,7 @@ class SimResult:
                                                              "activations_bytes", "transient_bytes")},
             },
             "stages": [asdict(s) for s in self.stages],
+            "comm_bytes_per_stage": self.comm_bytes,
         }
 
 
@@ -273,6 +284,7 @@ class _Simulation:
         # a tied embedding lives on the first and last stage; it is split when the embedding is
         self.tied_params = config.vocab * config.hidden if config and config.tie_embeddings else 0
         self.tied_split = plan.tp if plan.tp > 1 and self.tp_layout.get("tok", "vocab") == "vocab" else 1
+        self._timings = {}
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
         degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
@@ -307,9 +319,19 @@ class _Simulation:
         return stages
 
     def timing(self, index: int) -> LayerTiming:
-        extra = self.execution.loss_host_ops if self.traced.layers[index].kind == "head" else (0, 0)
-        return self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
-                                  self.execution.megatron_kernels)
+        head = self.traced.layers[index].kind == "head"
+        extra = self.execution.loss_host_ops if head else (0, 0)
+        timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
+                                    self.execution.megatron_kernels)
+        if head and self.tied_params and self.plan.pp == 1:
+            # the head's weight is the embedding's, held once where both live on one rank (the
+            # trace lists it under both ops); with pipeline stages the last stage keeps a copy
+            key = ("untied", index, id(timing))
+            if key not in self._timings:
+                self._timings[key] = replace(timing, params_per_gpu=timing.params_per_gpu
+                                             - self.tied_params / self.tied_split)
+            return self._timings[key]
+        return timing
 
     def checkpoint_mode(self, index: int) -> str:
         layer = self.traced.layers[index]
@@ -326,12 +348,16 @@ class _Simulation:
         mode = self.checkpoint_mode(index) if mode is None else mode
         tp_fwd, tp_bwd = self.tp_comm_s(t.tp_comm_fwd), self.tp_comm_s(t.tp_comm_bwd)
         if mode == "full":   # the recomputed forward issues its collectives again
-            tp_bwd += tp_fwd
+            tp_bwd += self.tp_comm_s(self.recomputed_collectives(t))
         fwd = t.fwd_s + tp_fwd
         recompute = t.recompute_s(mode)
         bwd = t.bwd_s + recompute + tp_bwd
         fsdp_fwd, fsdp_bwd = self.fsdp_exposed(t, fwd, bwd)
         return LayerTimes(fwd + fsdp_fwd, bwd + fsdp_bwd, recompute, tp_fwd + tp_bwd, fsdp_fwd + fsdp_bwd)
+
+    def recomputed_collectives(self, t: LayerTiming) -> tuple:
+        """The forward collectives a full recomputation of the layer issues again."""
+        return t.tp_comm_fwd[:-1] if self.execution.recompute_stops_early else t.tp_comm_fwd
 
     def tp_comm_s(self, collectives) -> float:
         """TP collectives ((kind, bytes), ...) in a row on the TP group: inside a layer they sit
@@ -367,13 +393,50 @@ class _Simulation:
         for rank in range(plan.pp):
             params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
             last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
-            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.tied_grad_s(rank))
+            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.tied_grad_s(rank)
+                              + self.comm.all_reduce_s(self.norm_grad_bytes(rank, stages), self.tp_group))
             optimizer.append(self.optimizer_s(params))
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
         slowest = tails.index(step)
         memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
-        return self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory)
+        result = self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory)
+        result.comm_bytes = [self.comm_bytes(rank, stages) for rank in range(plan.pp)]
+        return result
+
+    def comm_bytes(self, rank: int, stages) -> dict:
+        """What one step makes pipeline rank `rank` communicate: {group: {collective: bytes}}
+        over the TP group ("tp"), the DP group ("dp"), to the next and previous pipeline stage
+        ("pp": what it sends) and, with a tied embedding split over stages, to its other
+        copy ("tied"). Bytes are each collective's full buffer on one rank (nccl-tests'
+        convention, as CommModel prices them), summed over the step's micro-batches."""
+        plan, n = self.plan, self.plan.grad_accum
+        volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter()}
+        chunks = [c * plan.pp + rank for c in range(plan.interleave)]
+        params = 0.0
+        for index in (i for v in chunks for i in stages[v]):
+            t = self.timing(index)
+            params += t.params_per_gpu
+            again = self.recomputed_collectives(t) if self.checkpoint_mode(index) == "full" else ()
+            for kind, nbytes in t.tp_comm_fwd + t.tp_comm_bwd + again:
+                volume["tp"][kind] += n * nbytes
+            if plan.zero >= 2 and plan.dp > 1:
+                gathers = 2 if plan.zero == 3 else 1   # ZeRO 3 gathers again for backward
+                volume["dp"]["all_gather"] += n * gathers * t.params_per_gpu * self.act_bytes
+                volume["dp"]["reduce_scatter"] += n * t.params_per_gpu * 4
+        if plan.dp > 1 and plan.zero < 2:
+            volume["dp"]["all_reduce"] += params * self.grad_dtype_bytes
+            if plan.zero == 1:
+                volume["dp"]["all_gather"] += params * 4
+        if self.tied_grad_s(rank):
+            volume["tied"]["all_reduce"] += self.tied_grad_bytes()
+        if self.norm_grad_bytes(rank, stages):
+            volume["tp"]["all_reduce"] += self.norm_grad_bytes(rank, stages)
+        for v in chunks:   # activations forward to stage v + 1, gradients back to stage v - 1
+            for boundary_of in ([v] if v < len(stages) - 1 else []) + ([v - 1] if v > 0 else []):
+                for group, kind, nbytes in self.p2p_parts(self.timing(stages[boundary_of][-1]).boundary_bytes):
+                    volume[group][kind] += n * nbytes
+        return {group: dict(kinds) for group, kinds in volume.items() if kinds}
 
     def grad_accumulation_s(self, params: float) -> float:
         """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
@@ -390,13 +453,18 @@ class _Simulation:
 
     def p2p_s(self, boundary_bytes: float) -> float:
         """One micro-batch's boundary activation (or its gradient) to the next stage."""
+        return sum(self.comm.p2p_s(nbytes, self.pp_cross_node) if group == "pp" else
+                   self.comm.all_gather_s(nbytes, self.tp_group) for group, _, nbytes in self.p2p_parts(boundary_bytes))
+
+    def p2p_parts(self, boundary_bytes: float) -> list:
+        """The transfers that carry one boundary activation (or gradient) to the next stage:
+        [(group, collective, bytes)]; Megatron's scatter/gather sends 1/tp of it and all-gathers."""
         plan = self.plan
         if plan.pp == 1:
-            return 0.0
+            return []
         if not (self.execution.p2p_scatter_gather and plan.tp > 1 and not plan.sequence_parallel):
-            return self.comm.p2p_s(boundary_bytes, self.pp_cross_node)
-        return (self.comm.p2p_s(boundary_bytes / plan.tp, self.pp_cross_node)
-                + self.comm.all_gather_s(boundary_bytes, self.tp_group))
+            return [("pp", "send", boundary_bytes)]
+        return [("pp", "send", boundary_bytes / plan.tp), ("tp", "all_gather", boundary_bytes)]
 
     def dp_tail_s(self, params: float, last_bwd_s: float) -> float:
         plan = self.plan
@@ -417,9 +485,23 @@ class _Simulation:
         plan = self.plan
         if plan.pp == 1 or not self.tied_params or rank not in (0, plan.pp - 1):
             return 0.0
-        shard = plan.dp if plan.zero >= 2 else 1   # FSDP holds a 1/dp shard of the gradient
-        nbytes = self.tied_params / self.tied_split / shard * self.grad_dtype_bytes
-        return self.comm.all_reduce_s(nbytes, pair_group(self.pp_cross_node))
+        return self.comm.all_reduce_s(self.tied_grad_bytes(), pair_group(self.pp_cross_node))
+
+    def norm_grad_bytes(self, rank: int, stages) -> float:
+        """Under sequence parallelism each TP rank normalises its own tokens, so the norms'
+        weight gradients are partial sums: they are all-reduced over the TP group once per
+        step, after backward (Megatron-LM's sequence-parallel layernorm all-reduce; DTensor's
+        Partial -> Replicate in the runtime)."""
+        plan = self.plan
+        if plan.tp == 1 or not plan.sequence_parallel:
+            return 0.0
+        layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+        norm_params = sum(op.param_count for i in layers for op in self.traced.cost_of(i).ops if op.kind == "norm")
+        return norm_params * self.grad_dtype_bytes
+
+    def tied_grad_bytes(self) -> float:
+        shard = self.plan.dp if self.plan.zero >= 2 else 1   # FSDP holds a 1/dp shard of the gradient
+        return self.tied_params / self.tied_split / shard * self.grad_dtype_bytes
 
     def optimizer_s(self, params: float) -> float:
         local = params / self.plan.dp if self.plan.zero >= 1 else params

@@ -1,0 +1,145 @@
+"""The simulator's communication volume is what the runtime sends.
+
+Each plan trains gpt-tiny (or llama-tiny) on 4 gloo ranks; a second step runs under a
+TorchDispatchMode that records every collective and point-to-point op with its buffer
+size (nccl-tests' convention, the one CommModel prices: all-reduce's buffer, all-gather's
+output, reduce-scatter's input, a send's message). Per rank and per group those bytes must
+equal `SimResult.comm_bytes` of the same plan: tensor-parallel collectives (functional
+collectives, from DTensor), the data-parallel all-reduce / all-gather / reduce-scatter of
+DDP, ZeroRedundancyOptimizer and FSDP2, pipeline sends, and the all-reduce that keeps a tied
+embedding equal on the first and last stage. Scalars the runtime reduces for gradient
+clipping, loss logging and fp16 overflow checks (a few bytes each) are not part of a plan's
+cost and are left out, under SMALL_BYTES.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from planner.plan import Plan
+from planner.costing import LOSS_STATISTIC_BYTES
+from planner.simulate import prepare
+from runtime_helpers import run_ranks
+
+WORLD = 4
+SMALL_BYTES = 64
+BASE = dict(seq=32, global_batch=8)
+PLANS = {
+    "ddp-dp4": ("gpt-tiny", dict(dp=4, micro_batch=1)),
+    "zero1-dp4": ("gpt-tiny", dict(dp=4, zero=1, micro_batch=1, precision="fp32")),
+    "zero2-dp4-bf16": ("gpt-tiny", dict(dp=4, zero=2, micro_batch=1)),
+    "zero3-dp4": ("gpt-tiny", dict(dp=4, zero=3, micro_batch=2, precision="fp32")),
+    "pp2xdp2": ("gpt-tiny", dict(pp=2, dp=2, micro_batch=1, schedule="1f1b")),
+    "dp2xtp2-full-ckpt": ("gpt-tiny", dict(dp=2, tp=2, micro_batch=2, checkpoint=["full"] * 4)),
+    "pp2xtp2-sp": ("llama-tiny", dict(pp=2, tp=2, micro_batch=2, sequence_parallel=True)),
+}
+
+
+# c10d op -> (group, collective, which argument is the nccl-tests buffer). A c10d all-reduce
+# is the DP gradient reduction or the tied embedding's (compared with their sum).
+C10D_OPS = {"allreduce_": ("c10d", "all_reduce", 0), "_allgather_base_": ("dp", "all_gather", 0),
+            "_reduce_scatter_base_": ("dp", "reduce_scatter", 1), "broadcast_": ("dp", "broadcast", 0),
+            "send": ("pp", "send", 0)}
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return value.numel() * value.element_size()
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """{"group/collective": bytes} of the collectives dispatched while active. Functional
+    collectives are DTensor's (tensor parallelism); c10d ops are DDP's, FSDP2's,
+    ZeroRedundancyOptimizer's, the pipeline's and the runtime's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, op = str(func).split(".")[:2]
+        entry = None
+        if namespace == "_c10d_functional":
+            if op == "all_reduce":
+                entry = ("tp", "all_reduce", _nbytes(args[0]))
+            elif op == "all_gather_into_tensor":   # (input, group size, group name): the output is size x input
+                entry = ("tp", "all_gather", _nbytes(args[0]) * int(args[1]))
+            elif op == "reduce_scatter_tensor":
+                entry = ("tp", "reduce_scatter", _nbytes(args[0]))
+        elif namespace == "c10d" and op in C10D_OPS:
+            group, kind, position = C10D_OPS[op]
+            entry = (group, kind, _nbytes(args[position]))
+        if entry is not None and entry[2] >= SMALL_BYTES:
+            self.bytes[f"{entry[0]}/{entry[1]}"] += entry[2]
+        return func(*args, **(kwargs or {}))
+
+
+def _record_rank(rank: int, out_dir: str):
+    from planner.zoo import load_model
+    from runtime import mesh
+    from runtime.engine import Engine
+    for name, (model, fields) in PLANS.items():
+        plan = Plan(**BASE, **fields)
+        rt = mesh.setup(plan, "cpu")
+        engine = Engine(load_model(model), plan, rt, seed=0, lr=1e-3, weight_decay=0.0, warmup=0, steps=2,
+                        min_lr=1e-4, clip=1.0)
+        rows = plan.global_batch // plan.dp
+        generator = torch.Generator().manual_seed(rt.coords["dp"])
+        inputs, targets = (torch.randint(0, 256, (rows, plan.seq), generator=generator) for _ in range(2))
+        engine.step(inputs, targets, plan.micro_batch)   # the first step builds lazy state (FSDP, ZeRO)
+        recorder = CollectiveRecorder()
+        with recorder:
+            engine.step(inputs, targets, plan.micro_batch)
+        record = dict(pp=rt.coords["pp"], bytes=dict(recorder.bytes))
+        Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(record))
+        torch.distributed.barrier()
+
+
+def simulated(model: str, plan: Plan, pp_rank: int) -> dict:
+    """SimResult.comm_bytes of `pp_rank` in the recorder's keys, less loss_parallel's per-token
+    statistics: DTensor reduces them inside its own dispatch, where a TorchDispatchMode does
+    not see them (CommDebugMode does: tests/test_tp_collectives.py counts them)."""
+    sim = prepare(plan, model, f"cpu:1x{WORLD}")
+    volume = sim.run().comm_bytes[pp_rank]
+    if plan.tp > 1 and pp_rank == plan.pp - 1:
+        head = sim.timing(next(layer.index for layer in sim.traced.layers if layer.kind == "head"))
+        statistics = sum(nbytes for kind, nbytes in head.tp_comm_fwd
+                         if kind == "all_reduce" and nbytes == plan.micro_batch * plan.seq * LOSS_STATISTIC_BYTES)
+        volume["tp"]["all_reduce"] -= plan.grad_accum * statistics
+    flat = Counter()
+    for group, kinds in volume.items():
+        for kind, nbytes in kinds.items():
+            # c10d all-reduces are DP's or the tied embedding's; ZeroRedundancyOptimizer hands
+            # each updated parameter out with a broadcast from its owner (what the simulator
+            # prices as an all-gather of the parameters)
+            key = ("c10d" if group in ("dp", "tied") and kind == "all_reduce" else group,
+                   "broadcast" if group == "dp" and kind == "all_gather" and plan.zero == 1 else kind)
+            flat["/".join(key)] += nbytes
+    return dict(flat)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("volume")
+    run_ranks(WORLD, _record_rank, str(out), timeout=400.0)
+    return out
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_simulated_communication_is_what_the_runtime_sends(recorded, name):
+    model, fields = PLANS[name]
+    plan = Plan(**BASE, **fields)
+    for rank in range(WORLD):
+        got = json.loads((recorded / f"{name}-{rank}.json").read_text())
+        expected = simulated(model, plan, got["pp"])
+        assert set(got["bytes"]) == set(expected), (rank, got["bytes"], expected)
+        for key, nbytes in got["bytes"].items():
+            # ZeroRedundancyOptimizer also broadcasts each parameter's 4-byte step count
+            assert nbytes == pytest.approx(expected[key], rel=1e-3 if key == "dp/broadcast" else 1e-9), \
+                (rank, key, got["bytes"], expected)
