@@ -281,7 +281,7 @@ class _Simulation:
         # an empty tp_layout is Megatron's, with the embedding and head replicated where tp does
         # not divide the vocabulary, as the runtime does it (runtime.parallelize.megatron_layout)
         self.tp_layout = plan.tp_layout or (top_level_layout(config, plan) if config and plan.tp > 1 else {})
-        # a tied embedding lives on the first and last stage; it is split when the embedding is
+        # a tied embedding's parameters, split over TP when the token embedding is
         self.tied_params = config.vocab * config.hidden if config and config.tie_embeddings else 0
         self.tied_split = plan.tp if plan.tp > 1 and self.tp_layout.get("tok", "vocab") == "vocab" else 1
         self._timings = {}
@@ -428,10 +428,11 @@ class _Simulation:
             volume["dp"]["all_reduce"] += params * self.grad_dtype_bytes
             if plan.zero == 1:
                 volume["dp"]["all_gather"] += params * 4
-        if self.tied_grad_s(rank):
+        if self.holds_tied_copy(rank):
             volume["tied"]["all_reduce"] += self.tied_grad_bytes()
-        if self.norm_grad_bytes(rank, stages):
-            volume["tp"]["all_reduce"] += self.norm_grad_bytes(rank, stages)
+        norm_grads = self.norm_grad_bytes(rank, stages)
+        if norm_grads:
+            volume["tp"]["all_reduce"] += norm_grads
         for v in chunks:   # activations forward to stage v + 1, gradients back to stage v - 1
             for boundary_of in ([v] if v < len(stages) - 1 else []) + ([v - 1] if v > 0 else []):
                 for group, kind, nbytes in self.p2p_parts(self.timing(stages[boundary_of][-1]).boundary_bytes):
@@ -482,10 +483,13 @@ class _Simulation:
         """With pipeline stages, a tied embedding lives twice: as the first stage's token
         embedding and the last stage's head. After backward those two ranks all-reduce its
         gradient before the optimizer step (runtime.engine; Megatron-LM's embedding group)."""
-        plan = self.plan
-        if plan.pp == 1 or not self.tied_params or rank not in (0, plan.pp - 1):
+        if not self.holds_tied_copy(rank):
             return 0.0
         return self.comm.all_reduce_s(self.tied_grad_bytes(), pair_group(self.pp_cross_node))
+
+    def holds_tied_copy(self, rank: int) -> bool:
+        """Whether pipeline rank `rank` holds one of a tied embedding's two copies."""
+        return self.plan.pp > 1 and bool(self.tied_params) and rank in (0, self.plan.pp - 1)
 
     def norm_grad_bytes(self, rank: int, stages) -> float:
         """Under sequence parallelism each TP rank normalises its own tokens, so the norms'
