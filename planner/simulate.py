@@ -284,7 +284,7 @@ class _Simulation:
         # a tied embedding's parameters, split over TP when the token embedding is
         self.tied_params = config.vocab * config.hidden if config and config.tie_embeddings else 0
         self.tied_split = plan.tp if plan.tp > 1 and self.tp_layout.get("tok", "vocab") == "vocab" else 1
-        self._timings = {}
+        self._untied_heads = {}   # layer index -> the head's timing less the tied weight
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
         degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
@@ -326,12 +326,15 @@ class _Simulation:
         if head and self.tied_params and self.plan.pp == 1:
             # the head's weight is the embedding's, held once where both live on one rank (the
             # trace lists it under both ops); with pipeline stages the last stage keeps a copy
-            key = ("untied", index, id(timing))
-            if key not in self._timings:
-                self._timings[key] = replace(timing, params_per_gpu=timing.params_per_gpu
-                                             - self.tied_params / self.tied_split)
-            return self._timings[key]
+            if index not in self._untied_heads:
+                self._untied_heads[index] = replace(timing, params_per_gpu=timing.params_per_gpu
+                                                    - self.tied_params / self.tied_split)
+            return self._untied_heads[index]
         return timing
+
+    def rank_layers(self, rank: int, stages) -> list[int]:
+        """The layers pipeline rank `rank` holds: those of each of its virtual stages."""
+        return [i for c in range(self.plan.interleave) for i in stages[c * self.plan.pp + rank]]
 
     def checkpoint_mode(self, index: int) -> str:
         layer = self.traced.layers[index]
@@ -368,12 +371,18 @@ class _Simulation:
         """FSDP collectives per layer per micro-batch, hidden behind the layer's compute."""
         if self.plan.zero < 2 or self.plan.dp == 1:
             return 0.0, 0.0
-        gather = self.comm.all_gather_s(t.params_per_gpu * self.act_bytes, self.dp_group)
+        gather_bytes, scatter_bytes = self.fsdp_bytes(t)
+        gather = self.comm.all_gather_s(gather_bytes, self.dp_group)
         if self.plan.offload_optimizer:   # the fp32 shard comes from the host before each gather
             gather += t.params_per_gpu / self.plan.dp * 4 / self.cluster.gpu.host_link_bw_bytes_per_s
-        scatter = self.comm.reduce_scatter_s(t.params_per_gpu * 4, self.dp_group)  # fp32 reduce dtype
-        bwd_comm = scatter + (gather if self.plan.zero == 3 else 0.0)
+        scatter = self.comm.reduce_scatter_s(scatter_bytes, self.dp_group)
+        bwd_comm = scatter + (gather if self.plan.zero == 3 else 0.0)   # ZeRO 3 gathers again for backward
         return max(0.0, gather - fwd), max(0.0, bwd_comm - bwd)
+
+    def fsdp_bytes(self, t: LayerTiming) -> tuple[float, float]:
+        """(all-gather, reduce-scatter) buffer bytes of one layer under FSDP2: parameters
+        gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype)."""
+        return t.params_per_gpu * self.act_bytes, t.params_per_gpu * 4
 
     def run(self) -> SimResult:
         plan = self.plan
@@ -414,20 +423,21 @@ class _Simulation:
         volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter()}
         chunks = [c * plan.pp + rank for c in range(plan.interleave)]
         params = 0.0
-        for index in (i for v in chunks for i in stages[v]):
+        for index in self.rank_layers(rank, stages):
             t = self.timing(index)
             params += t.params_per_gpu
             again = self.recomputed_collectives(t) if self.checkpoint_mode(index) == "full" else ()
             for kind, nbytes in t.tp_comm_fwd + t.tp_comm_bwd + again:
                 volume["tp"][kind] += n * nbytes
             if plan.zero >= 2 and plan.dp > 1:
-                gathers = 2 if plan.zero == 3 else 1   # ZeRO 3 gathers again for backward
-                volume["dp"]["all_gather"] += n * gathers * t.params_per_gpu * self.act_bytes
-                volume["dp"]["reduce_scatter"] += n * t.params_per_gpu * 4
+                gather_bytes, scatter_bytes = self.fsdp_bytes(t)
+                volume["dp"]["all_gather"] += n * (2 if plan.zero == 3 else 1) * gather_bytes
+                volume["dp"]["reduce_scatter"] += n * scatter_bytes
         if plan.dp > 1 and plan.zero < 2:
-            volume["dp"]["all_reduce"] += params * self.grad_dtype_bytes
+            grad_bytes, param_bytes = self.dp_tail_bytes(params)
+            volume["dp"]["all_reduce"] += grad_bytes
             if plan.zero == 1:
-                volume["dp"]["all_gather"] += params * 4
+                volume["dp"]["all_gather"] += param_bytes
         if self.holds_tied_copy(rank):
             volume["tied"]["all_reduce"] += self.tied_grad_bytes()
         norm_grads = self.norm_grad_bytes(rank, stages)
@@ -471,13 +481,18 @@ class _Simulation:
         plan = self.plan
         if plan.dp == 1 or plan.zero >= 2:
             return 0.0   # FSDP's reduce-scatters were charged per layer
-        grad_bytes = params * self.grad_dtype_bytes
+        grad_bytes, param_bytes = self.dp_tail_bytes(params)
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
         exposed = max(all_reduce - last_bwd_s, last_bucket) if self.execution.overlap_dp_comm else all_reduce
         if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
-            exposed += self.comm.all_gather_s(params * 4, self.dp_group)
+            exposed += self.comm.all_gather_s(param_bytes, self.dp_group)
         return exposed
+
+    def dp_tail_bytes(self, params: float) -> tuple[float, float]:
+        """(gradient all-reduce, ZeRO-1 parameter all-gather) buffer bytes after backward:
+        gradients in their dtype, the updated parameters in fp32."""
+        return params * self.grad_dtype_bytes, params * 4
 
     def tied_grad_s(self, rank: int) -> float:
         """With pipeline stages, a tied embedding lives twice: as the first stage's token
@@ -499,7 +514,7 @@ class _Simulation:
         plan = self.plan
         if plan.tp == 1 or not plan.sequence_parallel:
             return 0.0
-        layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+        layers = self.rank_layers(rank, stages)
         norm_params = sum(op.param_count for i in layers for op in self.traced.cost_of(i).ops if op.kind == "norm")
         return norm_params * self.grad_dtype_bytes
 
@@ -516,7 +531,7 @@ class _Simulation:
     # -- memory --------------------------------------------------------------------------
     def stage_memory(self, rank: int, stages) -> StageMemory:
         plan = self.plan
-        layers = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+        layers = self.rank_layers(rank, stages)
         timings = [self.timing(i) for i in layers]
         params = sum(t.params_per_gpu for t in timings)
         states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
