@@ -78,8 +78,11 @@ calls a time-limited solve "Optimal"; `TpLayout.status` comes from `sol_status` 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -504,7 +507,8 @@ def _check_budget(options: dict, budget_bytes: float, tp: int):
 def _solve(prob: pulp.LpProblem, name: str | None, time_limit_s: float, budget_bytes, tp: int):
     solver = _solver(name, time_limit_s)
     start = time.perf_counter()
-    prob.solve(solver)
+    with _native_stdout_silenced():
+        prob.solve(solver)
     solve_s = time.perf_counter() - start
     if prob.status == pulp.LpStatusInfeasible:
         if budget_bytes is None:
@@ -516,6 +520,26 @@ def _solve(prob: pulp.LpProblem, name: str | None, time_limit_s: float, budget_b
         raise MeshplanError(f"the TP layout ILP found no layout in {time_limit_s} s "
                             f"({pulp.LpStatus[prob.status]}): raise time_limit_s")
     return solver.name, solve_s, SOL_STATUS[prob.sol_status]
+
+
+_C_STDIO = ctypes.CDLL(None)
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """Point file descriptor 1 at /dev/null while the solver runs. highspy >= 1.16 prints its banner
+    from C++ when the first Highs object is built, before PuLP can set output_flag off, and that
+    line would corrupt `meshplan plan --json`; Python's redirect_stdout cannot catch C writes."""
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        _C_STDIO.fflush(None)  # a piped stdout is block-buffered in libc: drop the banner before restoring
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
 
 
 def _mib(nbytes: float) -> str:
