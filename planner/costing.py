@@ -120,6 +120,18 @@ def linear_style(op: OpInfo, tp_layout: dict) -> str:
     return "replicate"
 
 
+def linear_param_share(op: OpInfo, style: str, tp: int) -> float:
+    """The share of a linear's parameters one of `tp` ranks keeps under `style`: all of them
+    replicated, 1/tp colwise; rowwise splits the weight on its input features, but the bias is
+    added once after the reduction, so every rank keeps all of it."""
+    if style not in ("colwise", "rowwise") or tp == 1:
+        return 1.0
+    if style == "rowwise" and _aten_name(op) == "addmm" and op.param_count:
+        bias = gemm_dims(op.gemm)[2] if op.gemm is not None else 0
+        return ((op.param_count - bias) / tp + bias) / op.param_count
+    return 1.0 / tp
+
+
 def top_level_layout(config, plan) -> dict:
     """Embedding and head vocabulary-parallel when tp divides the vocabulary (else
     replicated), the final norm sequence-parallel with SP: the modules outside the blocks,
@@ -359,11 +371,7 @@ class LayerCoster:
             n = max(1, n // tp)
         elif style == "rowwise":
             k = max(1, k // tp)
-        share = 1.0 if style == "replicate" else 1.0 / tp
-        if style == "rowwise" and _aten_name(op) == "addmm" and op.param_count:
-            # the weight splits on its input features; the bias is added once after the
-            # reduction, so every rank keeps all of it
-            share = ((op.param_count - n) / tp + n) / op.param_count
+        share = linear_param_share(op, style, tp)
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
         bwd = self._matmul_bwd_s(m, k, n, precision, batch) if op.requires_grad or op.param_count else 0.0
         if bwd and _aten_name(op) == "addmm":   # the bias gradient: the output gradient summed over tokens

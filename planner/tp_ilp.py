@@ -28,7 +28,8 @@ Strategies (`STYLES`: input placement, input-gradient placement, output placemen
     A strategy costs compute_s[n,s] (forward + backward of the op and its attached ops on the
     ComputeModel, work divided by tp where split) and memory_bytes[n,s] (parameter bytes /
     tp where split, times `param_state_factor`, plus the op's output bytes / tp where split:
-    a proxy for the activations kept; a rowwise bias is counted split, though it is not).
+    a proxy for the activations kept; a rowwise linear's bias is kept whole, as the runtime
+    keeps it: planner.costing.linear_param_share).
 
 Variables
     x[n,s] in {0,1}: node n runs strategy s.
@@ -95,6 +96,7 @@ from cost_models.comm import CommModel, GroupPlacement
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.units import US
+from planner.costing import linear_param_share
 from planner.ir import LayerCost, OpInfo, TracedModel
 
 R, P, S_LAST, S_SEQ = "R", "P", "S(-1)", "S(seq)"
@@ -325,7 +327,10 @@ def _node_s(bg: BlockGraph, node: str, style: str, setting: _Setting) -> float:
 
 def _node_bytes(bg: BlockGraph, node: str, style: str, setting: _Setting) -> float:
     weight, out = setting.shares(style)
-    return bg.ops[node].param_bytes * weight * setting.param_state_factor + bg.value_bytes[node] * out
+    op = bg.ops[node]
+    if op.kind == "linear":
+        weight = linear_param_share(op, style, setting.tp)
+    return op.param_bytes * weight * setting.param_state_factor + bg.value_bytes[node] * out
 
 
 def _op_s(op: OpInfo, style: str, setting: _Setting) -> float:

@@ -189,3 +189,24 @@ def test_hugging_face_gpt2_block_gets_megatron_with_one_key_for_its_two_c_proj(m
     assert result.strategies["attn.c_proj"] == result.strategies["mlp.c_proj"] == "rowwise"
     assert result.strategies["attn"] == "heads"
     assert result.count("forward", "reduce_scatter") == result.count("forward", "all_gather") == 2
+
+
+def test_memory_counts_each_parameter_as_the_runtime_shards_it(traced, models):
+    """The parameter bytes the ILP charges one GPU under Megatron's layout equal the block's own
+    parameters split as the runtime splits them: colwise weight and bias, and rowwise weight,
+    by tp; a rowwise bias (added after the reduction) and the norms whole."""
+    import torch
+    from planner.models import GPTBlock
+    tp = 8
+    tm = traced("gpt3-1.3b")
+    layout = megatron_block_layout("gpt3-1.3b", tp)
+    one, two = (solve(tm, models, tp, param_state_factor=f) for f in (1.0, 2.0))
+    assert one.layout == two.layout == layout
+    block = GPTBlock(PRESETS["gpt3-1.3b"], device="meta")
+    expected = 0.0
+    for name, param in block.named_parameters():
+        module, kind = name.rsplit(".", 1)
+        split = layout.get(module) == "colwise" or (layout.get(module) == "rowwise" and kind == "weight")
+        expected += param.numel() * param.element_size() / (tp if split else 1)
+    assert param.dtype == torch.float32
+    assert two.memory_bytes - one.memory_bytes == pytest.approx(expected, rel=1e-12)
