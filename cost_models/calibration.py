@@ -24,6 +24,8 @@ The model forms, fitted per calibration (all fitted constants are empirical):
              (sustained: the share of the microbenchmarked rate kept in whole training steps)
   attention  t = fixed_s + flops / (peak * peak_fraction)       (per direction)
   copy       t = kernel_overhead_s + bytes_moved / copy_bytes_per_s
+  scores     t = kernel_overhead_s + bytes_moved / (copy_bytes_per_s * score_bandwidth_fraction)
+             (softmax, mask, dropout over an unfused attention's seq x seq scores)
 `compute.py` owns the first-principles parts (FLOP and byte counts).
 """
 from __future__ import annotations
@@ -48,6 +50,9 @@ from cost_models.units import GB
 FORMAT = "meshplan-calibration"
 VERSION = 1
 REFERENCE_GPU = "h100-sxm-80gb"   # the GPU whose shipped calibration is the default curve
+# The GPU whose shipped calibration fitted score_bandwidth_fraction (on vTrain's Megatron runs,
+# benchmarks/fit_a100.py): GPUs that neither fitted nor measured their own use its value.
+SCORE_FIT_GPU = "a100-sxm-80gb"
 
 # Where a precision without its own GEMM fit borrows one, nearest first. fp8 was not
 # measured anywhere: it borrows the 16-bit tensor-core fit (an assumption).
@@ -121,6 +126,13 @@ class Calibration:
     # (memory.adamw_bytes_per_param per parameter): what optimizer offload runs at. A
     # property of the host; 0 = not measured (compute.HOST_ADAMW_BYTES_PER_S is assumed).
     host_adamw_bytes_per_s: float = 0.0
+    # Achieved bandwidth of the memory-bound kernels that run over an unfused attention's
+    # score tensor (batch x heads x seq x seq: scale-mask-softmax, dropout) as a fraction of
+    # copy_bytes_per_s: each softmax row is a reduction held in one warp's registers, and the
+    # dropout draws a random number per score, so they stream slower than a copy. None = not
+    # fitted or measured for this GPU: SCORE_FIT_GPU's value is used (empirical, see
+    # ComputeModel.score_bw_bytes_per_s).
+    score_bandwidth_fraction: float | None = None
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -163,6 +175,7 @@ class Calibration:
             "comm": {"bw_efficiency": self.comm_bw_efficiency, "latency_s": self.comm_latency_s},
             "host_s_per_op": self.host_s_per_op, "host_overlap_exponent": self.host_overlap_exponent,
             "host_adamw_bytes_per_s": self.host_adamw_bytes_per_s,
+            "score_bandwidth_fraction": self.score_bandwidth_fraction,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         })
 
@@ -190,6 +203,8 @@ class Calibration:
                                                 zero_ok=True),
                 host_adamw_bytes_per_s=_positive(data.get("host_adamw_bytes_per_s", 0.0), "host_adamw_bytes_per_s",
                                                  zero_ok=True),
+                score_bandwidth_fraction=_optional_fraction(data.get("score_bandwidth_fraction"),
+                                                            "score_bandwidth_fraction"),
                 source=str(data.get("source", "")), device_name=str(data.get("device_name", "")),
                 measurements=dict(data.get("measurements", {})),
                 fit_quality=dict(data.get("fit_quality", {})))
@@ -233,6 +248,22 @@ def _positive(value, name: str, zero_ok: bool = False) -> float:
     if value < 0 or (value == 0 and not zero_ok):
         raise MeshplanError(f"calibration field {name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
     return value
+
+
+def _optional_fraction(value, name: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not 0 < value <= 1:
+        raise MeshplanError(f"calibration field {name} must be in (0, 1] or null, got {value}")
+    return value
+
+
+def score_fraction_fallback() -> float:
+    """score_bandwidth_fraction for a GPU without its own: SCORE_FIT_GPU's fitted value (1.0,
+    a copy's rate, if that is missing too)."""
+    fitted = shipped_calibration(SCORE_FIT_GPU)
+    return fitted.score_bandwidth_fraction if fitted and fitted.score_bandwidth_fraction else 1.0
 
 
 # --------------------------------------------------------------------------- shipped data
@@ -424,6 +455,7 @@ def build_calibration(gpu: GPUSpec, measurements: dict, source: str, device_name
         peak_flops=peaks, memory_bw_bytes_per_s=gpu.memory_bw_bytes_per_s,
         comm_bw_efficiency=dict(comm[0]), comm_latency_s=dict(comm[1]),
         host_adamw_bytes_per_s=fit_host_adamw(measurements.get("host_adamw", [])),
+        score_bandwidth_fraction=fit_score_fraction(measurements.get("score_kernels", []), copy_bps),
         source=source, device_name=device_name, measurements=measurements)
     return replace(calibration, fit_quality=fit_quality(calibration, gpu))
 
@@ -498,6 +530,12 @@ FULL_ATTENTION = ((16, 12, 1024, 64), (8, 20, 2048, 64), (4, 32, 2048, 128), (2,
 QUICK_ATTENTION = ((16, 12, 1024, 64), (4, 32, 2048, 128))
 CPU_ATTENTION = ((2, 4, 512, 64), (1, 8, 1024, 64), (2, 4, 256, 128))
 CPU_QUICK_ATTENTION = ((1, 4, 128, 64), (2, 4, 256, 64))
+# Unfused attention score tensors, (batch x heads, seq): softmax and dropout over them.
+FULL_SCORES = ((192, 1024), (96, 2048), (32, 4096))
+QUICK_SCORES = ((96, 2048),)
+CPU_SCORES = ((8, 512), (4, 1024))
+CPU_QUICK_SCORES = ((4, 256),)
+SCORE_DROPOUT = 0.1   # Megatron-LM's attention dropout
 COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 24, 2 ** 27)
 QUICK_COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 20, 2 ** 23)
 # (parameters, tensors) of the host AdamW measurement: 64M parameters (1 GB of fp32
@@ -617,6 +655,48 @@ def measure_attention(device: str, precision: str, cases, min_time_s: float) -> 
     return rows
 
 
+def measure_score_kernels(device: str, precision: str, cases, min_time_s: float) -> list:
+    """Softmax and dropout over an unfused attention's (batch x heads, seq, seq) scores, each
+    forward and backward (from torch.autograd.grad, as (forward + backward) - forward), with
+    the bytes each moves as the cost model counts them (score_bytes)."""
+    torch = _torch()
+    import torch.nn.functional as F
+    sync, dtype, rows = _sync_fn(device), getattr(torch, _TORCH_DTYPES[precision]), []
+    for batch_heads, seq in cases:
+        scores = torch.randn(batch_heads, seq, seq, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch_heads, seq, seq, device=device, dtype=dtype)
+        kernels = {"softmax": lambda: torch.softmax(scores, dim=-1),
+                   "dropout": lambda: F.dropout(scores, SCORE_DROPOUT, training=True)}
+        for name, forward in kernels.items():
+            fwd_s = seconds_per_call(forward, sync, min_time_s)
+            both_s = seconds_per_call(lambda: torch.autograd.grad(forward(), scores, grad), sync, min_time_s)
+            rows.append(dict(kernel=name, precision=precision, batch_heads=batch_heads, seq=seq,
+                             element_bytes=scores.element_size(), seconds=both_s,
+                             bytes=score_bytes(name, batch_heads * seq * seq, scores.element_size()),
+                             fwd_s=fwd_s))
+    return rows
+
+
+def score_bytes(kernel: str, elements: int, element_bytes: int) -> int:
+    """Bytes a score kernel's forward + backward move: softmax reads x and writes y, then
+    reads y and dy and writes dx; dropout writes a one-byte mask with its output and reads
+    it back with dy."""
+    if kernel == "softmax":
+        return elements * element_bytes * (2 + 3)
+    if kernel == "dropout":
+        return elements * (2 * element_bytes + 1) * 2
+    raise MeshplanError(f"unknown score kernel {kernel!r}; use softmax or dropout")
+
+
+def fit_score_fraction(rows: list, copy_bytes_per_s: float) -> float | None:
+    """score_bandwidth_fraction: the score kernels' bytes over their time, as a fraction of
+    the copy rate (capped at 1), or None when nothing was measured."""
+    seconds = sum(r["seconds"] for r in rows)
+    if not rows or seconds <= 0:
+        return None
+    return min(1.0, sum(r["bytes"] for r in rows) / seconds / copy_bytes_per_s)
+
+
 def measure_collectives(device: str, sizes_bytes, min_time_s: float) -> list:
     """all_reduce / all_gather / reduce_scatter over the initialised default group.
 
@@ -720,10 +800,12 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False) -> tuple[dict
         (QUICK_ATTENTION if quick else FULL_ATTENTION)
     copy_bytes = (64 if cpu else 256 if quick else 1024) * 2 ** 20
     attention_precision = "fp32" if cpu or "bf16" not in gpu.peak_flops else "bf16"
+    scores = (CPU_QUICK_SCORES if quick else CPU_SCORES) if cpu else (QUICK_SCORES if quick else FULL_SCORES)
     measurements = {
         "matmul": measure_gemms(device, profile_precisions(device, gpu), gemm_shapes, min_time_s),
         "copy": measure_copy(device, copy_bytes, min_time_s),
         "attention": measure_attention(device, attention_precision, attention, min_time_s),
+        "score_kernels": measure_score_kernels(device, attention_precision, scores, min_time_s),
         "host_adamw": measure_host_adamw(*(QUICK_HOST_ADAMW if quick else HOST_ADAMW), min_time_s),
     }
     comm = ({}, {})
@@ -738,7 +820,8 @@ def profile_device(device: str, out_path, quick: bool = False, gpu: str | None =
                    force: bool = False) -> Calibration:
     """Measure this machine, fit a calibration for catalogue GPU `gpu`, write it to `out_path`.
 
-    Measures GEMMs over a shape grid, causal SDPA forward/backward, a device copy and, when
+    Measures GEMMs over a shape grid, causal SDPA forward/backward, softmax and dropout over
+    unfused attention scores (score_bandwidth_fraction, kept as measured), a device copy and, when
     torch.distributed is initialised with more than one rank, collectives. `quick` uses a
     small grid and short timings (seconds on a CPU). With several ranks only rank 0 writes.
     """

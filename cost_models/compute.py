@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from cost_models.calibration import Calibration, default_calibration
+from cost_models.calibration import Calibration, default_calibration, score_fraction_fallback
 from cost_models.errors import MeshplanError
 from cost_models.hardware import GPUSpec
 from cost_models.memory import adamw_bytes_per_param, dtype_bytes
@@ -166,6 +166,13 @@ class ComputeModel:
         """Achieved DRAM bandwidth, bytes read + written per second (empirical: a device copy)."""
         return self.calibration.copy_bytes_per_s
 
+    @property
+    def score_bw_bytes_per_s(self) -> float:
+        """Achieved bandwidth of softmax, masking and dropout over an unfused attention's
+        score tensor (empirical: Calibration.score_bandwidth_fraction of the copy rate)."""
+        fraction = self.calibration.score_bandwidth_fraction or score_fraction_fallback()
+        return fraction * self.memory_bw_bytes_per_s
+
     def peak_flops(self, precision: str) -> float:
         """Datasheet peak for the precision (a calibration may only raise it; see calibration.py)."""
         return max(self.gpu.peak_flops_for(precision), self.calibration.peak_flops.get(precision, 0.0))
@@ -226,12 +233,15 @@ class ComputeModel:
         return self.calibration.host_adamw_bytes_per_s or HOST_ADAMW_BYTES_PER_S
 
     def op_time_s(self, kind: str, flops: float, bytes_moved: float, precision: str,
-                  gemm: tuple | None = None, attention: tuple | None = None, backward: bool = False) -> float:
+                  gemm: tuple | None = None, attention: tuple | None = None, backward: bool = False,
+                  on_scores: bool = False) -> float:
         """Time of one op of `kind` (see OP_KINDS) from its counts and, when known, its shape.
 
         gemm = (M, K, N) or (batch, M, K, N); attention = (batch, heads, seq_q, seq_kv,
         head_dim, causal). Without a shape, GEMM and attention ops use their fitted
         efficiency on the given FLOPs and bytes. `view` ops launch nothing and cost 0.
+        `on_scores`: a memory-bound op over an unfused attention's score tensor, which
+        streams at score_bw_bytes_per_s.
         """
         if kind not in OP_KINDS:
             raise MeshplanError(f"unknown op kind {kind!r}; use one of {', '.join(OP_KINDS)}")
@@ -250,8 +260,8 @@ class ComputeModel:
             return self._gemm_s(flops, bytes_moved, precision)
         if kind == "attention":
             return self._attention_s(flops, bytes_moved, precision, backward)
-        return self.kernel_overhead_s + max(bytes_moved / self.memory_bw_bytes_per_s,
-                                            flops / self.vector_peak_flops())
+        bandwidth = self.score_bw_bytes_per_s if on_scores else self.memory_bw_bytes_per_s
+        return self.kernel_overhead_s + max(bytes_moved / bandwidth, flops / self.vector_peak_flops())
 
     # -- the fitted forms -----------------------------------------------------------------
     def _gemm_s(self, flops: float, moved_bytes: float, precision: str) -> float:

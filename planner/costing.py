@@ -195,6 +195,17 @@ def _as_megatron_kernels(ops: list) -> list:
     return [fused.get(id(op), op) for op in ops if id(op) not in gone]
 
 
+def score_shapes(ops: list) -> frozenset:
+    """The shapes of a layer's unfused attention score tensors: outputs of batched
+    activation products (QK^T) whose last two dimensions are square (seq x seq). The memory-
+    bound ops that write a tensor of such a shape (mask, softmax, dropout) run on the scores.
+    The batch dimensions (batch x heads) keep a (batch, seq, hidden) activation out even
+    when hidden equals seq."""
+    return frozenset(tuple(op.output_shape) for op in ops
+                     if op.kind == "matmul" and op.gemm is not None and len(op.gemm) == 4
+                     and len(op.output_shape) >= 3 and op.output_shape[-1] == op.output_shape[-2])
+
+
 def _feeds(kernels: list, index: int, name: str) -> bool:
     """Whether the kernel after `index` is the aten op `name` over the same shape."""
     return index + 1 < len(kernels) and _aten_name(kernels[index + 1]) == name \
@@ -239,9 +250,10 @@ class LayerCoster:
                                             extra_host_ops, megatron_kernels)
         return self._cache[key]
 
-    def op_forward_s(self, op: OpInfo, tp: int = 1) -> float:
-        """One traced op's forward time on this GPU under tensor-parallel degree `tp`."""
-        return self._op_time(op, tp, False, {}, self.traced.precision)[0]
+    def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
+        """One traced op's forward time on this GPU under tensor-parallel degree `tp`;
+        `scores`: its layer's score_shapes."""
+        return self._op_time(op, tp, False, {}, self.traced.precision, scores)[0]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
@@ -250,8 +262,9 @@ class LayerCoster:
         comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
+        scores = score_shapes(ops)
         for op in ops:
-            f, b, share = self._op_time(op, tp, sp, layout, precision)
+            f, b, share = self._op_time(op, tp, sp, layout, precision, scores)
             fwd, bwd = fwd + f, bwd + b
             if op.kind not in ("linear", "matmul", "conv", "attention"):
                 streaming += f
@@ -327,8 +340,10 @@ class LayerCoster:
         name = _module_name(op)
         return op.kind == "embedding" and name in VOCAB and layout.get(name, "vocab") == "vocab"
 
-    def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str):
-        """(forward s, backward s, parameter share kept on this GPU) for one op."""
+    def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str,
+                 scores: frozenset = frozenset()):
+        """(forward s, backward s, parameter share kept on this GPU) for one op; `scores`:
+        the shapes of its layer's attention score tensors (score_shapes)."""
         kind = _COMPUTE_KINDS.get(op.kind, op.kind)
         if kind == "view":
             return 0.0, 0.0, 1.0
@@ -347,11 +362,14 @@ class LayerCoster:
         else:
             share = 1.0 / tp if self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
-        fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision))
+        on_scores = tuple(op.output_shape) in scores
+        fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision),
+                                     on_scores=on_scores)
         if not op.requires_grad and kind not in ("linear", "matmul"):
             return fwd, 0.0, share
         ratio = self._bwd_traffic_ratio(op)
-        bwd = (self.compute.op_time_s(kind, op.bwd_flops * share, ratio * moved, _precision_of(op, precision))
+        bwd = (self.compute.op_time_s(kind, op.bwd_flops * share, ratio * moved, _precision_of(op, precision),
+                                      on_scores=on_scores)
                if (moved and ratio) or op.bwd_flops else 0.0)
         return fwd, bwd, share
 

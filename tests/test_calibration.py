@@ -50,6 +50,9 @@ def test_cpu_profile_measures_and_writes_a_loadable_calibration(cpu_profile):
     assert bigger[0] > bigger[-1]                 # 384^3 took longer than 64^3: it really ran
     assert loaded.measurements["copy"][0]["seconds"] > 0
     assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in loaded.measurements["attention"])
+    scores = loaded.measurements["score_kernels"]
+    assert {r["kernel"] for r in scores} == {"softmax", "dropout"} and all(r["seconds"] > 0 for r in scores)
+    assert 0 < loaded.score_bandwidth_fraction <= 1
     assert "collectives" not in loaded.measurements          # one process: no collectives
     adamw = loaded.measurements["host_adamw"][0]
     assert adamw["seconds"] > 0 and loaded.host_adamw_bytes_per_s == pytest.approx(

@@ -9,7 +9,7 @@ from cost_models.calibration import Calibration, shipped_calibration
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.hardware import get_gpu
-from planner.costing import FUSED_DROPOUT_ADD, LayerCoster, _as_megatron_kernels
+from planner.costing import FUSED_DROPOUT_ADD, LayerCoster, _as_megatron_kernels, score_shapes
 from planner.models import Decoder, ModelConfig
 from planner.plan import Plan
 from planner.trace import trace_model
@@ -295,7 +295,9 @@ def test_op_forward_times_add_up_to_the_layers_forward():
                                          attention="unfused", dropout=0.1)), 8, 512, "bf16", cast="params")
     c = _coster_with_host(traced, 0.0)
     block = traced.blocks[0]
-    assert sum(c.op_forward_s(op) for op in block_ops(traced)) == pytest.approx(c.timing(block).fwd_s)
+    scores = score_shapes(block_ops(traced))
+    assert scores   # the unfused attention's (batch x heads, seq, seq) scores
+    assert sum(c.op_forward_s(op, scores=scores) for op in block_ops(traced)) == pytest.approx(c.timing(block).fwd_s)
 
 
 def test_softmax_backward_reads_two_tensors_and_writes_one():
