@@ -196,14 +196,20 @@ def _as_megatron_kernels(ops: list) -> list:
 
 
 def score_shapes(ops: list) -> frozenset:
-    """The shapes of a layer's unfused attention score tensors: outputs of batched
-    activation products (QK^T) whose last two dimensions are square (seq x seq). The memory-
-    bound ops that write a tensor of such a shape (mask, softmax, dropout) run on the scores.
-    The batch dimensions (batch x heads) keep a (batch, seq, hidden) activation out even
-    when hidden equals seq."""
-    return frozenset(tuple(op.output_shape) for op in ops
+    """The unfused attention score tensors of a layer, as (elements, seq, seq) keys
+    (score_key): outputs of batched activation products (QK^T) whose last two dimensions
+    are square. The memory-bound ops writing a tensor with such a key (mask, softmax,
+    dropout) run on the scores, whether they see them as (batch x heads, seq, seq) or
+    (batch, heads, seq, seq). Counting elements keeps a (batch, seq, hidden) activation out
+    even when hidden equals seq (it has 1/heads of the elements)."""
+    return frozenset(score_key(op.output_shape) for op in ops
                      if op.kind == "matmul" and op.gemm is not None and len(op.gemm) == 4
                      and len(op.output_shape) >= 3 and op.output_shape[-1] == op.output_shape[-2])
+
+
+def score_key(shape) -> tuple:
+    """(elements, last two dimensions) of a tensor shape: what score_shapes matches on."""
+    return (_numel(shape), *tuple(int(d) for d in shape[-2:]))
 
 
 def _feeds(kernels: list, index: int, name: str) -> bool:
@@ -362,7 +368,7 @@ class LayerCoster:
         else:
             share = 1.0 / tp if self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
-        on_scores = tuple(op.output_shape) in scores
+        on_scores = bool(scores) and len(op.output_shape) >= 2 and score_key(op.output_shape) in scores
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision),
                                      on_scores=on_scores)
         if not op.requires_grad and kind not in ("linear", "matmul"):

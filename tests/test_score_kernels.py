@@ -1,14 +1,18 @@
 """Memory-bound kernels over an unfused attention's score tensor (softmax, mask, dropout on
 batch x heads x seq x seq) stream at Calibration.score_bandwidth_fraction of the copy rate."""
 import json
+import math
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cost_models import MeshplanError, get_gpu
 from cost_models.calibration import (SCORE_FIT_GPU, Calibration, fit_score_fraction, score_bytes,
                                      score_fraction_fallback, shipped_calibration)
 from cost_models.compute import ComputeModel
-from planner.costing import LayerCoster, score_shapes
+from planner.costing import LayerCoster, score_key, score_shapes
 from planner.trace import trace_model
 from planner.zoo import load_model
 
@@ -28,15 +32,44 @@ def traced_gpt(attention: str, hidden: int = 64, seq: int = 64):
     return trace_model(load_model(spec), B, seq, "bf16", cast="params")
 
 
+def kernels_on_scores(ops) -> set:
+    scores = score_shapes(ops)
+    return {op.target.split(".")[1] for op in ops
+            if op.kind not in ("matmul", "view") and score_key(op.output_shape) in scores}
+
+
 def test_score_shapes_are_the_attention_scores_even_when_hidden_equals_seq():
     traced = traced_gpt("unfused", hidden=64, seq=64)   # the residual stream is (2, 64, 64) too
     ops = traced.cost_of(traced.blocks[0]).ops
-    assert score_shapes(ops) == {(B * HEADS, 64, 64)}
-    on_scores = {op.target.split(".")[1] for op in ops if tuple(op.output_shape) in score_shapes(ops)
-                 and op.kind not in ("matmul", "view")}
-    assert on_scores == {"masked_fill_", "_softmax", "native_dropout"}
+    assert score_shapes(ops) == {(B * HEADS * 64 * 64, 64, 64)}
+    assert kernels_on_scores(ops) == {"masked_fill_", "_softmax", "native_dropout"}
     sdpa = traced_gpt("sdpa")
     assert score_shapes(sdpa.cost_of(sdpa.blocks[0]).ops) == frozenset()
+
+
+class HandWrittenAttention(nn.Module):
+    """Attention as users write it: 4-D q @ k^T (a bmm on batch x heads, viewed back to 4-D),
+    a scale, the causal mask, softmax and dropout on (batch, heads, seq, seq)."""
+
+    def __init__(self, hidden: int = 64, heads: int = HEADS):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        b, t, h = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(h // self.heads)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), 0.1, self.training)
+        return x + self.out((probs @ v).transpose(1, 2).reshape(b, t, h))
+
+
+def test_hand_written_4d_attention_has_its_scores_found():
+    model = nn.Sequential(*(HandWrittenAttention() for _ in range(2)))
+    traced = trace_model(model, B, 64, "fp32", inputs=lambda batch, seq: (torch.randn(batch, seq, 64),))
+    ops = traced.cost_of(traced.blocks[0]).ops
+    assert score_shapes(ops) == {(B * HEADS * 64 * 64, 64, 64)}
+    assert {"_softmax", "native_dropout"} <= kernels_on_scores(ops)
 
 
 def test_score_kernels_run_at_the_score_bandwidth_and_nothing_else_does():
