@@ -5,7 +5,8 @@ TorchDispatchMode that records every collective and point-to-point op with its b
 size (nccl-tests' convention, the one CommModel prices: all-reduce's buffer, all-gather's
 output, reduce-scatter's input, a send's message). Per rank and per group those bytes must
 equal `SimResult.comm_bytes` of the same plan: tensor-parallel collectives (functional
-collectives, from DTensor), the data-parallel all-reduce / all-gather / reduce-scatter of
+collectives, from DTensor, including those it issues inside its own dispatch such as
+loss_parallel's per-token statistics), the data-parallel all-reduce / all-gather / reduce-scatter of
 DDP, ZeroRedundancyOptimizer and FSDP2, pipeline sends, and the all-reduce that keeps a tied
 embedding equal on the first and last stage. Scalars the runtime reduces for gradient
 clipping, loss logging and fp16 overflow checks (a few bytes each) are not part of a plan's
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from planner.plan import Plan
-from planner.costing import LOSS_STATISTIC_BYTES
 from planner.simulate import prepare
 from runtime_helpers import run_ranks
 
@@ -63,6 +64,10 @@ class CollectiveRecorder(TorchDispatchMode):
         self.bytes = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            # let DTensor run the op with this mode still active, so the collectives it
+            # issues inside its own dispatch (loss_parallel's statistics) are recorded too
+            return NotImplemented
         namespace, op = str(func).split(".")[:2]
         entry = None
         if namespace == "_c10d_functional":
@@ -102,16 +107,8 @@ def _record_rank(rank: int, out_dir: str):
 
 
 def simulated(model: str, plan: Plan, pp_rank: int) -> dict:
-    """SimResult.comm_bytes of `pp_rank` in the recorder's keys, less loss_parallel's per-token
-    statistics: DTensor reduces them inside its own dispatch, where a TorchDispatchMode does
-    not see them (CommDebugMode does: tests/test_tp_collectives.py counts them)."""
-    sim = prepare(plan, model, f"cpu:1x{WORLD}")
-    volume = sim.run().comm_bytes[pp_rank]
-    if plan.tp > 1 and pp_rank == plan.pp - 1:
-        head = sim.timing(next(layer.index for layer in sim.traced.layers if layer.kind == "head"))
-        statistics = sum(nbytes for kind, nbytes in head.tp_comm_fwd
-                         if kind == "all_reduce" and nbytes == plan.micro_batch * plan.seq * LOSS_STATISTIC_BYTES)
-        volume["tp"]["all_reduce"] -= plan.grad_accum * statistics
+    """SimResult.comm_bytes of `pp_rank` in the recorder's keys."""
+    volume = prepare(plan, model, f"cpu:1x{WORLD}").run().comm_bytes[pp_rank]
     flat = Counter()
     for group, kinds in volume.items():
         for kind, nbytes in kinds.items():
