@@ -527,24 +527,32 @@ def _solve(prob: pulp.LpProblem, name: str | None, time_limit_s: float, budget_b
     return solver.name, solve_s, SOL_STATUS[prob.sol_status]
 
 
-_C_STDIO = ctypes.CDLL(None)
-
-
 @contextlib.contextmanager
 def _native_stdout_silenced():
     """Point file descriptor 1 at /dev/null while the solver runs. highspy >= 1.16 prints its banner
     from C++ when the first Highs object is built, before PuLP can set output_flag off, and that
     line would corrupt `meshplan plan --json`; Python's redirect_stdout cannot catch C writes."""
     sys.stdout.flush()
-    saved_fd = os.dup(1)
+    try:
+        saved_fd = os.dup(1)
+    except OSError:   # no file descriptor 1 (closed): nothing to protect
+        yield
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 1)
             yield
     finally:
-        _C_STDIO.fflush(None)  # a piped stdout is block-buffered in libc: drop the banner before restoring
+        _flush_c_stdout()   # a piped stdout is block-buffered in libc: drop the banner before restoring
         os.dup2(saved_fd, 1)
         os.close(saved_fd)
+
+
+def _flush_c_stdout():
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, TypeError, AttributeError):   # no C runtime to reach this way (Windows)
+        pass
 
 
 def _mib(nbytes: float) -> str:

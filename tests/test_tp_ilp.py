@@ -210,3 +210,23 @@ def test_memory_counts_each_parameter_as_the_runtime_shards_it(traced, models):
         expected += param.numel() * param.element_size() / (tp if split else 1)
     assert param.dtype == torch.float32
     assert two.memory_bytes - one.memory_bytes == pytest.approx(expected, rel=1e-12)
+
+
+def test_solver_chatter_on_file_descriptor_1_never_reaches_stdout():
+    """What a solver's C++ code writes to fd 1 while it runs (highspy >= 1.16 prints a banner
+    before PuLP can turn its output off) must not corrupt `meshplan plan --json`."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import ctypes, os
+        from planner.tp_ilp import _native_stdout_silenced
+        print("before", flush=True)
+        with _native_stdout_silenced():
+            os.write(1, b"raw banner\\n")
+            ctypes.CDLL(None).printf(b"buffered banner\\n")
+        print("after")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "before\nafter\n"
