@@ -26,7 +26,8 @@ Strategies (`STYLES`: input placement, input-gradient placement, output placemen
     norms and residual adds are offered that one strategy: replicate, or sequence with SP.
     Other strategies are offered when tp > 1 divides what they split (features, heads, kv heads).
     A strategy costs compute_s[n,s] (forward + backward of the op and its attached ops on the
-    ComputeModel, work divided by tp where split) and memory_bytes[n,s] (parameter bytes /
+    ComputeModel, work divided by tp where split; an unfused attention's softmax and dropout
+    at the score rate, as the simulator prices them) and memory_bytes[n,s] (parameter bytes /
     tp where split, times `param_state_factor`, plus the op's output bytes / tp where split:
     a proxy for the activations kept; a rowwise linear's bias is kept whole, as the runtime
     keeps it: planner.costing.linear_param_share).
@@ -96,7 +97,7 @@ from cost_models.comm import CommModel, GroupPlacement
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.units import US
-from planner.costing import linear_param_share
+from planner.costing import linear_param_share, score_key, score_shapes
 from planner.ir import LayerCost, OpInfo, TracedModel
 
 R, P, S_LAST, S_SEQ = "R", "P", "S(-1)", "S(seq)"
@@ -282,6 +283,7 @@ class _Setting:
     precision: str
     sequence_parallel: bool
     param_state_factor: float
+    scores: frozenset = frozenset()   # the block's attention score tensors (costing.score_shapes)
 
     @property
     def tp(self) -> int:
@@ -354,10 +356,12 @@ def _streaming_s(op: OpInfo, share: float, setting: _Setting) -> float:
     the traffic (reads the saved input and the output gradient, writes the input gradient)."""
     kind = {"residual": "elementwise", "conv": "matmul"}.get(op.kind, op.kind)
     moved = (op.bytes_read + op.bytes_written) * share
-    fwd = setting.compute.op_time_s(kind, op.fwd_flops * share, moved, setting.precision)
+    on_scores = len(op.output_shape) >= 2 and score_key(op.output_shape) in setting.scores
+    fwd = setting.compute.op_time_s(kind, op.fwd_flops * share, moved, setting.precision, on_scores=on_scores)
     if not op.requires_grad:
         return fwd
-    return fwd + setting.compute.op_time_s(kind, op.bwd_flops * share, 2 * moved, setting.precision)
+    return fwd + setting.compute.op_time_s(kind, op.bwd_flops * share, 2 * moved, setting.precision,
+                                           on_scores=on_scores)
 
 
 def reshard_kind(src: str, dst: str) -> str | None:
@@ -475,7 +479,8 @@ def solve_tp_layout(cost: LayerCost, compute: ComputeModel, comm: CommModel, tp_
     `solver`: "HiGHS" (default when highspy is installed) or "PULP_CBC_CMD". `exclude`: layouts
     ({module name: style}) not to return again, to look at the runner-up.
     """
-    setting = _Setting(compute, comm, tp_group, precision, sequence_parallel, param_state_factor)
+    setting = _Setting(compute, comm, tp_group, precision, sequence_parallel, param_state_factor,
+                       score_shapes(cost.ops))
     bg = block_graph(cost)
     options = {n: strategies(bg, n, setting) for n in bg.graph.nodes}
     ilp = _Ilp(bg, options, setting)

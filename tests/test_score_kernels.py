@@ -119,3 +119,15 @@ def test_fit_is_bytes_over_seconds_against_the_copy_rate():
     assert fit_score_fraction([], 1e10) is None
     with pytest.raises(MeshplanError, match="unknown score kernel"):
         score_bytes("gelu", 10, 2)
+
+
+def test_tp_layout_ilp_prices_the_score_kernels_as_the_simulator_does():
+    from cost_models.cluster import parse_cluster
+    from cost_models.comm import CommModel
+    from planner.tp_ilp import solve_tp_layout
+    traced = traced_gpt("unfused", seq=512)
+    cost = traced.cost_of(traced.blocks[0])
+    comm = CommModel(parse_cluster("a100-sxm-80gb:1x8"))
+    slow, fast = (solve_tp_layout(cost, model, comm, comm.group({"tp": 2}, "tp"), traced.precision)
+                  for model in (a100_with(0.5), a100_with(1.0)))
+    assert slow.objective_s > fast.objective_s
