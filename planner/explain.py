@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from planner.search import RankedPlans, describe_family
 from planner.simulate import PHASE_WORDS
-REASON_ORDER = ("slower", "memory", "model states", "bound")
+
+# A family's reason is its variant that got furthest: simulated and slower, then at best
+# slower (its compute bound alone loses), then out of memory, then over on model states. A
+# family whose ZeRO-0 variant overflows but whose ZeRO-3 variant fits and is merely slower
+# lost on time, not memory.
+REASON_ORDER = ("slower", "bound", "memory", "model states")
 
 
 def phase_gaps(winner, other) -> dict:
