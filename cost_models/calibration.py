@@ -656,9 +656,10 @@ def measure_attention(device: str, precision: str, cases, min_time_s: float) -> 
 
 
 def measure_score_kernels(device: str, precision: str, cases, min_time_s: float) -> list:
-    """Softmax and dropout over an unfused attention's (batch x heads, seq, seq) scores, each
-    forward and backward (from torch.autograd.grad, as (forward + backward) - forward), with
-    the bytes each moves as the cost model counts them (score_bytes)."""
+    """Softmax and dropout over an unfused attention's (batch x heads, seq, seq) scores: each
+    timed forward + backward together (`seconds`, the gradient from torch.autograd.grad) with
+    the bytes that pair moves as the cost model counts them (score_bytes); the forward alone
+    is kept as `fwd_s`."""
     torch = _torch()
     import torch.nn.functional as F
     sync, dtype, rows = _sync_fn(device), getattr(torch, _TORCH_DTYPES[precision]), []

@@ -212,6 +212,11 @@ def score_key(shape) -> tuple:
     return (_numel(shape), *tuple(int(d) for d in shape[-2:]))
 
 
+def runs_on_scores(op: OpInfo, scores: frozenset) -> bool:
+    """Whether `op` writes one of a layer's attention score tensors (`scores`: score_shapes)."""
+    return bool(scores) and len(op.output_shape) >= 2 and score_key(op.output_shape) in scores
+
+
 def _feeds(kernels: list, index: int, name: str) -> bool:
     """Whether the kernel after `index` is the aten op `name` over the same shape."""
     return index + 1 < len(kernels) and _aten_name(kernels[index + 1]) == name \
@@ -368,7 +373,7 @@ class LayerCoster:
         else:
             share = 1.0 / tp if self._split_by_tp(op, sp) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
-        on_scores = bool(scores) and len(op.output_shape) >= 2 and score_key(op.output_shape) in scores
+        on_scores = runs_on_scores(op, scores)
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision),
                                      on_scores=on_scores)
         if not op.requires_grad and kind not in ("linear", "matmul"):

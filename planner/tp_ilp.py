@@ -97,7 +97,7 @@ from cost_models.comm import CommModel, GroupPlacement
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.units import US
-from planner.costing import linear_param_share, score_key, score_shapes
+from planner.costing import linear_param_share, runs_on_scores, score_shapes
 from planner.ir import LayerCost, OpInfo, TracedModel
 
 R, P, S_LAST, S_SEQ = "R", "P", "S(-1)", "S(seq)"
@@ -356,7 +356,7 @@ def _streaming_s(op: OpInfo, share: float, setting: _Setting) -> float:
     the traffic (reads the saved input and the output gradient, writes the input gradient)."""
     kind = {"residual": "elementwise", "conv": "matmul"}.get(op.kind, op.kind)
     moved = (op.bytes_read + op.bytes_written) * share
-    on_scores = len(op.output_shape) >= 2 and score_key(op.output_shape) in setting.scores
+    on_scores = runs_on_scores(op, setting.scores)
     fwd = setting.compute.op_time_s(kind, op.fwd_flops * share, moved, setting.precision, on_scores=on_scores)
     if not op.requires_grad:
         return fwd
