@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cost_models.memory import gathered_param_bytes, model_state_bytes
+from cost_models.memory import gathered_param_bytes
 from planner.plan import even_stages
 
 MODES = ("none", "selective", "full")
@@ -98,12 +98,10 @@ class StageCosts:
         self.g += self._working_bytes() + self._gathered_bytes()
 
     def _states(self, params: float) -> float:
-        plan = self.sim.plan
-        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
-        return states.params_bytes + states.grads_bytes + states.optimizer_bytes
+        return self.sim.layer_state_bytes(params)
 
     def _block_costs(self, index: int) -> _BlockCosts:
-        sim, plan = self.sim, self.sim.plan
+        sim = self.sim
         t = sim.timing(index)
         fsdp_mixed = sim.traced.cast == "params"
         time_s, act = {}, {}
@@ -112,10 +110,7 @@ class StageCosts:
             time_s[mode] = times.fwd_s + times.bwd_s
             copies = 0.0 if fsdp_mixed or mode == "full" else t.param_copy_bytes
             act[mode] = t.saved_for(mode) + copies
-        state = self._states(t.params_per_gpu)
-        if plan.zero == 2:   # ZeRO-2 keeps each layer gathered from forward to backward
-            state += gathered_param_bytes(2, plan.precision if fsdp_mixed else "fp32", [t.params_per_gpu])
-        return _BlockCosts(time_s, act, state)
+        return _BlockCosts(time_s, act, self._states(t.params_per_gpu))
 
     def _working_bytes(self) -> np.ndarray:
         """The worst moment of a backward walk, beyond the activations still held: a layer's
@@ -136,7 +131,7 @@ class StageCosts:
 
     def _gathered_bytes(self) -> float:
         plan = self.sim.plan
-        if plan.zero != 3:
+        if plan.zero != 3 or self.sim.holds_unsharded:   # else counted in each layer's states
             return 0.0
         return gathered_param_bytes(3, plan.precision, [self.sim.timing(self.blocks[0]).params_per_gpu] * 2)
 

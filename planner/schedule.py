@@ -161,9 +161,11 @@ class PipelineTimeline:
 
 
 def simulate_pipeline(schedule, fwd_s, bwd_s, p2p_s: float = 0.0,
-                      blocking_p2p: bool = False) -> PipelineTimeline:
+                      blocking_p2p: bool = False, extra_s: dict | None = None) -> PipelineTimeline:
     """Event simulation of `schedule` (per-rank action lists, as build_schedule gives).
-    fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v.
+    fwd_s[v] / bwd_s[v]: one micro-batch on virtual stage v; `extra_s` adds time to single
+    actions, {(kind, micro_batch, virtual stage): seconds} (work that only some
+    micro-batches do, such as FSDP's all-gathers under a pipeline).
 
     `p2p_s` is the time to move one micro-batch's boundary activation (or its gradient)
     to the neighbouring stage. Transfers run beside compute and delay only the receiver,
@@ -200,9 +202,9 @@ def simulate_pipeline(schedule, fwd_s, bwd_s, p2p_s: float = 0.0,
                 if dep[2] % pp != rank:
                     ready += p2p_s
             start = free_at[rank] if free_at[rank] > ready else ready
-            duration = fwd_s[vs] if forward else bwd_s[vs]
-            end = start + duration
             key = (kind, mb, vs)
+            duration = (fwd_s[vs] if forward else bwd_s[vs]) + (extra_s.get(key, 0.0) if extra_s else 0.0)
+            end = start + duration
             done[key] = end
             events.append(Event(rank, kind, mb, chunk, start, end))
             free_at[rank], busy[rank] = end, busy[rank] + duration

@@ -27,6 +27,7 @@ from cost_models.comm import CommModel, pair_group
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
+from planner import fsdp
 from planner.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
@@ -275,6 +276,21 @@ class LayerTimes(NamedTuple):
     fsdp_comm_s: float
 
 
+class FsdpExposure(NamedTuple):
+    """Exposed FSDP communication of one micro-batch through a layer, by what the action
+    issues (planner.fsdp.play says which actions issue what)."""
+
+    forward_gather_s: float = 0.0
+    backward_gather_s: float = 0.0
+    backward_scatter_s: float = 0.0
+    backward_gather_scatter_s: float = 0.0
+
+    def backward_s(self, gathers: bool, scatters: bool) -> float:
+        if gathers:
+            return self.backward_gather_scatter_s if scatters else self.backward_gather_s
+        return self.backward_scatter_s if scatters else 0.0
+
+
 class _Simulation:
     def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME, config=None):
         self.execution = execution
@@ -297,6 +313,11 @@ class _Simulation:
         # fp32 parameters under autocast, 16-bit where the parameters themselves are
         # (Megatron-LM's fp16 training); FSDP2 reduces in fp32 (charged in fsdp_exposed)
         self.grad_dtype_bytes = self.act_bytes if traced.cast == "params" else 4
+        # FSDP2's flags as the runtime drives them (planner.fsdp), and each virtual stage's
+        # gathers and reductions under the plan's schedule
+        self.actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
+        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1)
+        self._traffic = {}
 
     # -- layers to stages ----------------------------------------------------------------
     def stage_layers(self) -> list[list[int]]:
@@ -343,20 +364,32 @@ class _Simulation:
         return self.plan.checkpoint_for(self.traced.block_number[index])
 
     # -- time ----------------------------------------------------------------------------
-    def layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
+    def layer_times(self, index: int, mode: str | None = None, stage: int = 0) -> LayerTimes:
         """One micro-batch through one layer, under the plan's checkpoint mode for the layer
         or the `mode` given: forward, backward (recompute included), and the parts of those
-        spent recomputing and in exposed TP and FSDP communication."""
+        spent recomputing and in exposed TP and FSDP communication. FSDP's collectives are
+        averaged over the step's micro-batches as virtual stage `stage` issues them (the
+        step simulation charges them to the actions that issue them)."""
+        base = self.base_layer_times(index, mode)
+        traffic = self.fsdp_traffic(stage)
+        if traffic is None:
+            return base
+        exposed = self.fsdp_exposure(index, base)
+        n = self.plan.grad_accum
+        fsdp_fwd = exposed.forward_gather_s * len(traffic.forward_gathers) / n
+        fsdp_bwd = sum(exposed.backward_s(mb in traffic.backward_gathers, traffic.reduce_each_backward)
+                       for mb in range(n)) / n
+        return base._replace(fwd_s=base.fwd_s + fsdp_fwd, bwd_s=base.bwd_s + fsdp_bwd, fsdp_comm_s=fsdp_fwd + fsdp_bwd)
+
+    def base_layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
+        """layer_times without FSDP's communication."""
         t = self.timing(index)
         mode = self.checkpoint_mode(index) if mode is None else mode
         tp_fwd, tp_bwd = self.tp_comm_s(t.tp_comm_fwd), self.tp_comm_s(t.tp_comm_bwd)
         if mode == "full":   # the recomputed forward issues its collectives again
             tp_bwd += self.tp_comm_s(self.recomputed_collectives(t))
-        fwd = t.fwd_s + tp_fwd
         recompute = t.recompute_s(mode)
-        bwd = t.bwd_s + recompute + tp_bwd
-        fsdp_fwd, fsdp_bwd = self.fsdp_exposed(t, fwd, bwd)
-        return LayerTimes(fwd + fsdp_fwd, bwd + fsdp_bwd, recompute, tp_fwd + tp_bwd, fsdp_fwd + fsdp_bwd)
+        return LayerTimes(t.fwd_s + tp_fwd, t.bwd_s + recompute + tp_bwd, recompute, tp_fwd + tp_bwd, 0.0)
 
     def recomputed_collectives(self, t: LayerTiming) -> tuple:
         """The forward collectives a full recomputation of the layer issues again."""
@@ -367,17 +400,64 @@ class _Simulation:
         between the kernels that produce and consume them, so none is hidden."""
         return sum(self.comm.time_s(kind, nbytes, self.tp_group) for kind, nbytes in collectives)
 
-    def fsdp_exposed(self, t: LayerTiming, fwd: float, bwd: float) -> tuple[float, float]:
-        """FSDP collectives per layer per micro-batch, hidden behind the layer's compute."""
-        if self.plan.zero < 2 or self.plan.dp == 1:
-            return 0.0, 0.0
+    def fsdp_traffic(self, stage: int) -> fsdp.Traffic | None:
+        """What FSDP gathers and reduces for virtual stage `stage` in one step (None: no
+        FSDP collectives: ZeRO 0/1, or one data-parallel rank)."""
+        if self.fsdp_drive is None or self.plan.dp == 1:
+            return None
+        if stage not in self._traffic:
+            pp = self.plan.pp
+            chunk_actions = tuple((a.kind, a.micro_batch) for a in self.actions[stage % pp] if a.chunk == stage // pp)
+            self._traffic[stage] = fsdp.play(self.fsdp_drive, chunk_actions)
+        return self._traffic[stage]
+
+    def fsdp_exposure(self, index: int, base: LayerTimes) -> FsdpExposure:
+        """A layer's FSDP collectives, each hidden behind the compute of the pass it serves
+        (FSDP2 issues the next all-gather while this layer computes)."""
+        t = self.timing(index)
         gather_bytes, scatter_bytes = self.fsdp_bytes(t)
         gather = self.comm.all_gather_s(gather_bytes, self.dp_group)
         if self.plan.offload_optimizer:   # the fp32 shard comes from the host before each gather
             gather += t.params_per_gpu / self.plan.dp * 4 / self.cluster.gpu.host_link_bw_bytes_per_s
         scatter = self.comm.reduce_scatter_s(scatter_bytes, self.dp_group)
-        bwd_comm = scatter + (gather if self.plan.zero == 3 else 0.0)   # ZeRO 3 gathers again for backward
-        return max(0.0, gather - fwd), max(0.0, bwd_comm - bwd)
+        return FsdpExposure(max(0.0, gather - base.fwd_s), max(0.0, gather - base.bwd_s),
+                            max(0.0, scatter - base.bwd_s), max(0.0, gather + scatter - base.bwd_s))
+
+    def fsdp_extra_s(self, stage_exposure: list) -> dict:
+        """Exposed FSDP time of each action that issues a collective: {(kind, mb, stage): s}."""
+        extra = {}
+        for stage, exposed in enumerate(stage_exposure):
+            traffic = self.fsdp_traffic(stage)
+            if traffic is None:
+                continue
+            for mb in range(self.plan.grad_accum):
+                if mb in traffic.forward_gathers and exposed.forward_gather_s:
+                    extra[("F", mb, stage)] = exposed.forward_gather_s
+                backward = exposed.backward_s(mb in traffic.backward_gathers, traffic.reduce_each_backward)
+                if backward:
+                    extra[("B", mb, stage)] = backward
+        return extra
+
+    def fsdp_tail_s(self, rank: int, stages, timeline) -> float:
+        """A pipeline stage reduce-scatters its accumulated gradients once, after its last
+        backward (perform_reduce_grad); the step waits for it before the optimizer. With
+        several chunks on a rank, an earlier chunk's reduction runs beside the rank's later
+        backwards: the reductions queue on one stream from each chunk's last backward."""
+        plan = self.plan
+        last_backward = {}
+        for event in timeline.events:
+            if event.rank == rank and event.kind == "B":
+                last_backward[event.chunk] = max(last_backward.get(event.chunk, 0.0), event.end_s)
+        stream_free = 0.0
+        for chunk, end in sorted(last_backward.items(), key=lambda item: item[1]):
+            stage = chunk * plan.pp + rank
+            traffic = self.fsdp_traffic(stage)
+            if traffic is None or traffic.reduce_each_backward:
+                continue
+            scatter = sum(self.comm.reduce_scatter_s(self.fsdp_bytes(self.timing(i))[1], self.dp_group)
+                          for i in stages[stage])
+            stream_free = max(stream_free, end) + scatter
+        return max(0.0, stream_free - timeline.finish_s[rank])
 
     def fsdp_bytes(self, t: LayerTiming) -> tuple[float, float]:
         """(all-gather, reduce-scatter) buffer bytes of one layer under FSDP2: parameters
@@ -387,29 +467,33 @@ class _Simulation:
     def run(self) -> SimResult:
         plan = self.plan
         stages = self.stage_layers()
-        fwd, bwd, parts, stage_params = [], [], [], []
+        fwd, bwd, parts, stage_params, exposure = [], [], [], [], []
         batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
-        for layers in stages:
-            times = [self.layer_times(i) for i in layers]
-            parts.append(LayerTimes(*(sum(t[k] for t in times) for k in range(len(LayerTimes._fields)))))
+        for v, layers in enumerate(stages):
+            base = [self.base_layer_times(i) for i in layers]
+            parts.append(LayerTimes(*(sum(t[k] for t in base) for k in range(len(LayerTimes._fields)))))
+            exposures = [self.fsdp_exposure(i, b) for i, b in zip(layers, base)] if self.fsdp_traffic(v) else []
+            exposure.append(FsdpExposure(*(sum(e[k] for e in exposures) for k in range(len(FsdpExposure._fields)))))
             stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
             fwd.append(batch_s + parts[-1].fwd_s)
             bwd.append(parts[-1].bwd_s + self.grad_accumulation_s(stage_params[-1]))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
-        actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
-        timeline = simulate_pipeline(actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p)
-        tails, dp_exposed, optimizer = [], [], []
+        extra = self.fsdp_extra_s(exposure)
+        timeline = simulate_pipeline(self.actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p, extra)
+        tails, dp_exposed, optimizer, fsdp_exposed = [], [], [], []
         for rank in range(plan.pp):
             params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
             last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
-            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.tied_grad_s(rank)
+            fsdp_exposed.append(sum(s for (_, _, stage), s in extra.items() if stage % plan.pp == rank))
+            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.fsdp_tail_s(rank, stages, timeline)
+                              + self.tied_grad_s(rank)
                               + self.comm.all_reduce_s(self.norm_grad_bytes(rank, stages), self.tp_group))
             optimizer.append(self.optimizer_s(params))
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
         slowest = tails.index(step)
         memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
-        result = self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory)
+        result = self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed[slowest])
         result.comm_bytes = [self.comm_bytes(rank, stages) for rank in range(plan.pp)]
         return result
 
@@ -423,16 +507,17 @@ class _Simulation:
         volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter()}
         chunks = [c * plan.pp + rank for c in range(plan.interleave)]
         params = 0.0
-        for index in self.rank_layers(rank, stages):
+        for index, stage in ((i, v) for v in chunks for i in stages[v]):
             t = self.timing(index)
             params += t.params_per_gpu
             again = self.recomputed_collectives(t) if self.checkpoint_mode(index) == "full" else ()
             for kind, nbytes in t.tp_comm_fwd + t.tp_comm_bwd + again:
                 volume["tp"][kind] += n * nbytes
-            if plan.zero >= 2 and plan.dp > 1:
+            traffic = self.fsdp_traffic(stage)
+            if traffic is not None:
                 gather_bytes, scatter_bytes = self.fsdp_bytes(t)
-                volume["dp"]["all_gather"] += n * (2 if plan.zero == 3 else 1) * gather_bytes
-                volume["dp"]["reduce_scatter"] += n * scatter_bytes
+                volume["dp"]["all_gather"] += traffic.gathers_per_step * gather_bytes
+                volume["dp"]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
         if plan.dp > 1 and plan.zero < 2:
             grad_bytes, param_bytes = self.dp_tail_bytes(params)
             volume["dp"]["all_reduce"] += grad_bytes
@@ -519,8 +604,9 @@ class _Simulation:
         return norm_params * self.grad_dtype_bytes
 
     def tied_grad_bytes(self) -> float:
-        shard = self.plan.dp if self.plan.zero >= 2 else 1   # FSDP holds a 1/dp shard of the gradient
-        return self.tied_params / self.tied_split / shard * self.grad_dtype_bytes
+        if self.plan.zero >= 2:   # FSDP's reduced gradient: a 1/dp shard, fp32 as its sharded parameter
+            return self.tied_params / self.tied_split / self.plan.dp * 4
+        return self.tied_params / self.tied_split * self.grad_dtype_bytes
 
     def optimizer_s(self, params: float) -> float:
         local = params / self.plan.dp if self.plan.zero >= 1 else params
@@ -544,17 +630,45 @@ class _Simulation:
         copies = 0.0 if fsdp_mixed else sum(t.param_copy_bytes for i, t in zip(layers, timings)
                                             if self.checkpoint_mode(i) != "full")
         activations = in_flight * (saved + copies)
-        gathered = gathered_param_bytes(plan.zero, plan.precision if fsdp_mixed else "fp32",
-                                        [t.params_per_gpu for t in timings])
+        gathered = self.gathered_bytes([t.params_per_gpu for t in timings])
         # gradients appear during backward as activations go: the walk finds the worst moment,
         # and the breakdown reports each part as it is at that moment (so the parts add up)
-        grads, released, working = self.backward_peak(layers, timings, states.grads_bytes)
+        grads, released, working = self.backward_peak(layers, timings, self.held_grad_bytes(params, states))
         activations_at_peak = max(activations - released, 0.0)
         transient = working + gathered
         allocated = states.params_bytes + states.optimizer_bytes + grads + activations_at_peak + transient
         return StageMemory(rank, states.params_bytes, grads, states.optimizer_bytes,
                            activations_at_peak, transient, allocated, allocated * ALLOCATOR_RESERVED_RATIO,
                            states.host_bytes)
+
+    @property
+    def holds_unsharded(self) -> bool:
+        """FSDP keeps each layer's unsharded parameters and gradient from a stage's first
+        backward to the step's reduction (a pipeline stage: planner.fsdp)."""
+        return self.fsdp_drive is not None and not self.fsdp_drive.reshard_after_backward
+
+    def gathered_bytes(self, layer_params: list) -> float:
+        """FSDP's unsharded parameters at the stage's peak, in the dtype it gathers in."""
+        width = self.plan.precision if self.traced.cast == "params" else "fp32"
+        if self.holds_unsharded:
+            return DTYPE_BYTES[width] * float(sum(layer_params))
+        return gathered_param_bytes(self.plan.zero, width, layer_params)
+
+    def held_grad_bytes(self, params: float, states) -> float:
+        """Gradient bytes held while micro-batches accumulate: the sharded (or DDP's whole)
+        gradients, or FSDP's unsharded fp32 ones under a pipeline (its reduce dtype)."""
+        return params * 4 if self.holds_unsharded else states.grads_bytes
+
+    def layer_state_bytes(self, params: float) -> float:
+        """A layer's model states at the stage's peak, for the partition's estimate: its
+        parameters, gradients and optimizer state by ZeRO stage, plus what FSDP keeps
+        unsharded from forward to backward (ZeRO-2) or across micro-batches (a pipeline)."""
+        plan = self.plan
+        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        held = states.params_bytes + self.held_grad_bytes(params, states) + states.optimizer_bytes
+        if plan.zero == 2 or self.holds_unsharded:
+            held += self.gathered_bytes([params])
+        return held
 
     def backward_peak(self, layers, timings, grads_bytes: float) -> tuple[float, float, float]:
         """(gradients, released activations, working bytes) at the worst moment of the last backward.
@@ -567,8 +681,9 @@ class _Simulation:
         The moment after the last layer (all gradients, no activations) is a candidate too.
         """
         plan = self.plan
-        accumulating = plan.grad_accum > 1 and plan.zero < 2
+        accumulating = plan.grad_accum > 1   # earlier micro-batches' gradients are held
         grads_so_far = grads_bytes if accumulating else 0.0
+        shard = plan.dp if plan.zero >= 2 and not self.holds_unsharded else 1
         released = 0.0
         worst, at_worst = None, (0.0, 0.0, 0.0)
         for index, t in zip(reversed(layers), reversed(timings)):
@@ -580,14 +695,14 @@ class _Simulation:
             if worst is None or value > worst:
                 worst, at_worst = value, (grads_so_far, released, working)
             if not accumulating and not plan.offload_optimizer:   # offloaded grads go to the host
-                grads_so_far += t.params_per_gpu * 4 / (plan.dp if plan.zero >= 2 else 1)
+                grads_so_far += t.params_per_gpu * 4 / shard
             released += t.saved_for(mode)
         if worst is None or grads_so_far - released > worst:
             at_worst = (grads_so_far, released, 0.0)
         return at_worst
 
     # -- result --------------------------------------------------------------------------
-    def result(self, step, timeline, slowest, dp_exposed, optimizer, parts, memory) -> SimResult:
+    def result(self, step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed_s) -> SimResult:
         plan, cluster = self.plan, self.cluster
         tokens = plan.global_batch * plan.seq
         fwd_flops, bwd_flops = self.traced.flop_counter_flops()
@@ -605,10 +720,10 @@ class _Simulation:
         mine = [parts[c * plan.pp + slowest] for c in range(plan.interleave)]
         per_step = {name: plan.grad_accum * sum(getattr(p, name) for p in mine) for name in LayerTimes._fields}
         phases = {
-            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["fsdp_comm_s"],
+            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - fsdp_exposed_s,
             "recompute_s": per_step["recompute_s"],   # part of compute_s
             "exposed_tp_comm_s": per_step["tp_comm_s"],
-            "exposed_dp_comm_s": per_step["fsdp_comm_s"] + dp_exposed[slowest],
+            "exposed_dp_comm_s": fsdp_exposed_s + dp_exposed[slowest],
             "pipeline_bubble_s": timeline.bubble_s(slowest),
             "optimizer_s": optimizer[slowest],
         }

@@ -38,6 +38,12 @@ PLANS = {
     "pp2xdp2": ("gpt-tiny", dict(pp=2, dp=2, micro_batch=1, schedule="1f1b")),
     "dp2xtp2-full-ckpt": ("gpt-tiny", dict(dp=2, tp=2, micro_batch=2, checkpoint=["full"] * 4)),
     "pp2xtp2-sp": ("llama-tiny", dict(pp=2, tp=2, micro_batch=2, sequence_parallel=True)),
+    # under a pipeline FSDP gathers once a step (ZeRO-3: again for backwards after a
+    # resharding forward) and reduce-scatters once, after the stage's last backward
+    "pp2xdp2-zero2": ("gpt-tiny", dict(pp=2, dp=2, zero=2, micro_batch=1, precision="fp32")),
+    "pp2xdp2-zero3": ("gpt-tiny", dict(pp=2, dp=2, zero=3, micro_batch=1, precision="fp32")),
+    "pp2xdp2-zero3-interleaved-bf16": ("gpt-tiny", dict(pp=2, dp=2, zero=3, micro_batch=1, schedule="interleaved",
+                                                         interleave=2)),
 }
 
 

@@ -1,0 +1,86 @@
+"""What FSDP2 gathers, reduces and keeps, action by action, as the runtime drives it.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`, one parameter group per block plus the
+part's root) keeps a group's parameters sharded and all-gathers them before a forward or
+a backward that finds them sharded. After a forward it reshards them when
+`reshard_after_forward` is set (ZeRO-3; the runtime sets it explicitly, so the root
+group reshards too: `FSDPState._lazy_init` keeps the root gathered only when the flag
+was left to its default). After a backward it reshards when `reshard_after_backward`,
+and reduce-scatters the gradient when `requires_gradient_sync`; without it the
+unsharded gradient is kept and accumulated, in the reduce dtype
+(`FSDPParam.to_accumulated_grad_if_needed`: fp32 under the runtime's bf16/fp16 policy),
+until a backward that does reduce.
+
+The runtime drives those flags two ways (torch/distributed/fsdp/_fully_shard/
+_fsdp_param_group.py `post_backward`; torch/distributed/pipelining/stage.py):
+- no pipeline (`runtime.engine.Engine.step`): FSDP's defaults, so every micro-batch's
+  backward reduce-scatters and reshards;
+- a pipeline stage: `backward_maybe_with_nosync` turns `reshard_after_backward` and
+  `requires_gradient_sync` off for every backward; `perform_reduce_grad`, after the
+  stage's last backward, reduce-scatters once and reshards. So after its first backward
+  a stage holds every layer's unsharded parameters and an unsharded fp32 gradient until
+  the step's reduction (ZeRO-3 still reshards after each later forward, and gathers
+  again for the next backward).
+
+`play` runs one chunk's actions (a pipeline rank's forwards and backwards of one
+virtual stage, in order) through that state machine; the simulator charges the
+collectives and the memory it returns, and tests/test_comm_volume.py checks them
+against what the runtime sends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Drive:
+    """How the runtime sets FSDP2's per-backward flags for one plan."""
+
+    reshard_after_forward: bool
+    reshard_after_backward: bool   # on every backward but the step's last
+    reduce_every_backward: bool    # requires_gradient_sync on every backward
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One chunk's FSDP collectives in one step, and what it keeps between micro-batches."""
+
+    forward_gathers: frozenset      # micro-batches whose forward all-gathers the parameters
+    backward_gathers: frozenset     # micro-batches whose backward all-gathers them
+    reduce_scatters_per_step: int   # gradient reduce-scatters: one per backward, or one a step
+    reduce_each_backward: bool      # inside each backward (else once, after the last one)
+    holds_unsharded: bool           # unsharded parameters and gradient kept across micro-batches
+
+    @property
+    def gathers_per_step(self) -> int:
+        return len(self.forward_gathers) + len(self.backward_gathers)
+
+
+def drive(zero: int, pipelined: bool) -> Drive | None:
+    """The flags the runtime gives FSDP2 (None: no FSDP, ZeRO 0/1)."""
+    if zero < 2:
+        return None
+    if pipelined:
+        return Drive(reshard_after_forward=zero == 3, reshard_after_backward=False, reduce_every_backward=False)
+    return Drive(reshard_after_forward=zero == 3, reshard_after_backward=True, reduce_every_backward=True)
+
+
+@lru_cache(maxsize=1024)
+def play(how: Drive, actions: tuple) -> Traffic:
+    """Run one chunk's ((kind, micro_batch), ...) actions, in the order the rank runs them,
+    through FSDP2's gather/reshard state; the chunk starts the step sharded."""
+    sharded = True
+    forward, backward = set(), set()
+    backwards = sum(1 for kind, _ in actions if kind == "B")
+    for kind, micro_batch in actions:
+        if sharded:
+            (forward if kind == "F" else backward).add(micro_batch)
+            sharded = False
+        if kind == "F":
+            sharded = how.reshard_after_forward
+        else:
+            sharded = how.reshard_after_backward
+    scatters = backwards if how.reduce_every_backward else 1
+    return Traffic(frozenset(forward), frozenset(backward), scatters, how.reduce_every_backward,
+                   holds_unsharded=not how.reshard_after_backward)
