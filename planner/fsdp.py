@@ -57,9 +57,15 @@ class Traffic:
         return len(self.forward_gathers) + len(self.backward_gathers)
 
 
-def drive(zero: int, pipelined: bool) -> Drive | None:
-    """The flags the runtime gives FSDP2 (None: no FSDP, ZeRO 0/1)."""
-    if zero < 2:
+def drive(zero: int, pipelined: bool, dp: int, replicate_zero0: bool = True) -> Drive | None:
+    """The flags the runtime gives FSDP2 (None: no FSDP-family wrapper).
+
+    ZeRO 2/3 are `fully_shard`. ZeRO 0 with dp > 1 is the FSDP-family `replicate`
+    (torch/distributed/_composable/replicate_with_fsdp.py: a one-way "shard", no
+    reshard after forward), whose unsharded parameters are a second copy of the
+    parameters, gathered locally - no collective - and kept from forward to backward;
+    `replicate_zero0=False` for an engine whose ZeRO 0 is plain DDP. ZeRO 1 is DDP."""
+    if zero == 1 or (zero == 0 and (dp == 1 or not replicate_zero0)):
         return None
     if pipelined:
         return Drive(reshard_after_forward=zero == 3, reshard_after_backward=False, reduce_every_backward=False)

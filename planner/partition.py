@@ -131,7 +131,7 @@ class StageCosts:
 
     def _gathered_bytes(self) -> float:
         plan = self.sim.plan
-        if plan.zero != 3 or self.sim.holds_unsharded:   # else counted in each layer's states
+        if plan.zero != 3 or self.sim.keeps_every_layer_gathered:   # else counted in each layer's states
             return 0.0
         return gathered_param_bytes(3, plan.precision, [self.sim.timing(self.blocks[0]).params_per_gpu] * 2)
 

@@ -72,6 +72,10 @@ class Execution:
         block's last collective - its MLP output's reduction - is not issued again
         (measured: tests/test_comm_volume.py); Megatron-LM's reentrant checkpoint reruns the
         whole forward.
+    replicate_copies_params: ZeRO 0 with dp > 1 runs torch's FSDP-based `replicate`, which
+        keeps a second (unsharded) copy of the parameters from forward to backward
+        (planner.fsdp.drive; measured: tests/test_state_bytes.py); Megatron-LM's DDP reduces
+        gradients of the one copy.
     megatron_kernels: the framework runs Megatron-LM's kernels where eager PyTorch runs
         several ops (planner.costing._as_megatron_kernels): the causal mask applied inside
         its softmax kernel and built once per micro-batch, attention's batched products
@@ -87,6 +91,7 @@ class Execution:
     loss_host_ops: tuple[int, int] = (0, 0)
     megatron_kernels: bool = False
     recompute_stops_early: bool = True
+    replicate_copies_params: bool = True
 
 
 MESHPLAN_RUNTIME = Execution()
@@ -115,7 +120,7 @@ MEGATRON_LOSS_HOST_OPS = (27, 10)
 # - residual branches: bias_dropout_add_fused_train (torch.jit.script), one kernel.
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
-                          megatron_kernels=True, recompute_stops_early=False)
+                          megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False)
 
 
 @dataclass
@@ -276,6 +281,16 @@ class LayerTimes(NamedTuple):
     fsdp_comm_s: float
 
 
+class HeldStates(NamedTuple):
+    """Model-state bytes on one GPU: parameters as the optimizer holds them (FSDP: its fp32
+    shard), FSDP's unsharded parameters kept across micro-batches, gradients, optimizer state."""
+
+    params_bytes: float
+    unsharded_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+
+
 class FsdpExposure(NamedTuple):
     """Exposed FSDP communication of one micro-batch through a layer, by what the action
     issues (planner.fsdp.play says which actions issue what)."""
@@ -316,7 +331,7 @@ class _Simulation:
         # FSDP2's flags as the runtime drives them (planner.fsdp), and each virtual stage's
         # gathers and reductions under the plan's schedule
         self.actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
-        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1)
+        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, plan.dp, execution.replicate_copies_params)
         self._traffic = {}
 
     # -- layers to stages ----------------------------------------------------------------
@@ -403,8 +418,8 @@ class _Simulation:
     def fsdp_traffic(self, stage: int) -> fsdp.Traffic | None:
         """What FSDP gathers and reduces for virtual stage `stage` in one step (None: no
         FSDP collectives: ZeRO 0/1, or one data-parallel rank)."""
-        if self.fsdp_drive is None or self.plan.dp == 1:
-            return None
+        if self.fsdp_drive is None or self.plan.zero < 2 or self.plan.dp == 1:
+            return None   # ZeRO 0's replicate copies its parameters locally and all-reduces (dp_tail_s)
         if stage not in self._traffic:
             pp = self.plan.pp
             chunk_actions = tuple((a.kind, a.micro_batch) for a in self.actions[stage % pp] if a.chunk == stage // pp)
@@ -641,18 +656,38 @@ class _Simulation:
                            activations_at_peak, transient, allocated, allocated * ALLOCATOR_RESERVED_RATIO,
                            states.host_bytes)
 
+    def held_states(self, rank: int, stages) -> "HeldStates":
+        """The model states pipeline rank `rank` holds when its step's last backward ends,
+        before the once-a-step reduction and the optimizer step (tests/test_state_bytes.py
+        compares them with the storages a runtime rank holds then)."""
+        plan = self.plan
+        params = [self.timing(i).params_per_gpu for i in self.rank_layers(rank, stages)]
+        states = model_state_bytes(sum(params), plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        unsharded = self.gathered_bytes(params) if self.holds_unsharded else 0.0
+        return HeldStates(states.params_bytes, unsharded, self.held_grad_bytes(sum(params), states),
+                          states.optimizer_bytes)
+
     @property
     def holds_unsharded(self) -> bool:
         """FSDP keeps each layer's unsharded parameters and gradient from a stage's first
         backward to the step's reduction (a pipeline stage: planner.fsdp)."""
         return self.fsdp_drive is not None and not self.fsdp_drive.reshard_after_backward
 
+    @property
+    def keeps_every_layer_gathered(self) -> bool:
+        """At the stage's peak every layer's unsharded parameters are alive: kept from
+        forward to backward (ZeRO-2, ZeRO 0's replicate) or across micro-batches."""
+        drive = self.fsdp_drive
+        return drive is not None and not (drive.reshard_after_forward and drive.reshard_after_backward)
+
     def gathered_bytes(self, layer_params: list) -> float:
         """FSDP's unsharded parameters at the stage's peak, in the dtype it gathers in."""
+        if self.fsdp_drive is None:
+            return 0.0
         width = self.plan.precision if self.traced.cast == "params" else "fp32"
-        if self.holds_unsharded:
+        if self.keeps_every_layer_gathered:
             return DTYPE_BYTES[width] * float(sum(layer_params))
-        return gathered_param_bytes(self.plan.zero, width, layer_params)
+        return gathered_param_bytes(3, width, layer_params)
 
     def held_grad_bytes(self, params: float, states) -> float:
         """Gradient bytes held while micro-batches accumulate: the sharded (or DDP's whole)
@@ -666,7 +701,7 @@ class _Simulation:
         plan = self.plan
         states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
         held = states.params_bytes + self.held_grad_bytes(params, states) + states.optimizer_bytes
-        if plan.zero == 2 or self.holds_unsharded:
+        if self.keeps_every_layer_gathered:
             held += self.gathered_bytes([params])
         return held
 

@@ -1,0 +1,135 @@
+"""The simulator's model-state bytes are what a runtime rank holds.
+
+Each plan trains gpt-tiny on 4 gloo ranks. In the second step every rank adds up the
+storages it really holds - its parameters (FSDP: the sharded ones), FSDP's unsharded
+parameters, every gradient buffer (`.grad`, FSDP's unsharded and accumulated ones) and
+the optimizer's state - at the end of its last backward: just before a pipeline stage's
+once-a-step gradient reduction (`PipelineStage.perform_reduce_grad`), and just before
+the optimizer step. The larger of the two moments must equal
+`_Simulation.held_states` of the rank's pipeline stage, part by part.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from planner.plan import Plan
+from planner.simulate import prepare
+from runtime_helpers import run_ranks
+
+WORLD = 4
+BASE = dict(seq=32, global_batch=8, micro_batch=1)
+PLANS = {
+    "dp4-zero0": dict(dp=4, precision="fp32"),
+    "dp4-zero2-bf16": dict(dp=4, zero=2),
+    "dp4-zero3": dict(dp=4, zero=3, precision="fp32"),
+    "pp2xdp2-zero0": dict(pp=2, dp=2, precision="fp32"),
+    "pp2xdp2-zero2-bf16": dict(pp=2, dp=2, zero=2),
+    "pp2xdp2-zero3": dict(pp=2, dp=2, zero=3, precision="fp32"),
+    "pp2xdp2-zero3-interleaved": dict(pp=2, dp=2, zero=3, schedule="interleaved", interleave=2, precision="fp32"),
+}
+
+
+class StateBytes:
+    """Live storage bytes of one engine's model states, by part, at its largest moment."""
+
+    def __init__(self, engine):
+        self.engine, self.peak = engine, Counter()
+
+    def snapshot(self):
+        seen, held = set(), Counter()
+
+        def add(part, tensor):
+            if tensor is None:
+                return
+            local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+            storage = local.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                held[part] += storage.nbytes()
+
+        for module in self.engine.modules.values():
+            # FSDP registers whichever of its sharded and unsharded parameters is current:
+            # name both from its own records first
+            for sub in module.modules():
+                for fsdp_param in _fsdp_params(sub):
+                    add("params_bytes", fsdp_param.sharded_param)
+                    add("grads_bytes", fsdp_param.sharded_param.grad)
+                    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                    add("unsharded_bytes", unsharded)
+                    add("grads_bytes", fsdp_param.unsharded_accumulated_grad)
+                    add("grads_bytes", None if unsharded is None else unsharded.grad)
+            for p in module.parameters():
+                add("params_bytes", p)
+                add("grads_bytes", p.grad)
+        for optimizer in self.engine.optimizers:
+            inner = getattr(optimizer, "optim", optimizer)   # ZeroRedundancyOptimizer wraps one
+            for state in inner.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value) and value.dim():   # not the scalar step counts
+                        add("optimizer_bytes", value)
+        if sum(held.values()) > sum(self.peak.values()):
+            self.peak = held
+
+    def watch(self):
+        """Snapshot before each pipeline stage's gradient reduction and each optimizer step."""
+        for stage in getattr(self.engine, "stages", []) or []:
+            reduce = stage.perform_reduce_grad
+
+            def before_reduce(*args, _reduce=reduce, **kwargs):
+                self.snapshot()
+                return _reduce(*args, **kwargs)
+            stage.perform_reduce_grad = before_reduce
+        for optimizer in self.engine.optimizers:
+            optimizer.register_step_pre_hook(lambda *_: self.snapshot())
+
+
+def _fsdp_params(module):
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(module, FSDPModule):
+        return []
+    state = module._get_fsdp_state()
+    return [p for group in state._fsdp_param_groups for p in group.fsdp_params]
+
+
+def _measure_rank(rank: int, out_dir: str):
+    from planner.zoo import load_model
+    from runtime import mesh
+    from runtime.engine import Engine
+    for name, fields in PLANS.items():
+        plan = Plan(**BASE, **fields)
+        rt = mesh.setup(plan, "cpu")
+        engine = Engine(load_model("gpt-tiny"), plan, rt, seed=0, lr=1e-3, weight_decay=0.0, warmup=0, steps=2,
+                        min_lr=1e-4, clip=1.0)
+        rows = plan.global_batch // plan.dp
+        inputs, targets = (torch.randint(0, 256, (rows, plan.seq)) for _ in range(2))
+        engine.step(inputs, targets, plan.micro_batch)   # the first step creates the optimizer state
+        measured = StateBytes(engine)
+        measured.watch()
+        engine.step(inputs, targets, plan.micro_batch)
+        Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(dict(pp=rt.coords["pp"], bytes=measured.peak)))
+        torch.distributed.barrier()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("states")
+    run_ranks(WORLD, _measure_rank, str(out), timeout=400.0)
+    return out
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_simulated_model_states_are_what_each_rank_holds(measured, name):
+    plan = Plan(**BASE, **PLANS[name])
+    sim = prepare(plan, "gpt-tiny", f"cpu:1x{WORLD}")
+    stages = sim.stage_layers()
+    for rank in range(WORLD):
+        got = json.loads((measured / f"{name}-{rank}.json").read_text())
+        expected = sim.held_states(got["pp"], stages)._asdict()
+        assert {k: v for k, v in got["bytes"].items() if v} == {k: pytest.approx(v) for k, v in expected.items() if v}, \
+            (rank, got, expected)
