@@ -4,11 +4,12 @@ Two accountings:
 - `pytorch` (default): what meshplan's runtime allocates, PyTorch-native parts only.
   ZeRO-0 keeps fp32 parameters and fp32 gradients on every rank (mixed precision is
   autocast: low-precision weight copies are per-op transients, not resident state).
-  ZeRO-1 (`ZeroRedundancyOptimizer`) shards only the AdamW state. ZeRO-2/3 are FSDP2
-  `fully_shard`: fp32 sharded parameters, fp32 sharded gradients and sharded AdamW
-  state; the unsharded low-precision parameters it all-gathers are accounted by
+  ZeRO 1-3 are FSDP2 `fully_shard`: fp32 sharded parameters, fp32 sharded gradients and
+  sharded AdamW state; the unsharded low-precision parameters it all-gathers are accounted by
   `gathered_param_bytes` (one or two layers at a time for ZeRO-3; every layer between
-  forward and backward for ZeRO-2, i.e. reshard_after_forward=False). With CPU offload
+  forward and backward for ZeRO-2, i.e. reshard_after_forward=False). ZeRO-1 (Megatron's
+  distributed optimizer) keeps them, and unsharded fp32 gradients, across the step's
+  micro-batches: planner.fsdp says when, planner.simulate adds them. With CPU offload
   (FSDP2 `CPUOffloadPolicy`) sharded parameters, gradients and optimizer state live on
   the host.
 - `deepspeed`: the ZeRO paper's accounting (Rajbhandari et al. 2020, Sec. 3/5): fp16
@@ -66,7 +67,6 @@ def model_state_bytes(param_count: float, precision: str, zero: int, dp: int,
     optimizer = ADAM_STATE_BYTES_PER_PARAM * p
     if zero >= 1:
         optimizer /= dp
-    if zero >= 2:
         params /= dp
         grads /= dp
     if offload_optimizer:

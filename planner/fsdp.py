@@ -40,6 +40,7 @@ class Drive:
     reshard_after_forward: bool
     reshard_after_backward: bool   # on every backward but the step's last
     reduce_every_backward: bool    # requires_gradient_sync on every backward
+    reduce_after_last: bool        # once a step, after the last backward (a pipeline stage)
 
 
 @dataclass(frozen=True)
@@ -48,45 +49,61 @@ class Traffic:
 
     forward_gathers: frozenset      # micro-batches whose forward all-gathers the parameters
     backward_gathers: frozenset     # micro-batches whose backward all-gathers them
-    reduce_scatters_per_step: int   # gradient reduce-scatters: one per backward, or one a step
-    reduce_each_backward: bool      # inside each backward (else once, after the last one)
+    backward_reduces: frozenset     # micro-batches whose backward reduce-scatters inside it
+    reduce_after_last: bool         # one more reduce-scatter after the last backward
     holds_unsharded: bool           # unsharded parameters and gradient kept across micro-batches
 
     @property
     def gathers_per_step(self) -> int:
         return len(self.forward_gathers) + len(self.backward_gathers)
 
+    @property
+    def reduce_scatters_per_step(self) -> int:
+        return len(self.backward_reduces) + self.reduce_after_last
+
 
 def drive(zero: int, pipelined: bool, dp: int, replicate_zero0: bool = True) -> Drive | None:
     """The flags the runtime gives FSDP2 (None: no FSDP-family wrapper).
 
-    ZeRO 2/3 are `fully_shard`. ZeRO 0 with dp > 1 is the FSDP-family `replicate`
-    (torch/distributed/_composable/replicate_with_fsdp.py: a one-way "shard", no
-    reshard after forward), whose unsharded parameters are a second copy of the
-    parameters, gathered locally - no collective - and kept from forward to backward;
-    `replicate_zero0=False` for an engine whose ZeRO 0 is plain DDP. ZeRO 1 is DDP."""
-    if zero == 1 or (zero == 0 and (dp == 1 or not replicate_zero0)):
+    ZeRO 2/3 are `fully_shard` with FSDP's defaults. ZeRO 1 is `fully_shard` too, as
+    Megatron-LM's distributed optimizer runs: parameters kept unsharded and gradients
+    accumulated unsharded over the step's micro-batches, reduce-scattered once, the
+    optimizer stepping on its 1/dp shard and the next step all-gathering the result
+    (runtime.engine sets the flags per micro-batch; a pipeline stage does it anyway).
+    ZeRO 0 with dp > 1 is the FSDP-family `replicate`
+    (torch/distributed/_composable/replicate_with_fsdp.py: a one-way "shard", no reshard
+    after forward), whose unsharded parameters are a second copy of the parameters,
+    gathered locally - no collective - and kept from forward to backward;
+    `replicate_zero0=False` for an engine whose ZeRO 0 is plain DDP."""
+    if zero == 0 and (dp == 1 or not replicate_zero0):
         return None
     if pipelined:
-        return Drive(reshard_after_forward=zero == 3, reshard_after_backward=False, reduce_every_backward=False)
-    return Drive(reshard_after_forward=zero == 3, reshard_after_backward=True, reduce_every_backward=True)
+        return Drive(zero == 3, reshard_after_backward=False, reduce_every_backward=False, reduce_after_last=True)
+    if zero == 1:
+        return Drive(False, reshard_after_backward=False, reduce_every_backward=False, reduce_after_last=False)
+    return Drive(zero == 3, reshard_after_backward=True, reduce_every_backward=zero >= 2, reduce_after_last=False)
 
 
 @lru_cache(maxsize=1024)
 def play(how: Drive, actions: tuple) -> Traffic:
     """Run one chunk's ((kind, micro_batch), ...) actions, in the order the rank runs them,
-    through FSDP2's gather/reshard state; the chunk starts the step sharded."""
+    through FSDP2's gather/reshard state; the chunk starts the step sharded. The step's
+    last backward reduces and reshards inside it unless a pipeline stage reduces after it."""
     sharded = True
-    forward, backward = set(), set()
-    backwards = sum(1 for kind, _ in actions if kind == "B")
-    for kind, micro_batch in actions:
+    forward, backward, reduces = set(), set(), set()
+    last = max((i for i, (kind, _) in enumerate(actions) if kind == "B"), default=-1)
+    for i, (kind, micro_batch) in enumerate(actions):
         if sharded:
             (forward if kind == "F" else backward).add(micro_batch)
             sharded = False
         if kind == "F":
             sharded = how.reshard_after_forward
+        elif i == last and not how.reduce_after_last:
+            reduces.add(micro_batch)
+            sharded = True
         else:
+            if how.reduce_every_backward:
+                reduces.add(micro_batch)
             sharded = how.reshard_after_backward
-    scatters = backwards if how.reduce_every_backward else 1
-    return Traffic(frozenset(forward), frozenset(backward), scatters, how.reduce_every_backward,
+    return Traffic(frozenset(forward), frozenset(backward), frozenset(reduces), how.reduce_after_last,
                    holds_unsharded=not how.reshard_after_backward)

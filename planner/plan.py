@@ -68,9 +68,9 @@ class Plan:
     @property
     def cast(self) -> str:
         """How the runtime applies a low precision (planner.trace.CASTS): "params" under
-        ZeRO 2/3, where FSDP2's MixedPrecisionPolicy gathers the parameters in it; else
+        ZeRO 1-3, where FSDP2's MixedPrecisionPolicy gathers the parameters in it; else
         "autocast" (fp32 parameters, each op casts)."""
-        return "params" if self.zero >= 2 and self.precision != "fp32" else "autocast"
+        return "params" if self.zero >= 1 and self.precision != "fp32" else "autocast"
 
     @property
     def virtual_stages(self) -> int:

@@ -3,9 +3,9 @@
 The search, in order of cost:
 1. Families: every dp x tp x pp that multiplies to the cluster size, tp inside a node
    (unless allowed across nodes) and dividing the model's heads and widths, pp at most
-   the model's blocks, dp dividing the global batch; then ZeRO 0-3 (ZeRO-1 only without
-   tp, which the runtime's ZeroRedundancyOptimizer path cannot combine with DTensor),
-   CPU optimizer offload (ZeRO 2/3), micro-batch sizes, sequence parallelism with tp,
+   the model's blocks, dp dividing the global batch; then ZeRO 0-3 (ZeRO-1 is Megatron's
+   distributed optimizer on FSDP2, with any tp and pp), CPU optimizer offload (ZeRO 2/3),
+   micro-batch sizes, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
    activations in flight, so it is pruned as dominated unless pinned) and precision.
    Pinned dimensions take one value.
@@ -210,8 +210,6 @@ class _Search:
                     continue
                 m = per_rank // mb
                 for zero in self.values("zero", (0, 1, 2, 3) if dp > 1 else (0,)):
-                    if zero == 1 and tp > 1 and "zero" not in self.pinned:
-                        continue
                     for offload in self.values("offload_optimizer", (False, True) if zero >= 2 else (False,)):
                         for sp in self.values("sequence_parallel", (False, True) if tp > 1 else (False,)):
                             for schedule, v in self._schedules(pp, m):

@@ -392,7 +392,7 @@ class _Simulation:
         exposed = self.fsdp_exposure(index, base)
         n = self.plan.grad_accum
         fsdp_fwd = exposed.forward_gather_s * len(traffic.forward_gathers) / n
-        fsdp_bwd = sum(exposed.backward_s(mb in traffic.backward_gathers, traffic.reduce_each_backward)
+        fsdp_bwd = sum(exposed.backward_s(mb in traffic.backward_gathers, mb in traffic.backward_reduces)
                        for mb in range(n)) / n
         return base._replace(fwd_s=base.fwd_s + fsdp_fwd, bwd_s=base.bwd_s + fsdp_bwd, fsdp_comm_s=fsdp_fwd + fsdp_bwd)
 
@@ -418,7 +418,7 @@ class _Simulation:
     def fsdp_traffic(self, stage: int) -> fsdp.Traffic | None:
         """What FSDP gathers and reduces for virtual stage `stage` in one step (None: no
         FSDP collectives: ZeRO 0/1, or one data-parallel rank)."""
-        if self.fsdp_drive is None or self.plan.zero < 2 or self.plan.dp == 1:
+        if self.fsdp_drive is None or self.plan.zero == 0 or self.plan.dp == 1:
             return None   # ZeRO 0's replicate copies its parameters locally and all-reduces (dp_tail_s)
         if stage not in self._traffic:
             pp = self.plan.pp
@@ -448,7 +448,7 @@ class _Simulation:
             for mb in range(self.plan.grad_accum):
                 if mb in traffic.forward_gathers and exposed.forward_gather_s:
                     extra[("F", mb, stage)] = exposed.forward_gather_s
-                backward = exposed.backward_s(mb in traffic.backward_gathers, traffic.reduce_each_backward)
+                backward = exposed.backward_s(mb in traffic.backward_gathers, mb in traffic.backward_reduces)
                 if backward:
                     extra[("B", mb, stage)] = backward
         return extra
@@ -467,7 +467,7 @@ class _Simulation:
         for chunk, end in sorted(last_backward.items(), key=lambda item: item[1]):
             stage = chunk * plan.pp + rank
             traffic = self.fsdp_traffic(stage)
-            if traffic is None or traffic.reduce_each_backward:
+            if traffic is None or not traffic.reduce_after_last:
                 continue
             scatter = sum(self.comm.reduce_scatter_s(self.fsdp_bytes(self.timing(i))[1], self.dp_group)
                           for i in stages[stage])
@@ -533,11 +533,8 @@ class _Simulation:
                 gather_bytes, scatter_bytes = self.fsdp_bytes(t)
                 volume["dp"]["all_gather"] += traffic.gathers_per_step * gather_bytes
                 volume["dp"]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
-        if plan.dp > 1 and plan.zero < 2:
-            grad_bytes, param_bytes = self.dp_tail_bytes(params)
-            volume["dp"]["all_reduce"] += grad_bytes
-            if plan.zero == 1:
-                volume["dp"]["all_gather"] += param_bytes
+        if plan.dp > 1 and plan.zero == 0:
+            volume["dp"]["all_reduce"] += self.dp_tail_bytes(params)
         if self.holds_tied_copy(rank):
             volume["tied"]["all_reduce"] += self.tied_grad_bytes()
         norm_grads = self.norm_grad_bytes(rank, stages)
@@ -553,13 +550,15 @@ class _Simulation:
         """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
         (autograd's AccumulateGrad, Megatron's main_grad.add_: read both, write the sum, in the
         gradients' dtype). Every micro-batch but the first adds; spread evenly over them.
-        Under FSDP2 (ZeRO 2/3) each micro-batch's gradients are reduce-scattered first (in
-        fp32, its reduce dtype), so only this rank's fp32 1/dp shard is added."""
+        FSDP2 adds in fp32 (its reduce dtype): each micro-batch's reduce-scattered 1/dp shard
+        (ZeRO 2/3 without a pipeline), else the whole unsharded gradient it keeps."""
         n = self.plan.grad_accum
         if n <= 1 or not params:
             return 0.0
-        fsdp = self.plan.zero >= 2
-        added_bytes = 3 * params / self.plan.dp * 4 if fsdp else 3 * params * self.grad_dtype_bytes
+        if self.fsdp_drive is not None and self.plan.zero >= 1:
+            added_bytes = 3 * params * 4 / (1 if self.holds_unsharded else self.plan.dp)
+        else:
+            added_bytes = 3 * params * self.grad_dtype_bytes
         return (n - 1) / n * self.compute.memory_bound_time_s(added_bytes)
 
     def p2p_s(self, boundary_bytes: float) -> float:
@@ -578,21 +577,20 @@ class _Simulation:
         return [("pp", "send", boundary_bytes / plan.tp), ("tp", "all_gather", boundary_bytes)]
 
     def dp_tail_s(self, params: float, last_bwd_s: float) -> float:
+        """ZeRO 0's gradient all-reduce, in buckets during the last backward (DDP,
+        replicate) or after it; ZeRO 1-3's reduce-scatters are FSDP's (fsdp_extra_s,
+        fsdp_tail_s)."""
         plan = self.plan
-        if plan.dp == 1 or plan.zero >= 2:
-            return 0.0   # FSDP's reduce-scatters were charged per layer
-        grad_bytes, param_bytes = self.dp_tail_bytes(params)
+        if plan.dp == 1 or plan.zero >= 1:
+            return 0.0
+        grad_bytes = self.dp_tail_bytes(params)
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
-        exposed = max(all_reduce - last_bwd_s, last_bucket) if self.execution.overlap_dp_comm else all_reduce
-        if plan.zero == 1:   # ZeroRedundancyOptimizer re-broadcasts updated parameters
-            exposed += self.comm.all_gather_s(param_bytes, self.dp_group)
-        return exposed
+        return max(all_reduce - last_bwd_s, last_bucket) if self.execution.overlap_dp_comm else all_reduce
 
-    def dp_tail_bytes(self, params: float) -> tuple[float, float]:
-        """(gradient all-reduce, ZeRO-1 parameter all-gather) buffer bytes after backward:
-        gradients in their dtype, the updated parameters in fp32."""
-        return params * self.grad_dtype_bytes, params * 4
+    def dp_tail_bytes(self, params: float) -> float:
+        """ZeRO 0's gradient all-reduce buffer bytes after backward, in the gradients' dtype."""
+        return params * self.grad_dtype_bytes
 
     def tied_grad_s(self, rank: int) -> float:
         """With pipeline stages, a tied embedding lives twice: as the first stage's token
@@ -619,7 +617,7 @@ class _Simulation:
         return norm_params * self.grad_dtype_bytes
 
     def tied_grad_bytes(self) -> float:
-        if self.plan.zero >= 2:   # FSDP's reduced gradient: a 1/dp shard, fp32 as its sharded parameter
+        if self.plan.zero >= 1:   # FSDP's reduced gradient: a 1/dp shard, fp32 as its sharded parameter
             return self.tied_params / self.tied_split / self.plan.dp * 4
         return self.tied_params / self.tied_split * self.grad_dtype_bytes
 
@@ -657,13 +655,23 @@ class _Simulation:
                            states.host_bytes)
 
     def held_states(self, rank: int, stages) -> "HeldStates":
-        """The model states pipeline rank `rank` holds when its step's last backward ends,
-        before the once-a-step reduction and the optimizer step (tests/test_state_bytes.py
-        compares them with the storages a runtime rank holds then)."""
+        """The most model states pipeline rank `rank` holds between its passes: before a
+        micro-batch, before the step's once-a-step reduction, before the optimizer step
+        (tests/test_state_bytes.py compares them with the storages a runtime rank holds)."""
         plan = self.plan
-        params = [self.timing(i).params_per_gpu for i in self.rank_layers(rank, stages)]
+        layers = self.rank_layers(rank, stages)
+        params = [self.timing(i).params_per_gpu for i in layers]
         states = model_state_bytes(sum(params), plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
-        unsharded = self.gathered_bytes(params) if self.holds_unsharded else 0.0
+        if self.holds_unsharded:
+            unsharded = self.gathered_bytes(params)
+        elif self.fsdp_drive is not None and plan.grad_accum > 1:
+            # FSDP2 leaves the part's root group (embedding, final norm, head: the layers
+            # outside the blocks) gathered from one micro-batch's backward to the next forward
+            # (measured by tests/test_state_bytes.py)
+            root = [p for i, p in zip(layers, params) if self.traced.layers[i].kind != "block"]
+            unsharded = self.unsharded_bytes(root)
+        else:
+            unsharded = 0.0
         return HeldStates(states.params_bytes, unsharded, self.held_grad_bytes(sum(params), states),
                           states.optimizer_bytes)
 
@@ -684,10 +692,17 @@ class _Simulation:
         """FSDP's unsharded parameters at the stage's peak, in the dtype it gathers in."""
         if self.fsdp_drive is None:
             return 0.0
-        width = self.plan.precision if self.traced.cast == "params" else "fp32"
         if self.keeps_every_layer_gathered:
-            return DTYPE_BYTES[width] * float(sum(layer_params))
-        return gathered_param_bytes(3, width, layer_params)
+            return self.unsharded_bytes(layer_params)
+        return gathered_param_bytes(3, self.gather_precision, layer_params)
+
+    @property
+    def gather_precision(self) -> str:
+        return self.plan.precision if self.traced.cast == "params" else "fp32"
+
+    def unsharded_bytes(self, layer_params: list) -> float:
+        """These layers' parameters unsharded, in the dtype FSDP gathers them in."""
+        return DTYPE_BYTES[self.gather_precision] * float(sum(layer_params))
 
     def held_grad_bytes(self, params: float, states) -> float:
         """Gradient bytes held while micro-batches accumulate: the sharded (or DDP's whole)
@@ -718,7 +733,7 @@ class _Simulation:
         plan = self.plan
         accumulating = plan.grad_accum > 1   # earlier micro-batches' gradients are held
         grads_so_far = grads_bytes if accumulating else 0.0
-        shard = plan.dp if plan.zero >= 2 and not self.holds_unsharded else 1
+        shard = plan.dp if plan.zero >= 1 and not self.holds_unsharded else 1
         released = 0.0
         worst, at_worst = None, (0.0, 0.0, 0.0)
         for index, t in zip(reversed(layers), reversed(timings)):

@@ -3,8 +3,8 @@
 A checkpoint is a DCP directory `DIR/step-NNNNNNNN` holding the model and optimizer
 (`get_state_dict`-style sharded state: each rank writes its own shards; module names are
 the unsplit model's, so they do not depend on the pipeline cut), the step, the data
-loader's position, the learning-rate schedule's step and the fp16 scaler. With ZeRO 1
-each rank's optimizer partition is stored as its own blob.
+loader's position, the learning-rate schedule's step and the fp16 scaler. Every ZeRO
+stage is FSDP's or replicate's DTensor state, so a checkpoint resumes under another plan.
 
 Atomic: all ranks write into `DIR/.step-NNNNNNNN.partial`; after every rank has
 finished, rank 0 adds `meshplan.json`, renames the directory into place and then
@@ -14,14 +14,12 @@ replaced by the next save of that step. On many nodes DIR must be a shared files
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -67,9 +65,9 @@ def latest(path: str) -> Path | None:
 
 
 class Checkpointer:
-    def __init__(self, path: str, parts: list, optimizers: list, rt, zero1: bool):
+    def __init__(self, path: str, parts: list, optimizers: list, rt):
         self.root = Path(path)
-        self.parts, self.optimizers, self.rt, self.zero1 = parts, optimizers, rt, zero1
+        self.parts, self.optimizers, self.rt = parts, optimizers, rt
 
     # -- state -----------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -79,11 +77,6 @@ class Checkpointer:
         return state
 
     def _optim_state(self) -> dict:
-        if self.zero1:
-            blob = io.BytesIO()
-            torch.save([opt.optim.state_dict() for opt in self.optimizers], blob)
-            blob.seek(0)
-            return {f"zero1_rank{self.rt.rank}": blob}
         state = {}
         for part, opt in zip(self.parts, self.optimizers):
             state.update(get_optimizer_state_dict(part, opt, options=_OPTIONS))
@@ -122,16 +115,8 @@ class Checkpointer:
 
     # -- load ------------------------------------------------------------------
     def load(self, where: Path, train_state: dict) -> dict:
-        meta = json.loads((where / MARKER).read_text())
         model_state = self._model_state()
-        state = {"model": model_state, "train": dict(train_state)}
-        if self.zero1:
-            if meta.get("world_size") != self.rt.world_size or meta.get("zero") != 1:
-                raise MeshplanError(f"{where} was saved by a different layout; a zero 1 run resumes only from "
-                                    f"a checkpoint of the same plan")
-            state["optim"] = {f"zero1_rank{self.rt.rank}": io.BytesIO()}
-        else:
-            state["optim"] = self._optim_state()
+        state = {"model": model_state, "optim": self._optim_state(), "train": dict(train_state)}
         try:
             dcp.load(state, checkpoint_id=str(where))
         except Exception as exc:  # a checkpoint that does not fit this model/plan is the user's to fix
@@ -139,12 +124,6 @@ class Checkpointer:
             raise MeshplanError(f"cannot resume from {where}: {first[:300]}")
         for part in self.parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
-        if self.zero1:
-            blob = state["optim"][f"zero1_rank{self.rt.rank}"]
-            blob.seek(0)
-            for opt, sd in zip(self.optimizers, torch.load(blob, weights_only=False)):
-                opt.optim.load_state_dict(sd)
-        else:
-            for part, opt in zip(self.parts, self.optimizers):
-                set_optimizer_state_dict(part, opt, optim_state_dict=state["optim"], options=_OPTIONS)
+        for part, opt in zip(self.parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, optim_state_dict=state["optim"], options=_OPTIONS)
         return state["train"]

@@ -53,9 +53,6 @@ def check_plan(spec, plan: Plan):
         raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
     if plan.sequence_parallel and plan.seq % plan.tp:
         raise MeshplanError(f"sequence_parallel splits seq {plan.seq} over tp {plan.tp}: make tp divide seq")
-    if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
-        raise MeshplanError("zero 1 runs on DDP + ZeroRedundancyOptimizer, which do not take tensor-parallel "
-                            "(DTensor) parameters: use zero 0, 2 or 3 with tp > 1")
     check_schedule(plan)
     if plan.tp > 1:
         resolve_layout(cfg, plan)
@@ -100,11 +97,8 @@ class Engine:
             self.modules[v] = data_parallel(part, rt, plan)
 
         # Optimizers (one per part), schedules, fp16 scaler.
-        zero1 = plan.zero == 1 and plan.dp > 1
-        self.zero1 = zero1
         fused = self.device.type == "cuda" and not rt.distributed
-        self.optimizers = [optim_mod.build_optimizer(self.modules[v], lr, weight_decay,
-                                                     rt.group("dp") if zero1 else None, fused)
+        self.optimizers = [optim_mod.build_optimizer(self.modules[v], lr, weight_decay, fused)
                            for v in sorted(self.modules)]
         factor = optim_mod.lr_lambda(steps, warmup, min_lr / lr)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
@@ -151,13 +145,14 @@ class Engine:
                     yield p
 
     def _sync(self, module: nn.Module, last: bool):
-        """Context for one micro-batch: replicate/DDP sync gradients only on the last one."""
+        """Before one micro-batch: replicate (ZeRO 0) reduces gradients only in the last one;
+        ZeRO 1 also keeps the gathered parameters and the unsharded gradients until then
+        (Megatron-LM's distributed optimizer; planner.fsdp prices exactly this)."""
         from torch.distributed.fsdp import FSDPModule
-        from torch.nn.parallel import DistributedDataParallel
-        if isinstance(module, DistributedDataParallel):
-            return contextlib.nullcontext() if last else module.no_sync()
-        if isinstance(module, FSDPModule) and self.plan.zero == 0:
+        if isinstance(module, FSDPModule) and self.plan.zero <= 1:
             module.set_requires_gradient_sync(last)
+            if self.plan.zero == 1:
+                module.set_reshard_after_backward(last)
         return contextlib.nullcontext()
 
     # -------------------------------------------------------------------------------

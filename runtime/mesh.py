@@ -98,13 +98,13 @@ def check_world(plan: Plan, world: int):
 def setup(plan: Plan, device_choice: str = "auto", timeout_s: float = 600.0) -> Runtime:
     """Join (or start) the process group and build the plan's device mesh.
 
-    A single process needs no process group unless the plan uses FSDP (ZeRO 2/3, e.g.
+    A single process needs no process group unless the plan uses FSDP (ZeRO 1-3, e.g.
     for CPU optimizer offload); then it starts a one-rank group on a free local port.
     """
     rank, world, local_rank = launch_env()
     check_world(plan, world)
     device = pick_device(device_choice, local_rank)
-    need_group = world > 1 or plan.zero >= 2
+    need_group = world > 1 or plan.zero >= 1
     if not need_group:
         return Runtime(rank, world, local_rank, device, None)
     owns = False

@@ -2,8 +2,8 @@
 
 - AdamW (betas 0.9/0.95), weight decay on matrices only. One optimizer per model part
   (a pipeline rank may hold several stage chunks), stepped together. Parameter groups
-  are split by decay and by DTensor mesh so foreach kernels never mix meshes. ZeRO 1
-  wraps it in `ZeroRedundancyOptimizer` over the dp group. On a single CUDA device with
+  are split by decay and by DTensor mesh so foreach kernels never mix meshes. Under ZeRO
+  1-3 FSDP hands it the rank's 1/dp shards. On a single CUDA device with
   plain parameters it is `fused=True`, as in the reference loop.
 - Learning rate: linear warm-up from lr/warmup to lr over `warmup` steps, then cosine
   decay to `min_lr` at the last step (`LambdaLR`, so its state is checkpointed).
@@ -34,7 +34,7 @@ def _group_key(p: torch.Tensor):
     return None
 
 
-def build_optimizer(part: nn.Module, lr: float, weight_decay: float, zero1_group=None, fused: bool = False):
+def build_optimizer(part: nn.Module, lr: float, weight_decay: float, fused: bool = False):
     groups: dict = {}
     for p in part.parameters():
         if not p.requires_grad:
@@ -43,15 +43,6 @@ def build_optimizer(part: nn.Module, lr: float, weight_decay: float, zero1_group
         groups.setdefault((decay, _group_key(p)), []).append(p)
     param_groups = [dict(params=ps, weight_decay=weight_decay if decay else 0.0)
                     for (decay, _), ps in groups.items()]
-    if zero1_group is not None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        first, *rest = param_groups
-        opt = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW,
-                                      process_group=zero1_group, lr=lr, betas=BETAS,
-                                      weight_decay=first["weight_decay"])
-        for g in rest:
-            opt.add_param_group(g)
-        return opt
     kwargs = dict(fused=True) if fused else {}
     return torch.optim.AdamW(param_groups, lr=lr, betas=BETAS, **kwargs)
 

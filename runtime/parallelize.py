@@ -11,12 +11,14 @@ Everything here is PyTorch's own machinery:
   around a block's forward; "selective" passes a policy through
   `create_selective_checkpoint_contexts` that keeps the outputs of matmuls and
   attention and recomputes everything else (norms, activations, residual adds);
-- ZeRO 3 / 2: FSDP2 `fully_shard` per block and on the part's root, with
-  `reshard_after_forward` True / False, `MixedPrecisionPolicy` for bf16/fp16 and
-  `CPUOffloadPolicy` when the plan offloads the optimizer;
+- ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
+  `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 and
+  `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
+  distributed optimizer: the engine keeps parameters gathered and gradients unsharded
+  until the step's last micro-batch (`Engine._sync`; a pipeline stage does the same),
+  so each step all-gathers once and reduce-scatters once (planner.fsdp);
 - ZeRO 0: FSDP2-family `replicate` (DDP semantics on DTensor parameters, so it
-  composes with tensor parallelism and torch.distributed.checkpoint);
-- ZeRO 1: `DistributedDataParallel` + `ZeroRedundancyOptimizer` (see optim.py).
+  composes with tensor parallelism and torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
@@ -333,7 +335,7 @@ def apply_checkpointing(part: nn.Module, plan: Plan):
 def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
     """Wrap a part for the plan's ZeRO stage over the dp mesh; returns the module to call."""
     dp = plan.dp
-    if plan.zero >= 2:
+    if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         dtype = DTYPES[plan.precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
@@ -346,23 +348,15 @@ def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
         return part
     if dp == 1:
         return part
-    if plan.zero == 0:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-        for block in part.blocks.values():
-            replicate(block, mesh=rt.submesh("dp"))
-        replicate(part, mesh=rt.submesh("dp"))
-        return part
-    # ZeRO 1: DDP all-reduces gradients, ZeroRedundancyOptimizer shards the optimizer state.
-    if plan.tp > 1:
-        raise MeshplanError("zero 1 runs on DDP + ZeroRedundancyOptimizer, which do not take tensor-parallel "
-                            "(DTensor) parameters: use zero 0, 2 or 3 with tp > 1")
-    from torch.nn.parallel import DistributedDataParallel
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(part, device_ids=ids, process_group=rt.group("dp"))
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    for block in part.blocks.values():
+        replicate(block, mesh=rt.submesh("dp"))
+    replicate(part, mesh=rt.submesh("dp"))
+    return part
 
 
 def uses_fsdp_precision(plan: Plan) -> bool:
-    """FSDP's MixedPrecisionPolicy casts for us (ZeRO 2/3); otherwise autocast does."""
+    """FSDP's MixedPrecisionPolicy casts for us (ZeRO 1-3); otherwise autocast does."""
     return plan.cast == "params"
 
 

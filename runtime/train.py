@@ -141,7 +141,7 @@ def _train(args, plan, spec, rt, sink, records):
     ckpt = None
     if args.checkpoint_dir:
         ckpt = checkpointing.Checkpointer(args.checkpoint_dir, [engine.parts[v] for v in sorted(engine.parts)],
-                                          engine.optimizers, rt, engine.zero1)
+                                          engine.optimizers, rt)
     start = 0
     if args.resume:
         where = checkpointing.latest(args.checkpoint_dir)

@@ -7,7 +7,7 @@ output, reduce-scatter's input, a send's message). Per rank and per group those 
 equal `SimResult.comm_bytes` of the same plan: tensor-parallel collectives (functional
 collectives, from DTensor, including those it issues inside its own dispatch such as
 loss_parallel's per-token statistics), the data-parallel all-reduce / all-gather / reduce-scatter of
-DDP, ZeroRedundancyOptimizer and FSDP2, pipeline sends, and the all-reduce that keeps a tied
+replicate (ZeRO 0) and FSDP2 (ZeRO 1-3), pipeline sends, and the all-reduce that keeps a tied
 embedding equal on the first and last stage. Scalars the runtime reduces for gradient
 clipping, loss logging and fp16 overflow checks (a few bytes each) are not part of a plan's
 cost and are left out, under SMALL_BYTES.
@@ -32,7 +32,11 @@ SMALL_BYTES = 64
 BASE = dict(seq=32, global_batch=8)
 PLANS = {
     "ddp-dp4": ("gpt-tiny", dict(dp=4, micro_batch=1)),
+    # ZeRO-1 (Megatron's distributed optimizer on FSDP2): one all-gather and one
+    # reduce-scatter a step, with or without tensor and pipeline parallelism
     "zero1-dp4": ("gpt-tiny", dict(dp=4, zero=1, micro_batch=1, precision="fp32")),
+    "zero1-dp2xtp2-bf16": ("gpt-tiny", dict(dp=2, tp=2, zero=1, micro_batch=1)),
+    "zero1-pp2xdp2": ("gpt-tiny", dict(pp=2, dp=2, zero=1, micro_batch=1, precision="fp32")),
     "zero2-dp4-bf16": ("gpt-tiny", dict(dp=4, zero=2, micro_batch=1)),
     "zero3-dp4": ("gpt-tiny", dict(dp=4, zero=3, micro_batch=2, precision="fp32")),
     "pp2xdp2": ("gpt-tiny", dict(pp=2, dp=2, micro_batch=1, schedule="1f1b")),
@@ -50,7 +54,7 @@ PLANS = {
 # c10d op -> (group, collective, which argument is the nccl-tests buffer). A c10d all-reduce
 # is the DP gradient reduction or the tied embedding's (compared with their sum).
 C10D_OPS = {"allreduce_": ("c10d", "all_reduce", 0), "_allgather_base_": ("dp", "all_gather", 0),
-            "_reduce_scatter_base_": ("dp", "reduce_scatter", 1), "broadcast_": ("dp", "broadcast", 0),
+            "_reduce_scatter_base_": ("dp", "reduce_scatter", 1),
             "send": ("pp", "send", 0)}
 
 
@@ -62,8 +66,8 @@ def _nbytes(value) -> int:
 
 class CollectiveRecorder(TorchDispatchMode):
     """{"group/collective": bytes} of the collectives dispatched while active. Functional
-    collectives are DTensor's (tensor parallelism); c10d ops are DDP's, FSDP2's,
-    ZeroRedundancyOptimizer's, the pipeline's and the runtime's own."""
+    collectives are DTensor's (tensor parallelism); c10d ops are replicate's, FSDP2's,
+    the pipeline's and the runtime's own."""
 
     def __init__(self):
         super().__init__()
@@ -118,11 +122,8 @@ def simulated(model: str, plan: Plan, pp_rank: int) -> dict:
     flat = Counter()
     for group, kinds in volume.items():
         for kind, nbytes in kinds.items():
-            # c10d all-reduces are DP's or the tied embedding's; ZeroRedundancyOptimizer hands
-            # each updated parameter out with a broadcast from its owner (what the simulator
-            # prices as an all-gather of the parameters)
-            key = ("c10d" if group in ("dp", "tied") and kind == "all_reduce" else group,
-                   "broadcast" if group == "dp" and kind == "all_gather" and plan.zero == 1 else kind)
+            # c10d all-reduces are DP's or the tied embedding's
+            key = ("c10d" if group in ("dp", "tied") and kind == "all_reduce" else group, kind)
             flat["/".join(key)] += nbytes
     return dict(flat)
 
@@ -143,6 +144,5 @@ def test_simulated_communication_is_what_the_runtime_sends(recorded, name):
         expected = simulated(model, plan, got["pp"])
         assert set(got["bytes"]) == set(expected), (rank, got["bytes"], expected)
         for key, nbytes in got["bytes"].items():
-            # ZeroRedundancyOptimizer also broadcasts each parameter's 4-byte step count
-            assert nbytes == pytest.approx(expected[key], rel=1e-3 if key == "dp/broadcast" else 1e-9), \
+            assert nbytes == pytest.approx(expected[key], rel=1e-9), \
                 (rank, key, got["bytes"], expected)

@@ -91,7 +91,8 @@ def test_plan_cast_follows_the_runtime():
     common = dict(micro_batch=1, global_batch=4, seq=32)
     assert Plan(dp=4, zero=2, precision="bf16", **common).cast == "params"
     assert Plan(dp=4, zero=3, precision="fp16", **common).cast == "params"
-    assert Plan(dp=4, zero=1, precision="bf16", **common).cast == "autocast"
+    assert Plan(dp=4, zero=1, precision="bf16", **common).cast == "params"
+    assert Plan(dp=4, zero=0, precision="bf16", **common).cast == "autocast"
     assert Plan(dp=4, zero=3, precision="fp32", **common).cast == "autocast"
 
 

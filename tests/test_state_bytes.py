@@ -26,6 +26,9 @@ WORLD = 4
 BASE = dict(seq=32, global_batch=8, micro_batch=1)
 PLANS = {
     "dp4-zero0": dict(dp=4, precision="fp32"),
+    "dp4-zero1-bf16": dict(dp=4, zero=1),
+    "dp2xtp2-zero1": dict(dp=2, tp=2, zero=1, precision="fp32"),
+    "pp2xdp2-zero1": dict(pp=2, dp=2, zero=1, precision="fp32"),
     "dp4-zero2-bf16": dict(dp=4, zero=2),
     "dp4-zero3": dict(dp=4, zero=3, precision="fp32"),
     "pp2xdp2-zero0": dict(pp=2, dp=2, precision="fp32"),
@@ -68,8 +71,7 @@ class StateBytes:
                 add("params_bytes", p)
                 add("grads_bytes", p.grad)
         for optimizer in self.engine.optimizers:
-            inner = getattr(optimizer, "optim", optimizer)   # ZeroRedundancyOptimizer wraps one
-            for state in inner.state.values():
+            for state in optimizer.state.values():
                 for value in state.values():
                     if torch.is_tensor(value) and value.dim():   # not the scalar step counts
                         add("optimizer_bytes", value)
@@ -77,7 +79,10 @@ class StateBytes:
             self.peak = held
 
     def watch(self):
-        """Snapshot before each pipeline stage's gradient reduction and each optimizer step."""
+        """Snapshot before each micro-batch's forward, each pipeline stage's gradient
+        reduction and each optimizer step."""
+        for module in self.engine.modules.values():
+            module.register_forward_pre_hook(lambda *_: self.snapshot())
         for stage in getattr(self.engine, "stages", []) or []:
             reduce = stage.perform_reduce_grad
 
