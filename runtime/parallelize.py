@@ -9,8 +9,9 @@ Everything here is PyTorch's own machinery:
   Megatron-LM's collectives;
 - activation checkpointing: `torch.utils.checkpoint.checkpoint(use_reentrant=False)`
   around a block's forward; "selective" passes a policy through
-  `create_selective_checkpoint_contexts` that keeps the outputs of matmuls and
-  attention and recomputes everything else (norms, activations, residual adds);
+  `create_selective_checkpoint_contexts` that keeps the outputs of the linear layers and
+  fused attention kernels and recomputes everything else (norms, activations, residual
+  adds, an unfused attention's scores);
 - ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
   `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 and
   `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
@@ -295,7 +296,11 @@ def selective_save_ops():
     global _SELECTIVE_SAVE_OPS
     if _SELECTIVE_SAVE_OPS is None:
         aten = torch.ops.aten
-        names = ["mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention",
+        # the linear layers' products and the fused attention kernels; an unfused attention's
+        # batched products (bmm, baddbmm: the s x s scores and their product with the values)
+        # are recomputed, as the trace measures it (planner.trace._selective_policy) - and its
+        # in-place causal mask would otherwise modify a saved tensor
+        names = ["mm", "addmm", "linear", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"]
         _SELECTIVE_SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}

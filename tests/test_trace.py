@@ -16,7 +16,7 @@ from fixtures.real_runs import retained_with_checkpoint, saved_per_layer
 from planner import trace as tracer
 from planner.models import Decoder, GPTBlock, ModelConfig, count_parameters
 from planner.trace import flop_counter_reference, kernel_choices, trace_model
-from planner.zoo import PRESETS
+from planner.zoo import PRESETS, ModelSpec
 from runtime.parallelize import selective_save_ops
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -211,6 +211,22 @@ def test_checkpointed_bytes_equal_a_real_cpu_step(traced, name, precision, kerne
     cost = tm.cost_of(tm.blocks[1])
     assert cost.saved_bytes_full_ckpt == full == B * T * h * 4  # the fp32 block input, nothing else
     assert cost.saved_bytes_selective == selective
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_selective_recomputes_an_unfused_attention_core_as_the_runtime_does(precision):
+    """Megatron-style attention (baddbmm scores, softmax, bmm with the values): the runtime's
+    selective policy keeps the linear layers' outputs and recomputes the s x s scores, as
+    the trace counts - it must not save the batched products of the attention core."""
+    cfg = ModelConfig.from_dict({**PRESETS["gpt-tiny"].to_dict(), "attention": "unfused"})
+    tm = trace_model(ModelSpec("gpt-unfused", cfg), B, T, precision, kernels="cpu")
+    block = Decoder(cfg).init_weights(seed=0).blocks["1"]
+    selective = retained_with_checkpoint(block, torch.randn(B, T, cfg.hidden, requires_grad=True),
+                                         DTYPES[precision], save_ops=selective_save_ops())
+    cost = tm.cost_of(tm.blocks[1])
+    assert cost.saved_bytes_selective == selective
+    scores = B * cfg.heads * T * T * (4 if precision == "fp32" else 2)
+    assert cost.saved_bytes - cost.saved_bytes_selective > scores   # the scores are not kept
 
 
 def test_selective_keeps_the_linear_outputs(traced):
