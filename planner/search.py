@@ -5,7 +5,7 @@ The search, in order of cost:
    (unless allowed across nodes) and dividing the model's heads and widths, pp at most
    the model's blocks, dp dividing the global batch; then ZeRO 0-3 (ZeRO-1 is Megatron's
    distributed optimizer on FSDP2, with any tp and pp), CPU optimizer offload (ZeRO 2/3),
-   micro-batch sizes, sequence parallelism with tp,
+   every micro-batch size dividing a rank's share of the batch, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
    activations in flight, so it is pruned as dominated unless pinned) and precision.
    Pinned dimensions take one value.
@@ -46,7 +46,6 @@ from planner.zoo import ModelSpec, load_model
 # Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
 # 1.3 % (benchmarks/accuracy.py), the worst case 3.4 %; 3 % of the device is the default.
 MEMORY_RESERVE_FRACTION = 0.03
-MICRO_BATCH_CHOICES = (1, 2, 4, 8)   # searched when divisible; a pinned value may be any
 INTERLEAVE_CHOICES = (2, 4)
 # How far the partition's closed-form estimate may fall below the simulated time before
 # a candidate is no longer worth simulating (its median error on the benchmark families
@@ -205,7 +204,9 @@ class _Search:
         per_rank = self.global_batch // dp
         out = []
         for precision in self.values("precision", ("bf16",)):
-            for mb in self.values("micro_batch", [m for m in MICRO_BATCH_CHOICES if per_rank % m == 0]):
+            # every size that divides the rank's share: each is priced from two traces
+            # (planner.batch_scaling), and memory and the bound prune the rest
+            for mb in self.values("micro_batch", _divisors(per_rank)):
                 if per_rank % mb:
                     continue
                 m = per_rank // mb
@@ -227,6 +228,8 @@ class _Search:
             if schedule == "gpipe" and "schedule" not in self.pinned:
                 self.stats.pruned_dominated += 1
                 continue
+            if schedule == "1f1b" and pp > 1 and micro_batches < pp:
+                continue   # the runtime's 1F1B needs a micro-batch per stage (pipeline.check_schedule)
             if schedule != "interleaved":
                 yield schedule, 1
                 continue
@@ -271,14 +274,25 @@ class _Search:
         return max(split.stage_memory_bytes) * ALLOCATOR_RESERVED_RATIO
 
     def lower_bound_s(self, sim) -> float:
-        """The busiest rank's compute, perfectly balanced, without bubble or recomputation."""
+        """No run of the plan is faster, whatever its split and recomputation.
+
+        With T the compute of one micro-batch through every layer, m micro-batches and
+        stage times t_0..t_{pp-1} (sum T), rank k cannot start before the first
+        micro-batch's forward has crossed the stages before it, works m t_k, and after
+        its last backward the stages before it still run theirs: the step takes at least
+        max_k (m t_k + t_0 + ... + t_{k-1}). The split minimising that makes the terms
+        equal (t_{k+1} = t_k (1 - 1/m)), which gives T / (1 - (1 - 1/m)^pp) for 1F1B and
+        GPipe; the interleaved schedule's even split gives (m + (pp - 1) / v) T / pp."""
         plan = sim.plan
         counts = {}
         for layer in sim.traced.layers:
             first, n = counts.get(layer.signature, (layer.index, 0))
             counts[layer.signature] = (first, n + 1)
         total = sum(n * sum(sim.layer_times(first, "none")[:2]) for first, n in counts.values())
-        return plan.grad_accum * total / plan.pp
+        m, pp = plan.grad_accum, plan.pp
+        if plan.interleave > 1:
+            return (m + (pp - 1) / plan.interleave) * total / pp
+        return total / (1 - (1 - 1 / m) ** pp)
 
     def estimate(self, cand: _Candidate):
         """Partition + checkpoint the candidate; its estimated step time (inf: nothing fits)."""
@@ -338,7 +352,7 @@ class _Search:
             if cand.lower_bound_s > kth * (1 + ESTIMATE_MARGIN):
                 self.stats.pruned_bound += len(bounded) - i
                 for rest in bounded[i:]:
-                    self._reject(rest.plan, "bound", f"even with no bubble its compute alone takes "
+                    self._reject(rest.plan, "bound", f"even perfectly split its compute and pipeline fill take "
                                  f"{rest.lower_bound_s:.3g} s > {kth:.3g} s")
                 break
             split = self.estimate(cand)

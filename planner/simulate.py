@@ -28,6 +28,7 @@ from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
 from planner import fsdp
+from planner.batch_scaling import BASE_MICRO_BATCHES, scaled_trace
 from planner.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
@@ -173,9 +174,17 @@ class SimResult:
         }
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _trace_cached(model_key: str, micro_batch: int, seq: int, precision: str, cast: str):
-    return trace_spec(_SPECS[model_key], micro_batch, seq, precision, cast)
+    """A zoo decoder beyond the base micro-batch sizes is scaled from its traces at them
+    (planner.batch_scaling: exact, and milliseconds instead of a trace)."""
+    spec = _SPECS[model_key]
+    if spec.config is not None and micro_batch > max(BASE_MICRO_BATCHES):
+        at_2, at_3 = (_trace_cached(model_key, b, seq, precision, cast) for b in BASE_MICRO_BATCHES)
+        scaled = scaled_trace(at_2, at_3, micro_batch)
+        if scaled is not None:
+            return scaled
+    return trace_spec(spec, micro_batch, seq, precision, cast)
 
 
 def trace_spec(spec: ModelSpec, micro_batch: int, seq: int, precision: str, cast: str = "autocast") -> TracedModel:

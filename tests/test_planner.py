@@ -127,3 +127,14 @@ def test_nothing_fits_under_pins_names_the_overflow_and_the_pin_to_drop():
     assert freed <= budget
     found = plan("gpt3-2.7b", "a10:1x4", 16, 2048, top_k=1, dp=4, micro_batch=4)
     assert found[0].result.fits
+
+
+def test_free_search_is_as_fast_as_any_pinned_micro_batch():
+    """Every micro-batch size dividing a rank's share is searched, not only powers of two:
+    global batch 60 on 8 GPUs leaves 15 sequences per rank of a dp4 family, and a
+    micro-batch of 15 (one per step) beats every power of two that divides it."""
+    free = plan("gpt3-1.3b", "dgx-a100", 60, 2048, top_k=1)[0]
+    for micro_batch in (1, 3, 5, 15):
+        pinned = plan("gpt3-1.3b", "dgx-a100", 60, 2048, top_k=1, micro_batch=micro_batch)[0]
+        assert free.result.step_time_s <= pinned.result.step_time_s * (1 + 1e-9), micro_batch
+    assert free.micro_batch not in (1, 2, 4, 8)
