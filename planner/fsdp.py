@@ -84,6 +84,12 @@ def drive(zero: int, pipelined: bool, dp: int, replicate_zero0: bool = True) -> 
     return Drive(zero == 3, reshard_after_backward=True, reduce_every_backward=zero >= 2, reduce_after_last=False)
 
 
+@lru_cache(maxsize=256)
+def in_sequence(micro_batches: int) -> tuple:
+    """Actions of micro-batches run one after another, forward then backward."""
+    return tuple(action for mb in range(micro_batches) for action in (("F", mb), ("B", mb)))
+
+
 @lru_cache(maxsize=1024)
 def play(how: Drive, actions: tuple) -> Traffic:
     """Run one chunk's ((kind, micro_batch), ...) actions, in the order the rank runs them,

@@ -339,9 +339,13 @@ class _Simulation:
         self.grad_dtype_bytes = self.act_bytes if traced.cast == "params" else 4
         # FSDP2's flags as the runtime drives them (planner.fsdp), and each virtual stage's
         # gathers and reductions under the plan's schedule
-        self.actions = build_schedule(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)
         self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, plan.dp, execution.replicate_copies_params)
         self._traffic = {}
+
+    @property
+    def actions(self):
+        """The plan's schedule: per pipeline rank, its forward and backward actions in order."""
+        return build_schedule(self.plan.schedule, self.plan.pp, self.plan.grad_accum, self.plan.interleave)
 
     # -- layers to stages ----------------------------------------------------------------
     def stage_layers(self) -> list[list[int]]:
@@ -388,16 +392,17 @@ class _Simulation:
         return self.plan.checkpoint_for(self.traced.block_number[index])
 
     # -- time ----------------------------------------------------------------------------
-    def layer_times(self, index: int, mode: str | None = None, stage: int = 0) -> LayerTimes:
+    def layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
         """One micro-batch through one layer, under the plan's checkpoint mode for the layer
         or the `mode` given: forward, backward (recompute included), and the parts of those
-        spent recomputing and in exposed TP and FSDP communication. FSDP's collectives are
-        averaged over the step's micro-batches as virtual stage `stage` issues them (the
-        step simulation charges them to the actions that issue them)."""
+        spent recomputing and in exposed TP and FSDP communication - the planner's estimate.
+        FSDP's collectives are averaged over the step's micro-batches as if each ran forward
+        then backward (a pipeline's warm-up forwards can only add ZeRO-3 gathers); `run()`
+        charges them to the actions of the real schedule that issue them."""
         base = self.base_layer_times(index, mode)
-        traffic = self.fsdp_traffic(stage)
-        if traffic is None:
+        if self.fsdp_drive is None or self.plan.zero == 0 or self.plan.dp == 1:
             return base
+        traffic = fsdp.play(self.fsdp_drive, fsdp.in_sequence(self.plan.grad_accum))
         exposed = self.fsdp_exposure(index, base)
         n = self.plan.grad_accum
         fsdp_fwd = exposed.forward_gather_s * len(traffic.forward_gathers) / n
