@@ -23,6 +23,10 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+# Imported here, before any process group exists, not lazily: the module binds
+# dist.group.WORLD as a default argument when first imported, and a live world group bound
+# there could never be freed, so its gloo threads would outlive teardown (see mesh.teardown).
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 BETAS = (0.9, 0.95)
@@ -44,7 +48,6 @@ def build_optimizer(part: nn.Module, lr: float, weight_decay: float, zero1_group
     param_groups = [dict(params=ps, weight_decay=weight_decay if decay else 0.0)
                     for (decay, _), ps in groups.items()]
     if zero1_group is not None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
         first, *rest = param_groups
         opt = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW,
                                       process_group=zero1_group, lr=lr, betas=BETAS,
