@@ -9,8 +9,11 @@ ranks adjacent, pipeline stages outermost).
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -127,6 +130,40 @@ def setup(plan: Plan, device_choice: str = "auto", timeout_s: float = 600.0) -> 
     return Runtime(rank, world, local_rank, device, mesh, coords, owns)
 
 
-def teardown(rt: Runtime):
-    if rt.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(rt: Runtime, completed: bool = True):
+    """Destroy the process groups this process started; after a completed run, also end
+    their worker threads before the interpreter exits.
+
+    Why: gloo runs each collective on a C++ worker thread, which drops its reference to
+    the finished work - and to the tensors it holds - only after the waiting rank has
+    moved on. If that is the last reference to a tensor whose Python object was already
+    released, the worker needs the GIL to free it; once the interpreter is finalizing,
+    CPython ends such a thread with pthread_exit, whose forced unwind through the noexcept
+    ~AsyncWork calls std::terminate ("terminate called without an active exception",
+    SIGABRT, torchrun exits 1 after a run that succeeded). destroy_process_group does not
+    stop gloo's workers (its shutdown is a no-op); ~ProcessGroupGloo joins them, and it
+    runs only when the last reference to the group goes - so drop ours and collect.
+    Not after a failed run: ~ProcessGroupGloo first waits for its queued work, which may
+    wait on ranks that are gone, and a failed run exits non-zero anyway.
+    """
+    if not (rt.owns_process_group and dist.is_initialized()):
+        return
+    groups = [weakref.ref(pg) for pg in dist.distributed_c10d._world.pg_map]
+    dist.destroy_process_group()
+    if not completed:
+        return
+    _release_mesh_groups(rt)
+    gc.collect()        # the parallelized modules hold groups in reference cycles
+    alive = sum(ref() is not None for ref in groups)
+    if alive:
+        print(f"meshplan: warning: {alive} process group(s) still referenced after teardown; their gloo "
+              f"threads outlive the run and may abort the process at exit", file=sys.stderr, flush=True)
+
+
+def _release_mesh_groups(rt: Runtime):
+    """Forget the groups our device mesh holds: torch keeps meshes alive in caches (e.g. the
+    lru_cache of DTensor's MeshTopoInfo.build_from_mesh), and a root mesh - ours is one -
+    keeps its groups and its sub-meshes' in _pg_registry."""
+    if rt.mesh is not None:
+        getattr(rt.mesh, "_pg_registry", {}).clear()
+        rt.mesh = None

@@ -23,6 +23,11 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+# Imported here, before any process group exists, never lazily: torch.distributed.optim
+# binds dist.group.WORLD as a default argument when first imported (ZeroRedundancyOptimizer),
+# torch modules the runtime uses may import it, and a world group bound there could never be
+# freed, so its gloo threads would outlive teardown (see mesh.teardown).
+import torch.distributed.optim  # noqa: F401
 from torch.distributed.tensor import DTensor
 
 BETAS = (0.9, 0.95)

@@ -96,10 +96,15 @@ def validate(argv=None):
 
 
 def _fault_injection(step: int, rank: int):
-    """Test hook: MESHPLAN_FAULT_SIGKILL_AFTER_STEP=N [MESHPLAN_FAULT_RANK=R] SIGKILLs rank R after step N."""
-    target = os.environ.get("MESHPLAN_FAULT_SIGKILL_AFTER_STEP")
-    if target and int(target) == step and rank == int(os.environ.get("MESHPLAN_FAULT_RANK", "0")):
+    """Test hooks, on rank R (MESHPLAN_FAULT_RANK, default 0) after step N:
+    MESHPLAN_FAULT_SIGKILL_AFTER_STEP=N kills it (SIGKILL), MESHPLAN_FAULT_RAISE_AFTER_STEP=N
+    raises in it (a rank that fails in Python and goes through teardown)."""
+    if rank != int(os.environ.get("MESHPLAN_FAULT_RANK", "0")):
+        return
+    if os.environ.get("MESHPLAN_FAULT_SIGKILL_AFTER_STEP", "") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MESHPLAN_FAULT_RAISE_AFTER_STEP", "") == str(step):
+        raise RuntimeError(f"injected fault on rank {rank} after step {step} (MESHPLAN_FAULT_RAISE_AFTER_STEP)")
 
 
 def run(argv=None) -> list[dict]:
@@ -114,15 +119,17 @@ def run(argv=None) -> list[dict]:
         return []
     sink = MetricsSink(rank, args.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
     rt = mesh.setup(plan, args.device)
-    records = []
+    records, completed = [], False
     try:
-        return _train(args, plan, spec, rt, sink, records)
+        _train(args, plan, spec, rt, sink, records)
+        completed = True
+        return records
     except MeshplanError as exc:
         exc.after_setup = True      # may be this rank's alone: it reports it
         raise
     finally:
         sink.close()
-        mesh.teardown(rt)
+        mesh.teardown(rt, completed)
 
 
 def _train(args, plan, spec, rt, sink, records):
