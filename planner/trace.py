@@ -35,8 +35,9 @@ CPU flash-attention kernel, which saves what GPU flash attention saves (q, k, v,
 logsumexp), and autocast uses the CPU op lists (matmuls and attention in low precision, as
 on CUDA). Where CPU and CUDA dispatch save different tensors, `kernels="cuda"` (the
 default) substitutes the CUDA choice - fused RMSNorm, flash attention with dropout, fused
-dropout (`_CudaKernels`) - and `kernels="cpu"` keeps plain CPU dispatch, which is what the
-tests compare byte for byte with real CPU steps. Parameters are never materialised:
+dropout (`_CudaKernels`) - and `kernels="cpu"` keeps plain CPU dispatch (grouped-query
+attention fused as 2.13 fuses it, also on 2.7 and 2.8: `_FusedCpuGqa`), which is what the
+tests compare byte for byte with real CPU steps run under the same `kernel_choices`. Parameters are never materialised:
 models are built on the meta device and swapped for fake tensors with
 `torch.func.functional_call`.
 
