@@ -35,8 +35,9 @@ CPU flash-attention kernel, which saves what GPU flash attention saves (q, k, v,
 logsumexp), and autocast uses the CPU op lists (matmuls and attention in low precision, as
 on CUDA). Where CPU and CUDA dispatch save different tensors, `kernels="cuda"` (the
 default) substitutes the CUDA choice - fused RMSNorm, flash attention with dropout, fused
-dropout (`_CudaKernels`) - and `kernels="cpu"` keeps plain CPU dispatch, which is what the
-tests compare byte for byte with real CPU steps. Parameters are never materialised:
+dropout (`_CudaKernels`) - and `kernels="cpu"` keeps plain CPU dispatch (grouped-query
+attention fused as 2.13 fuses it, also on 2.7 and 2.8: `_FusedCpuGqa`), which is what the
+tests compare byte for byte with real CPU steps run under the same `kernel_choices`. Parameters are never materialised:
 models are built on the meta device and swapped for fake tensors with
 `torch.func.functional_call`.
 
@@ -83,6 +84,7 @@ from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import ATTENTION_BWD_FACTOR, Layer, LayerCost, OpInfo, TracedModel
 from planner.models import Decoder
+from planner.torch_compat import cpu_sdpa_fuses_gqa
 from planner.zoo import ModelSpec, load_model
 
 aten = torch.ops.aten
@@ -458,7 +460,8 @@ class _CudaKernels(TorchFunctionMode):
     We measure on fake CPU tensors but the numbers stand for a GPU step. Three CPU
     dispatch choices save different tensors than CUDA's: (1) SDPA with dropout has no CPU
     fused kernel, and the math path saves the T x T probabilities; CUDA flash attention
-    supports dropout, so we run the flash kernel. (2) CPU dropout saves a mask in the
+    supports dropout, so we run the flash kernel; the same for grouped-query attention
+    where the installed torch decomposes it on CPU. (2) CPU dropout saves a mask in the
     input's dtype; CUDA's fused `native_dropout` saves a bool mask. (3) `F.rms_norm` is
     composite on CPU and saves the normalised activations; CUDA (torch >= 2.8) runs
     `_fused_rms_norm`, which saves only the input and rstd (as `meshplan::fused_rms_norm` does).
@@ -467,9 +470,13 @@ class _CudaKernels(TorchFunctionMode):
     and meta kernels in the input's dtype - 4 bytes a token per LayerNorm under-counted
     (GPT, h 4096: 8 of the 100-140 KB a block saves per token, under 0.01 %)."""
 
+    @property
+    def choices(self) -> dict:
+        return _CUDA_CHOICES
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        replacement = _CUDA_CHOICES.get(func)
+        replacement = self.choices.get(func)
         if replacement is not None:
             out = replacement(*args, **kwargs)
             if out is not None:
@@ -477,15 +484,56 @@ class _CudaKernels(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _flash_with_dropout(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                        enable_gqa=False):
-    if not dropout_p or attn_mask is not None or query.dim() != 4 or query.device.type != "cpu":
+def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    """The flash kernel where CPU dispatch would decompose SDPA: with dropout, and with
+    grouped k/v on a torch whose CPU SDPA does not fuse GQA (see cpu_sdpa_fuses_gqa)."""
+    if not (dropout_p or _gqa_decomposed(enable_gqa)):
+        return None
+    if attn_mask is not None or query.dim() != 4 or query.device.type != "cpu":
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) for t in (query, key, value))
+    if key.shape[1] != query.shape[1] and not cpu_sdpa_fuses_gqa():
+        return _GroupedFlash.apply(query, key, value, dropout_p, is_causal, scale)
     return aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+
+def _gqa_decomposed(enable_gqa):
+    return enable_gqa and not cpu_sdpa_fuses_gqa()
+
+
+cpu_sdpa_fuses_gqa()   # probe (cached) at import, outside the fake and dispatch modes traces run under
+
+
+class _GroupedFlash(torch.autograd.Function):
+    """Flash attention over grouped k/v for a torch whose CPU flash kernel does not take
+    them (2.7 accepts the shapes but computes wrong outputs and gradient shapes). The
+    kernel runs on k/v repeated to the query heads - two extra copies in the traced
+    forward - but what it keeps for backward is what a GQA-fusing kernel keeps (q, the
+    grouped k and v, output, logsumexp), so activation memory is what 2.13 counts."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, dropout_p, is_causal, scale):
+        groups = query.shape[1] // key.shape[1]
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), dropout_p, is_causal,
+            scale=scale)[:2]
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.args = groups, dropout_p, is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, out, lse = ctx.saved_tensors
+        groups, dropout_p, is_causal, scale = ctx.args
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), out, lse,
+            dropout_p, is_causal, scale=scale)
+        fold = lambda g: g.unflatten(1, (key.shape[1], groups)).sum(2)  # noqa: E731
+        return dq, fold(dk), fold(dv), None, None, None
 
 
 def _fused_dropout(input, p=0.5, training=True, inplace=False):
@@ -542,15 +590,33 @@ def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):
     return _fused_rms_norm_op(input, weight, dims, eps)[0]
 
 
-_CUDA_CHOICES = {F.scaled_dot_product_attention: _flash_with_dropout, F.dropout: _fused_dropout,
+_CUDA_CHOICES = {F.scaled_dot_product_attention: _flash_attention, F.dropout: _fused_dropout,
                  F.rms_norm: _fused_rms_norm}
 KERNELS = ("cuda", "cpu")
 
 
+class _FusedCpuGqa(_CudaKernels):
+    """Plain CPU dispatch, but grouped-query SDPA runs the fused CPU kernel on every
+    supported torch (2.13 dispatches it there itself), so a trace does not depend on the
+    release."""
+
+    @property
+    def choices(self) -> dict:
+        return {F.scaled_dot_product_attention: _flash_for_gqa}
+
+
+def _flash_for_gqa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        return None     # CPU's own choice: the math path
+    return _flash_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+
+
 def kernel_choices(kernels: str = "cuda"):
     """Context in which ops dispatch as on `kernels`: "cuda" (what a GPU step runs, see
-    `_CudaKernels`) or "cpu" (plain CPU dispatch)."""
-    return _CudaKernels() if kernels == "cuda" else contextlib.nullcontext()
+    `_CudaKernels`) or "cpu" (plain CPU dispatch, grouped-query attention fused)."""
+    if kernels == "cuda":
+        return _CudaKernels()
+    return contextlib.nullcontext() if cpu_sdpa_fuses_gqa() else _FusedCpuGqa()
 
 
 # ----------------------------------------------------------------------------- the opaque unit op

@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from cost_models.errors import MeshplanError
 from planner.plan import MESH_DIMS, Plan
+from planner.torch_compat import RUNTIME_MIN_TORCH, require_torch
 
 
 @dataclass
@@ -92,6 +93,9 @@ def _free_port() -> int:
 
 
 def check_world(plan: Plan, world: int):
+    """Can `plan` run on `world` processes with this torch? (Every run, `MESHPLAN_CHECK_ONLY`
+    included, passes here before it starts anything.)"""
+    require_torch(RUNTIME_MIN_TORCH, "the meshplan training runtime")
     if plan.world_size != world:
         raise MeshplanError(f"the plan needs dp x tp x pp = {plan.dp} x {plan.tp} x {plan.pp} = "
                             f"{plan.world_size} processes but {world} were started: start {plan.world_size} "

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.errors import MeshplanError
 from planner.models import ModelConfig
 from planner.plan import Plan
+from planner.torch_compat import fsdp_replicate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -353,7 +354,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
         return part
     if dp == 1:
         return part
-    from torch.distributed._composable.replicate_with_fsdp import replicate
+    replicate = fsdp_replicate()
     for block in part.blocks.values():
         replicate(block, mesh=rt.submesh("dp"))
     replicate(part, mesh=rt.submesh("dp"))

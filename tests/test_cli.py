@@ -73,6 +73,7 @@ def test_validate_plan(cli, tmp_path):
     assert_user_error(cli("validate", "--plan", tmp_path / "missing.json"), "does not exist")
 
 
+@pytest.mark.runtime
 def test_train_launcher_single_process_and_checks(cli, tmp_path):
     plan = tmp_path / "plan.json"
     Plan(dp=1, global_batch=2, micro_batch=2, seq=32, precision="fp32").save(plan)

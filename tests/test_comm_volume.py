@@ -27,6 +27,8 @@ from planner.plan import Plan
 from planner.simulate import prepare
 from runtime_helpers import run_ranks
 
+pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+
 WORLD = 4
 SMALL_BYTES = 64
 BASE = dict(seq=32, global_batch=8)

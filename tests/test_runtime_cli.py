@@ -12,6 +12,8 @@ import pytest
 from runtime.train import main
 from runtime_helpers import read_jsonl, write_plan
 
+pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+
 
 def _train(*args, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,8 +8,8 @@ ZeRO 2/3 uses FSDP's MixedPrecisionPolicy, which also rounds norms and activatio
 16 bits, and reductions run in a different order). Clipping at 1.0 is active (the first
 steps' gradient norms are 1.3-2.2), so the global gradient norm must be right as well.
 
-All 4-rank plans run one after another inside a single forked 4-rank job (one process
-start for all of them); the single-process references run in a forked 1-rank job.
+All 4-rank plans run one after another inside a single 4-rank job (one process
+start for all of them); the single-process references run in a 1-rank job.
 Plan files come from `meshplan plan ... --out` with every degree pinned (the path users
 take); the few plans with hand-made stage splits, TP layouts, per-layer checkpoint mixes
 or rank orders, which no flag pins, are written directly.
@@ -23,6 +23,8 @@ import pytest
 
 from runtime_helpers import (drop_checkpoints_after, mesh_coords, planned, read_jsonl, run_ranks, train_many,
                              write_plan)
+
+pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
 
 STEPS = 5
 BASE = dict(seq=32, global_batch=8)

@@ -21,7 +21,8 @@ import pytest
 
 from runtime_helpers import write_plan
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="counts threads in /proc/self/task; torchrun")
+pytestmark = [pytest.mark.runtime,   # needs torch >= the runtime's floor (planner/torch_compat.py)
+              pytest.mark.skipif(sys.platform != "linux", reason="counts threads in /proc/self/task; torchrun")]
 
 REPO = Path(__file__).resolve().parents[1]
 LOOP = REPO / "benchmarks" / "train_exit_loop.py"

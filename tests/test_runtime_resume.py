@@ -15,7 +15,8 @@ import pytest
 
 from runtime_helpers import planned, read_jsonl
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun + SIGKILL test written for Linux")
+pytestmark = [pytest.mark.runtime,
+              pytest.mark.skipif(sys.platform != "linux", reason="torchrun + SIGKILL test written for Linux")]
 
 
 def _torchrun(args, env_extra=None, timeout=180):

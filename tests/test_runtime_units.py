@@ -16,6 +16,8 @@ from runtime.optim import lr_lambda
 from runtime.parallelize import megatron_layout, resolve_layout
 from runtime.pipeline import check_schedule, local_stages, stage_ranges
 
+pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+
 GPT = load_model("gpt-tiny").config
 LLAMA = load_model("llama-tiny").config
 

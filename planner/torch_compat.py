@@ -1,0 +1,118 @@
+"""Which PyTorch releases meshplan runs on, and the one place that knows their differences.
+
+Supported (checked in CI at both ends, see .ci/run):
+- planning and simulation (`planner`, every `meshplan` command but `train`): torch >= 2.7;
+- the training runtime (`runtime`, `meshplan train`): torch >= 2.12.
+
+Why two floors: the planner only traces models on fake/meta tensors, and 2.7 plans and
+simulates exactly as 2.13 does. The runtime drives FSDP2, DTensor and pipelining, which
+changed under it release by release (measured on CPU/gloo): 2.7 and 2.8 have no
+FSDP-based `replicate` (ZeRO 0 with tensor parallelism) and log FSDP2 gradient norms dp
+times too large; 2.9's `replicate` takes its mesh differently; 2.10 and 2.11 fail pipeline
++ TP with a stride mismatch. 2.12 is the first release all runtime tests pass on.
+
+`planner/__init__.py` imports this module first, so on a torch below the planner's floor
+importing meshplan stops here with one line naming the release needed (`UnsupportedTorch`,
+an ImportError), not deep inside a traceback. The runtime's floor is checked where every
+run starts (`runtime.mesh.check_world`), so planner tests and tools that borrow runtime
+constants still import on the planner's floor. pyproject.toml's `torch>=` pin must equal
+PLANNER_MIN_TORCH (a test checks it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from cost_models.errors import MeshplanError
+
+PLANNER_MIN_TORCH = (2, 7)
+RUNTIME_MIN_TORCH = (2, 12)
+
+
+class UnsupportedTorch(MeshplanError, ImportError):
+    """The installed torch is older than the part of meshplan being imported needs.
+
+    A MeshplanError, so `meshplan` prints it as one `meshplan: error:` line with exit
+    code 2; an ImportError, so a library user's `import planner` fails as an import."""
+
+
+def torch_release(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version string; pre-releases and local builds
+    ("2.7.0a0+git...", "2.13.0+cpu") count as their release."""
+    version = str(torch.__version__ if version is None else version)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise UnsupportedTorch(f"cannot read the torch version {version!r}")
+    return int(match[1]), int(match[2])
+
+
+def require_torch(floor: tuple[int, int], what: str, version: str | None = None) -> None:
+    """Raise UnsupportedTorch (one line) unless torch is at least `floor`."""
+    version = str(torch.__version__ if version is None else version)
+    if torch_release(version) < floor:
+        need = ".".join(map(str, floor))
+        raise UnsupportedTorch(f"{what} needs torch>={need}, but torch {version} is installed: "
+                               f"pip install 'torch>={need}'")
+
+
+def _report_uncaught_in_one_line():
+    """Make an UnsupportedTorch that nobody catches end the process as a `meshplan` user
+    error does: one `meshplan: error:` line on stderr, exit code 2. Needed because the
+    check runs while the `planner` package itself is imported - before `python -m
+    planner.cli` (or the `meshplan` script) reaches the code that reports errors."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        if not issubclass(kind, UnsupportedTorch):
+            return previous(kind, exc, tb)
+        print(f"meshplan: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)     # after an uncaught exception the interpreter would exit 1
+
+    sys.excepthook = hook
+
+
+@functools.cache
+def cpu_sdpa_fuses_gqa() -> bool:
+    """Does CPU `F.scaled_dot_product_attention(..., enable_gqa=True)` run the fused flash
+    kernel? 2.13 does; 2.7 decomposes it (repeat k/v, bmm, softmax, bmm), which saves other
+    tensors for backward and hides the attention op from the tracer, though its flash
+    kernel takes grouped k/v shapes when called directly (see trace._GroupedFlash; 2.8 is
+    the same). Probed on a tiny call rather than read from the version, so whichever
+    release changed it is handled."""
+    from torch.utils._python_dispatch import TorchDispatchMode   # private; no public path
+
+    class Seen(TorchDispatchMode):
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func)
+            return func(*args, **(kwargs or {}))
+
+    q = torch.zeros(1, 2, 4, 8, requires_grad=True)
+    kv = torch.zeros(1, 1, 4, 8, requires_grad=True)
+    with Seen() as seen:
+        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in seen.ops
+
+
+def fsdp_replicate():
+    """torch's FSDP-based `replicate` (ZeRO 0 that takes DTensor, i.e. tensor-parallel,
+    parameters). Private: torch has no public equivalent (through 2.14 it lives only in
+    torch.distributed._composable.replicate_with_fsdp; DDP, the public replicator, does not
+    take DTensor parameters). Its signature as used here is 2.12's, the runtime floor."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    return replicate
+
+
+try:
+    require_torch(PLANNER_MIN_TORCH, "meshplan")
+except UnsupportedTorch:
+    _report_uncaught_in_one_line()
+    raise
