@@ -55,7 +55,7 @@ from cost_models.memory import gathered_param_bytes
 from planner.plan import CHECKPOINT_MODES, RECOMPUTE_MODES, even_stages
 
 MODES = CHECKPOINT_MODES
-# a rank's recomputed blocks come first, in this order (the rest keep everything)
+# a rank's recomputed blocks come first, in this order (most recomputed first)
 PLACEMENT_ORDER = tuple(reversed(RECOMPUTE_MODES))
 
 
@@ -159,11 +159,11 @@ def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinne
     times = np.stack([time for time, _ in options])
     best = np.argmin(times, axis=0)
     cost = np.where(need <= 0, 0.0, times.min(axis=0))
-    counts = {}
-    for mode in RECOMPUTE_MODES:
-        chosen = np.choose(best, [np.broadcast_to(c.get(mode, zero), n.shape) for _, c in options])
-        counts[mode] = np.nan_to_num(np.where(need <= 0, 0, chosen), posinf=0)
-    return cost, counts
+    blocks = np.stack([np.stack([np.broadcast_to(c.get(m, zero), n.shape) for m in RECOMPUTE_MODES])
+                       for _, c in options])                      # (option, mode, ranks, sizes)
+    chosen = np.take_along_axis(blocks, best[None, None], axis=0)[0]
+    chosen = np.nan_to_num(np.where(need <= 0, 0, chosen), posinf=0)
+    return cost, dict(zip(RECOMPUTE_MODES, chosen))
 
 
 def _vertices(b: _BlockCosts, k: np.ndarray, n: np.ndarray, need: np.ndarray) -> list:
@@ -246,12 +246,14 @@ def _build(costs: StageCosts, counts: list[int], budget: np.ndarray, pinned: str
     if bounds is None:
         edges = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         bounds = [[int(edges[r]), int(edges[r + 1])] for r in range(costs.pp)]
+    # a rank's recomputed blocks come first, in PLACEMENT_ORDER; the rest keep everything
+    modes = [[m for m in PLACEMENT_ORDER for _ in range(blocks_in[m][r])] for r in range(costs.pp)]
     checkpoint = ["none"] * len(costs.blocks)
     placed = [0] * costs.pp            # blocks of each rank given a mode so far
     for c, (s, e) in enumerate(bounds):
         r = c % costs.pp
         for block in range(s, e):
-            checkpoint[block] = _mode_of(placed[r], {m: blocks_in[m][r] for m in RECOMPUTE_MODES})
+            checkpoint[block] = modes[r][placed[r]] if placed[r] < len(modes[r]) else "none"
             placed[r] += 1
     b = costs.block
     times = costs.f + n[:, 0] * b.time_s["none"] + extra[:, 0]
@@ -260,11 +262,3 @@ def _build(costs: StageCosts, counts: list[int], budget: np.ndarray, pinned: str
     memory = costs.g + n[:, 0] * b.state_bytes + costs.k * activations
     return Partition(bounds, checkpoint, [float(t) for t in times], [float(m) for m in memory])
 
-
-def _mode_of(j: int, blocks_in: dict) -> str:
-    """The mode of a rank's j-th block: its recomputed blocks come first, in PLACEMENT_ORDER."""
-    for mode in PLACEMENT_ORDER:
-        if j < blocks_in[mode]:
-            return mode
-        j -= blocks_in[mode]
-    return "none"
