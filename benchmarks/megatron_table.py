@@ -40,7 +40,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from planner.plan import Plan
+from planner.plan import RECOMPUTE_MODES, Plan
 from planner.search import plan
 from planner.simulate import MEGATRON_2021, simulate
 from planner.zoo import PRESETS
@@ -122,7 +122,7 @@ def summary(p) -> str:
     text += f"x{p.interleave}" if p.interleave > 1 else ""
     text += " sp" if p.sequence_parallel else ""
     text += " off" if p.offload_optimizer else ""
-    modes = [m for m in ("full", "selective") if m in (p.checkpoint or [])]
+    modes = [m for m in reversed(RECOMPUTE_MODES) if m in (p.checkpoint or [])]
     return text + (" ckpt:" + "+".join(modes) if modes else "")
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +17,7 @@ from rich.table import Table
 from cost_models import GPUS, SYSTEMS, MeshplanError, parse_cluster
 from cost_models.units import GB, GIB, TERA
 from planner.models import count_parameters
-from planner.plan import Plan, check_new_path
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan, check_new_path
 from planner.tables import console_for
 from planner.zoo import PRESETS, load_model
 
@@ -127,9 +128,9 @@ def _plan_from_args(args) -> Plan:
 
 
 def _with_layers(plan: Plan, spec, mode: str | None) -> Plan:
-    """Expand a uniform --checkpoint mode to the model's layers."""
+    """Expand a uniform --checkpoint mode to the model's layers (validated as a plan's)."""
     if mode and mode != "none" and spec.config is not None:
-        plan.checkpoint = [mode] * spec.config.layers
+        return replace(plan, checkpoint=[mode] * spec.config.layers)
     return plan
 
 
@@ -306,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=0)
-    p.add_argument("--checkpoint", choices=["none", "selective", "full"], default="none")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default="1f1b")
+    p.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="none",
+                   help="recompute every block: attention (its attention core, Megatron-LM's selective), "
+                        "selective (op-level, torchtitan-like) or full")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
     p.add_argument("--interleave", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")

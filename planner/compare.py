@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.calibration import calibration_line, default_calibration
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
-from planner.plan import check_new_path
+from planner.plan import CHECKPOINT_MODES, SCHEDULES, check_new_path
 from planner.tables import console_for
 
 SECONDS_PER_DAY = 86400.0
@@ -172,8 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pins = p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)")
     for flag in ("tp", "pp", "zero", "micro-batch"):
         pins.add_argument(f"--{flag}", type=int)
-    pins.add_argument("--checkpoint", choices=["none", "selective", "full"])
-    pins.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
+    pins.add_argument("--checkpoint", choices=CHECKPOINT_MODES)
+    pins.add_argument("--schedule", choices=SCHEDULES)
 
 
 def run(args) -> int:

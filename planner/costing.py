@@ -9,7 +9,9 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
   seq x hidden elements), which tensor parallelism replicates - and sequence
   parallelism splits along the sequence, so with it every op is divided by tp;
 - selective checkpointing (as the runtime applies it) keeps matmul and attention outputs
-  and recomputes the streaming ops (norms, activations, casts) in backward;
+  and recomputes the streaming ops (norms, activations, casts) in backward; attention-core
+  recomputation reruns the ops the trace labels `attention_core` (the fused kernel, or
+  QK^T, mask, softmax, dropout and the product with V) and keeps everything else;
 - each row-parallel linear ends in one all-reduce of the residual stream in forward
   and one in backward (Megatron: two per block each way); with sequence parallelism
   each becomes a reduce-scatter plus an all-gather of the same total volume;
@@ -87,21 +89,24 @@ class LayerTiming:
     fwd_s: float
     bwd_s: float
     streaming_fwd_s: float          # non-matmul, non-attention ops: what selective recomputation repeats
+    attention_core_fwd_s: float     # the attention core's ops: what attention-core recomputation repeats
     tp_comm_fwd: tuple              # TP collectives of one forward: ((kind, bytes), ...)
     tp_comm_bwd: tuple              # ... and of one backward (a full recomputation repeats the forward's)
     params_per_gpu: float           # after TP sharding
     saved_bytes: float              # activations held for backward, by checkpoint mode below
     saved_bytes_full: float
     saved_bytes_selective: float
+    saved_bytes_attention: float
     param_copy_bytes: float
     boundary_bytes: float           # the layer's output: what a pipeline stage boundary sends
 
     def recompute_s(self, mode: str) -> float:
-        return {"none": 0.0, "selective": self.streaming_fwd_s, "full": self.fwd_s}[mode]
+        return {"none": 0.0, "attention": self.attention_core_fwd_s, "selective": self.streaming_fwd_s,
+                "full": self.fwd_s}[mode]
 
     def saved_for(self, mode: str) -> float:
-        return {"none": self.saved_bytes, "selective": self.saved_bytes_selective,
-                "full": self.saved_bytes_full}[mode]
+        return {"none": self.saved_bytes, "attention": self.saved_bytes_attention,
+                "selective": self.saved_bytes_selective, "full": self.saved_bytes_full}[mode]
 
 
 def _module_name(op: OpInfo) -> str:
@@ -269,7 +274,7 @@ class LayerCoster:
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
         precision = self.traced.precision
-        fwd = bwd = streaming = 0.0
+        fwd = bwd = streaming = core = 0.0
         comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
@@ -279,6 +284,8 @@ class LayerCoster:
             fwd, bwd = fwd + f, bwd + b
             if op.kind not in ("linear", "matmul", "conv", "attention"):
                 streaming += f
+            if op.attention_core:
+                core += f
             if tp > 1:
                 op_fwd, op_bwd = self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
@@ -289,16 +296,18 @@ class LayerCoster:
         host_bwd = (launched * HOST_BWD_OPS_PER_FWD_OP + extra_host_ops[1]) * self.compute.host_s_per_op
         fwd = self.compute.host_bound_s(fwd, host_fwd)
         bwd = self.compute.host_bound_s(bwd, host_bwd)
-        streaming = min(streaming, fwd)
+        streaming, core = min(streaming, fwd), min(core, fwd)
         split = 1.0 / tp
         replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE
         act_share = replicated + (1 - replicated) * split
         boundary_share = split if sp else 1.0
         return LayerTiming(
-            fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
+            fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, attention_core_fwd_s=core,
+            tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
             params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share,
             saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
             saved_bytes_selective=cost.saved_bytes_selective * act_share,
+            saved_bytes_attention=cost.saved_bytes_attention * act_share,
             param_copy_bytes=cost.saved_param_copy_bytes * split if tp > 1 else cost.saved_param_copy_bytes,
             boundary_bytes=cost.output_bytes * boundary_share)
 

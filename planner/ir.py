@@ -53,6 +53,8 @@ class OpInfo:
     `params` are the parameter names (model paths) this op consumes; the parameter counts
     are charged to the first compute op that consumes each parameter (casts and views of a
     weight are transparent), so they sum to the layer's count.
+    `attention_core`: the op ran inside the model's attention core (labelled by
+    planner.models.causal_attention): what attention-core recomputation reruns.
     """
 
     name: str
@@ -74,6 +76,7 @@ class OpInfo:
     gemm: tuple | None = None
     attention: tuple | None = None
     shardable: dict = field(default_factory=dict)
+    attention_core: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -111,7 +114,20 @@ class LayerCost:
       the linear layers) are saved; everything else - the attention core (flash kernel or
       QK^T/softmax/PV), norms, activations, casts - is recomputed in backward. Counted like
       the full checkpoint (alive storages). `recompute_fwd_flops_selective` is what that
-      recomputation costs in FLOPs (the attention forward).
+      recomputation costs in FLOPs (an unfused attention's batched products; a fused
+      attention kernel is saved). Op-level selective checkpointing, close to torchtitan's
+      policy (`_save_list` of matmuls and SDPA kernels).
+    - `saved_bytes_attention`: attention-core recomputation, Korthikanti et al.'s selective
+      recomputation as Megatron-LM runs it (`--recompute-granularity selective`: its
+      `core_attention` module checkpointed): the block runs with `recompute_attention` set,
+      so only the attention core (the ops labelled `OpInfo.attention_core`: the fused SDPA
+      kernel, or QK^T, mask, softmax, dropout and the product with V) reruns in backward
+      and everything else is kept as without recomputation. Counted like the full
+      checkpoint (alive storages: the core's checkpoint keeps q, k and v by reference), less
+      autocast's parameter copies (still in `saved_param_copy_bytes`). Korthikanti et al.
+      2022, Sec. 4.1: 34sbh + 5as^2b bytes per layer without recomputation, 34sbh with it.
+      `recompute_fwd_flops_attention` is the core's forward FLOPs, rerun in backward.
+      A block without the flag (a model not from planner.models) keeps `saved_bytes`.
 
     The kernels are those of the trace's `kernels` choice ("cuda" by default: what a GPU
     step saves; see `planner.trace`). Buffers are excluded like parameters.
@@ -131,18 +147,25 @@ class LayerCost:
     saved_bytes: int
     saved_bytes_full_ckpt: int
     saved_bytes_selective: int
+    saved_bytes_attention: int
     saved_param_copy_bytes: int
     input_bytes: int
     output_bytes: int
     attn_fwd_flops: int = 0
     attn_causal_fwd_flops: int = 0
     recompute_fwd_flops_selective: int = 0
+    recompute_fwd_flops_attention: int = 0
     ops: list = field(default_factory=list)
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
 
     @property
     def flops(self) -> float:
         return self.fwd_flops + self.bwd_flops
+
+    def recompute_fwd_flops(self, mode: str) -> int:
+        """Forward FLOPs rerun in backward under checkpoint mode `mode` (planner.plan.CHECKPOINT_MODES)."""
+        return {"none": 0, "attention": self.recompute_fwd_flops_attention,
+                "selective": self.recompute_fwd_flops_selective, "full": self.fwd_flops}[mode]
 
     def op(self, name: str) -> OpInfo:
         for op in self.ops:

@@ -6,6 +6,12 @@ grouped-query attention. Attention is `F.scaled_dot_product_attention(is_causal=
 and the loss is cross-entropy on fp32 logits, as in shared/reference/h100/measure.py,
 so a single-GPU plan of ours runs the same arithmetic as that reference loop.
 
+`recompute_attention = True` on a block reruns its attention core (`attention_core`) in
+backward instead of keeping its activations: Korthikanti et al. 2022's selective
+recomputation, which Megatron-LM applies by checkpointing its `core_attention` module
+(megatron/core/transformer/attention.py, `_checkpointed_attention_forward`). The core's
+ops carry the fx annotation ATTENTION_CORE, so the tracer knows what that rerun costs.
+
 `attention="unfused"` runs Megatron-LM's core attention instead (the default of
 Megatron-LM before flash attention, and what the SC21 and vTrain measurements ran):
 scores by one baddbmm, causal mask and softmax, dropout on the probabilities, one bmm
@@ -23,17 +29,23 @@ Built for parallelism:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cost_models.errors import MeshplanError
 
 ARCHS = ("gpt", "llama")
 ATTENTION_KINDS = ("sdpa", "unfused")
+# The key of the fx node annotation (node.meta["custom"]) marking the attention core's ops:
+# planner.trace reads it to price attention-core recomputation.
+ATTENTION_CORE = "attention_core"
 
 
 @dataclass
@@ -113,6 +125,27 @@ def dropped(x, p: float, training: bool):
     return F.dropout(x, p, training) if p and training else x
 
 
+def _core_label():
+    """Label the ops traced inside as the attention core. `fx.traceback.annotate` only
+    writes node metadata while a tracer preserves it, so an eager step pays one dict
+    update; a torch release without it runs the same ops, unlabelled."""
+    annotate = getattr(fx_traceback, "annotate", None)
+    return annotate({ATTENTION_CORE: True}) if annotate else contextlib.nullcontext()
+
+
+def attention_core(block: nn.Module, q, k, v):
+    """A block's causal attention; rerun in backward when `block.recompute_attention`.
+
+    The checkpoint keeps q, k and v (views of the projections' outputs, which the
+    linear layers keep anyway) and recomputes the scores, softmax, dropout and the product
+    with the values - Megatron-LM's `--recompute-granularity selective`. Non-reentrant, and
+    preserving the RNG state so the attention dropout replays the same mask."""
+    args = (q, k, v, block.attention, block.dropout, block.training)
+    if block.recompute_attention and torch.is_grad_enabled():
+        return checkpoint(causal_attention, *args, use_reentrant=False, preserve_rng_state=True)
+    return causal_attention(*args)
+
+
 def causal_attention(q, k, v, kind: str, dropout: float, training: bool):
     """Causal self-attention of (B, heads, T, D) queries over (B, kv_heads, T, D) keys/values.
 
@@ -120,6 +153,11 @@ def causal_attention(q, k, v, kind: str, dropout: float, training: bool):
     attention - scaled scores written by one baddbmm, the causal mask and softmax, dropout
     on the probabilities, and the values' bmm.
     """
+    with _core_label():
+        return _causal_attention(q, k, v, kind, dropout, training)
+
+
+def _causal_attention(q, k, v, kind: str, dropout: float, training: bool):
     p = dropout if training else 0.0
     gqa = k.shape[1] != q.shape[1]
     if kind == "sdpa":
@@ -141,6 +179,7 @@ class GPTBlock(nn.Module):
         h, kw = cfg.hidden, dict(device=device)
         self.head_dim = cfg.head_dim
         self.attention, self.dropout = cfg.attention, cfg.dropout
+        self.recompute_attention = False   # set by runtime.parallelize.apply_checkpointing
         self.ln1 = nn.LayerNorm(h, eps=cfg.norm_eps, **kw)
         self.qkv = nn.Linear(h, 3 * h, **kw)
         self.proj = nn.Linear(h, h, **kw)
@@ -152,7 +191,7 @@ class GPTBlock(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, T, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
-        y = causal_attention(q, k, v, self.attention, self.dropout, self.training)
+        y = attention_core(self, q, k, v)
         x = x + dropped(self.proj(y.transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
         return x + dropped(self.fc2(F.gelu(self.fc1(self.ln2(x)))), self.dropout, self.training)
 
@@ -173,6 +212,7 @@ class LlamaBlock(nn.Module):
         h, hd, kw = cfg.hidden, cfg.head_dim, dict(bias=False, device=device)
         self.head_dim, self.rope_theta = hd, cfg.rope_theta
         self.attention, self.dropout = cfg.attention, cfg.dropout
+        self.recompute_attention = False   # set by runtime.parallelize.apply_checkpointing
         self.n1 = nn.RMSNorm(h, eps=cfg.norm_eps, device=device)
         self.q = nn.Linear(h, h, **kw)
         self.k = nn.Linear(h, cfg.kv_heads * hd, **kw)
@@ -189,7 +229,7 @@ class LlamaBlock(nn.Module):
         q = rotary(self.q(y).view(B, T, -1, self.head_dim).transpose(1, 2), self.rope_theta)
         k = rotary(self.k(y).view(B, T, -1, self.head_dim).transpose(1, 2), self.rope_theta)
         v = self.v(y).view(B, T, -1, self.head_dim).transpose(1, 2)
-        y = causal_attention(q, k, v, self.attention, self.dropout, self.training)
+        y = attention_core(self, q, k, v)
         x = x + dropped(self.o(y.transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
         y = self.n2(x)
         return x + dropped(self.down(F.silu(self.gate(y)) * self.up(y)), self.dropout, self.training)

@@ -13,23 +13,25 @@ Data, per pipeline rank r = 0..P-1 (from the simulator's own per-layer numbers):
              (twice its largest op output: gradient in and out) + FSDP's gathered layers
   k_r        micro-batches whose activations rank r holds at its peak (1F1B: P - r,
              GPipe: all, interleaved: from the schedule's action list / chunks)
-and per block, for each checkpoint mode c in {none, selective, full}:
+and per block, for each checkpoint mode c in C = {none} + R, R = {attention, selective,
+full} (planner.plan.CHECKPOINT_MODES):
   T_c        forward + backward (+ recomputation) time per micro-batch
   A_c        activation bytes kept per micro-batch
   S          model-state bytes (by ZeRO stage; ZeRO-2 adds its gathered copy).
-Decision: n_r >= 1 blocks on rank r (sum_r n_r = L), and on each rank x_r selective
-and y_r fully checkpointed blocks (x_r + y_r <= n_r).
+Decision: n_r >= 1 blocks on rank r (sum_r n_r = L), and on each rank x_{r,c} blocks
+recomputed in mode c in R (sum_c x_{r,c} <= n_r; the others keep everything).
 
   minimise    max_r  tau_r(n_r)                                    (bottleneck stage)
-  tau_r(n)  = min_{x,y}  f_r + n T_none + x (T_sel - T_none) + y (T_full - T_none)
-  subject to  memory_fits:  g_r + n S + k_r (n A_none - x (A_none - A_sel)
-                                              - y (A_none - A_full)) <= B_r
-              checkpoint_count:  x + y <= n,  x, y >= 0 integers
+  tau_r(n)  = min_x  f_r + n T_none + sum_{c in R} x_c (T_c - T_none)
+  subject to  memory_fits:  g_r + n S + k_r (n A_none - sum_{c in R} x_c (A_none - A_c)) <= B_r
+              checkpoint_count:  sum_{c in R} x_c <= n,  x_c >= 0 integers
 
-The inner problem (`_checkpoint_cost`) has two variables and two constraints: its
-optimum lies on a vertex - all savings from selective blocks, all from full blocks, or
-every block checkpointed with the mix that just fits - evaluated in closed form and
-rounded up to whole blocks. tau_r(n) is non-decreasing in n (a block more adds time and
+The inner problem (`_checkpoint_cost`) has |R| = 3 variables but two constraints, so a
+vertex of its LP relaxation has at most two non-zero x_c: the optimum takes all its
+savings from one mode (memory_fits tight), or checkpoints every block with the mix of two
+modes that just fits (both tight). Each of those vertices - one per mode, one per pair of
+modes - is evaluated in closed form and rounded up to whole blocks, and the cheapest is
+kept (`_vertices`). tau_r(n) is non-decreasing in n (a block more adds time and
 needs more savings), so the outer problem is solved exactly by bisection over the
 distinct values of the (P x L) table tau: a bottleneck T is feasible iff every rank
 can take at least one block within T and the ranks' largest such n_r sum to >= L
@@ -38,20 +40,23 @@ least one block for each later rank.
 
 The interleaved schedule keeps Megatron's even split of blocks over virtual stages
 (its chunks must stay balanced round-robin); only checkpointing is chosen per rank.
-A user-pinned checkpoint mode fixes x, y (all selective, all full, or none).
+A user-pinned checkpoint mode fixes x (every block in that mode).
 The estimates here drive the search; `planner.simulate` then prices the chosen split
 exactly, and the search tightens a rank's budget by any excess the simulation finds.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from cost_models.memory import gathered_param_bytes
-from planner.plan import even_stages
+from planner.plan import CHECKPOINT_MODES, RECOMPUTE_MODES, even_stages
 
-MODES = ("none", "selective", "full")
+MODES = CHECKPOINT_MODES
+# a rank's recomputed blocks come first, in this order (most recomputed first)
+PLACEMENT_ORDER = tuple(reversed(RECOMPUTE_MODES))
 
 
 @dataclass
@@ -137,40 +142,48 @@ class StageCosts:
 
 
 def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinned: str | None):
-    """Least recomputation time (and the x selective, y full counts) fitting n blocks per rank.
+    """Least recomputation time fitting n blocks per rank, and the blocks of each recompute
+    mode ({mode: count} over RECOMPUTE_MODES).
 
     `n` and `budget` broadcast to (ranks, sizes). Infeasible entries get inf time."""
     b, k = costs.block, costs.k[:, None]
     g = costs.g[:, None]
     n = np.broadcast_to(n, np.broadcast_shapes(n.shape, g.shape, np.shape(budget))).astype(float)
+    zero = np.zeros_like(n)
     if pinned is not None:
         mem = g + n * b.state_bytes + k * n * b.act_bytes[pinned]
         extra = n * (b.time_s[pinned] - b.time_s["none"])
-        zero = np.zeros_like(n)
-        x, y = (n, zero) if pinned == "selective" else (zero, n) if pinned == "full" else (zero, zero)
-        return np.where(mem <= budget, extra, np.inf), x, y
+        return np.where(mem <= budget, extra, np.inf), {m: n if m == pinned else zero for m in RECOMPUTE_MODES}
     need = g + n * b.state_bytes + k * n * b.act_bytes["none"] - budget   # bytes to save
-    s1 = k * (b.act_bytes["none"] - b.act_bytes["selective"])
-    s2 = k * (b.act_bytes["none"] - b.act_bytes["full"])
-    c1 = b.time_s["selective"] - b.time_s["none"]
-    c2 = b.time_s["full"] - b.time_s["none"]
+    options = _vertices(b, k, n, need)
+    times = np.stack([time for time, _ in options])
+    best = np.argmin(times, axis=0)
+    cost = np.where(need <= 0, 0.0, times.min(axis=0))
+    blocks = np.stack([np.stack([np.broadcast_to(c.get(m, zero), n.shape) for m in RECOMPUTE_MODES])
+                       for _, c in options])                      # (option, mode, ranks, sizes)
+    chosen = np.take_along_axis(blocks, best[None, None], axis=0)[0]
+    chosen = np.nan_to_num(np.where(need <= 0, 0, chosen), posinf=0)
+    return cost, dict(zip(RECOMPUTE_MODES, chosen))
+
+
+def _vertices(b: _BlockCosts, k: np.ndarray, n: np.ndarray, need: np.ndarray) -> list:
+    """The inner LP's candidate vertices as (extra time, {mode: blocks}), inf where one does
+    not fit: every saving from one mode, or every block recomputed with two modes' mix."""
+    save = {m: k * (b.act_bytes["none"] - b.act_bytes[m]) for m in RECOMPUTE_MODES}   # per block
+    extra_s = {m: b.time_s[m] - b.time_s["none"] for m in RECOMPUTE_MODES}
+    options = []
     with np.errstate(divide="ignore", invalid="ignore"):
-        x_a = np.where(s1 > 0, np.ceil(np.maximum(need, 0) / s1), np.inf)
-        y_b = np.where(s2 > 0, np.ceil(np.maximum(need, 0) / s2), np.inf)
-        y_c = np.where(s2 > s1, np.ceil((need - n * s1) / (s2 - s1)), np.inf)
-    y_c = np.clip(y_c, 0, None)
-    options = [
-        (np.where(x_a <= n, c1 * x_a, np.inf), x_a, 0 * n),
-        (np.where(y_b <= n, c2 * y_b, np.inf), 0 * n, y_b),
-        (np.where((y_c <= n) & (s1 * (n - y_c) + s2 * y_c >= need), c1 * (n - y_c) + c2 * y_c, np.inf),
-         n - y_c, y_c),
-    ]
-    cost = np.where(need <= 0, 0.0, np.minimum.reduce([o[0] for o in options]))
-    best = np.argmin(np.stack([o[0] for o in options]), axis=0)
-    x = np.choose(best, [np.broadcast_to(o[1], n.shape) for o in options])
-    y = np.choose(best, [np.broadcast_to(o[2], n.shape) for o in options])
-    x, y = np.where(need <= 0, 0, x), np.where(need <= 0, 0, y)
-    return cost, np.nan_to_num(x, posinf=0), np.nan_to_num(y, posinf=0)
+        for m in RECOMPUTE_MODES:
+            x = np.where(save[m] > 0, np.ceil(np.maximum(need, 0) / save[m]), np.inf)
+            options.append((np.where(x <= n, extra_s[m] * x, np.inf), {m: x}))
+        for pair in itertools.combinations(RECOMPUTE_MODES, 2):
+            low, high = sorted(pair, key=lambda m: b.act_bytes[m], reverse=True)   # high saves more
+            y = np.where(save[high] > save[low], np.ceil((need - n * save[low]) / (save[high] - save[low])), np.inf)
+            y = np.clip(y, 0, None)
+            fits = (y <= n) & (save[low] * (n - y) + save[high] * y >= need)
+            options.append((np.where(fits, extra_s[low] * (n - y) + extra_s[high] * y, np.inf),
+                            {low: n - y, high: y}))
+    return options
 
 
 def _largest_blocks_within(table: np.ndarray, bottleneck_s: float) -> np.ndarray:
@@ -185,7 +198,7 @@ def partition(costs: StageCosts, budget_bytes, pinned_checkpoint: str | None = N
     if costs.v > 1 or costs.pp == 1:
         return _fixed_split(costs, budget, pinned_checkpoint)
     sizes = np.arange(1, blocks - costs.pp + 2)[None, :]
-    extra, _, _ = _checkpoint_cost(costs, sizes, budget, pinned_checkpoint)
+    extra, _ = _checkpoint_cost(costs, sizes, budget, pinned_checkpoint)
     table = costs.f[:, None] + sizes * costs.block.time_s["none"] + extra
     table = np.maximum.accumulate(table, axis=1)   # guard monotonicity against rounding
     values = np.unique(table[np.isfinite(table)])
@@ -228,21 +241,24 @@ def _fixed_split(costs: StageCosts, budget: np.ndarray, pinned: str | None) -> P
 def _build(costs: StageCosts, counts: list[int], budget: np.ndarray, pinned: str | None,
            bounds: list | None = None) -> Partition:
     n = np.array(counts, dtype=float)[:, None]
-    extra, x, y = _checkpoint_cost(costs, n, budget[:, None], pinned)
-    x, y = x[:, 0].astype(int), y[:, 0].astype(int)
+    extra, recomputed = _checkpoint_cost(costs, n, budget[:, None], pinned)
+    blocks_in = {m: recomputed[m][:, 0].astype(int) for m in RECOMPUTE_MODES}
     if bounds is None:
         edges = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         bounds = [[int(edges[r]), int(edges[r + 1])] for r in range(costs.pp)]
+    # a rank's recomputed blocks come first, in PLACEMENT_ORDER; the rest keep everything
+    modes = [[m for m in PLACEMENT_ORDER for _ in range(blocks_in[m][r])] for r in range(costs.pp)]
     checkpoint = ["none"] * len(costs.blocks)
     placed = [0] * costs.pp            # blocks of each rank given a mode so far
     for c, (s, e) in enumerate(bounds):
         r = c % costs.pp
         for block in range(s, e):
-            j = placed[r]
-            checkpoint[block] = "full" if j < y[r] else "selective" if j < y[r] + x[r] else "none"
+            checkpoint[block] = modes[r][placed[r]] if placed[r] < len(modes[r]) else "none"
             placed[r] += 1
     b = costs.block
     times = costs.f + n[:, 0] * b.time_s["none"] + extra[:, 0]
-    memory = (costs.g + n[:, 0] * b.state_bytes + costs.k * (
-        (n[:, 0] - x - y) * b.act_bytes["none"] + x * b.act_bytes["selective"] + y * b.act_bytes["full"]))
+    kept = n[:, 0] - sum(blocks_in.values())
+    activations = kept * b.act_bytes["none"] + sum(blocks_in[m] * b.act_bytes[m] for m in RECOMPUTE_MODES)
+    memory = costs.g + n[:, 0] * b.state_bytes + costs.k * activations
     return Partition(bounds, checkpoint, [float(t) for t in times], [float(m) for m in memory])
+

@@ -21,7 +21,15 @@ from cost_models.errors import MeshplanError
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-CHECKPOINT_MODES = ("none", "selective", "full")
+# Activation recomputation per block:
+#   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
+#                only the attention core (QK^T, softmax, dropout, x V or the fused kernel)
+#                reruns in backward; everything else is kept (planner.models.attention_core);
+#   "selective"  op-level selective checkpointing, close to torchtitan's policy: the linear
+#                layers' and fused attention kernels' outputs are kept, all else reruns;
+#   "full"       the block's forward reruns (only its input is kept).
+CHECKPOINT_MODES = ("none", "attention", "selective", "full")
+RECOMPUTE_MODES = tuple(m for m in CHECKPOINT_MODES if m != "none")
 TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "tp")
 
@@ -40,7 +48,7 @@ class Plan:
     interleave: int = 1
     sequence_parallel: bool = False
     stages: list = field(default_factory=list)       # [[first_layer, end_layer), ...] per virtual stage
-    checkpoint: list = field(default_factory=list)   # per block: none|selective|full; [] = none
+    checkpoint: list = field(default_factory=list)   # per block: one of CHECKPOINT_MODES; [] = none
     tp_layout: dict = field(default_factory=dict)    # module path -> colwise|rowwise|replicate|vocab|sequence
     offload_optimizer: bool = False
     rank_order: list = field(default_factory=lambda: list(MESH_DIMS))
@@ -105,7 +113,8 @@ class Plan:
                 raise MeshplanError(f"plan {name} {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
         bad = sorted({repr(c) for c in self.checkpoint if c not in CHECKPOINT_MODES})
         if bad:
-            raise MeshplanError(f"plan checkpoint has {bad}; each layer takes one of {', '.join(CHECKPOINT_MODES)}")
+            raise MeshplanError(f"plan checkpoint has {', '.join(bad)}; each layer takes one of "
+                               f"{', '.join(CHECKPOINT_MODES)}")
         if sorted(map(str, self.rank_order)) != sorted(MESH_DIMS):
             raise MeshplanError(f"plan rank_order {self.rank_order!r} must order exactly {list(MESH_DIMS)}")
         for flag in ("sequence_parallel", "offload_optimizer"):

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
 from cost_models.units import GB, GIB
-from planner.plan import check_new_path
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, RECOMPUTE_MODES, SCHEDULES, check_new_path
 from planner.tables import console_for
 
 PIN_FLAGS = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "precision",
@@ -24,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pins = p.add_argument_group("pin a dimension (the search fills in the rest)")
     for flag in ("dp", "tp", "pp", "zero", "micro-batch", "interleave"):
         pins.add_argument(f"--{flag}", type=int)
-    pins.add_argument("--checkpoint", choices=["none", "selective", "full"],
+    pins.add_argument("--checkpoint", choices=CHECKPOINT_MODES,
                       help="the same mode for every layer (default: chosen per layer)")
-    pins.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
-    pins.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+    pins.add_argument("--schedule", choices=SCHEDULES)
+    pins.add_argument("--precision", choices=PRECISIONS,
                       help="default: bf16 (fp16 on GPUs without bf16); fp32 is never faster")
     pins.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
     pins.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
@@ -99,7 +99,7 @@ def plans_json(plans) -> dict:
 def _checkpoint_summary(p) -> str:
     if not p.checkpoint:
         return "none"
-    counts = {m: p.checkpoint.count(m) for m in ("full", "selective") if p.checkpoint.count(m)}
+    counts = {m: p.checkpoint.count(m) for m in reversed(RECOMPUTE_MODES) if p.checkpoint.count(m)}
     return ", ".join(f"{n} {m}" for m, n in counts.items()) or "none"
 
 

@@ -774,8 +774,7 @@ class _Simulation:
         micro_batches = plan.global_batch / plan.micro_batch
         model_flops = per_micro_batch * micro_batches
         recompute_flops = micro_batches * sum(
-            self.traced.cost_of(i).fwd_flops for i in self.traced.blocks
-            if self.checkpoint_mode(i) == "full")
+            self.traced.cost_of(i).recompute_fwd_flops(self.checkpoint_mode(i)) for i in self.traced.blocks)
         world = cluster.world_size
         peak = cluster.gpu.peak_flops_for(plan.precision)
         capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES

@@ -25,10 +25,14 @@ How it works, and why:
 4. **Costing one signature.** The layer is traced alone with `make_fx` (aten ops with module
    paths, dtypes after autocast), each op classified and given FLOPs/bytes from its shapes
    (conventions in `planner.ir`), and the layer is then run forward and backward on fake
-   tensors three times - plain, fully checkpointed, selectively checkpointed - to *measure*
-   the activation memory autograd keeps (see `planner.ir.LayerCost`): saved tensors are
-   seen by `saved_tensors_hooks`, what a checkpoint keeps by which storages created in the
+   tensors once per checkpoint mode (planner.plan.CHECKPOINT_MODES) - plain, with its
+   attention core recomputed, op-level selective, fully checkpointed - to *measure* the
+   activation memory autograd keeps (see `planner.ir.LayerCost`): saved tensors are seen
+   by `saved_tensors_hooks`, what a checkpoint keeps by which storages created in the
    forward are still alive after it (a dispatch mode holds weak references to them).
+   The attention core's ops are those the model labels ATTENTION_CORE
+   (planner.models.causal_attention); a block recomputes them when its
+   `recompute_attention` flag is set.
 
 Fake tensors live on the CPU device, so kernels are chosen by CPU dispatch: SDPA runs the
 CPU flash-attention kernel, which saves what GPU flash attention saves (q, k, v, output,
@@ -83,7 +87,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import ATTENTION_BWD_FACTOR, Layer, LayerCost, OpInfo, TracedModel
-from planner.models import Decoder
+from planner.models import ATTENTION_CORE, Decoder
+from planner.plan import CHECKPOINT_MODES
 from planner.torch_compat import cpu_sdpa_fuses_gqa
 from planner.zoo import ModelSpec, load_model
 
@@ -303,10 +308,15 @@ def _primary_output(out):
 
 
 def _backward_from(outputs: list):
-    """Backward from every float output that needs grad (ones as the incoming gradient)."""
-    outs = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    """Backward from every float output that needs grad (ones as the incoming gradient).
+
+    Runs autograd's engine directly: `torch.autograd.backward` is itself a torch function,
+    and a TorchFunctionMode's handler runs it with the mode popped, so the kernel choices
+    (`kernel_choices`) would not reach a checkpoint that recomputes in backward."""
+    outs = tuple(t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad)
     if outs:
-        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        torch.autograd.graph._engine_run_backward(outs, tuple(torch.ones_like(t) for t in outs), False, False,
+                                                  (), True, True)
 
 
 # ----------------------------------------------------------------------------- units (blocks)
@@ -854,6 +864,7 @@ class _Program:
     autocast: bool            # module code: run under autocast; an aten replay already has the casts
     graph: fx.GraphModule | None = None   # its aten graph when already known
     output_specs: list = field(default_factory=list)
+    module: nn.Module | None = None       # a block's module (its recompute_attention flag)
 
 
 def _split_layers(sk: _Skeleton, model: nn.Module, low=None) -> tuple[list[Layer], dict[str, _Program]]:
@@ -953,7 +964,8 @@ def _unit_program(call: _UnitCall, low=None) -> _Program:
         return functional_call(module, dict(zip(names, state)), args, kwargs)
 
     return _Program(fn, [f"{call.path}.{n}" for n in names], specs, is_param, call.call.tensor_specs(),
-                    autocast=low is None, output_specs=[s for s in call.out_leaves if isinstance(s, TensorSpec)])
+                    autocast=low is None, output_specs=[s for s in call.out_leaves if isinstance(s, TensorSpec)],
+                    module=module)
 
 
 def _segment_program(sk: _Skeleton, nodes: list, rg: dict) -> tuple[_Program, str]:
@@ -1259,7 +1271,8 @@ def _op_info(node: fx.Node, flags: dict, state_of: dict) -> OpInfo:
         input_shapes=[tuple(v.shape) for v in in_vals],
         output_shape=tuple(outs[0].shape) if outs else (),
         dtype=str(outs[0].dtype).replace("torch.", "") if outs else "",
-        requires_grad=_flag(flags.get(node, False)))
+        requires_grad=_flag(flags.get(node, False)),
+        attention_core=bool((node.meta.get("custom") or {}).get(ATTENTION_CORE)))
     if kind != "view":
         info.bytes_read = sum(_dense_bytes(v) for v in in_vals)
         info.bytes_written = sum(_dense_bytes(v) for v in outs)
@@ -1366,6 +1379,7 @@ def _cost_program(signature: str, program: _Program, precision: str, model: nn.M
         saved_bytes=memory["none"],
         saved_bytes_full_ckpt=memory["full"],
         saved_bytes_selective=memory["selective"],
+        saved_bytes_attention=memory["attention"],
         saved_param_copy_bytes=memory["param_copies"],
         input_bytes=sum(s.nbytes for s in program.input_specs),
         output_bytes=sum(s.nbytes for s in program.output_specs),
@@ -1373,6 +1387,7 @@ def _cost_program(signature: str, program: _Program, precision: str, model: nn.M
         attn_causal_fwd_flops=sum(op.causal_fwd_flops for op in attention),
         recompute_fwd_flops_selective=sum(op.fwd_flops for op in ops if not (
             op.kind in ("linear", "conv") and op.params or op.kind == "attention")),
+        recompute_fwd_flops_attention=sum(op.fwd_flops for op in ops if op.attention_core),
         ops=ops, graph=graph)
 
 
@@ -1437,15 +1452,30 @@ def _selective_policy(weight_keys: Callable[[], set]):
 
 def measure_saved(program: _Program, precision: str, kernels: str = "cuda",
                   checkpointable: bool = True) -> dict[str, int]:
-    """Activation bytes kept for backward: none / full checkpoint / selective checkpoint,
-    and autocast's saved parameter copies (see `planner.ir.LayerCost`). A layer that is
-    never checkpointed keeps the same bytes in every mode (measured once)."""
+    """Activation bytes kept for backward under each checkpoint mode (none / attention /
+    selective / full), and autocast's saved parameter copies (see `planner.ir.LayerCost`).
+    A layer that is never checkpointed keeps the same bytes in every mode (measured once),
+    and so does "attention" in a block without a recompute_attention flag (nothing reruns)."""
     none, copies = _measure_variant(program, precision, kernels, None)
-    if not checkpointable:
-        return {"none": none, "full": none, "selective": none, "param_copies": copies}
-    full, _ = _measure_variant(program, precision, kernels, "full")
-    selective, _ = _measure_variant(program, precision, kernels, "selective")
-    return {"none": none, "full": full, "selective": selective, "param_copies": copies}
+    saved = {mode: none for mode in CHECKPOINT_MODES}
+    if checkpointable:
+        for mode in ("full", "selective") + (("attention",) if _recomputes_attention(program) else ()):
+            saved[mode], _ = _measure_variant(program, precision, kernels, mode)
+    return {**saved, "param_copies": copies}
+
+
+def _recomputes_attention(program: _Program) -> bool:
+    return hasattr(program.module, "recompute_attention")
+
+
+@contextlib.contextmanager
+def _attention_recomputed(module: nn.Module):
+    """The block with its attention core rerun in backward, as the runtime sets it."""
+    before, module.recompute_attention = module.recompute_attention, True
+    try:
+        yield
+    finally:
+        module.recompute_attention = before
 
 
 def _measure_variant(program: _Program, precision: str, kernels: str, variant: str | None) -> tuple[int, int]:
@@ -1467,6 +1497,9 @@ def _measure_variant(program: _Program, precision: str, kernels: str, variant: s
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
         if variant is None:
             out = _with_kernels(kernels, program.fn, state, inputs)
+        elif variant == "attention":
+            with _attention_recomputed(program.module):
+                out = _with_kernels(kernels, program.fn, state, inputs)
         else:
             policy = _selective_policy(lambda: param_keys | recorder.param_copies)
             context = (functools.partial(create_selective_checkpoint_contexts, policy)
@@ -1481,11 +1514,17 @@ def _measure_variant(program: _Program, precision: str, kernels: str, variant: s
         result = sum(b for k, b in saved.items() if k not in state_keys and k not in recorder.param_copies)
         copies = sum(b for k, b in saved.items() if k in recorder.param_copies)
     else:
+        # alive storages: what the saved-tensor hooks cannot see - a checkpoint keeps its
+        # inputs by reference (the attention core's q, k, v), and packs what it saves
+        # through its own hooks. Autocast's weight copies are counted apart, as above.
         output_keys = {_storage_key(t) for t in outputs}
         candidates = {**recorder.created, **input_sizes}
         result = sum(b for k, b in candidates.items()
-                     if not k.expired() and k not in state_keys and k not in output_keys)
+                     if not k.expired() and k not in state_keys and k not in output_keys
+                     and k not in recorder.param_copies)
         copies = 0
-    with fake:
-        _backward_from(outputs)  # the step must complete: backward consumes what was saved
+    # the step must complete: backward consumes what was saved, and an attention core
+    # recomputed in it picks the kernels its forward picked
+    with fake, kernel_choices(kernels):
+        _backward_from(outputs)
     return result, copies

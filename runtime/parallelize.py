@@ -8,10 +8,12 @@ Everything here is PyTorch's own machinery:
   logits split for `loss_parallel` (`vocab_parallel_loss`), so a block and the head issue
   Megatron-LM's collectives;
 - activation checkpointing: `torch.utils.checkpoint.checkpoint(use_reentrant=False)`
-  around a block's forward; "selective" passes a policy through
-  `create_selective_checkpoint_contexts` that keeps the outputs of the linear layers and
-  fused attention kernels and recomputes everything else (norms, activations, residual
-  adds, an unfused attention's scores);
+  around a block's forward ("full"); "selective" (op-level, close to torchtitan's policy)
+  passes a policy through `create_selective_checkpoint_contexts` that keeps the outputs of
+  the linear layers and fused attention kernels and recomputes everything else (norms,
+  activations, residual adds, an unfused attention's scores); "attention" sets the block's
+  `recompute_attention` flag, so only its attention core runs under the checkpoint
+  (Korthikanti et al. 2022 as Megatron-LM runs it; planner.models.attention_core);
 - ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
   `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 and
   `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
@@ -317,14 +319,17 @@ def _selective_context():
 
 
 def apply_checkpointing(part: nn.Module, plan: Plan):
-    """Wrap each block's forward as the plan says (none | selective | full).
+    """Recompute each block as the plan says (planner.plan.CHECKPOINT_MODES).
 
-    The wrapper replaces the block's `forward` attribute, so module names (and checkpoint
-    keys) stay as they are and FSDP's hooks sit outside the recomputed region.
+    "attention" sets the block's flag (its forward checkpoints the attention core); the
+    other modes wrap the whole forward. The wrapper replaces the block's `forward`
+    attribute, so module names (and checkpoint keys) stay as they are and FSDP's hooks sit
+    outside the recomputed region.
     """
     for index, block in part.blocks.items():
         mode = plan.checkpoint_for(int(index))
-        if mode == "none":
+        block.recompute_attention = mode == "attention"
+        if mode in ("none", "attention"):
             continue
         inner = block.forward
         kwargs = dict(use_reentrant=False)

@@ -5,9 +5,11 @@ import pytest
 
 from cost_models import MeshplanError
 from cost_models.cluster import parse_cluster
-from planner.plan import Plan
+from planner.partition import StageCosts, partition
+from planner.plan import CHECKPOINT_MODES, Plan
+from planner.schedule import in_flight_counts
 from planner.search import plan
-from planner.simulate import simulate
+from planner.simulate import prepare, simulate
 
 MODEL, CLUSTER = "gpt3-350m", "a100-sxm-80gb:1x8"
 
@@ -53,7 +55,7 @@ def test_search_is_at_least_as_good_as_brute_force_over_uniform_plans():
         if 4 % (tp * pp):
             continue
         dp = 4 // (tp * pp)
-        for zero, mb, mode in itertools.product((0, 1, 2, 3), (1, 2, 4), ("none", "selective", "full")):
+        for zero, mb, mode in itertools.product((0, 1, 2, 3), (1, 2, 4), CHECKPOINT_MODES):
             if gb % (dp * mb) or (zero and dp == 1) or (zero == 1 and tp > 1):
                 continue
             candidate = Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb, global_batch=gb, seq=seq,
@@ -63,6 +65,43 @@ def test_search_is_at_least_as_good_as_brute_force_over_uniform_plans():
                 fastest = min(fastest, result.step_time_s)
     assert fastest < float("inf")
     assert best.result.step_time_s <= fastest * (1 + 1e-9)
+
+
+def test_partition_mixes_recompute_modes_as_a_brute_force_would():
+    """GPT-3-shaped blocks (unfused attention, dropout; tp 8 with sequence parallelism):
+    attention-core recompute saves 5as^2b/t per block for less time per byte than op-level
+    selective, which keeps less. With the budget of every block under "attention" the
+    partition takes exactly that; with a budget between the all-"attention" and
+    all-"selective" needs it mixes the two - the cheapest of all 4^n assignments that fit,
+    and faster than every block selective (which fits too)."""
+    cfg = {"arch": "gpt", "layers": 8, "hidden": 12288, "heads": 96, "vocab": 51200, "max_seq": 2048,
+           "attention": "unfused", "dropout": 0.1}
+    p = Plan(tp=8, micro_batch=1, global_batch=8, seq=2048, precision="fp16", sequence_parallel=True)
+    costs = StageCosts(prepare(p, cfg, "a100-sxm-80gb:1x8"), in_flight_counts(p.schedule, p.pp, p.grad_accum, 1))
+    b, n = costs.block, len(costs.blocks)
+
+    def need_bytes(counts):
+        return costs.g[0] + n * b.state_bytes + costs.k[0] * sum(c * b.act_bytes[m] for m, c in counts.items())
+
+    def time_s(counts):
+        return costs.f[0] + sum(c * b.time_s[m] for m, c in counts.items())
+
+    def per_byte(mode):
+        return (b.time_s[mode] - b.time_s["none"]) / (b.act_bytes["none"] - b.act_bytes[mode])
+
+    assert b.act_bytes["attention"] > b.act_bytes["selective"] and per_byte("attention") < per_byte("selective")
+    every = [dict(zip(CHECKPOINT_MODES, (n - a - s - f, a, s, f)))
+             for a in range(n + 1) for s in range(n + 1 - a) for f in range(n + 1 - a - s)]
+    attention, selective = need_bytes({"attention": n}), need_bytes({"selective": n})
+    for budget in (attention, (attention + selective) / 2):
+        split = partition(costs, budget)
+        chosen = {m: split.checkpoint.count(m) for m in CHECKPOINT_MODES}
+        best = min(time_s(c) for c in every if need_bytes(c) <= budget)
+        assert need_bytes(chosen) <= budget and split.stage_memory_bytes[0] == pytest.approx(need_bytes(chosen))
+        assert split.stage_time_s[0] == pytest.approx(time_s(chosen)) == pytest.approx(best, rel=1e-12)
+        assert split.stage_time_s[0] < time_s({"selective": n})
+    assert chosen["attention"] and chosen["selective"] and not chosen["full"]   # the mix, at the lower budget
+    assert partition(costs, attention).checkpoint == ["attention"] * n
 
 
 def test_memory_pressure_makes_the_planner_checkpoint_only_what_it_must():

@@ -48,6 +48,11 @@ PLANS = {
         pp=2, tp=2, sequence_parallel=True, micro_batch=2, stages=[[0, 1], [1, 4]])),
     "pp2xdp2-zero1-selective": ("gpt-tiny", "gpt-fp32", dict(
         pp=2, dp=2, zero=1, micro_batch=1, checkpoint=["selective"] * 4)),
+    "attention-dp2xtp2": ("gpt-tiny", "gpt-fp32", dict(dp=2, tp=2, micro_batch=2, checkpoint=["attention"] * 4)),
+    "attention-pp2xdp2-zero2": ("gpt-tiny", "gpt-fp32", dict(
+        pp=2, dp=2, zero=2, micro_batch=1, checkpoint=["attention"] * 4)),
+    "llama-every-mode-sp-dp2xtp2": ("llama-tiny", "llama-fp32", dict(
+        dp=2, tp=2, sequence_parallel=True, micro_batch=2, checkpoint=["attention", "selective", "none", "full"])),
     "zero1-dp2xtp2-sp": ("gpt-tiny", "gpt-fp32", dict(dp=2, tp=2, zero=1, micro_batch=1, sequence_parallel=True)),
     "zero1-tp2xpp2": ("gpt-tiny", "gpt-fp32", dict(tp=2, pp=2, zero=1, micro_batch=1)),
     "pp2xdp2-zero2": ("gpt-tiny", "gpt-fp32", dict(pp=2, dp=2, zero=2, micro_batch=1)),

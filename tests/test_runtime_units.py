@@ -154,3 +154,31 @@ def test_unfinished_checkpoint_is_never_latest(tmp_path):
     with pytest.raises(MeshplanError, match="already holds checkpoints"):
         checkpointing.check_directory(str(tmp_path), resume=False)
     checkpointing.check_directory(str(tmp_path), resume=True)
+
+
+@pytest.mark.parametrize("attention", ["unfused", "sdpa"])
+def test_attention_recompute_replays_dropout_and_keeps_the_gradients(attention):
+    """apply_checkpointing's "attention" mode: each block reruns its attention core in
+    backward with the forward's RNG state, so the dropout masks replay and the step is
+    bit-identical to one without recomputation - and without RNG preservation it would not be."""
+    from planner.models import Decoder, ModelConfig
+    from runtime.parallelize import apply_checkpointing
+
+    cfg = ModelConfig.from_dict({**GPT.to_dict(), "attention": attention, "dropout": 0.1})
+    idx = torch.randint(0, cfg.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(modes):
+        model = Decoder(cfg).init_weights(seed=0)
+        apply_checkpointing(model, Plan(checkpoint=modes))
+        torch.manual_seed(1)
+        model(idx, idx).backward()
+        return model, {n: p.grad for n, p in model.named_parameters()}
+
+    model, recomputed = step(["attention"] * cfg.layers)
+    assert all(block.recompute_attention for block in model.blocks.values())
+    _, plain = step([])
+    assert all(torch.equal(recomputed[n], plain[n]) for n in plain)
+    torch.manual_seed(2)   # a different dropout mask: the gradients do depend on it
+    model = Decoder(cfg).init_weights(seed=0)
+    model(idx, idx).backward()
+    assert not all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())

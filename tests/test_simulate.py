@@ -110,6 +110,35 @@ def test_cli_simulate_batch(cli, tmp_path):
     assert "not valid JSON" in lines[3]["error"]
 
 
+def test_cli_checkpoint_attention_and_a_bad_mode(cli, tmp_path):
+    """--checkpoint attention recomputes each block's attention core: an unfused core's
+    s x s scores are no longer kept, the step pays for rerunning it; in a --batch case too.
+    A mode that does not exist is one line and exit 2, on the flag and in a batch case."""
+    model = tmp_path / "megatron-gpt.json"
+    model.write_text(json.dumps({"arch": "gpt", "layers": 4, "hidden": 1024, "heads": 16, "vocab": 51200,
+                                 "max_seq": 2048, "attention": "unfused", "dropout": 0.1}))
+    flags = ["--model", model, "--cluster", "a100-sxm-80gb:1x1", "--seq", "2048", "--global-batch", "4"]
+    results = {}
+    for mode in ("none", "attention"):
+        proc = cli("simulate", *flags, "--checkpoint", mode, "--json")
+        assert proc.returncode == 0, proc.stderr
+        results[mode] = json.loads(proc.stdout)
+    none, attention = results["none"], results["attention"]
+    assert attention["phases"]["recompute_s"] > 0 == none["phases"]["recompute_s"]
+    assert attention["step_time_s"] > none["step_time_s"] and attention["hfu"] > attention["mfu"]
+    saved = none["memory"]["breakdown"]["activations_bytes"] - attention["memory"]["breakdown"]["activations_bytes"]
+    assert saved >= 4 * 5 * 16 * 2048 ** 2   # 5as^2b bytes a layer at least (Korthikanti et al. 2022)
+    assert_user_error(cli("simulate", *flags, "--checkpoint", "bogus"), "invalid choice: 'bogus'")
+    cases = tmp_path / "cases.jsonl"
+    case = {"model": "gpt3-125m", "cluster": "a100-sxm-80gb:1x8", "seq": 512, "global_batch": 16, "dp": 8}
+    cases.write_text("\n".join(json.dumps(dict(case, checkpoint=m)) for m in ("attention", "bogus")) + "\n")
+    proc = cli("simulate", "--batch", cases)
+    assert proc.returncode == 0, proc.stderr
+    good, bad = (json.loads(line) for line in proc.stdout.splitlines())
+    assert good["phases"]["recompute_s"] > 0
+    assert "plan checkpoint has 'bogus'; each layer takes one of none, attention, selective, full" in bad["error"]
+
+
 def test_profiled_calibration_drives_the_simulation(cli, tmp_path):
     calibration = tmp_path / "cpu.json"
     proc = cli("profile", "--device", "cpu", "--quick", "--out", calibration, timeout=300)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cost_models import MeshplanError
-from fixtures.real_runs import retained_with_checkpoint, saved_per_layer
+from fixtures.real_runs import retained_with_attention_recompute, retained_with_checkpoint, saved_per_layer
 from planner import trace as tracer
 from planner.models import Decoder, GPTBlock, ModelConfig, count_parameters
 from planner.trace import flop_counter_reference, kernel_choices, trace_model
@@ -227,6 +227,50 @@ def test_selective_recomputes_an_unfused_attention_core_as_the_runtime_does(prec
     assert cost.saved_bytes_selective == selective
     scores = B * cfg.heads * T * T * (4 if precision == "fp32" else 2)
     assert cost.saved_bytes - cost.saved_bytes_selective > scores   # the scores are not kept
+
+
+UNFUSED_DROPOUT = ModelConfig.from_dict({**PRESETS["gpt-tiny"].to_dict(), "attention": "unfused", "dropout": 0.1})
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "gpt-unfused-dropout"])
+def test_attention_recompute_bytes_equal_a_real_cpu_step(traced, name, precision, kernels):
+    """Attention-core recompute ("attention"): a real block with `recompute_attention` set,
+    as the runtime runs it, keeps the trace's saved_bytes_attention (and autocast's weight
+    copies, counted apart) - less than without recomputation: the attention kernel's
+    logsumexp, or an unfused core's scores, probabilities and dropout mask are rerun."""
+    if name == "gpt-unfused-dropout":
+        cfg, tm = UNFUSED_DROPOUT, trace_model(ModelSpec(name, UNFUSED_DROPOUT), B, T, precision, kernels=kernels)
+    else:
+        cfg, tm = PRESETS[name], traced(name, precision, kernels)
+    block = Decoder(cfg).init_weights(seed=0).blocks["1"]
+    real = retained_with_attention_recompute(block, torch.randn(B, T, cfg.hidden, requires_grad=True),
+                                             DTYPES[precision], context=lambda: kernel_choices(kernels))
+    cost = tm.cost_of(tm.blocks[1])
+    assert (cost.saved_bytes_attention, cost.saved_param_copy_bytes) == real
+    assert cost.saved_bytes_full_ckpt < cost.saved_bytes_attention < cost.saved_bytes
+    assert not block.recompute_attention
+
+
+def test_attention_recompute_saves_korthikanti_5as2b():
+    """Korthikanti et al. 2022, Sec. 4.1: a GPT layer keeps 34sbh + 5as^2b bytes (16-bit
+    values, with dropout) and 34sbh when the attention core is recomputed. 5as^2b is the
+    softmax output (2as^2b), the dropout mask (as^2b) and the dropout output (2as^2b). As
+    Megatron-LM runs it - unfused attention, 16-bit parameters, fused dropout's bool mask -
+    the trace differs from the formula only where our step truly does: the core builds its
+    s x s bool causal mask (Megatron passes one in per micro-batch), and each LayerNorm keeps
+    a 16-bit mean and rstd per token (the paper leaves both out)."""
+    a, h, s, b = 8, 512, 128, 2
+    cfg = ModelConfig(arch="gpt", layers=2, hidden=h, heads=a, vocab=512, max_seq=s, attention="unfused",
+                      dropout=0.1)
+    cost = trace_model(ModelSpec("megatron-gpt", cfg), b, s, "fp16", cast="params").cost_of(1)
+    norm_statistics = 2 * 2 * 2 * s * b   # two LayerNorms, mean and rstd, 2 bytes each per token
+    causal_mask = s * s
+    assert cost.saved_bytes_attention == 34 * s * b * h + norm_statistics
+    assert cost.saved_bytes == 34 * s * b * h + 5 * a * s * s * b + norm_statistics + causal_mask
+    assert cost.saved_bytes - cost.saved_bytes_attention == 5 * a * s * s * b + causal_mask
+    assert cost.recompute_fwd_flops_attention == 2 * (2 * b * s * s * h)   # QK^T and the product with V
 
 
 def test_selective_keeps_the_linear_outputs(traced):
