@@ -88,7 +88,7 @@ class LayerTiming:
 
     fwd_s: float
     bwd_s: float
-    streaming_fwd_s: float          # non-matmul, non-attention ops: what selective recomputation repeats
+    streaming_fwd_s: float          # all but weight products and fused attention: what selective repeats
     attention_core_fwd_s: float     # the attention core's ops: what attention-core recomputation repeats
     tp_comm_fwd: tuple              # TP collectives of one forward: ((kind, bytes), ...)
     tp_comm_bwd: tuple              # ... and of one backward (a full recomputation repeats the forward's)
@@ -282,8 +282,8 @@ class LayerCoster:
         for op in ops:
             f, b, share = self._op_time(op, tp, sp, layout, precision, scores)
             fwd, bwd = fwd + f, bwd + b
-            if op.kind not in ("linear", "matmul", "conv", "attention"):
-                streaming += f
+            if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
+                streaming += f   # selective recomputes all but weight products and fused attention
             if op.attention_core:
                 core += f
             if tp > 1:
