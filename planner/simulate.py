@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
 
+import torch
+
 from cost_models.cluster import ClusterSpec, parse_cluster
 from cost_models.comm import CommModel, pair_group
 from cost_models.compute import ComputeModel
@@ -29,6 +31,7 @@ from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
 from planner import fsdp
 from planner.batch_scaling import BASE_MICRO_BATCHES, scaled_trace
+from planner.torch_compat import traces_attention_core
 from planner.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.ir import Layer, TracedModel
 from planner.plan import Plan, even_stages
@@ -247,6 +250,9 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
     cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
+    if "attention" in plan.checkpoint and not traces_attention_core():
+        raise MeshplanError(f"checkpoint mode 'attention' needs torch.fx.traceback.annotate, which torch "
+                            f"{torch.__version__} lacks: use selective or full, or torch >= 2.12")
     traced = _trace_cached(_model_key(spec), plan.micro_batch, plan.seq, plan.precision,
                            execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)

@@ -116,3 +116,19 @@ try:
 except UnsupportedTorch:
     _report_uncaught_in_one_line()
     raise
+
+
+def traces_attention_core() -> bool:
+    """Whether the tracer can find an attention core to recompute (checkpoint mode
+    "attention"): the models label its ops with `torch.fx.traceback.annotate`, which 2.7
+    lacks (2.12 has it); without it the mode would be priced as no recompute at all, so
+    planner.simulate refuses it in one line."""
+    import torch.fx.traceback as fx_traceback
+    return hasattr(fx_traceback, "annotate")
+
+
+# The runtime's teardown (runtime.mesh.teardown) releases every process group so that gloo's
+# worker threads end before the interpreter exits: measured to leave no thread on 2.13; on
+# 2.12 all groups are released (no warning) yet 9 gloo threads remain per rank, so there the
+# exit race of issue #31 can still occur.
+GLOO_THREADS_END_AT_TEARDOWN_TORCH = (2, 13)

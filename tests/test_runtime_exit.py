@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from planner.torch_compat import GLOO_THREADS_END_AT_TEARDOWN_TORCH, torch_release
 from runtime_helpers import write_plan
 
 pytestmark = [pytest.mark.runtime,   # needs torch >= the runtime's floor (planner/torch_compat.py)
@@ -59,6 +60,9 @@ def _plan(kind: str, path: Path) -> Path:
     return path
 
 
+@pytest.mark.skipif(torch_release() < GLOO_THREADS_END_AT_TEARDOWN_TORCH,
+                    reason="torch 2.12 keeps gloo's worker threads after every group is released "
+                           "(planner/torch_compat.py); the fix is measured on 2.13")
 @pytest.mark.parametrize("kind", ["planner", "zero1"])
 def test_completed_run_leaves_no_process_group_threads(tmp_path, kind):
     plan = _plan(kind, tmp_path / "plan.json")
