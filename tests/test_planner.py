@@ -10,6 +10,7 @@ from planner.plan import CHECKPOINT_MODES, Plan
 from planner.schedule import in_flight_counts
 from planner.search import plan
 from planner.simulate import prepare, simulate
+from planner.torch_compat import traces_attention_core
 
 MODEL, CLUSTER = "gpt3-350m", "a100-sxm-80gb:1x8"
 
@@ -55,7 +56,8 @@ def test_search_is_at_least_as_good_as_brute_force_over_uniform_plans():
         if 4 % (tp * pp):
             continue
         dp = 4 // (tp * pp)
-        for zero, mb, mode in itertools.product((0, 1, 2, 3), (1, 2, 4), CHECKPOINT_MODES):
+        modes = [m for m in CHECKPOINT_MODES if m != "attention" or traces_attention_core()]   # see torch_compat
+        for zero, mb, mode in itertools.product((0, 1, 2, 3), (1, 2, 4), modes):
             if gb % (dp * mb) or (zero and dp == 1) or (zero == 1 and tp > 1):
                 continue
             candidate = Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb, global_batch=gb, seq=seq,
