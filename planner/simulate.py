@@ -406,7 +406,7 @@ class _Simulation:
         then backward (a pipeline's warm-up forwards can only add ZeRO-3 gathers); `run()`
         charges them to the actions of the real schedule that issue them."""
         base = self.base_layer_times(index, mode)
-        if self.fsdp_drive is None or self.plan.zero == 0 or self.plan.dp == 1:
+        if not self.fsdp_communicates:
             return base
         traffic = fsdp.play(self.fsdp_drive, fsdp.in_sequence(self.plan.grad_accum))
         exposed = self.fsdp_exposure(index, base)
@@ -435,11 +435,17 @@ class _Simulation:
         between the kernels that produce and consume them, so none is hidden."""
         return sum(self.comm.time_s(kind, nbytes, self.tp_group) for kind, nbytes in collectives)
 
+    @property
+    def fsdp_communicates(self) -> bool:
+        """FSDP issues collectives: ZeRO 1-3 over more than one data-parallel rank (ZeRO 0's
+        replicate copies its parameters locally and all-reduces: dp_tail_s)."""
+        return self.fsdp_drive is not None and self.plan.zero >= 1 and self.plan.dp > 1
+
     def fsdp_traffic(self, stage: int) -> fsdp.Traffic | None:
         """What FSDP gathers and reduces for virtual stage `stage` in one step (None: no
         FSDP collectives: ZeRO 0/1, or one data-parallel rank)."""
-        if self.fsdp_drive is None or self.plan.zero == 0 or self.plan.dp == 1:
-            return None   # ZeRO 0's replicate copies its parameters locally and all-reduces (dp_tail_s)
+        if not self.fsdp_communicates:
+            return None
         if stage not in self._traffic:
             pp = self.plan.pp
             chunk_actions = tuple((a.kind, a.micro_batch) for a in self.actions[stage % pp] if a.chunk == stage // pp)
@@ -479,6 +485,8 @@ class _Simulation:
         several chunks on a rank, an earlier chunk's reduction runs beside the rank's later
         backwards: the reductions queue on one stream from each chunk's last backward."""
         plan = self.plan
+        if not (self.fsdp_communicates and self.fsdp_drive.reduce_after_last):
+            return 0.0   # reduced inside the backwards (fsdp_extra_s), or no FSDP collectives
         last_backward = {}
         for event in timeline.events:
             if event.rank == rank and event.kind == "B":
