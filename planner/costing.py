@@ -33,13 +33,16 @@ from dataclasses import dataclass, replace
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
+from planner.arch import get_arch, module_roles, names_for
 from planner.ir import LayerCost, OpInfo, TracedModel
 
-COLWISE = {"qkv", "q", "k", "v", "fc1", "gate", "up", "c_attn", "q_proj", "k_proj", "v_proj",
-           "gate_proj", "up_proj", "c_fc", "head", "lm_head"}
-ROWWISE = {"proj", "o", "fc2", "down", "c_proj", "o_proj", "down_proj"}
-VOCAB = {"tok", "wte", "embed_tokens"}
-HEADS = {"head", "lm_head"}
+# Megatron-LM's default split of a traced model's linear layers and embeddings, by module
+# name, from every family's roles (planner.arch; Hugging Face names included).
+_ROLES = module_roles()
+COLWISE = {name for name, role in _ROLES.items() if role in ("in", "head")}
+ROWWISE = {name for name, role in _ROLES.items() if role == "out"}
+VOCAB = names_for("tok")
+HEADS = names_for("head")
 # A vocabulary-parallel cross-entropy all-reduces three per-token fp32 statistics in forward:
 # the logits' max, the target's logit and the sum of exponentials (Megatron-LM's
 # mpu.vocab_parallel_cross_entropy; torch's loss_parallel issues the same three).
@@ -141,11 +144,7 @@ def top_level_layout(config, plan) -> dict:
     """Embedding and head vocabulary-parallel when tp divides the vocabulary (else
     replicated), the final norm sequence-parallel with SP: the modules outside the blocks,
     which the block ILP does not decide."""
-    vocab = "vocab" if config.vocab % plan.tp == 0 else "replicate"
-    layout = {"tok": vocab, "head": vocab, "norm": "sequence" if plan.sequence_parallel else "replicate"}
-    if config.arch == "gpt":
-        layout["pos"] = "replicate"
-    return layout
+    return get_arch(config.arch).top_level_layout(plan.tp, config.vocab, plan.sequence_parallel)
 
 
 def _aten_name(op: OpInfo) -> str:

@@ -54,7 +54,7 @@ class OpInfo:
     are charged to the first compute op that consumes each parameter (casts and views of a
     weight are transparent), so they sum to the layer's count.
     `attention_core`: the op ran inside the model's attention core (labelled by
-    planner.models.causal_attention): what attention-core recomputation reruns.
+    planner.arch.layers.causal_attention): what attention-core recomputation reruns.
     """
 
     name: str

@@ -24,7 +24,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # Activation recomputation per block:
 #   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
 #                only the attention core (QK^T, softmax, dropout, x V or the fused kernel)
-#                reruns in backward; everything else is kept (planner.models.attention_core);
+#                reruns in backward; everything else is kept (planner.arch.layers.attention_core);
 #   "selective"  op-level selective checkpointing, close to torchtitan's policy: the linear
 #                layers' and fused attention kernels' outputs are kept, all else reruns;
 #   "full"       the block's forward reruns (only its input is kept).

@@ -31,7 +31,7 @@ How it works, and why:
    by `saved_tensors_hooks`, what a checkpoint keeps by which storages created in the
    forward are still alive after it (a dispatch mode holds weak references to them).
    The attention core's ops are those the model labels ATTENTION_CORE
-   (planner.models.causal_attention); a block recomputes them when its
+   (planner.arch.layers.causal_attention); a block recomputes them when its
    `recompute_attention` flag is set.
 
 Fake tensors live on the CPU device, so kernels are chosen by CPU dispatch: SDPA runs the
@@ -87,7 +87,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import ATTENTION_BWD_FACTOR, Layer, LayerCost, OpInfo, TracedModel
-from planner.models import ATTENTION_CORE, Decoder
+from planner.arch.layers import ATTENTION_CORE
+from planner.models import Decoder
 from planner.plan import CHECKPOINT_MODES
 from planner.torch_compat import cpu_sdpa_fuses_gqa
 from planner.zoo import ModelSpec, load_model

@@ -21,6 +21,7 @@ import torch
 
 from cost_models.errors import MeshplanError
 from cost_models.hardware import get_gpu
+from planner.arch import get_arch
 from planner.models import ModelConfig
 
 # torch.cuda.get_device_name fragments -> catalogue names, most specific first.
@@ -54,7 +55,7 @@ def peak_flops(gpu: str | None, precision: str, strict: bool = True) -> float | 
 
 
 def flops_per_token(cfg: ModelConfig, params: int, seq: int) -> float:
-    matmul_params = params - (cfg.max_seq * cfg.hidden if cfg.arch == "gpt" else 0)
+    matmul_params = params - (cfg.max_seq * cfg.hidden if get_arch(cfg.arch).learned_positions else 0)
     if not cfg.tie_embeddings:
         matmul_params -= cfg.vocab * cfg.hidden
     return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.hidden * seq

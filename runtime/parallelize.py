@@ -13,7 +13,7 @@ Everything here is PyTorch's own machinery:
   the linear layers and fused attention kernels and recomputes everything else (norms,
   activations, residual adds, an unfused attention's scores); "attention" sets the block's
   `recompute_attention` flag, so only its attention core runs under the checkpoint
-  (Korthikanti et al. 2022 as Megatron-LM runs it; planner.models.attention_core);
+  (Korthikanti et al. 2022 as Megatron-LM runs it; planner.arch.layers.attention_core);
 - ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
   `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 and
   `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
@@ -35,56 +35,21 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cost_models.errors import MeshplanError
+from planner.arch import ALLOWED_STYLES, TOP_ROLES, get_arch
 from planner.models import ModelConfig
 from planner.plan import Plan
 from planner.torch_compat import fsdp_replicate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Role of each module of a block in the residual stream: "in" reads the normalised
-# residual, "out" writes back into it, "norm" normalises it.
-BLOCK_ROLES = {
-    "gpt": {"ln1": "norm", "qkv": "in", "proj": "out", "ln2": "norm", "fc1": "in", "fc2": "out"},
-    "llama": {"n1": "norm", "q": "in", "k": "in", "v": "in", "o": "out",
-              "n2": "norm", "gate": "in", "up": "in", "down": "out"},
-}
-# (region, input projections, output projection): a region's input projections must all
-# shard their outputs (colwise) exactly when its output projection takes sharded inputs.
-REGIONS = {
-    "gpt": [("attention", ("qkv",), "proj"), ("mlp", ("fc1",), "fc2")],
-    "llama": [("attention", ("q", "k", "v"), "o"), ("mlp", ("gate", "up"), "down")],
-}
-# The norm whose output every input projection of a region reads.
-REGION_NORMS = {"gpt": {"attention": "ln1", "mlp": "ln2"}, "llama": {"attention": "n1", "mlp": "n2"}}
-TOP_ROLES = {"tok": "embed", "pos": "embed", "norm": "norm", "head": "head"}
 _ROLE_WORDS = {"in": "an input projection", "out": "an output projection", "norm": "a norm",
                "embed": "an embedding", "head": "the output head"}
-ALLOWED = {
-    "in": ("colwise", "rowwise", "replicate"),
-    "out": ("rowwise", "colwise", "replicate"),
-    "norm": ("sequence", "replicate"),
-    "embed": ("vocab", "rowwise", "colwise", "replicate"),
-    "head": ("vocab", "colwise", "rowwise", "replicate"),
-}
 
 
 # ---------------------------------------------------------------------------- layout
 def megatron_layout(cfg: ModelConfig, plan: Plan) -> dict:
-    """The default when a plan with tp > 1 has no tp_layout: Megatron-LM's.
-
-    Input projections colwise, output projections rowwise, norms sequence-parallel when
-    the plan asks for it, embedding and head vocabulary-parallel - or replicated when the
-    vocabulary does not divide by tp (Megatron pads it; we do not change the model).
-    """
-    layout = {}
-    for name, role in BLOCK_ROLES[cfg.arch].items():
-        layout[name] = {"in": "colwise", "out": "rowwise"}.get(role, "sequence" if plan.sequence_parallel else "replicate")
-    vocab_ok = cfg.vocab % plan.tp == 0
-    layout.update(tok="vocab" if vocab_ok else "replicate", head="vocab" if vocab_ok else "replicate",
-                  norm="sequence" if plan.sequence_parallel else "replicate")
-    if cfg.arch == "gpt":
-        layout["pos"] = "replicate"
-    return layout
+    """The default when a plan with tp > 1 has no tp_layout: Megatron-LM's (Architecture.default_layout)."""
+    return get_arch(cfg.arch).default_layout(plan.tp, cfg.vocab, plan.sequence_parallel)
 
 
 def resolve_layout(cfg: ModelConfig, plan: Plan) -> dict:
@@ -94,8 +59,8 @@ def resolve_layout(cfg: ModelConfig, plan: Plan) -> dict:
     which overrides "fc1" for block 3). An empty layout means Megatron's; in a non-empty
     one, modules it does not name stay replicated (norms: sequence-parallel under SP).
     """
-    roles = BLOCK_ROLES[cfg.arch]
-    top = {k: v for k, v in TOP_ROLES.items() if k != "pos" or cfg.arch == "gpt"}
+    family = get_arch(cfg.arch)
+    roles, top = family.block_roles, family.top_roles
     default = megatron_layout(cfg, plan) if not plan.tp_layout else {
         **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in roles.items()},
         **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in top.items()}}
@@ -117,7 +82,7 @@ def resolve_layout(cfg: ModelConfig, plan: Plan) -> dict:
         for name, role in roles.items():
             style = per_layer.get((i, name), base[name])
             layout[f"blocks.{i}.{name}"] = _check_style(f"blocks.{i}.{name}", role, style, cfg, plan)
-        for region, ins, out in REGIONS[cfg.arch]:
+        for region, ins, out in family.regions:
             in_styles = {layout[f"blocks.{i}.{n}"] for n in ins}
             out_style = layout[f"blocks.{i}.{out}"]
             sharded_in = in_styles == {"colwise"}
@@ -145,9 +110,9 @@ def _vocab_dim(style: str, role: str):
 
 
 def _check_style(name: str, role: str, style: str, cfg: ModelConfig, plan: Plan) -> str:
-    if style not in ALLOWED[role]:
+    if style not in ALLOWED_STYLES[role]:
         raise MeshplanError(f"tp_layout {name!r} is {style!r}, which its module ({_ROLE_WORDS[role]}) cannot "
-                            f"take; use one of {', '.join(ALLOWED[role])}")
+                            f"take; use one of {', '.join(ALLOWED_STYLES[role])}")
     tp, short = plan.tp, name.split(".")[-1]
     if role == "norm" and (style == "sequence") != plan.sequence_parallel:
         raise MeshplanError(f"tp_layout {name!r} is {style!r} but sequence_parallel is {plan.sequence_parallel}: "
@@ -229,7 +194,7 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
     and crosses pipeline stages as the local sequence shard.
     """
     sp = plan.sequence_parallel
-    roles = BLOCK_ROLES[cfg.arch]
+    family = get_arch(cfg.arch)
     styles = {}
     for name, role in TOP_ROLES.items():
         if getattr(part, name, None) is not None:
@@ -239,7 +204,7 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
     shared = {index: _shared_regions(index, layout, cfg, sp) for index in part.blocks}
     for index in part.blocks:
         reads_shared = {name for _, ins, _ in shared[index] for name in ins}
-        for name, role in roles.items():   # a shared input arrives replicated, sp or not
+        for name, role in family.block_roles.items():   # a shared input arrives replicated, sp or not
             style = _style(role, layout[f"blocks.{index}.{name}"], sp and name not in reads_shared)
             if style is not None:
                 styles[f"blocks.{index}.{name}"] = style
@@ -247,7 +212,7 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
         parallelize_module(part, tp_mesh, styles)
     for index, regions in shared.items():
         for region, _, _ in regions:
-            norm = getattr(part.blocks[index], REGION_NORMS[cfg.arch][region])
+            norm = getattr(part.blocks[index], family.region_norms[region])
             parallelize_module(norm, tp_mesh, PrepareModuleOutput(
                 output_layouts=(Shard(1) if sp else Replicate(),), desired_output_layouts=(Replicate(),),
                 use_local_output=False))
@@ -272,8 +237,9 @@ def _shared_regions(index: int, layout: dict, cfg: ModelConfig, sp: bool) -> lis
     simulator, reduce once per region. Shared, autograd sums the projections' partial
     gradients first and the norm's output hook reduces them once."""
     regions = []
-    for region, ins, out in REGIONS[cfg.arch]:
-        norm = REGION_NORMS[cfg.arch][region]
+    family = get_arch(cfg.arch)
+    for region, ins, out in family.regions:
+        norm = family.region_norms[region]
         if all(layout[f"blocks.{index}.{name}"] == "colwise" for name in ins) \
                 and (layout[f"blocks.{index}.{norm}"] == "sequence") == sp:
             regions.append((region, ins, out))

@@ -14,7 +14,8 @@ from planner.plan import Plan
 from planner.tp_ilp import BlockLayouts, layouts_for, solve_tp_layout
 from planner.trace import trace_model
 from planner.zoo import PRESETS
-from runtime.parallelize import BLOCK_ROLES, megatron_layout, resolve_layout
+from planner.arch import get_arch
+from runtime.parallelize import megatron_layout, resolve_layout
 
 SEQ = 2048
 # (preset, attention input projections, attention output, mlp inputs, mlp output, norms)
@@ -61,7 +62,7 @@ def runtime_accepts(name, layout, tp, sp=False):
 def megatron_block_layout(name, tp, sp=False):
     cfg = PRESETS[name]
     full = megatron_layout(cfg, Plan(tp=tp, seq=SEQ, sequence_parallel=sp))
-    return {k: v for k, v in full.items() if k in BLOCK_ROLES[cfg.arch]}
+    return {k: v for k, v in full.items() if k in get_arch(cfg.arch).block_roles}
 
 
 # ----------------------------------------------------------------------------- Megatron, rediscovered
@@ -196,7 +197,7 @@ def test_memory_counts_each_parameter_as_the_runtime_shards_it(traced, models):
     parameters split as the runtime splits them: colwise weight and bias, and rowwise weight,
     by tp; a rowwise bias (added after the reduction) and the norms whole."""
     import torch
-    from planner.models import GPTBlock
+    from planner.arch.gpt import GPTBlock
     tp = 8
     tm = traced("gpt3-1.3b")
     layout = megatron_block_layout("gpt3-1.3b", tp)

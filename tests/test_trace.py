@@ -14,7 +14,8 @@ import torch
 from cost_models import MeshplanError
 from fixtures.real_runs import retained_with_attention_recompute, retained_with_checkpoint, saved_per_layer
 from planner import trace as tracer
-from planner.models import Decoder, GPTBlock, ModelConfig, count_parameters
+from planner.arch.gpt import GPTBlock
+from planner.models import Decoder, ModelConfig, count_parameters
 from planner.plan import Plan
 from planner.simulate import prepare
 from planner.torch_compat import traces_attention_core

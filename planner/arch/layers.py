@@ -1,0 +1,77 @@
+"""Pieces every family's block uses: causal attention (fused or Megatron's unfused core),
+attention-core recomputation, and dropout that vanishes when off.
+
+`recompute_attention = True` on a block reruns its attention core (`attention_core`) in
+backward instead of keeping its activations: Korthikanti et al. 2022's selective
+recomputation, which Megatron-LM applies by checkpointing its `core_attention` module
+(megatron/core/transformer/attention.py, `_checkpointed_attention_forward`). The core's
+ops carry the fx annotation ATTENTION_CORE, so the tracer knows what that rerun costs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.fx.traceback as fx_traceback
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ATTENTION_KINDS = ("sdpa", "unfused")
+# The key of the fx node annotation (node.meta["custom"]) marking the attention core's ops:
+# planner.trace reads it to price attention-core recomputation.
+ATTENTION_CORE = "attention_core"
+
+
+def dropped(x, p: float, training: bool):
+    """F.dropout, left out of the graph entirely when it would do nothing."""
+    return F.dropout(x, p, training) if p and training else x
+
+
+def _core_label():
+    """Label the ops traced inside as the attention core. `fx.traceback.annotate` only
+    writes node metadata while a tracer preserves it, so an eager step pays one dict
+    update; a torch release without it runs the same ops, unlabelled."""
+    annotate = getattr(fx_traceback, "annotate", None)
+    return annotate({ATTENTION_CORE: True}) if annotate else contextlib.nullcontext()
+
+
+def attention_core(block: nn.Module, q, k, v):
+    """A block's causal attention; rerun in backward when `block.recompute_attention`.
+
+    The checkpoint keeps q, k and v (views of the projections' outputs, which the
+    linear layers keep anyway) and recomputes the scores, softmax, dropout and the product
+    with the values - Megatron-LM's `--recompute-granularity selective`. Non-reentrant, and
+    preserving the RNG state so the attention dropout replays the same mask."""
+    args = (q, k, v, block.attention, block.dropout, block.training)
+    if block.recompute_attention and torch.is_grad_enabled():
+        return checkpoint(causal_attention, *args, use_reentrant=False, preserve_rng_state=True)
+    return causal_attention(*args)
+
+
+def causal_attention(q, k, v, kind: str, dropout: float, training: bool):
+    """Causal self-attention of (B, heads, T, D) queries over (B, kv_heads, T, D) keys/values.
+
+    "sdpa": PyTorch's fused kernel (flash on GPUs). "unfused": Megatron-LM's core
+    attention - scaled scores written by one baddbmm, the causal mask and softmax, dropout
+    on the probabilities, and the values' bmm.
+    """
+    with _core_label():
+        return _causal_attention(q, k, v, kind, dropout, training)
+
+
+def _causal_attention(q, k, v, kind: str, dropout: float, training: bool):
+    p = dropout if training else 0.0
+    gqa = k.shape[1] != q.shape[1]
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+    if gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    B, heads, T, D = q.shape
+    scores = torch.baddbmm(q.new_empty(B * heads, T, T), q.reshape(B * heads, T, D),
+                           k.reshape(B * heads, T, D).transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(D))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = dropped(torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1), p, training)
+    return torch.bmm(probs, v.reshape(B * heads, T, D)).view(B, heads, T, D)
