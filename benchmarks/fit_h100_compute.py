@@ -6,7 +6,7 @@
 Reads `shared/reference/h100/measured.jsonl` (one NVIDIA H100 80GB HBM3, PyTorch
 2.11/CUDA 13) and fits in two stages (all constants empirical):
 1. kernels: 36 GEMMs in bf16/fp16/fp32/tf32, a 1 GiB device copy and 3 causal bf16
-   flash-attention cases give the GEMM, copy and attention fits (cost_models/calibration.py).
+   flash-attention cases give the GEMM, copy and attention fits (cost_models/fitting.py).
    The attention cases were timed as single-shot calls, so their fitted fixed time is
    mostly the host dispatching one call into an idle GPU; in a training step the host
    runs ahead and that time is hidden, so the shipped fixed time is the kernels' own
@@ -37,8 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accuracy import h100_cases, predict  # noqa: E402
-from cost_models.calibration import (Calibration, build_calibration, mape, measurements_from_reference, predict_attention_row,  # noqa: E402
-                                     predict_matmul_row, summary_lines)
+from cost_models.calibration import Calibration  # noqa: E402
+from cost_models.fitting import (build_calibration, mape, measurements_from_reference,  # noqa: E402
+                                 predict_attention_row, predict_matmul_row)
+from cost_models.profiling import summary_lines  # noqa: E402
 from cost_models.compute import ComputeModel  # noqa: E402
 from cost_models.hardware import SIXTEEN_BIT, get_gpu  # noqa: E402
 

@@ -165,7 +165,8 @@ def _simulate(args) -> int:
     if not args.plan:
         plan = _with_layers(plan, spec, args.checkpoint)
     cluster = parse_cluster(cluster_text)
-    from cost_models.calibration import calibration_line, cost_models_for
+    from cost_models.calibration import calibration_line
+    from cost_models.models_for import cost_models_for
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     result = simulate(plan, spec, cluster, compute=compute, comm=comm)
     if args.trace:
@@ -332,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(p)
     p.set_defaults(handler=compare.run)
 
-    from cost_models import calibration
+    from cost_models import profile_cli
     p = sub.add_parser("profile", help="measure this machine's GEMMs, attention, copies (and collectives) "
                                        "into a calibration JSON")
-    calibration.add_arguments(p)
-    p.set_defaults(handler=calibration.run)
+    profile_cli.add_arguments(p)
+    p.set_defaults(handler=profile_cli.run)
 
     # Listed for --help; main() forwards everything after `train` to runtime.train.
     sub.add_parser("train", help="train a model with a plan: [--nproc-per-node N] then "

@@ -51,7 +51,8 @@ def run(args) -> int:
     pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
     if "precision" not in pinned:
         pinned["precision"] = "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16"
-    from cost_models.calibration import calibration_line, cost_models_for
+    from cost_models.calibration import calibration_line
+    from cost_models.models_for import cost_models_for
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     reserve = None if args.reserve is None else args.reserve * GB
     plans = plan(spec, cluster, args.global_batch, args.seq, top_k=args.top, compute=compute, comm=comm,

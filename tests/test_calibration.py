@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from cost_models import MeshplanError, get_gpu, parse_cluster
-from cost_models.calibration import (Calibration, default_calibration, main, nnls, profile_device,
-                                     shipped_calibration)
+from cost_models.calibration import Calibration, default_calibration, shipped_calibration
 from cost_models.comm import CommModel, group_placement
 from cost_models.compute import ComputeModel, gemm_flops
+from cost_models.fitting import nnls
+from cost_models.profile_cli import main
+from cost_models.profiling import profile_device
 
 CPU = get_gpu("cpu")
 
@@ -213,7 +215,8 @@ _WORKER = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
     import torch.multiprocessing as mp
-    from cost_models.calibration import fit_comm, measure_collectives, _single_host
+    from cost_models.fitting import fit_comm
+    from cost_models.profiling import measure_collectives, _single_host
     from cost_models.hardware import get_gpu
 
     def run(rank, port, out):

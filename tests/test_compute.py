@@ -3,7 +3,8 @@
 import pytest
 
 from cost_models import MeshplanError, get_gpu
-from cost_models.calibration import build_calibration, measurements_from_reference, shipped_calibration
+from cost_models.calibration import shipped_calibration
+from cost_models.fitting import build_calibration, measurements_from_reference
 from cost_models.compute import (ComputeModel, OP_KINDS, adamw_bytes_per_param, attention_flops,
                                  causal_fraction, gemm_bytes, gemm_flops)
 from cost_models.units import GIB

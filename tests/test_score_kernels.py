@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cost_models import MeshplanError, get_gpu
-from cost_models.calibration import (SCORE_FIT_GPU, Calibration, fit_score_fraction, score_bytes,
-                                     score_fraction_fallback, shipped_calibration)
+from cost_models.calibration import SCORE_FIT_GPU, Calibration, score_fraction_fallback, shipped_calibration
+from cost_models.fitting import fit_score_fraction
+from cost_models.profiling import score_bytes
 from cost_models.compute import ComputeModel
 from planner.costing import LayerCoster, score_key, score_shapes
 from planner.trace import trace_model

@@ -1,0 +1,43 @@
+"""The `meshplan profile` command line: options, and the handler that profiles this
+machine, writes the calibration and prints its summary."""
+from __future__ import annotations
+
+import argparse
+
+from cost_models.errors import MeshplanError
+from cost_models.profiling import profile_device, rank, summary_lines
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line MeshplanError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise MeshplanError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `meshplan profile` options, for this module's parser or a CLI subparser."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--out", required=True, help="calibration file to write (.json)")
+    parser.add_argument("--gpu", help="catalogue name this calibration belongs to (default: cpu for --device cpu)")
+    parser.add_argument("--quick", action="store_true", help="small grid and short timings")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    return parser
+
+
+def build_parser(prog: str = "meshplan profile") -> argparse.ArgumentParser:
+    return add_arguments(_Parser(prog=prog, description="Measure this machine and write a calibration JSON."))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler for parsed `meshplan profile` arguments: profile, write, print a summary."""
+    calibration = profile_device(args.device, args.out, quick=args.quick, gpu=args.gpu, force=args.force)
+    print("\n".join(summary_lines(calibration)))
+    if rank() == 0:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """`meshplan profile` on its own: raises MeshplanError on user mistakes (the CLI prints them)."""
+    return run(build_parser().parse_args(argv))
