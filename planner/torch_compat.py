@@ -83,7 +83,7 @@ def cpu_sdpa_fuses_gqa() -> bool:
     """Does CPU `F.scaled_dot_product_attention(..., enable_gqa=True)` run the fused flash
     kernel? 2.13 does; 2.7 decomposes it (repeat k/v, bmm, softmax, bmm), which saves other
     tensors for backward and hides the attention op from the tracer, though its flash
-    kernel takes grouped k/v shapes when called directly (see trace._GroupedFlash; 2.8 is
+    kernel takes grouped k/v shapes when called directly (see trace.kernels.GroupedFlash; 2.8 is
     the same). Probed on a tiny call rather than read from the version, so whichever
     release changed it is handled."""
     from torch.utils._python_dispatch import TorchDispatchMode   # private; no public path

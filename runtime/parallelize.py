@@ -267,7 +267,7 @@ def selective_save_ops():
         aten = torch.ops.aten
         # the linear layers' products and the fused attention kernels; an unfused attention's
         # batched products (bmm, baddbmm: the s x s scores and their product with the values)
-        # are recomputed, as the trace measures it (planner.trace._selective_policy) - and its
+        # are recomputed, as the trace measures it (planner.trace.saved._selective_policy) - and its
         # in-place causal mask would otherwise modify a saved tensor
         names = ["mm", "addmm", "linear", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",

@@ -72,10 +72,10 @@ def test_grouped_flash_matches_sdpa():
     """The tracer's GQA attention for torches whose CPU SDPA does not fuse it (2.7, 2.8):
     outputs and gradients equal SDPA's over repeated k/v; k/v gradients keep their heads."""
     import torch.nn.functional as F
-    from planner.trace import _GroupedFlash
+    from planner.trace.kernels import GroupedFlash
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
-    out = _GroupedFlash.apply(q, k, v, 0.0, True, None)
+    out = GroupedFlash.apply(q, k, v, 0.0, True, None)
     grad = torch.randn_like(out)
     expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(out, expected)
