@@ -75,7 +75,8 @@ from planner.trace.fake import autocast, make_state, module_stack
 from planner.trace.inputs import (CASTS, PRECISION_DTYPES, TensorSpec, backward_from, check_step, primary_output,
                                   resolve)
 from planner.trace.kernels import KERNELS, kernel_choices
-from planner.trace.layers import Program, split_layers
+from planner.trace.layers import split_layers
+from planner.trace.program import Program
 from planner.trace.ops import analyse, tensors_in
 from planner.trace.saved import measure_saved
 from planner.trace.signature import find_units, module_signature

@@ -3,8 +3,8 @@ module, or a segment of the skeleton's aten graph), one program per signature.""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -15,23 +15,9 @@ from planner.ir import Layer
 from planner.trace.fake import state_dtype
 from planner.trace.inputs import TensorSpec
 from planner.trace.ops import flag, kind_of_target, propagate_requires_grad
+from planner.trace.program import Program
 from planner.trace.signature import digest, value_key
 from planner.trace.skeleton import Skeleton, UnitCall
-
-
-@dataclass
-class Program:
-    """A layer as something we can trace and run: fn(state, tensors) -> outputs."""
-
-    fn: Callable
-    state_names: list         # model paths of the parameters/buffers it takes
-    state_specs: list         # TensorSpec of each (requires_grad = trainable parameter)
-    state_is_param: list
-    input_specs: list         # TensorSpec of each input tensor
-    autocast: bool            # module code: run under autocast; an aten replay already has the casts
-    graph: fx.GraphModule | None = None   # its aten graph when already known
-    output_specs: list = field(default_factory=list)
-    module: nn.Module | None = None       # a block's module (its recompute_attention flag)
 
 
 def split_layers(sk: Skeleton, model: nn.Module, low=None) -> tuple[list[Layer], dict[str, Program]]:

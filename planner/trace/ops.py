@@ -3,18 +3,16 @@ the parameters it consumes, and the op dependency graph."""
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from planner.ir import ATTENTION_BWD_FACTOR, OpInfo
 from planner.arch.layers import ATTENTION_CORE
+from planner.ir import ATTENTION_BWD_FACTOR, OpInfo
+from planner.trace.program import Program
 
-if TYPE_CHECKING:  # layers imports this module
-    from planner.trace.layers import Program
 
 
 # ----------------------------------------------------------------------------- op classification

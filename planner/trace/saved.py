@@ -18,7 +18,7 @@ from planner.plan import CHECKPOINT_MODES
 from planner.trace.fake import autocast, make_state
 from planner.trace.inputs import backward_from
 from planner.trace.kernels import kernel_choices
-from planner.trace.layers import Program
+from planner.trace.program import Program
 from planner.trace.ops import is_attention, op_name, tensors_in
 
 aten = torch.ops.aten
