@@ -9,7 +9,7 @@ Two accountings:
   `gathered_param_bytes` (one or two layers at a time for ZeRO-3; every layer between
   forward and backward for ZeRO-2, i.e. reshard_after_forward=False). ZeRO-1 (Megatron's
   distributed optimizer) keeps them, and unsharded fp32 gradients, across the step's
-  micro-batches: planner.fsdp says when, planner.simulate adds them. With CPU offload
+  micro-batches: planner.simulate.fsdp says when, planner.simulate adds them. With CPU offload
   (FSDP2 `CPUOffloadPolicy`) sharded parameters, gradients and optimizer state live on
   the host.
 - `deepspeed`: the ZeRO paper's accounting (Rajbhandari et al. 2020, Sec. 3/5): fp16

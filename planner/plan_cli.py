@@ -69,7 +69,7 @@ def run(args) -> int:
         _print_table(plans, spec.name, cluster)
         print(calibration_line(calibration))
     if args.explain and not args.json:
-        from planner.explain import explain
+        from planner.search.explain import explain
         for line in explain(plans):
             print(line)
     return 0

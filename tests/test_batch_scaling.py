@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.batch_scaling import scaled_trace
+from planner.simulate.batch_scaling import scaled_trace
 from planner.models import ModelConfig
 from planner.simulate import trace_spec
 from planner.zoo import PRESETS, ModelSpec, load_model

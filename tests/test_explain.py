@@ -1,5 +1,5 @@
 """The planner's explanation names, for each losing dp x tp x pp family, the variant that got furthest."""
-from planner.explain import rejected_families
+from planner.search.explain import rejected_families
 from planner.search import RankedPlans, Rejection, SearchStats
 
 

@@ -9,7 +9,7 @@ from cost_models.calibration import Calibration, shipped_calibration
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.hardware import get_gpu
-from planner.costing import FUSED_DROPOUT_ADD, LayerCoster, _as_megatron_kernels, score_shapes
+from planner.simulate.costing import FUSED_DROPOUT_ADD, LayerCoster, _as_megatron_kernels, score_shapes
 from planner.models import Decoder, ModelConfig
 from planner.plan import Plan
 from planner.trace import trace_model

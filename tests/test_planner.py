@@ -5,9 +5,9 @@ import pytest
 
 from cost_models import MeshplanError
 from cost_models.cluster import parse_cluster
-from planner.partition import StageCosts, partition
+from planner.search.partition import StageCosts, partition
 from planner.plan import CHECKPOINT_MODES, Plan
-from planner.schedule import in_flight_counts
+from planner.simulate.schedule import in_flight_counts
 from planner.search import plan
 from planner.simulate import prepare, simulate
 from planner.torch_compat import traces_attention_core

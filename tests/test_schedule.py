@@ -3,7 +3,7 @@ import json
 import pytest
 
 from cost_models import MeshplanError
-from planner.schedule import build_schedule, in_flight_peak, simulate_pipeline
+from planner.simulate.schedule import build_schedule, in_flight_peak, simulate_pipeline
 
 
 def run(schedule, pp, m, chunks=1, f=1.0, b=2.0, p2p=0.0):
@@ -81,7 +81,7 @@ def test_bad_schedules():
                                                   ("interleaved", 4, 4, 3), ("interleaved", 2, 2, 4),
                                                   ("interleaved", 8, 16, 2), ("1f1b", 4, 2, 1)])
 def test_in_flight_counts_match_the_action_lists(schedule, pp, m, chunks):
-    from planner.schedule import in_flight_counts
+    from planner.simulate.schedule import in_flight_counts
     expected = tuple(in_flight_peak(a) for a in build_schedule(schedule, pp, m, chunks))
     assert in_flight_counts(schedule, pp, m, chunks) == expected
 

@@ -13,7 +13,7 @@ from cost_models.calibration import SCORE_FIT_GPU, Calibration, score_fraction_f
 from cost_models.fitting import fit_score_fraction
 from cost_models.profiling import score_bytes
 from cost_models.compute import ComputeModel
-from planner.costing import LayerCoster, score_key, score_shapes
+from planner.simulate.costing import LayerCoster, score_key, score_shapes
 from planner.trace import trace_model
 from planner.zoo import load_model
 
@@ -125,7 +125,7 @@ def test_fit_is_bytes_over_seconds_against_the_copy_rate():
 def test_tp_layout_ilp_prices_the_score_kernels_as_the_simulator_does():
     from cost_models.cluster import parse_cluster
     from cost_models.comm import CommModel
-    from planner.tp_ilp import solve_tp_layout
+    from planner.search.tp_ilp import solve_tp_layout
     traced = traced_gpt("unfused", seq=512)
     cost = traced.cost_of(traced.blocks[0])
     comm = CommModel(parse_cluster("a100-sxm-80gb:1x8"))

@@ -77,7 +77,7 @@ def _count_rank(rank: int, out_dir: str, model: str, sp: bool):
         (Path(out_dir) / "counts.json").write_text(json.dumps(dict(counts=counts, layers=cfg.layers)))
 
 
-# CommDebugMode's names for the collectives the simulator prices (planner.costing)
+# CommDebugMode's names for the collectives the simulator prices (planner.simulate.costing)
 FUNCTIONAL_NAMES = {"all_reduce": "all_reduce", "all_gather": "all_gather_into_tensor",
                     "reduce_scatter": "reduce_scatter_tensor"}
 

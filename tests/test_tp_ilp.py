@@ -1,4 +1,4 @@
-"""The intra-layer TP layout ILP (planner.tp_ilp) on real traces.
+"""The intra-layer TP layout ILP (planner.search.tp_ilp) on real traces.
 
 The oracle for "Megatron's layout" is the runtime's own `megatron_layout`, and every layout
 the ILP returns must pass the runtime's `resolve_layout`; collective sizes are derived from
@@ -11,7 +11,7 @@ from cost_models.cluster import parse_cluster
 from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from planner.plan import Plan
-from planner.tp_ilp import BlockLayouts, layouts_for, solve_tp_layout
+from planner.search.tp_ilp import BlockLayouts, layouts_for, solve_tp_layout
 from planner.trace import trace_model
 from planner.zoo import PRESETS
 from planner.arch import get_arch
@@ -221,7 +221,7 @@ def test_solver_chatter_on_file_descriptor_1_never_reaches_stdout():
     import textwrap
     script = textwrap.dedent("""
         import ctypes, os
-        from planner.tp_ilp import _native_stdout_silenced
+        from planner.search.tp_ilp import _native_stdout_silenced
         print("before", flush=True)
         with _native_stdout_silenced():
             os.write(1, b"raw banner\\n")

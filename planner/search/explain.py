@@ -1,7 +1,7 @@
 """Why the planner chose what it chose: the deciding cost term and each rejected family."""
 from __future__ import annotations
 
-from planner.search import RankedPlans, describe_family
+from planner.search.ranking import RankedPlans, describe_family
 from planner.simulate import PHASE_WORDS
 
 # A family's reason is its variant that got furthest: simulated and slower, then at best

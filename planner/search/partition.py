@@ -79,7 +79,7 @@ class _BlockCosts:
 
 
 class StageCosts:
-    """The per-rank data of the formulation, read off a `planner.simulate._Simulation`."""
+    """The per-rank data of the formulation, read off a `planner.simulate.step._Simulation`."""
 
     def __init__(self, sim, in_flight: list[int]):
         self.sim, plan = sim, sim.plan

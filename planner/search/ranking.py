@@ -8,14 +8,14 @@ The search, in order of cost:
    every micro-batch size dividing a rank's share of the batch, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
    activations in flight, so it is pruned as dominated unless pinned) and precision.
-   Pinned dimensions take one value.
+   Pinned dimensions take one value (planner.search.space enumerates them).
 2. Memory prune: a family whose model states alone (parameters, gradients, optimizer
    state of an even share of the model) overflow the budget is dropped with its size.
 3. Bound: each candidate's lower bound is its busiest rank's compute with no bubble,
    no recomputation and no communication; candidates are visited by that bound and the
    walk stops when the bound passes the k-th best estimate (plus the estimate's margin).
-4. Stage partition + checkpointing per candidate: `planner.partition` (exact bottleneck
-   search under per-rank memory budgets), giving an estimated step time.
+4. Stage partition + checkpointing per candidate: `planner.search.partition` (exact
+   bottleneck search under per-rank memory budgets), giving an estimated step time.
 5. The best estimates are simulated (`planner.simulate`, the event simulation of the
    schedule); a plan whose simulated peak exceeds the budget gets that rank's budget
    tightened by the excess and is partitioned again (up to `REFIT_ROUNDS` times).
@@ -35,18 +35,19 @@ from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.memory import model_state_bytes
-from planner.costing import top_level_layout
-from planner.partition import StageCosts, partition
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
-from planner.schedule import in_flight_counts
-from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, _model_key, _trace_cached, prepare
-from planner.tp_ilp import layouts_for
+from planner.search.diagnosis import Diagnosis
+from planner.search.partition import StageCosts, partition
+from planner.search.space import SearchSpace
+from planner.search.tp_ilp import layouts_for
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare, trace_cached
+from planner.simulate.costing import top_level_layout
+from planner.simulate.schedule import in_flight_counts
 from planner.zoo import ModelSpec, load_model
 
 # Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
 # 1.3 % (benchmarks/accuracy.py), the worst case 3.4 %; 3 % of the device is the default.
 MEMORY_RESERVE_FRACTION = 0.03
-INTERLEAVE_CHOICES = (2, 4)
 # How far the partition's closed-form estimate may fall below the simulated time before
 # a candidate is no longer worth simulating (its median error on the benchmark families
 # is a few %; generous, since a missed plan costs more than a simulation).
@@ -142,11 +143,7 @@ def _check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
             raise MeshplanError(f"{name} {pinned[name]!r} is unknown; use one of {', '.join(map(str, allowed))}")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-class _Search:
+class _Search(SearchSpace, Diagnosis):
     def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned):
         self.spec, self.cluster = spec, cluster
         self.global_batch, self.seq, self.pinned = global_batch, seq, pinned
@@ -164,80 +161,6 @@ class _Search:
                                 f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
         self._sims = {}
         self._layouts = {}
-
-    # -- enumeration ------------------------------------------------------------------------
-    def values(self, name: str, default):
-        return [self.pinned[name]] if name in self.pinned else list(default)
-
-    def families(self) -> list[tuple[int, int, int]]:
-        world, gpn = self.cluster.world_size, self.cluster.gpus_per_node
-        cfg = self.spec.config
-        blocks = cfg.layers if cfg else None
-        out = []
-        for tp in self.values("tp", _divisors(world)):
-            if world % tp:
-                continue
-            if tp > gpn and not self.tp_across_nodes:
-                continue
-            if tp > 1 and (cfg is None or any(v % tp for v in (cfg.heads, cfg.kv_heads, cfg.ffn, cfg.hidden))):
-                continue
-            for pp in self.values("pp", _divisors(world // tp)):
-                if (world // tp) % pp or (blocks is not None and pp > blocks):
-                    continue
-                dp = world // (tp * pp)
-                if "dp" in self.pinned and dp != self.pinned["dp"]:
-                    continue
-                if self.global_batch % dp == 0:
-                    out.append((dp, tp, pp))
-        if not out:
-            raise MeshplanError(self._no_family_message())
-        return out
-
-    def _no_family_message(self) -> str:
-        world = self.cluster.world_size
-        pins = ", ".join(f"{k}={self.pinned[k]}" for k in ("dp", "tp", "pp") if k in self.pinned)
-        return (f"no dp x tp x pp = {world} devices fits the model and global batch {self.global_batch}"
-                + (f" with {pins}" if pins else "") + ": choose degrees whose product is the cluster size, "
-                "tp dividing the heads (inside a node), and dp dividing the global batch")
-
-    def candidates(self, dp, tp, pp) -> list[Plan]:
-        per_rank = self.global_batch // dp
-        out = []
-        for precision in self.values("precision", ("bf16",)):
-            # every size that divides the rank's share: each is priced from two traces
-            # (planner.batch_scaling), and memory and the bound prune the rest
-            for mb in self.values("micro_batch", _divisors(per_rank)):
-                if per_rank % mb:
-                    continue
-                m = per_rank // mb
-                for zero in self.values("zero", (0, 1, 2, 3) if dp > 1 else (0,)):
-                    for offload in self.values("offload_optimizer", (False, True) if zero >= 2 else (False,)):
-                        for sp in self.values("sequence_parallel", (False, True) if tp > 1 else (False,)):
-                            for schedule, v in self._schedules(pp, m):
-                                out.append(Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb,
-                                                global_batch=self.global_batch, seq=self.seq, precision=precision,
-                                                schedule=schedule, interleave=v, sequence_parallel=sp,
-                                                offload_optimizer=offload, model=self.spec.name,
-                                                cluster=self.cluster.name))
-        return out
-
-    def _schedules(self, pp: int, micro_batches: int):
-        blocks = self.spec.config.layers if self.spec.config else None
-        schedules = self.values("schedule", ("1f1b", "gpipe", "interleaved") if pp > 1 else ("1f1b",))
-        for schedule in schedules:
-            if schedule == "gpipe" and "schedule" not in self.pinned:
-                self.stats.pruned_dominated += 1
-                continue
-            if schedule == "1f1b" and pp > 1 and micro_batches < pp:
-                continue   # the runtime's 1F1B needs a micro-batch per stage (pipeline.check_schedule)
-            if schedule != "interleaved":
-                yield schedule, 1
-                continue
-            if pp < 2 or micro_batches % pp:
-                continue
-            for v in self.values("interleave", INTERLEAVE_CHOICES):
-                if v >= 2 and (blocks is None or pp * v <= blocks):
-                    yield schedule, v
 
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
@@ -262,7 +185,7 @@ class _Search:
     def param_count(self) -> float:
         if not hasattr(self, "_param_count"):
             precision = self.values("precision", ("bf16",))[0]
-            traced = _trace_cached(_model_key(self.spec), 1, self.seq, precision, "autocast")
+            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
             self._param_count = float(traced.param_count)
         return self._param_count
 
@@ -438,111 +361,6 @@ class _Search:
     # -- reporting -------------------------------------------------------------------------------
     def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0, result=None):
         self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes, result))
-
-    def nothing_fits(self) -> str:
-        """One line: what the leanest plan the pins allow needs, where it overflows, and the
-        nearest change that fits - dropping one pin, or more GPUs of this kind."""
-        need, stage = self.leanest(self.cluster)
-        pins = {k: v for k, v in self.pinned.items() if k != "precision"}
-        within = f" with {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""
-        where = f"{stage.peak_reserved_bytes / 1e9:.1f} GB per GPU on pipeline stage {stage.stage} " \
-                f"({_largest_parts(stage)})" if stage is not None else f"{need / 1e9:.1f} GB per GPU"
-        head = (f"nothing fits: the leanest plan{within} needs {where} but {self.cluster.gpu.display_name} "
-                f"leaves {self.budget_bytes / 1e9:.1f} GB (after a {self.reserve_bytes / 1e9:.1f} GB reserve)")
-        if need <= self.budget_bytes:   # the pins leave only candidates the search could not split
-            return (f"nothing fits{within}: no candidate found a fitting stage split, though the leanest plan, "
-                    f"evenly split, needs {need / 1e9:.1f} GB of the {self.budget_bytes / 1e9:.1f} GB budget: "
-                    f"drop a pin")
-        freed = {name: self._without(name).leanest(self.cluster)[0] for name in pins}
-        fixes = [f"--{_flag(name)} (then {need_bytes / 1e9:.1f} GB)" for name, need_bytes in freed.items()
-                 if need_bytes <= self.budget_bytes]
-        if fixes:
-            return f"{head}; dropping any one of these pins fits: {', '.join(fixes)}"
-        gpus = self.gpus_to_fit()
-        more = (f"about {gpus} GPUs ({gpus // self.cluster.gpus_per_node} nodes of {self.cluster.gpus_per_node}) "
-                f"would hold it" if gpus else "more GPUs alone would not hold it: use GPUs with more memory")
-        return f"{head}; {more}"
-
-    def _without(self, name: str) -> "_Search":
-        return _Search(self.spec, self.cluster, self.global_batch, self.seq, self.compute, self.comm,
-                       self.reserve_bytes, self.tp_across_nodes, {k: v for k, v in self.pinned.items() if k != name})
-
-    def leanest_bytes(self, cluster: ClusterSpec, simulated: bool = True) -> float:
-        return self.leanest(cluster, simulated)[0]
-
-    def leanest(self, cluster: ClusterSpec, simulated: bool = True):
-        """(peak reserved bytes per GPU, its worst StageMemory or None) of the leanest plan
-        the pins allow on `cluster`: unless pinned, ZeRO-3 (with optimizer offload where the
-        host memory holds it), micro-batch 1, every block fully checkpointed, evenly split,
-        1F1B, sequence parallel with tp, over every dp x tp x pp. On another cluster dp and
-        pp are free. `simulated`: priced by simulate() (else by the partition model)."""
-        search = self if cluster is self.cluster else _Search(
-            self.spec, cluster, self.global_batch, self.seq, self.compute, None, self.reserve_bytes,
-            self.tp_across_nodes, {k: v for k, v in self.pinned.items() if k not in ("dp", "pp")})
-        best, worst = float("inf"), None
-        for dp, tp, pp in search.families():
-            lean = search._leanest_plan(dp, tp, pp)
-            if lean is None:
-                continue
-            sim = prepare(lean, self.spec, cluster, search.compute, search.comm)
-            mode = search.pinned.get("checkpoint", "full")
-            if simulated:
-                stage = prepare(replace(lean, checkpoint=[mode] * len(sim.traced.blocks)), self.spec, cluster,
-                                search.compute, search.comm).run().worst_stage
-                peak = stage.peak_reserved_bytes
-            else:
-                split = partition(StageCosts(sim, in_flight_counts(lean.schedule, pp, lean.grad_accum,
-                                                                   lean.interleave)), float("inf"), mode)
-                stage, peak = None, max(split.stage_memory_bytes) * ALLOCATOR_RESERVED_RATIO
-            if peak < best:
-                best, worst = peak, stage
-        return best, worst
-
-    def _leanest_plan(self, dp: int, tp: int, pp: int) -> Plan | None:
-        """The leanest plan of one family under the pins (None: the pins rule it out)."""
-        pick = self.pinned.get
-        zero = pick("zero", 3 if dp > 1 else 0)
-        micro_batch = pick("micro_batch", 1)
-        schedule = pick("schedule", "interleaved" if pick("interleave", 1) > 1 else "1f1b")
-        fields = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro_batch, global_batch=self.global_batch,
-                      seq=self.seq, precision=self.values("precision", ("bf16",))[0], schedule=schedule,
-                      interleave=pick("interleave", 2 if schedule == "interleaved" else 1),
-                      sequence_parallel=pick("sequence_parallel", tp > 1),
-                      offload_optimizer=pick("offload_optimizer", dp > 1 and zero >= 2))
-        try:
-            lean = Plan(**fields)
-            if self.host_floor_bytes(lean) > self.cluster.host_memory_bytes_per_gpu and \
-                    "offload_optimizer" not in self.pinned:
-                lean = replace(lean, offload_optimizer=False)
-            lean.check_fits(self.spec.config.layers if self.spec.config else None)
-        except MeshplanError:
-            return None
-        return lean
-
-    def gpus_to_fit(self) -> int | None:
-        """The smallest cluster of this node type (doubling the nodes) whose leanest plan fits."""
-        for doublings in range(1, 13):
-            bigger = replace(self.cluster, nodes=self.cluster.nodes * 2 ** doublings)
-            try:
-                if (self.leanest_bytes(bigger, simulated=False) <= self.budget_bytes
-                        and self.leanest_bytes(bigger) <= self.budget_bytes):
-                    return bigger.world_size
-            except MeshplanError:
-                continue
-        return None
-
-
-def _largest_parts(stage) -> str:
-    """The two largest memory parts of a stage, in words."""
-    parts = {"activations": stage.activations_bytes, "parameters": stage.params_bytes,
-             "gradients": stage.grads_bytes, "optimizer state": stage.optimizer_bytes,
-             "working and gathered": stage.transient_bytes}
-    top = sorted(parts.items(), key=lambda item: -item[1])[:2]
-    return ", ".join(f"{name} {value / 1e9:.1f} GB" for name, value in top)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def describe_family(plan: Plan) -> str:

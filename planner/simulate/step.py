@@ -1,0 +1,313 @@
+"""simulate(plan, model, cluster): step time and throughput of one plan.
+
+Each virtual pipeline stage gets a forward and a backward time per micro-batch
+(its layers' op times from the compute model, plus recomputation, plus exposed
+tensor-parallel collectives, plus FSDP collectives not hidden behind the layer they
+overlap with); `planner.simulate.schedule` then plays the plan's schedule as an event
+simulation, so bubbles and transfers fall out of the timeline. After a rank's last
+backward comes the data-parallel tail: the gradient all-reduce not hidden behind
+backward (DDP overlaps all buckets but the last) and the optimizer step. Memory:
+planner.simulate.memory; communication: planner.simulate.communication.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+import torch
+
+from cost_models.cluster import ClusterSpec, parse_cluster
+from cost_models.comm import CommModel
+from cost_models.compute import ComputeModel
+from cost_models.errors import MeshplanError
+from cost_models.memory import DTYPE_BYTES
+from planner.ir import TracedModel
+from planner.plan import Plan, even_stages
+import planner.simulate.fsdp as fsdp
+from planner.simulate.communication import CommMixin
+from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
+from planner.simulate.execution import MESHPLAN_RUNTIME, Execution
+from planner.simulate.memory import CUDA_CONTEXT_BYTES, MemoryMixin, StageMemory
+from planner.simulate.schedule import build_schedule, simulate_pipeline
+from planner.simulate.times import FsdpExposure, LayerTimes
+from planner.simulate.traces import model_key, trace_cached
+from planner.torch_compat import traces_attention_core
+from planner.zoo import ModelSpec, load_model
+
+
+@dataclass
+class SimResult:
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+    hfu: float
+    fits: bool
+    capacity_bytes: float
+    phases: dict
+    stages: list
+    timeline: object = field(repr=False, default=None)
+    # per pipeline rank, what one step communicates: {group: {collective: bytes}}
+    # (_Simulation.comm_bytes); a GPU of a TP or DP group moves what its peers move
+    comm_bytes: list = field(default_factory=list)
+
+    @property
+    def worst_stage(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak_reserved_bytes)
+
+    def to_dict(self) -> dict:
+        worst = self.worst_stage
+        return {
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "hfu": self.hfu, "fits": self.fits,
+            "capacity_bytes": self.capacity_bytes, "phases": self.phases,
+            "memory": {
+                "peak_allocated_bytes": worst.peak_allocated_bytes,
+                "peak_reserved_bytes": worst.peak_reserved_bytes,
+                "breakdown": {k: getattr(worst, k) for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
+                                                             "activations_bytes", "transient_bytes")},
+            },
+            "stages": [asdict(s) for s in self.stages],
+            "comm_bytes_per_stage": self.comm_bytes,
+        }
+
+
+def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
+             comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> SimResult:
+    """Simulate one training step of `plan`, run as `execution` says (default: meshplan's runtime)."""
+    return prepare(plan, model, cluster, compute, comm, execution).run()
+
+
+def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
+            execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
+    """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
+
+    Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
+    compute model, so simulating many plans of one model re-costs nothing."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
+    if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
+        raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
+    if "attention" in plan.checkpoint and not traces_attention_core():
+        raise MeshplanError(f"checkpoint mode 'attention' needs torch.fx.traceback.annotate, which torch "
+                            f"{torch.__version__} lacks: use selective or full, or torch >= 2.12")
+    traced = trace_cached(model_key(spec), plan.micro_batch, plan.seq, plan.precision,
+                          execution.cast or plan.cast)
+    # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
+    plan.check_fits(len(traced.blocks), cluster.world_size)
+    compute = compute or ComputeModel(cluster.gpu)
+    comm = comm or CommModel(cluster)
+    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
+    return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config)
+
+
+_COSTERS: dict = {}
+
+
+def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerCoster:
+    key = (id(traced), id(compute), hidden)
+    entry = _COSTERS.get(key)
+    if entry is None or entry[0] is not traced or entry[1] is not compute:
+        if len(_COSTERS) > 256:
+            _COSTERS.clear()
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden))
+    return entry[2]
+
+
+# SimResult.phases: the slowest pipeline rank's step split into parts that add up to the
+# step time (recompute_s is the part of compute_s spent recomputing), in words for people.
+PHASE_WORDS = {"compute_s": "compute", "recompute_s": "recomputation",
+               "exposed_tp_comm_s": "exposed tensor-parallel communication",
+               "exposed_dp_comm_s": "exposed data-parallel communication",
+               "pipeline_bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
+
+
+class _Simulation(CommMixin, MemoryMixin):
+    """One plan on one cluster, ready to `run()`; the planner reads its per-layer costs too."""
+
+    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME, config=None):
+        self.execution = execution
+        # an empty tp_layout is Megatron's, with the embedding and head replicated where tp does
+        # not divide the vocabulary, as the runtime does it (runtime.parallelize.megatron_layout)
+        self.tp_layout = plan.tp_layout or (top_level_layout(config, plan) if config and plan.tp > 1 else {})
+        # a tied embedding's parameters, split over TP when the token embedding is
+        self.tied_params = config.vocab * config.hidden if config and config.tie_embeddings else 0
+        self.tied_split = plan.tp if plan.tp > 1 and self.tp_layout.get("tok", "vocab") == "vocab" else 1
+        self._untied_heads = {}   # layer index -> the head's timing less the tied weight
+        self.plan, self.traced, self.cluster = plan, traced, cluster
+        self.compute, self.comm, self.coster = compute, comm, coster
+        degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
+        order = tuple(plan.rank_order)
+        self.tp_group = comm.group(degrees, "tp", order)
+        self.dp_group = comm.group(degrees, "dp", order)
+        self.pp_cross_node = comm.group(degrees, "pp", order).crosses_nodes
+        self.act_bytes = DTYPE_BYTES[plan.precision]
+        # DDP all-reduces each .grad in its parameter's dtype: fp32 for our runtime's
+        # fp32 parameters under autocast, 16-bit where the parameters themselves are
+        # (Megatron-LM's fp16 training); FSDP2 reduces in fp32 (charged in fsdp_exposed)
+        self.grad_dtype_bytes = self.act_bytes if traced.cast == "params" else 4
+        # FSDP2's flags as the runtime drives them (planner.simulate.fsdp), and each virtual stage's
+        # gathers and reductions under the plan's schedule
+        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, plan.dp, execution.replicate_copies_params)
+        self._traffic = {}
+
+    @property
+    def actions(self):
+        """The plan's schedule: per pipeline rank, its forward and backward actions in order."""
+        return build_schedule(self.plan.schedule, self.plan.pp, self.plan.grad_accum, self.plan.interleave)
+
+    # -- layers to stages ----------------------------------------------------------------
+    def stage_layers(self) -> list[list[int]]:
+        """Layer indices per virtual stage; non-block layers join the nearest block's stage."""
+        plan, layers = self.plan, self.traced.layers
+        blocks = self.traced.blocks
+        ranges = plan.stages or even_stages(len(blocks), plan.virtual_stages) if blocks else [[0, 0]]
+        owner = {}
+        for stage, (start, end) in enumerate(ranges):
+            for b in blocks[start:end]:
+                owner[b] = stage
+        stages = [[] for _ in range(plan.virtual_stages)]
+        current = 0
+        for layer in layers:
+            if layer.index in owner:
+                current = owner[layer.index]
+            elif layer.index > max(blocks, default=-1):
+                current = plan.virtual_stages - 1
+            stages[current].append(layer.index)
+        return stages
+
+    def timing(self, index: int) -> LayerTiming:
+        head = self.traced.layers[index].kind == "head"
+        extra = self.execution.loss_host_ops if head else (0, 0)
+        timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
+                                    self.execution.megatron_kernels)
+        if head and self.tied_params and self.plan.pp == 1:
+            # the head's weight is the embedding's, held once where both live on one rank (the
+            # trace lists it under both ops); with pipeline stages the last stage keeps a copy
+            if index not in self._untied_heads:
+                self._untied_heads[index] = replace(timing, params_per_gpu=timing.params_per_gpu
+                                                    - self.tied_params / self.tied_split)
+            return self._untied_heads[index]
+        return timing
+
+    def rank_layers(self, rank: int, stages) -> list[int]:
+        """The layers pipeline rank `rank` holds: those of each of its virtual stages."""
+        return [i for c in range(self.plan.interleave) for i in stages[c * self.plan.pp + rank]]
+
+    def checkpoint_mode(self, index: int) -> str:
+        layer = self.traced.layers[index]
+        if layer.kind != "block":
+            return "none"
+        return self.plan.checkpoint_for(self.traced.block_number[index])
+
+    # -- time ----------------------------------------------------------------------------
+    def layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
+        """One micro-batch through one layer, under the plan's checkpoint mode for the layer
+        or the `mode` given: forward, backward (recompute included), and the parts of those
+        spent recomputing and in exposed TP and FSDP communication - the planner's estimate.
+        FSDP's collectives are averaged over the step's micro-batches as if each ran forward
+        then backward (a pipeline's warm-up forwards can only add ZeRO-3 gathers); `run()`
+        charges them to the actions of the real schedule that issue them."""
+        base = self.base_layer_times(index, mode)
+        if not self.fsdp_communicates:
+            return base
+        traffic = fsdp.play(self.fsdp_drive, fsdp.in_sequence(self.plan.grad_accum))
+        exposed = self.fsdp_exposure(index, base)
+        n = self.plan.grad_accum
+        fsdp_fwd = exposed.forward_gather_s * len(traffic.forward_gathers) / n
+        fsdp_bwd = sum(exposed.backward_s(mb in traffic.backward_gathers, mb in traffic.backward_reduces)
+                       for mb in range(n)) / n
+        return base._replace(fwd_s=base.fwd_s + fsdp_fwd, bwd_s=base.bwd_s + fsdp_bwd, fsdp_comm_s=fsdp_fwd + fsdp_bwd)
+
+    def base_layer_times(self, index: int, mode: str | None = None) -> LayerTimes:
+        """layer_times without FSDP's communication."""
+        t = self.timing(index)
+        mode = self.checkpoint_mode(index) if mode is None else mode
+        tp_fwd, tp_bwd = self.tp_comm_s(t.tp_comm_fwd), self.tp_comm_s(t.tp_comm_bwd)
+        if mode == "full":   # the recomputed forward issues its collectives again
+            tp_bwd += self.tp_comm_s(self.recomputed_collectives(t))
+        recompute = t.recompute_s(mode)
+        return LayerTimes(t.fwd_s + tp_fwd, t.bwd_s + recompute + tp_bwd, recompute, tp_fwd + tp_bwd, 0.0)
+
+    def run(self) -> SimResult:
+        plan = self.plan
+        stages = self.stage_layers()
+        fwd, bwd, parts, stage_params, exposure = [], [], [], [], []
+        batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
+        for v, layers in enumerate(stages):
+            base = [self.base_layer_times(i) for i in layers]
+            parts.append(LayerTimes(*(sum(t[k] for t in base) for k in range(len(LayerTimes._fields)))))
+            exposures = [self.fsdp_exposure(i, b) for i, b in zip(layers, base)] if self.fsdp_traffic(v) else []
+            exposure.append(FsdpExposure(*(sum(e[k] for e in exposures) for k in range(len(FsdpExposure._fields)))))
+            stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
+            fwd.append(batch_s + parts[-1].fwd_s)
+            bwd.append(parts[-1].bwd_s + self.grad_accumulation_s(stage_params[-1]))
+        boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
+        extra = self.fsdp_extra_s(exposure)
+        timeline = simulate_pipeline(self.actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p, extra)
+        tails, dp_exposed, optimizer, fsdp_exposed = [], [], [], []
+        for rank in range(plan.pp):
+            params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
+            last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
+            fsdp_exposed.append(sum(s for (_, _, stage), s in extra.items() if stage % plan.pp == rank))
+            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.fsdp_tail_s(rank, stages, timeline)
+                              + self.tied_grad_s(rank)
+                              + self.comm.all_reduce_s(self.norm_grad_bytes(rank, stages), self.tp_group))
+            optimizer.append(self.optimizer_s(params))
+            tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
+        step = max(tails)
+        slowest = tails.index(step)
+        memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
+        result = self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed[slowest])
+        result.comm_bytes = [self.comm_bytes(rank, stages) for rank in range(plan.pp)]
+        return result
+
+    def grad_accumulation_s(self, params: float) -> float:
+        """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
+        (autograd's AccumulateGrad, Megatron's main_grad.add_: read both, write the sum, in the
+        gradients' dtype). Every micro-batch but the first adds; spread evenly over them.
+        FSDP2 adds in fp32 (its reduce dtype): each micro-batch's reduce-scattered 1/dp shard
+        (ZeRO 2/3 without a pipeline), else the whole unsharded gradient it keeps."""
+        n = self.plan.grad_accum
+        if n <= 1 or not params:
+            return 0.0
+        if self.fsdp_drive is not None and self.plan.zero >= 1:
+            added_bytes = 3 * params * 4 / (1 if self.holds_unsharded else self.plan.dp)
+        else:
+            added_bytes = 3 * params * self.grad_dtype_bytes
+        return (n - 1) / n * self.compute.memory_bound_time_s(added_bytes)
+
+    def optimizer_s(self, params: float) -> float:
+        local = params / self.plan.dp if self.plan.zero >= 1 else params
+        if self.plan.offload_optimizer:
+            return self.compute.offloaded_optimizer_step_time_s(local)
+        return self.compute.optimizer_step_time_s(local)
+
+    # -- result --------------------------------------------------------------------------
+    def result(self, step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed_s) -> SimResult:
+        plan, cluster = self.plan, self.cluster
+        tokens = plan.global_batch * plan.seq
+        fwd_flops, bwd_flops = self.traced.flop_counter_flops()
+        per_micro_batch = fwd_flops + bwd_flops
+        micro_batches = plan.global_batch / plan.micro_batch
+        model_flops = per_micro_batch * micro_batches
+        recompute_flops = micro_batches * sum(
+            self.traced.cost_of(i).recompute_fwd_flops(self.checkpoint_mode(i)) for i in self.traced.blocks)
+        world = cluster.world_size
+        peak = cluster.gpu.peak_flops_for(plan.precision)
+        capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
+        # the slowest rank's step, phase by phase: every micro-batch passes each of its
+        # virtual stages once forward and once backward
+        mine = [parts[c * plan.pp + slowest] for c in range(plan.interleave)]
+        per_step = {name: plan.grad_accum * sum(getattr(p, name) for p in mine) for name in LayerTimes._fields}
+        phases = {
+            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - fsdp_exposed_s,
+            "recompute_s": per_step["recompute_s"],   # part of compute_s
+            "exposed_tp_comm_s": per_step["tp_comm_s"],
+            "exposed_dp_comm_s": fsdp_exposed_s + dp_exposed[slowest],
+            "pipeline_bubble_s": timeline.bubble_s(slowest),
+            "optimizer_s": optimizer[slowest],
+        }
+        fits = all(m.peak_reserved_bytes <= capacity and m.host_bytes <= cluster.host_memory_bytes_per_gpu
+                   for m in memory)
+        return SimResult(step, tokens / step, model_flops / step / world / 1e12,
+                         model_flops / step / world / peak, (model_flops + recompute_flops) / step / world / peak,
+                         fits, capacity, phases, memory, timeline)
