@@ -147,7 +147,7 @@ class Engine:
     def _sync(self, module: nn.Module, last: bool):
         """Before one micro-batch: replicate (ZeRO 0) reduces gradients only in the last one;
         ZeRO 1 also keeps the gathered parameters and the unsharded gradients until then
-        (Megatron-LM's distributed optimizer; planner.fsdp prices exactly this)."""
+        (Megatron-LM's distributed optimizer; planner.simulate.fsdp prices exactly this)."""
         from torch.distributed.fsdp import FSDPModule
         if isinstance(module, FSDPModule) and self.plan.zero <= 1:
             module.set_requires_gradient_sync(last)

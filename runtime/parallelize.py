@@ -19,7 +19,7 @@ Everything here is PyTorch's own machinery:
   `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
   distributed optimizer: the engine keeps parameters gathered and gradients unsharded
   until the step's last micro-batch (`Engine._sync`; a pipeline stage does the same),
-  so each step all-gathers once and reduce-scatters once (planner.fsdp);
+  so each step all-gathers once and reduce-scatters once (planner.simulate.fsdp);
 - ZeRO 0: FSDP2-family `replicate` (DDP semantics on DTensor parameters, so it
   composes with tensor parallelism and torch.distributed.checkpoint).
 """

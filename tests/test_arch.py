@@ -13,7 +13,7 @@ from cost_models.errors import MeshplanError
 from planner.arch import Architecture, arch_names, get_arch, register
 from planner.arch import base
 from planner.arch.layers import attention_core, dropped
-from planner.costing import COLWISE, ROWWISE, VOCAB, top_level_layout
+from planner.simulate.costing import COLWISE, ROWWISE, VOCAB, top_level_layout
 from planner.models import Decoder, ModelConfig
 from planner.plan import Plan
 from planner.simulate import simulate
