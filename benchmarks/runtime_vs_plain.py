@@ -26,10 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 import torch  # noqa: E402
 
-from planner.plan import Plan  # noqa: E402
+from planner.plan import PRECISIONS, Plan, low_precision_dtype  # noqa: E402
 from planner.zoo import load_model  # noqa: E402
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device):
@@ -73,7 +71,7 @@ def plain(spec, batch, args, device):
             block.forward = (lambda f: lambda x: checkpoint(f, x, use_reentrant=False))(block.forward)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **(dict(fused=True) if fused else {}))
-    dtype = DTYPES[args.precision]
+    dtype = low_precision_dtype(args.precision)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     idx, tgt = batch
 
@@ -95,14 +93,15 @@ def plain(spec, batch, args, device):
 
 def runtime(spec, batch, args, device):
     from runtime import mesh
+    from runtime.config import TrainingConfig
     from runtime.engine import Engine
     plan = Plan(micro_batch=args.micro_batch, global_batch=args.micro_batch, seq=args.seq,
                 precision=args.precision, checkpoint=[args.checkpoint] * spec.config.layers)
     for var in ("RANK", "WORLD_SIZE"):
         os.environ.pop(var, None)
     rt = mesh.setup(plan, device.type)
-    engine = Engine(spec, plan, rt, seed=args.seed, lr=1e-4, weight_decay=0.0, warmup=0, steps=10**6,
-                    min_lr=1e-4, clip=args.clip)
+    engine = Engine(spec, plan, rt, TrainingConfig(seed=args.seed, lr=1e-4, weight_decay=0.0, warmup=0,
+                                                   steps=10**6, min_lr=1e-4, clip=args.clip))
     idx, tgt = batch
     out = _time(lambda: engine.step(idx, tgt, plan.micro_batch), device, args.warmup, args.steps)
     mesh.teardown(rt)
@@ -114,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--model", default="gpt2-124m")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--precision", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--precision", default="bf16", choices=PRECISIONS)
     ap.add_argument("--checkpoint", default="none", choices=["none", "full"],
                     help="full: every block recomputed in both loops (measure.py's ckpt=True)")
     ap.add_argument("--clip", type=float, default=1.0)

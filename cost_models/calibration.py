@@ -8,7 +8,7 @@ collectives) and stored as JSON:
 
 - shipped ones live in `cost_models/data/<catalogue name>.json`; the H100 one is built
   by `benchmarks/fit_h100_compute.py` from `shared/reference/h100/measured.jsonl`;
-- `meshplan profile` (`profile_cli.py`, `profiling.profile_device`) measures the current
+- `meshplan profile` (`planner/cli/profile.py`, `profiling.profile_device`) measures the current
   machine and writes one; `Calibration.load` reads it back for `ComputeModel`/`CommModel`. A GPU
   profile keeps the constants only whole training steps can fit (GEMM derating under
   sustained load, host time per op, host/device overlap) from the GPU's shipped calibration

@@ -19,6 +19,9 @@ from cost_models.errors import MeshplanError
 from cost_models.units import GB, GIB, TERA
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
+# the torch dtype each precision's tensors are held in, by name (`getattr(torch, name)`; no
+# torch import here); fp8 is absent: it is not measured or trained, only a catalogue peak
+TORCH_DTYPE_NAMES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # the tensor-core half precisions (equal peaks on NVIDIA GPUs; one GEMM fit serves both)
 SIXTEEN_BIT = ("bf16", "fp16")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cost_models.calibration import Calibration, default_calibration, training_constants_like
 from cost_models.errors import MeshplanError
 from cost_models.fitting import build_calibration, fit_comm
-from cost_models.hardware import GPUSpec, get_gpu
+from cost_models.hardware import TORCH_DTYPE_NAMES, GPUSpec, get_gpu
 from cost_models.units import GB
 
 
@@ -78,7 +78,6 @@ def seconds_per_call(fn, sync, min_time_s: float, repeats: int = 7, max_iters: i
     return min(samples)
 
 
-_TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def profile_precisions(device: str, gpu: GPUSpec) -> list:
@@ -91,7 +90,7 @@ def measure_gemms(device: str, precisions, shapes, min_time_s: float) -> list:
     torch = _torch()
     sync, rows = _sync_fn(device), []
     for precision in precisions:
-        dtype = getattr(torch, _TORCH_DTYPES[precision])
+        dtype = getattr(torch, TORCH_DTYPE_NAMES[precision])
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         try:
@@ -137,7 +136,7 @@ def measure_attention(device: str, precision: str, cases, min_time_s: float) -> 
     """
     torch = _torch()
     import torch.nn.functional as F
-    sync, dtype, rows = _sync_fn(device), getattr(torch, _TORCH_DTYPES[precision]), []
+    sync, dtype, rows = _sync_fn(device), getattr(torch, TORCH_DTYPE_NAMES[precision]), []
     for batch, heads, seq, head_dim in cases:
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
@@ -160,7 +159,7 @@ def measure_score_kernels(device: str, precision: str, cases, min_time_s: float)
     is kept as `fwd_s`."""
     torch = _torch()
     import torch.nn.functional as F
-    sync, dtype, rows = _sync_fn(device), getattr(torch, _TORCH_DTYPES[precision]), []
+    sync, dtype, rows = _sync_fn(device), getattr(torch, TORCH_DTYPE_NAMES[precision]), []
     for batch_heads, seq in cases:
         scores = torch.randn(batch_heads, seq, seq, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(batch_heads, seq, seq, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""`meshplan compare`: plan one model on several clusters and price the whole training run.
+"""Plan one model on several clusters and price the whole training run (`meshplan compare`).
 
 For every cluster the planner's best plan (`planner.search.plan`, top 1) gives a step time;
 `cost_models.energy.run_cost` turns it into time-to-train for `tokens` tokens, GPU-hours,
@@ -11,16 +11,12 @@ train the model last.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.calibration import calibration_line, default_calibration
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
-from planner.plan import CHECKPOINT_MODES, SCHEDULES, check_new_path
-from planner.tables import console_for
 
 SECONDS_PER_DAY = 86400.0
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -66,7 +62,7 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
     GPU-hour, replacing the catalogue price of every cluster of that GPU. `pinned`: any of
-    planner.search.PINNABLE, applied on every cluster (`precision` defaults to bf16, fp16
+    planner.plan.PINNABLE, applied on every cluster (`precision` defaults to bf16, fp16
     on GPUs without bf16). Bad input raises MeshplanError; a cluster the model does not
     fit on is returned with `reason` set.
     """
@@ -91,7 +87,7 @@ def _parse_clusters(clusters) -> list[ClusterSpec]:
 
 
 def _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned) -> None:
-    from planner.search import PINNABLE
+    from planner.plan import PINNABLE
     if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not 0 < tokens < math.inf:
         raise MeshplanError(f"--tokens must be a positive number of training tokens (e.g. 300e9), got {tokens!r}")
     for name, value in (("--global-batch", global_batch), ("--seq", seq)):
@@ -153,107 +149,3 @@ def busy_fraction(result) -> float:
     busy_s = result.timeline.busy_s if result.timeline is not None else [result.phases["compute_s"]]
     return min(sum(busy_s) / len(busy_s) / result.step_time_s, 1.0)
 
-
-# -- command line --------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name, config .json, or file.py:factory")
-    p.add_argument("--clusters", required=True,
-                   help="comma-separated clusters: GPU:NODESxGPUS, named systems or .yaml/.json files")
-    p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 300e9")
-    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--price", action="append", default=[], metavar="GPU=USD",
-                   help="USD per GPU-hour for a GPU type (repeatable; default: the catalogue's price)")
-    p.add_argument("--grid-kg-per-kwh", type=float,
-                   help=f"grid carbon intensity, kg CO2e per kWh (default {DEFAULT_GRID_KG_PER_KWH})")
-    p.add_argument("--pue", type=float, help=f"data-centre power usage effectiveness (default {DEFAULT_PUE})")
-    p.add_argument("--json", action="store_true", help='print {"clusters": [...]}')
-    p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png; never overwritten)")
-    pins = p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)")
-    for flag in ("tp", "pp", "zero", "micro-batch"):
-        pins.add_argument(f"--{flag}", type=int)
-    pins.add_argument("--checkpoint", choices=CHECKPOINT_MODES)
-    pins.add_argument("--schedule", choices=SCHEDULES)
-
-
-def run(args) -> int:
-    """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
-    if args.plot:
-        check_new_path(args.plot)
-    clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
-    pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
-    choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
-                      prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
-                      **pinned)
-    if args.plot:
-        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
-    if args.json:
-        print(json.dumps({"model": args.model, "tokens": args.tokens, "clusters": [c.to_dict() for c in choices]}))
-    else:
-        _print_table(choices, args.model, args.tokens)
-    return 0 if any(c.fits for c in choices) else 1
-
-
-def parse_prices(items: list[str]) -> dict:
-    """`["h100=2.5", ...]` -> {"h100": 2.5}; a malformed item is a one-line error."""
-    prices = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            usd = float(value)
-        except ValueError:
-            usd = None
-        if not sep or not name.strip() or usd is None:
-            raise MeshplanError(f"--price {item!r}: write GPU=USD_PER_HOUR, e.g. --price h100-sxm-80gb=2.50")
-        prices[name.strip()] = usd
-    return prices
-
-
-def _plan_summary(plan) -> str:
-    return f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero}"
-
-
-def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> None:
-    from rich.table import Table
-    table = Table(title=f"{model}: {tokens:.3g} tokens, best plan per cluster, fastest first")
-    for col in ("cluster", "GPUs", "best plan", "step s", "MFU", "days", "GPU-hours", "$", "MWh", "t CO2"):
-        table.add_column(col, justify="left" if col in ("cluster", "best plan") else "right")
-    for c in choices:
-        if not c.fits:
-            table.add_row(c.cluster, str(c.gpus), "[red]does not fit[/red] (below)", *["-"] * 7)
-            continue
-        r, cost = c.plan.result, c.run_cost
-        table.add_row(c.cluster, str(c.gpus), _plan_summary(c.plan), f"{r.step_time_s:.3f}", f"{100 * r.mfu:.1f}%",
-                      f"{c.days:,.1f}", f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
-                      f"{cost.energy_kwh / 1e3:,.1f}", f"{cost.co2_kg / 1e3:,.1f}")
-    console = console_for(table)
-    console.print(table)
-    for c in choices:
-        if not c.fits:
-            console.print(f"{c.cluster}: {c.reason}", highlight=False)
-    for line in dict.fromkeys(c.calibration for c in choices):   # one per GPU, in table order
-        console.print(line, highlight=False)
-
-
-def compare_png(choices: list[ClusterChoice], path: str, title: str = "") -> None:
-    """Three bar charts side by side: days, dollars and MWh per cluster (non-fitting: no bar)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels = [c.cluster for c in choices]
-    panels = (("days to train", lambda c: c.days), ("cost (USD)", lambda c: c.run_cost.cost_usd),
-              ("energy (MWh)", lambda c: c.run_cost.energy_kwh / 1e3))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.5 * len(choices) + 2.5), sharey=True)
-    y = list(range(len(choices)))
-    for ax, (label, value) in zip(axes, panels):
-        ax.barh(y, [value(c) if c.fits else 0.0 for c in choices], color="#4C72B0")
-        for i, c in enumerate(choices):
-            if not c.fits:
-                ax.text(0, i, " does not fit", va="center", color="#C44E52")
-        ax.set_xlabel(label)
-    axes[0].set_yticks(y, labels)
-    axes[0].invert_yaxis()
-    fig.suptitle(title or "training run per cluster")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -255,7 +255,7 @@ class TracedModel:
     param_count: int
     param_bytes: int
     trace_seconds: float = 0.0
-    cast: str = "autocast"      # how the low precision was applied (planner.trace.CASTS)
+    cast: str = "autocast"      # how the low precision was applied (planner.plan.CASTS)
 
     def cost_of(self, layer: Layer | int) -> LayerCost:
         if isinstance(layer, int):

@@ -9,6 +9,9 @@ Rank layout: `rank_order` lists the mesh dimensions from outermost to innermost.
 The default ("pp", "dp", "tp") puts tensor-parallel ranks on consecutive GPUs (inside
 a node), data-parallel next, pipeline stages outermost - Megatron-LM's layout, which
 both the simulator and the runtime's DeviceMesh follow.
+
+This module is also the plan vocabulary every other module reads: PRECISIONS and their
+torch dtypes, SCHEDULES, CHECKPOINT_MODES / RECOMPUTE_MODES, CASTS and the PINNABLE fields.
 """
 from __future__ import annotations
 
@@ -16,10 +19,15 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from cost_models.errors import MeshplanError
+from cost_models.hardware import TORCH_DTYPE_NAMES
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
+# precision -> the torch dtype it trains in (one map, cost_models.hardware.TORCH_DTYPE_NAMES)
+PRECISION_DTYPES = {p: getattr(torch, TORCH_DTYPE_NAMES[p]) for p in PRECISIONS}
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # Activation recomputation per block:
 #   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
@@ -30,8 +38,21 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #   "full"       the block's forward reruns (only its input is kept).
 CHECKPOINT_MODES = ("none", "attention", "selective", "full")
 RECOMPUTE_MODES = tuple(m for m in CHECKPOINT_MODES if m != "none")
+# How a low precision is applied: "autocast" keeps fp32 parameters and casts per op (each
+# forward casts every weight); "params" holds the parameters themselves in the low precision
+# (FSDP2's MixedPrecisionPolicy, Megatron-LM/DeepSpeed fp16 with fp32 master weights in the
+# optimizer): no per-op casts, and norms and the residual stream run in the low precision.
+CASTS = ("autocast", "params")
 TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "tp")
+# The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
+PINNABLE = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
+            "sequence_parallel", "offload_optimizer", "precision")
+
+
+def low_precision_dtype(precision: str) -> torch.dtype | None:
+    """The 16-bit dtype a precision computes in (autocast's dtype), None for fp32."""
+    return None if precision == "fp32" else PRECISION_DTYPES[precision]
 
 
 @dataclass
@@ -75,7 +96,7 @@ class Plan:
 
     @property
     def cast(self) -> str:
-        """How the runtime applies a low precision (planner.trace.CASTS): "params" under
+        """How the runtime applies a low precision (CASTS): "params" under
         ZeRO 1-3, where FSDP2's MixedPrecisionPolicy gathers the parameters in it; else
         "autocast" (fp32 parameters, each op casts)."""
         return "params" if self.zero >= 1 and self.precision != "fp32" else "autocast"

@@ -5,6 +5,8 @@ A checkpoint is a DCP directory `DIR/step-NNNNNNNN` holding the model and optimi
 the unsplit model's, so they do not depend on the pipeline cut), the step, the data
 loader's position, the learning-rate schedule's step and the fp16 scaler. Every ZeRO
 stage is FSDP's or replicate's DTensor state, so a checkpoint resumes under another plan.
+Its `meshplan.json` names the model and plan and records the run's TrainingConfig under
+"training" (`saved_training`), which a resume checks its own settings against.
 
 Atomic: all ranks write into `DIR/.step-NNNNNNNN.partial`; after every rank has
 finished, rank 0 adds `meshplan.json`, renames the directory into place and then
@@ -62,6 +64,16 @@ def latest(path: str) -> Path | None:
             return candidate
     done = sorted(p for p in root.glob("step-*") if STEP_DIR.match(p.name) and (p / MARKER).is_file())
     return done[-1] if done else None
+
+
+def saved_training(where: Path) -> dict | None:
+    """The TrainingConfig fields a checkpoint was saved with (runtime.config), or None when
+    it records none (saved before meshplan recorded them)."""
+    try:
+        meta = json.loads((Path(where) / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise MeshplanError(f"cannot read {Path(where) / MARKER}: {exc}")
+    return meta.get("training") if isinstance(meta, dict) else None
 
 
 class Checkpointer:

@@ -33,6 +33,7 @@ from cost_models.errors import MeshplanError
 from planner.models import count_parameters
 from planner.plan import Plan
 from runtime import optim as optim_mod
+from runtime.config import TrainingConfig
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
                                  tensor_parallel, vocab_parallel_loss, with_autocast)
 from runtime.pipeline import build_schedule, check_schedule, cut, local_stages, loss_fn, stage_ranges
@@ -59,16 +60,15 @@ def check_plan(spec, plan: Plan):
 
 
 class Engine:
-    def __init__(self, spec, plan: Plan, rt, *, seed: int, lr: float, weight_decay: float,
-                 warmup: int, steps: int, min_lr: float, clip: float):
+    def __init__(self, spec, plan: Plan, rt, config: TrainingConfig):
         check_plan(spec, plan)
         cfg = self.cfg = spec.config
         plan.check_fits(cfg.layers, rt.world_size)
-        self.plan, self.rt, self.clip = plan, rt, clip
+        self.plan, self.rt, self.config = plan, rt, config
         self.device = rt.device
 
-        torch.manual_seed(seed)
-        full = spec.build("cpu").init_weights(seed)
+        torch.manual_seed(config.seed)
+        full = spec.build("cpu").init_weights(config.seed)
         self.params_total = count_parameters(full)
         V = plan.virtual_stages
         if plan.pp > 1:
@@ -98,9 +98,9 @@ class Engine:
 
         # Optimizers (one per part), schedules, fp16 scaler.
         fused = self.device.type == "cuda" and not rt.distributed
-        self.optimizers = [optim_mod.build_optimizer(self.modules[v], lr, weight_decay, fused)
+        self.optimizers = [optim_mod.build_optimizer(self.modules[v], config.lr, config.weight_decay, fused)
                            for v in sorted(self.modules)]
-        factor = optim_mod.lr_lambda(steps, warmup, min_lr / lr)
+        factor = optim_mod.lr_lambda(config.steps, config.warmup, config.min_lr / config.lr)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
         self.scaler = optim_mod.make_scaler(plan.precision, self.device, rt.distributed)
 
@@ -198,7 +198,7 @@ class Engine:
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
-        grad_norm = optim_mod.clip_gradients(params, self.clip, rt.coords, self.device, rt.distributed,
+        grad_norm = optim_mod.clip_gradients(params, self.config.clip, rt.coords, self.device, rt.distributed,
                                              skip=self.norm_skip)
         skipped = False
         if self.scaler is not None:

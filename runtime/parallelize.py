@@ -37,10 +37,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cost_models.errors import MeshplanError
 from planner.arch import ALLOWED_STYLES, TOP_ROLES, get_arch
 from planner.models import ModelConfig
-from planner.plan import Plan
+from planner.plan import PRECISION_DTYPES, Plan
 from planner.torch_compat import fsdp_replicate
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _ROLE_WORDS = {"in": "an input projection", "out": "an output projection", "norm": "a norm",
                "embed": "an embedding", "head": "the output head"}
@@ -314,7 +312,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
     dp = plan.dp
     if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-        dtype = DTYPES[plan.precision]
+        dtype = PRECISION_DTYPES[plan.precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if plan.offload_optimizer else OffloadPolicy()
@@ -338,14 +336,14 @@ def uses_fsdp_precision(plan: Plan) -> bool:
 
 
 def autocast_context(plan: Plan, device: torch.device):
-    dtype = DTYPES[plan.precision]
+    dtype = PRECISION_DTYPES[plan.precision]
     enabled = dtype != torch.float32 and not uses_fsdp_precision(plan)
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def with_autocast(part: nn.Module, plan: Plan, device: torch.device):
     """Run a pipeline stage's forward under autocast (the schedule calls it, not us)."""
-    if DTYPES[plan.precision] == torch.float32 or uses_fsdp_precision(plan):
+    if PRECISION_DTYPES[plan.precision] == torch.float32 or uses_fsdp_precision(plan):
         return
     inner = part.forward
 

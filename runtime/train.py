@@ -13,7 +13,6 @@ so a launcher can refuse a bad command in one line before torchrun starts N proc
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -22,17 +21,14 @@ import time
 import torch
 
 from cost_models.errors import MeshplanError
+from planner.cli.flags import Parser
 from planner.plan import Plan
 from planner.zoo import load_model
+from runtime.config import TrainingConfig
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise MeshplanError(f"{message} (see `meshplan train --help`)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="meshplan train", description="Train a model with a parallelism plan.")
+def build_parser() -> Parser:
+    p = Parser(prog="meshplan train", description="Train a model with a parallelism plan.")
     p.add_argument("--model", required=True, help="preset name or model config .json")
     p.add_argument("--plan", required=True, help="plan .json (meshplan plan / Plan.save)")
     p.add_argument("--data", default="synthetic", help="tokens .npy (1-D token ids) or 'synthetic' (default)")
@@ -55,20 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args):
-    if args.steps < 1:
-        raise MeshplanError(f"--steps must be >= 1, got {args.steps}")
-    if not args.lr > 0:
-        raise MeshplanError(f"--lr must be > 0, got {args.lr}")
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if not 0 <= args.min_lr <= args.lr:
-        raise MeshplanError(f"--min-lr must be between 0 and --lr, got {args.min_lr}")
-    if args.warmup < 0:
-        raise MeshplanError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.clip < 0:
-        raise MeshplanError(f"--clip must be >= 0, got {args.clip}")
-    if args.weight_decay < 0:
-        raise MeshplanError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.checkpoint_every < 0:
         raise MeshplanError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
@@ -76,10 +58,11 @@ def _check_args(args):
 
 
 def validate(argv=None):
-    """Parse and check everything that needs no process group; returns (args, plan, spec)."""
+    """Parse and check everything that needs no process group; returns (args, config, plan, spec)."""
     from runtime import checkpointing
     from runtime.metrics import peak_flops
     args = build_parser().parse_args(argv)
+    config = TrainingConfig.from_args(args)
     _check_args(args)
     plan = Plan.load(args.plan)
     spec = load_model(args.model)
@@ -89,10 +72,19 @@ def validate(argv=None):
         peak_flops(args.gpu, plan.precision)     # unknown GPU or precision -> MeshplanError
     if args.data != "synthetic":
         from runtime.data import MemmapSource
-        MemmapSource(args.data, spec.config.vocab, plan.seq, args.seed)
+        MemmapSource(args.data, spec.config.vocab, plan.seq, config.seed)
     if args.checkpoint_dir:
         checkpointing.check_directory(args.checkpoint_dir, args.resume)
-    return args, plan, spec
+        _resume_notes(args, config)
+    return args, config, plan, spec
+
+
+def _resume_notes(args, config: TrainingConfig) -> list[str]:
+    """With --resume: refuse a latest checkpoint saved with other training settings
+    (TrainingConfig.check_resume); the notes to print about it otherwise."""
+    from runtime import checkpointing
+    where = checkpointing.latest(args.checkpoint_dir) if args.resume else None
+    return [] if where is None else config.check_resume(checkpointing.saved_training(where), where)
 
 
 def _fault_injection(step: int, rank: int):
@@ -112,16 +104,16 @@ def run(argv=None) -> list[dict]:
     from runtime import mesh
     from runtime.metrics import MetricsSink
 
-    args, plan, spec = validate(argv)
+    args, config, plan, spec = validate(argv)
     rank, world, _ = mesh.launch_env()
     if os.environ.get("MESHPLAN_CHECK_ONLY") == "1":
         mesh.check_world(plan, world)
         return []
-    sink = MetricsSink(rank, args.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
+    sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
     rt = mesh.setup(plan, args.device)
     records, completed = [], False
     try:
-        _train(args, plan, spec, rt, sink, records)
+        _train(args, config, plan, spec, rt, sink, records)
         completed = True
         return records
     except MeshplanError as exc:
@@ -132,14 +124,13 @@ def run(argv=None) -> list[dict]:
         mesh.teardown(rt, completed)
 
 
-def _train(args, plan, spec, rt, sink, records):
+def _train(args, config, plan, spec, rt, sink, records):
     from runtime import checkpointing
     from runtime.data import Loader, make_source
     from runtime.engine import Engine
     from runtime.metrics import flops_per_token, gpu_for_device, peak_flops, peak_memory_bytes
-    engine = Engine(spec, plan, rt, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay,
-                    warmup=args.warmup, steps=args.steps, min_lr=args.min_lr, clip=args.clip)
-    source = make_source(args.data, spec.config.vocab, plan.seq, args.seed)
+    engine = Engine(spec, plan, rt, config)
+    source = make_source(args.data, spec.config.vocab, plan.seq, config.seed)
     loader = Loader(source, plan.global_batch, plan.micro_batch, plan.dp, rt.coords["dp"], rt.device)
     gpu = args.gpu or gpu_for_device(rt.device)
     peak = peak_flops(gpu, plan.precision, strict=bool(args.gpu))
@@ -155,6 +146,8 @@ def _train(args, plan, spec, rt, sink, records):
         if where is None:
             sink.note(f"no checkpoint in {args.checkpoint_dir}: starting from step 0")
         else:
+            for note in _resume_notes(args, config):
+                sink.note(note)
             state = ckpt.load(where, {"step": 0, "data_position": 0, **engine.scaler_state()})
             start = int(state["step"])
             loader.load_state_dict({"position": state["data_position"]})
@@ -165,9 +158,9 @@ def _train(args, plan, spec, rt, sink, records):
               f"zero {plan.zero} {plan.precision} | {plan.grad_accum} micro-batch(es) of {plan.micro_batch} "
               f"x {plan.seq} tokens per dp rank per step | {rt.world_size} process(es) on {rt.device.type}")
     meta = dict(model=spec.name, plan=plan.to_dict(), world_size=rt.world_size, zero=plan.zero,
-                seed=args.seed, global_batch=plan.global_batch)
+                seed=config.seed, global_batch=plan.global_batch, training=config.to_dict())
 
-    for step in range(start + 1, args.steps + 1):
+    for step in range(start + 1, config.steps + 1):
         t0 = time.perf_counter()
         inputs, targets = loader.next_batch()
         out = engine.step(inputs, targets, plan.micro_batch)
@@ -182,7 +175,7 @@ def _train(args, plan, spec, rt, sink, records):
                    peak_mem_bytes=int(mem.item()), skipped=out["skipped"])
         records.append(rec)
         sink.log(rec)
-        if ckpt and ((args.checkpoint_every and step % args.checkpoint_every == 0) or step == args.steps):
+        if ckpt and ((args.checkpoint_every and step % args.checkpoint_every == 0) or step == config.steps):
             ckpt.save(step, {"step": step, "data_position": loader.position, **engine.scaler_state()}, meta)
         _fault_injection(step, rt.rank)
     return records

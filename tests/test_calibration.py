@@ -16,7 +16,7 @@ from cost_models.calibration import Calibration, default_calibration, shipped_ca
 from cost_models.comm import CommModel, group_placement
 from cost_models.compute import ComputeModel, gemm_flops
 from cost_models.fitting import nnls
-from cost_models.profile_cli import main
+from planner.cli.profile import main
 from cost_models.profiling import profile_device
 
 CPU = get_gpu("cpu")

@@ -100,12 +100,13 @@ class CollectiveRecorder(TorchDispatchMode):
 def _record_rank(rank: int, out_dir: str):
     from planner.zoo import load_model
     from runtime import mesh
+    from runtime.config import TrainingConfig
     from runtime.engine import Engine
     for name, (model, fields) in PLANS.items():
         plan = Plan(**BASE, **fields)
         rt = mesh.setup(plan, "cpu")
-        engine = Engine(load_model(model), plan, rt, seed=0, lr=1e-3, weight_decay=0.0, warmup=0, steps=2,
-                        min_lr=1e-4, clip=1.0)
+        engine = Engine(load_model(model), plan, rt, TrainingConfig(seed=0, lr=1e-3, weight_decay=0.0, warmup=0,
+                                                                    steps=2, min_lr=1e-4, clip=1.0))
         rows = plan.global_batch // plan.dp
         generator = torch.Generator().manual_seed(rt.coords["dp"])
         inputs, targets = (torch.randint(0, 256, (rows, plan.seq), generator=generator) for _ in range(2))

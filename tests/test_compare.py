@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_user_error
 from cost_models import MeshplanError, get_gpu
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
-from planner import compare as compare_cli
+from planner.cli import compare as compare_cli
 from planner.compare import compare
 
 MODEL, TOKENS, GLOBAL_BATCH, SEQ = "gpt3-1.3b", 300e9, 64, 1024
@@ -102,8 +102,8 @@ def test_bad_input_is_one_line(kwargs, fragment):
 # -- the command line, through the parser `add_arguments` builds and the real `main`'s contract --------
 def _main(argv) -> int:
     """What planner.cli.main does for a registered subcommand: MeshplanError -> exit 2."""
-    from planner.cli import _Parser
-    parser = _Parser(prog="meshplan compare")
+    from planner.cli import Parser
+    parser = Parser(prog="meshplan compare")
     compare_cli.add_arguments(parser)
     try:
         return compare_cli.run(parser.parse_args(argv))
@@ -164,7 +164,7 @@ def _registered() -> bool:
     return "compare" in sub.choices
 
 
-@pytest.mark.skipif(not _registered(), reason="`compare` is not registered in planner/cli.py yet")
+@pytest.mark.skipif(not _registered(), reason="`compare` is not registered in planner/cli yet")
 def test_cli_bad_flags_exit_2(cli):
     assert_user_error(cli("compare", *ARGV, "--clusters", H100, "--price", "h100"), "GPU=USD_PER_HOUR")
     assert_user_error(cli("compare", *ARGV, "--clusters", "z100:1x8"), "unknown GPU 'z100'")

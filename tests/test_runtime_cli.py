@@ -55,6 +55,25 @@ def test_single_process_run_writes_metrics(tmp_path, plan1):
         assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
 
 
+def test_checkpoint_records_the_training_config_and_resume_checks_it(tmp_path, plan1, capsys, monkeypatch):
+    from runtime.config import TrainingConfig
+    ck = tmp_path / "ck"
+    args = ["--model", "gpt-tiny", "--plan", plan1, "--lr", 1e-3, "--seed", 3, "--checkpoint-dir", ck]
+    r = _train(*args, "--steps", 2, "--checkpoint-every", 2, "--quiet")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((ck / "step-00000002" / "meshplan.json").read_text())
+    assert meta["training"] == TrainingConfig(steps=2, lr=1e-3, seed=3).to_dict()
+    assert meta["training"]["min_lr"] == pytest.approx(1e-4)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    refused = _error(capsys, *args, "--steps", 2, "--resume", "--lr", 2e-3)   # --lr is given twice: the last wins
+    assert "cannot resume from" in refused and "--lr 0.001 -> 0.002" in refused
+    longer = _train(*args, "--steps", 3, "--resume")
+    assert longer.returncode == 0, longer.stderr
+    assert "--steps 2 -> 3" in longer.stdout and "resumed from" in longer.stdout
+    assert json.loads((ck / "step-00000003" / "meshplan.json").read_text())["training"]["steps"] == 3
+
+
 def test_memmap_tokens_train(tmp_path, plan1):
     tokens = np.random.default_rng(0).integers(0, 256, size=5000, dtype=np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)

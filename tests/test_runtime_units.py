@@ -10,6 +10,7 @@ from cost_models.errors import MeshplanError
 from planner.plan import Plan
 from planner.zoo import load_model
 from runtime import checkpointing
+from runtime.config import TrainingConfig
 from runtime.data import Loader, MemmapSource, SyntheticSource
 from runtime.metrics import flops_per_token, gpu_for_device, progress_line
 from runtime.optim import lr_lambda
@@ -154,6 +155,47 @@ def test_unfinished_checkpoint_is_never_latest(tmp_path):
     with pytest.raises(MeshplanError, match="already holds checkpoints"):
         checkpointing.check_directory(str(tmp_path), resume=False)
     checkpointing.check_directory(str(tmp_path), resume=True)
+
+
+def test_training_config_defaults_are_the_flags():
+    config = TrainingConfig(steps=10)
+    assert (config.lr, config.warmup, config.weight_decay, config.clip, config.seed) == (3e-4, 0, 0.1, 1.0, 0)
+    assert config.min_lr == pytest.approx(3e-5)                     # None: lr / 10
+    assert TrainingConfig(steps=1, lr=1e-3, min_lr=0.0, clip=0.0).to_dict() == dict(
+        steps=1, lr=1e-3, min_lr=0.0, warmup=0, weight_decay=0.1, clip=0.0, seed=0)
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    (dict(steps=0), "--steps must be >= 1"),
+    (dict(steps=2.5), "--steps must be a whole number"),
+    (dict(lr=0.0), "--lr must be > 0"),
+    (dict(lr=float("nan")), "--lr must be > 0"),
+    (dict(lr=1e-3, min_lr=2e-3), "--min-lr must be between 0 and --lr"),
+    (dict(min_lr=-1e-5), "--min-lr must be between 0 and --lr"),
+    (dict(warmup=-1), "--warmup must be >= 0"),
+    (dict(clip=-0.5), "--clip must be >= 0"),
+    (dict(weight_decay=-0.1), "--weight-decay must be >= 0"),
+    (dict(seed=-1), "--seed must be >= 0"),
+    (dict(seed=True), "--seed must be a whole number"),
+    (dict(lr="big"), "--lr must be a number"),
+])
+def test_training_config_refuses_bad_values_in_one_line(fields, fragment):
+    with pytest.raises(MeshplanError) as exc:
+        TrainingConfig(**{"steps": 4, **fields})
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_training_config_resume_check():
+    config = TrainingConfig(steps=6, lr=1e-3, seed=1)
+    assert config.check_resume(config.to_dict(), "ck/step-00000003") == []
+    longer = TrainingConfig(steps=9, lr=1e-3, seed=1)
+    assert "--steps 6 -> 9" in longer.check_resume(config.to_dict(), "ck/step-00000003")[0]
+    assert "records no training settings" in config.check_resume(None, "ck/step-00000003")[0]
+    for other in (dict(lr=2e-3), dict(seed=2), dict(min_lr=0.0), dict(warmup=1), dict(weight_decay=0.0),
+                  dict(clip=0.0)):
+        changed = TrainingConfig(**{**config.to_dict(), **other})
+        with pytest.raises(MeshplanError, match="cannot resume from ck/step-00000003 with other training settings"):
+            changed.check_resume(config.to_dict(), "ck/step-00000003")
 
 
 @pytest.mark.parametrize("attention", ["unfused", "sdpa"])

@@ -106,12 +106,13 @@ def _fsdp_params(module):
 def _measure_rank(rank: int, out_dir: str):
     from planner.zoo import load_model
     from runtime import mesh
+    from runtime.config import TrainingConfig
     from runtime.engine import Engine
     for name, fields in PLANS.items():
         plan = Plan(**BASE, **fields)
         rt = mesh.setup(plan, "cpu")
-        engine = Engine(load_model("gpt-tiny"), plan, rt, seed=0, lr=1e-3, weight_decay=0.0, warmup=0, steps=2,
-                        min_lr=1e-4, clip=1.0)
+        engine = Engine(load_model("gpt-tiny"), plan, rt, TrainingConfig(seed=0, lr=1e-3, weight_decay=0.0,
+                                                                         warmup=0, steps=2, min_lr=1e-4, clip=1.0))
         rows = plan.global_batch // plan.dp
         inputs, targets = (torch.randint(0, 256, (rows, plan.seq)) for _ in range(2))
         engine.step(inputs, targets, plan.micro_batch)   # the first step creates the optimizer state

@@ -55,8 +55,7 @@ ESTIMATE_MARGIN = 0.03
 MAX_SIMULATIONS = 40
 REFIT_ROUNDS = 3
 SLACK_FRACTION = 0.005
-PINNABLE = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
-            "sequence_parallel", "offload_optimizer", "precision")
+from planner.plan import PINNABLE  # noqa: E402,F401  (re-exported: planner.search.PINNABLE)
 
 
 @dataclass

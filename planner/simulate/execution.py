@@ -12,7 +12,7 @@ class Execution:
 
     overlap_dp_comm: the gradient all-reduce runs in buckets during backward (torch DDP)
         rather than after it.
-    cast: how the low precision is applied (planner.trace.CASTS); None = `plan.cast`.
+    cast: how the low precision is applied (planner.plan.CASTS); None = `plan.cast`.
         "params" with ZeRO 0 is Megatron's fp16 training: fp16 parameters and gradients,
         fp32 master weights in the optimizer (the model-state memory stays meshplan's).
     blocking_p2p: a pipeline send holds its rank until the transfer is done (Megatron waits

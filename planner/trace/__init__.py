@@ -71,8 +71,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import LayerCost, TracedModel
+from planner.plan import CASTS, low_precision_dtype
 from planner.trace.fake import autocast, make_state, module_stack
-from planner.trace.inputs import (CASTS, PRECISION_DTYPES, TensorSpec, backward_from, check_step, primary_output,
+from planner.trace.inputs import (TensorSpec, backward_from, check_step, primary_output,
                                   resolve)
 from planner.trace.kernels import KERNELS, kernel_choices
 from planner.trace.layers import split_layers
@@ -82,7 +83,7 @@ from planner.trace.saved import measure_saved
 from planner.trace.signature import find_units, module_signature
 from planner.trace.skeleton import ROUTES, trace_skeleton
 
-__all__ = ["CASTS", "KERNELS", "PRECISION_DTYPES", "ROUTES", "TensorSpec", "find_units", "flop_counter_reference",
+__all__ = ["KERNELS", "ROUTES", "TensorSpec", "find_units", "flop_counter_reference",
            "kernel_choices", "measure_saved", "module_signature", "trace_hf", "trace_model"]
 
 
@@ -104,7 +105,7 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
         raise MeshplanError(f"kernels {kernels!r} is unknown; use one of {', '.join(KERNELS)}")
     if cast not in CASTS:
         raise MeshplanError(f"cast {cast!r} is unknown; use one of {', '.join(CASTS)}")
-    low = PRECISION_DTYPES[precision] if cast == "params" else None
+    low = low_precision_dtype(precision) if cast == "params" else None
     module, name, call = resolve(model, micro_batch, seq, inputs)
     units = find_units(module)
     with hf.eager_masks(module):

@@ -8,7 +8,8 @@ import torch
 import torch.fx.traceback as fx_traceback
 import torch.nn as nn
 
-from planner.trace.inputs import PRECISION_DTYPES, TensorSpec
+from planner.plan import low_precision_dtype
+from planner.trace.inputs import TensorSpec
 
 
 def state_dtype(dtype: torch.dtype, low: torch.dtype | None) -> torch.dtype:
@@ -20,7 +21,7 @@ def state_dtype(dtype: torch.dtype, low: torch.dtype | None) -> torch.dtype:
 def fake_state(module: nn.Module, low: torch.dtype | None = None) -> tuple[list[str], list[torch.Tensor], list[bool]]:
     """Names, fake copies (call inside a FakeTensorMode) and is-parameter flags of the
     module's parameters and buffers; tied parameters appear once. Parameters take the
-    dtype `low` when given (see CASTS)."""
+    dtype `low` when given (see planner.plan.CASTS)."""
     names, tensors, is_param = [], [], []
     for name, p in module.named_parameters():
         fake = torch.empty_strided(p.shape, p.stride(), dtype=state_dtype(p.dtype, low), device="cpu")
@@ -35,7 +36,7 @@ def fake_state(module: nn.Module, low: torch.dtype | None = None) -> tuple[list[
 
 
 def autocast(precision: str, enabled: bool = True):
-    dtype = PRECISION_DTYPES[precision]
+    dtype = low_precision_dtype(precision)
     if dtype is None or not enabled:
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=dtype)

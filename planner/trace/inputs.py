@@ -14,14 +14,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from cost_models.errors import MeshplanError
 from planner import hf
 from planner.models import Decoder
+from planner.plan import PRECISIONS
 from planner.zoo import ModelSpec, load_model
 
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# How a low precision is applied: "autocast" keeps fp32 parameters and casts per op (each
-# forward casts every weight); "params" holds the parameters themselves in the low precision
-# (FSDP2's MixedPrecisionPolicy, Megatron-LM/DeepSpeed fp16 with fp32 master weights in the
-# optimizer): no per-op casts, and norms and the residual stream run in the low precision.
-CASTS = ("autocast", "params")
 
 
 @dataclass(frozen=True)
@@ -82,8 +77,8 @@ def check_step(micro_batch, seq, precision):
     for key, value in (("micro_batch", micro_batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MeshplanError(f"{key} must be a whole number >= 1, got {value!r}")
-    if precision not in PRECISION_DTYPES:
-        raise MeshplanError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISION_DTYPES)}")
+    if precision not in PRECISIONS:
+        raise MeshplanError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
 
 
 def resolve(model, micro_batch: int, seq: int, inputs) -> tuple[nn.Module, str, Call]:

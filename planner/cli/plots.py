@@ -1,9 +1,11 @@
-"""Pictures of a simulated plan (matplotlib, headless Agg backend).
+"""The CLI's pictures (matplotlib, headless Agg backend).
 
 - `timeline_png`: a Gantt chart per pipeline rank of forward / backward / bubble, plus the
   data-parallel tail and optimizer step after the last backward.
 - `memory_png`: stacked bars per pipeline stage of parameters, gradients, optimizer state,
   activations and transients against the GPU's capacity.
+- `plans_png`: the top plans' step time and memory side by side (`meshplan plan --plot`).
+- `compare_png`: days, dollars and MWh per cluster (`meshplan compare --plot`).
 """
 from __future__ import annotations
 
@@ -85,6 +87,27 @@ def plans_png(plans, path, title: str = "") -> None:
     ax_mem.set_xlabel("peak reserved memory per GPU (GiB)")
     ax_mem.legend(loc="lower right")
     fig.suptitle(title or "top plans")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_png(choices: list, path: str, title: str = "") -> None:
+    """Three bar charts side by side: days, dollars and MWh per cluster (non-fitting: no bar)."""
+    labels = [c.cluster for c in choices]
+    panels = (("days to train", lambda c: c.days), ("cost (USD)", lambda c: c.run_cost.cost_usd),
+              ("energy (MWh)", lambda c: c.run_cost.energy_kwh / 1e3))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.5 * len(choices) + 2.5), sharey=True)
+    y = list(range(len(choices)))
+    for ax, (label, value) in zip(axes, panels):
+        ax.barh(y, [value(c) if c.fits else 0.0 for c in choices], color="#4C72B0")
+        for i, c in enumerate(choices):
+            if not c.fits:
+                ax.text(0, i, " does not fit", va="center", color="#C44E52")
+        ax.set_xlabel(label)
+    axes[0].set_yticks(y, labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(title or "training run per cluster")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

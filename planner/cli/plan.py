@@ -8,33 +8,27 @@ from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
 from cost_models.units import GB, GIB
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, RECOMPUTE_MODES, SCHEDULES, check_new_path
-from planner.tables import console_for
+from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_plan_flags,
+                               pinned as pinned_flags)
+from planner.cli.tables import console_for
+from planner.plan import PINNABLE, RECOMPUTE_MODES, check_new_path
 
-PIN_FLAGS = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "precision",
-             "sequence_parallel", "offload_optimizer")
+HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
+        "for a model on a cluster")
+PIN_HELP = {"checkpoint": "the same mode for every layer (default: chosen per layer)",
+            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name, config .json, or file.py:factory")
-    p.add_argument("--cluster", required=True, help="GPU:NODESxGPUS, a named system, or a .yaml/.json file")
-    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
+    add_batch_flags(p, required=True)
     p.add_argument("--top", type=int, default=5, help="how many plans to list (default 5)")
-    pins = p.add_argument_group("pin a dimension (the search fills in the rest)")
-    for flag in ("dp", "tp", "pp", "zero", "micro-batch", "interleave"):
-        pins.add_argument(f"--{flag}", type=int)
-    pins.add_argument("--checkpoint", choices=CHECKPOINT_MODES,
-                      help="the same mode for every layer (default: chosen per layer)")
-    pins.add_argument("--schedule", choices=SCHEDULES)
-    pins.add_argument("--precision", choices=PRECISIONS,
-                      help="default: bf16 (fp16 on GPUs without bf16); fp32 is never faster")
-    pins.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
-    pins.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
+    add_plan_flags(p.add_argument_group("pin a dimension (the search fills in the rest)"), PINNABLE, help=PIN_HELP)
     p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor parallelism to span nodes")
     p.add_argument("--reserve", type=float, help="GB of each GPU kept free beyond the CUDA context "
                                                  "(default 3%% of the GPU's memory)")
-    p.add_argument("--calibration", help="a calibration JSON from `meshplan profile` for the cluster's GPU")
+    p.add_argument("--calibration", help=CALIBRATION_HELP)
     p.add_argument("--json", action="store_true", help='print {"plans": [...], "search": {...}}')
     p.add_argument("--out", help="write the best plan as JSON (for `simulate --plan` and `train --plan`)")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
@@ -48,7 +42,7 @@ def run(args) -> int:
     _check_outputs(args)
     spec = load_model(args.model)
     cluster = parse_cluster(args.cluster)
-    pinned = {k: getattr(args, k) for k in PIN_FLAGS if getattr(args, k) is not None}
+    pinned = pinned_flags(args, PINNABLE)
     if "precision" not in pinned:
         pinned["precision"] = "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16"
     from cost_models.calibration import calibration_line
@@ -61,7 +55,7 @@ def run(args) -> int:
         best = plans[0]
         best.save(args.out, overwrite=args.force)
     if args.plot:
-        from planner.plots import plans_png
+        from planner.cli.plots import plans_png
         plans_png(plans, args.plot, title=f"{spec.name} on {cluster.name}")
     if args.json:
         print(json.dumps(plans_json(plans)))

@@ -1,18 +1,13 @@
-"""The `meshplan profile` command line: options, and the handler that profiles this
-machine, writes the calibration and prints its summary."""
+"""`meshplan profile`: measure this machine (cost_models.profiling) into a calibration JSON
+and print its summary."""
 from __future__ import annotations
 
 import argparse
 
-from cost_models.errors import MeshplanError
 from cost_models.profiling import profile_device, rank, summary_lines
+from planner.cli.flags import Parser
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a one-line MeshplanError instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise MeshplanError(f"{message} (see `{self.prog} --help`)")
+HELP = "measure this machine's GEMMs, attention, copies (and collectives) into a calibration JSON"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -26,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str = "meshplan profile") -> argparse.ArgumentParser:
-    return add_arguments(_Parser(prog=prog, description="Measure this machine and write a calibration JSON."))
+    return add_arguments(Parser(prog=prog, description="Measure this machine and write a calibration JSON."))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,97 @@
+"""`meshplan compare`: the flags, the table and the JSON of planner.compare.compare.
+
+Exit code 0 when at least one cluster can train the model, else 1; bad input is a
+one-line error (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from cost_models import MeshplanError
+from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
+from planner.cli.flags import MODEL_HELP, add_batch_flags, add_plan_flags, pinned as pinned_flags
+from planner.cli.tables import console_for
+from planner.compare import ClusterChoice, compare
+from planner.plan import check_new_path
+
+HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
+PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--clusters", required=True,
+                   help="comma-separated clusters: GPU:NODESxGPUS, named systems or .yaml/.json files")
+    p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 300e9")
+    add_batch_flags(p, required=True)
+    p.add_argument("--price", action="append", default=[], metavar="GPU=USD",
+                   help="USD per GPU-hour for a GPU type (repeatable; default: the catalogue's price)")
+    p.add_argument("--grid-kg-per-kwh", type=float,
+                   help=f"grid carbon intensity, kg CO2e per kWh (default {DEFAULT_GRID_KG_PER_KWH})")
+    p.add_argument("--pue", type=float, help=f"data-centre power usage effectiveness (default {DEFAULT_PUE})")
+    p.add_argument("--json", action="store_true", help='print {"clusters": [...]}')
+    p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png; never overwritten)")
+    add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
+                   PIN_FLAGS)
+
+
+def run(args) -> int:
+    """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
+    if args.plot:
+        check_new_path(args.plot)
+    clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
+    pinned = pinned_flags(args, PIN_FLAGS)
+    choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
+                      prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
+                      **pinned)
+    if args.plot:
+        from planner.cli.plots import compare_png
+        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
+    if args.json:
+        print(json.dumps({"model": args.model, "tokens": args.tokens, "clusters": [c.to_dict() for c in choices]}))
+    else:
+        _print_table(choices, args.model, args.tokens)
+    return 0 if any(c.fits for c in choices) else 1
+
+
+def parse_prices(items: list[str]) -> dict:
+    """`["h100=2.5", ...]` -> {"h100": 2.5}; a malformed item is a one-line error."""
+    prices = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            usd = float(value)
+        except ValueError:
+            usd = None
+        if not sep or not name.strip() or usd is None:
+            raise MeshplanError(f"--price {item!r}: write GPU=USD_PER_HOUR, e.g. --price h100-sxm-80gb=2.50")
+        prices[name.strip()] = usd
+    return prices
+
+
+def _plan_summary(plan) -> str:
+    return f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero}"
+
+
+def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> None:
+    from rich.table import Table
+    table = Table(title=f"{model}: {tokens:.3g} tokens, best plan per cluster, fastest first")
+    for col in ("cluster", "GPUs", "best plan", "step s", "MFU", "days", "GPU-hours", "$", "MWh", "t CO2"):
+        table.add_column(col, justify="left" if col in ("cluster", "best plan") else "right")
+    for c in choices:
+        if not c.fits:
+            table.add_row(c.cluster, str(c.gpus), "[red]does not fit[/red] (below)", *["-"] * 7)
+            continue
+        r, cost = c.plan.result, c.run_cost
+        table.add_row(c.cluster, str(c.gpus), _plan_summary(c.plan), f"{r.step_time_s:.3f}", f"{100 * r.mfu:.1f}%",
+                      f"{c.days:,.1f}", f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
+                      f"{cost.energy_kwh / 1e3:,.1f}", f"{cost.co2_kg / 1e3:,.1f}")
+    console = console_for(table)
+    console.print(table)
+    for c in choices:
+        if not c.fits:
+            console.print(f"{c.cluster}: {c.reason}", highlight=False)
+    for line in dict.fromkeys(c.calibration for c in choices):   # one per GPU, in table order
+        console.print(line, highlight=False)
+

@@ -1,0 +1,126 @@
+"""`meshplan describe`, `models`, `gpus` and `validate`: what meshplan knows, looked up.
+
+A model's size and a cluster's summary, the model presets, the GPU catalogue, and whether
+a plan file is valid (and fits a model and cluster). Nothing is traced or simulated.
+"""
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from cost_models import GPUS, SYSTEMS, parse_cluster
+from cost_models.units import GB, GIB, TERA
+from planner.cli.flags import CLUSTER_HELP, MODEL_HELP
+from planner.cli.tables import console_for
+from planner.models import count_parameters
+from planner.plan import Plan
+from planner.zoo import PRESETS, load_model
+
+
+def register(sub) -> None:
+    """Add the four look-up subcommands to the `meshplan` subparsers."""
+    p = sub.add_parser("describe", help="a model's parameter count and a cluster's summary")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_describe)
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_models)
+
+    p = sub.add_parser("gpus", help="list the GPU catalogue and named systems")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_gpus)
+
+    p = sub.add_parser("validate", help="check a plan file (and its fit to a model and cluster)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--model")
+    p.add_argument("--cluster")
+    p.set_defaults(handler=_validate)
+
+
+def _describe(args) -> int:
+    spec = load_model(args.model)
+    model = spec.build("meta")
+    params = count_parameters(model)
+    cluster = parse_cluster(args.cluster)
+    if args.json:
+        print(json.dumps({"model": spec.name, "params": params,
+                          "config": spec.config.to_dict() if spec.config else None,
+                          "cluster": cluster.to_dict()}))
+        return 0
+    console = Console()
+    console.print(f"[bold]{spec.name}[/bold]: {params:,} parameters ({parameter_count(params)})")
+    if spec.config:
+        c = spec.config
+        console.print(f"  {c.arch}: {c.layers} layers, hidden {c.hidden}, {c.heads} heads "
+                      f"({c.kv_heads} kv), ffn {c.ffn}, vocab {c.vocab}, max_seq {c.max_seq}, "
+                      f"tied embeddings: {c.tie_embeddings}")
+    console.print(f"[bold]cluster[/bold] {cluster.summary()}")
+    return 0
+
+
+def parameter_count(count: int) -> str:
+    """A parameter count in billions, or millions below a billion (a tiny model is not "0.00 B")."""
+    return f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"
+
+
+def _models(args) -> int:
+    rows = []
+    for name, cfg in PRESETS.items():
+        params = count_parameters(load_model(name).build("meta"))
+        rows.append(dict(name=name, arch=cfg.arch, layers=cfg.layers, hidden=cfg.hidden,
+                         heads=cfg.heads, kv_heads=cfg.kv_heads, ffn=cfg.ffn, vocab=cfg.vocab,
+                         params=params))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title="model presets")
+    for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
+        table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=col == "name")
+    for r in rows:
+        table.add_row(*[parameter_count(r[k]) if k == "params" else str(r[k]) for k in r])
+    console_for(table).print(table)
+    return 0
+
+
+def _gpus(args) -> int:
+    if args.json:
+        print(json.dumps([dict(name=g.name, display_name=g.display_name, memory_bytes=g.memory_bytes,
+                               peak_flops=g.peak_flops, memory_bw_bytes_per_s=g.memory_bw_bytes_per_s,
+                               nvlink_bw_bytes_per_s=g.nvlink_bw_bytes_per_s, tdp_w=g.tdp_w,
+                               price_usd_per_hour=g.price_usd_per_hour) for g in GPUS.values()]))
+        return 0
+    table = Table(title="GPU catalogue (dense peaks; link bandwidth unidirectional per GPU)")
+    for col in ("name", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "HBM GB/s", "NVLink GB/s",
+                "TDP W", "$/hour"):
+        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=col == "name")
+    for g in GPUS.values():
+        bf16 = g.peak_flops.get("bf16", g.peak_flops.get("fp16"))
+        table.add_row(g.name, f"{g.memory_bytes / GIB:.0f}", f"{bf16 / TERA:.0f}" if bf16 else "-",
+                      f"{g.peak_flops['fp32'] / TERA:.1f}", f"{g.memory_bw_bytes_per_s / GB:.0f}",
+                      f"{g.nvlink_bw_bytes_per_s / GB:.0f}", f"{g.tdp_w:.0f}", f"{g.price_usd_per_hour:.2f}")
+    console = console_for(table)
+    console.print(table)
+    console.print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
+    return 0
+
+
+def _validate(args) -> int:
+    plan = Plan.load(args.plan)
+    num_layers = world = per_node = None
+    model_text = args.model or plan.model
+    cluster_text = args.cluster or plan.cluster
+    if model_text:
+        spec = load_model(model_text)
+        num_layers = spec.config.layers if spec.config else None
+    if cluster_text:
+        cluster = parse_cluster(cluster_text)
+        world, per_node = cluster.world_size, cluster.gpus_per_node
+    plan.check_fits(num_layers, world, per_node)
+    print(f"plan {args.plan} is valid: dp={plan.dp} tp={plan.tp} pp={plan.pp} zero={plan.zero}, "
+          f"{plan.grad_accum} micro-batch(es) of {plan.micro_batch} per step")
+    return 0

@@ -1,0 +1,166 @@
+"""`meshplan simulate`: one plan's step time and per-GPU memory, from flags, a plan file or a batch.
+
+`--batch FILE` reads one JSON case (these flags as keys) a line and prints one JSON result
+a line; a bad case gets `{"error": ...}` and the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+from rich.table import Table
+
+from cost_models import MeshplanError, parse_cluster
+from cost_models.units import GIB
+from planner.cli.flags import CALIBRATION_HELP, add_batch_flags, add_plan_flags
+from planner.cli.tables import console_for
+from planner.plan import Plan, check_new_path
+from planner.zoo import load_model
+
+HELP = "predict step time and per-GPU memory of one plan"
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "zero", "checkpoint", "precision", "schedule", "interleave",
+               "sequence_parallel")
+FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
+                            "selective (op-level, torchtitan-like) or full"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model")
+    p.add_argument("--cluster")
+    p.add_argument("--plan", help="a plan .json instead of the flags below")
+    p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
+    add_batch_flags(p, required=False)
+    add_plan_flags(p, PLAN_FIELDS, defaults=True, help=FIELD_HELP)
+    p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
+    p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
+    p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
+    p.add_argument("--calibration", help=CALIBRATION_HELP)
+    p.add_argument("--json", action="store_true")
+
+
+def _plan_from_args(args) -> Plan:
+    """A Plan from `--plan FILE` or from the simulate flags (every degree given)."""
+    if args.plan:
+        return Plan.load(args.plan)
+    missing = [flag for flag, value in (("--cluster", args.cluster), ("--global-batch", args.global_batch))
+               if value is None]
+    if missing:
+        raise MeshplanError(f"give {' and '.join(missing)} (or --plan FILE)")
+    return Plan(dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero, micro_batch=args.micro_batch,
+                global_batch=args.global_batch, seq=args.seq, precision=args.precision,
+                schedule=args.schedule, interleave=args.interleave,
+                sequence_parallel=args.sequence_parallel, model=args.model, cluster=args.cluster)
+
+
+def _with_layers(plan: Plan, spec, mode: str | None) -> Plan:
+    """Expand a uniform --checkpoint mode to the model's layers (validated as a plan's)."""
+    if mode and mode != "none" and spec.config is not None:
+        return replace(plan, checkpoint=[mode] * spec.config.layers)
+    return plan
+
+
+def _simulate_one(case: dict):
+    from planner.simulate import simulate
+    model = case.get("model")
+    if model is None:
+        raise MeshplanError("each case needs a model")
+    spec = load_model(model)
+    keys = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+            "interleave", "sequence_parallel"}
+    unknown = sorted(set(case) - keys - {"model", "cluster", "checkpoint"})
+    if unknown:
+        raise MeshplanError(f"unknown key(s) {unknown}")
+    if "cluster" not in case:
+        raise MeshplanError("each case needs a cluster")
+    plan = Plan(**{k: v for k, v in case.items() if k in keys})
+    plan = _with_layers(plan, spec, case.get("checkpoint"))
+    return simulate(plan, spec, case["cluster"])
+
+
+def run(args) -> int:
+    if args.batch:
+        return _simulate_batch(args.batch)
+    plan = _plan_from_args(args)
+    model_text = args.model or plan.model
+    cluster_text = args.cluster or plan.cluster
+    if not model_text or not cluster_text:
+        raise MeshplanError("give --model and --cluster (the plan file names neither)")
+    from planner.simulate import simulate
+    spec = load_model(model_text)
+    if not args.plan:
+        plan = _with_layers(plan, spec, args.checkpoint)
+    cluster = parse_cluster(cluster_text)
+    from cost_models.calibration import calibration_line
+    from cost_models.models_for import cost_models_for
+    compute, comm, calibration = cost_models_for(cluster, args.calibration)
+    result = simulate(plan, spec, cluster, compute=compute, comm=comm)
+    if args.trace:
+        _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
+    for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
+        if target:
+            check_new_path(target)
+            from planner.cli import plots
+            getattr(plots, draw)(result, target)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    _print_result(plan, result)
+    print(calibration_line(calibration))
+    return 0
+
+
+def _write_new(path: str, text: str):
+    check_new_path(path)
+    from pathlib import Path
+    Path(path).write_text(text)
+
+
+def format_phases(phases: dict) -> str:
+    """'compute 8.178 s (recomputation 0.412 s), exposed tensor-parallel communication ...'"""
+    from planner.simulate import PHASE_WORDS
+
+    parts = [f"{PHASE_WORDS.get(k, k)} {v:.3f} s" for k, v in phases.items() if k != "recompute_s"]
+    if phases.get("recompute_s"):
+        parts[0] += f" (recomputation {phases['recompute_s']:.3f} s)"
+    return ", ".join(parts)
+
+
+def _print_result(plan: Plan, result) -> None:
+    table = Table(title=f"memory per GPU (capacity {result.capacity_bytes / GIB:.1f} GiB)")
+    for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
+        table.add_column(col, justify="right")
+    for m in result.stages:
+        table.add_row(str(m.stage), *[f"{v / GIB:.2f}" for v in (
+            m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
+            m.peak_allocated_bytes, m.peak_reserved_bytes)])
+    console = console_for(table)
+    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
+                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
+                  f"{plan.schedule}")
+    console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
+    console.print("phases: " + format_phases(result.phases))
+    console.print(table)
+    console.print("fits" if result.fits else "[red]does not fit[/red]")
+
+
+def _simulate_batch(path: str) -> int:
+    """One JSON case a line in, one JSON result a line out; a bad case gets {"error": ...}."""
+    from pathlib import Path
+    source = Path(path)
+    if not source.is_file():
+        raise MeshplanError(f"cases file {path!r} does not exist")
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            case = json.loads(line)
+            if not isinstance(case, dict):
+                raise MeshplanError("a case must be a JSON object")
+            print(json.dumps(_simulate_one(case).to_dict()), flush=True)
+        except json.JSONDecodeError as exc:
+            print(json.dumps({"error": f"line {number}: not valid JSON: {exc}"}), flush=True)
+        except MeshplanError as exc:
+            print(json.dumps({"error": f"line {number}: {exc}"}), flush=True)
+    return 0
