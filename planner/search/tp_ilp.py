@@ -74,7 +74,7 @@ Objective: sum compute_s x + sum comm_s (fwd + bwd) + TIE_BREAK_S per collective
 of one micro-batch's forward and backward through the block on one GPU. The solvers see
 microseconds and KiB and run with zero optimality gap. On GPT-3 1.3B and Llama-3 8B blocks
 (seq 2048, A100 NVLink, tp 2 and 8) Megatron's layout is the optimum and the runner-up
-costs 7-28 % more (tests/test_tp_ilp.py checks > 2 %), so the tie-break (a nanosecond a
+costs 7-28 % more (tests/search/test_tp_ilp.py checks > 2 %), so the tie-break (a nanosecond a
 collective: prefer fewer collectives) only settles exact ties, e.g. on degenerate sizes.
 
 Solvers: HiGHS (highspy) by default, CBC (PuLP's bundled binary) as the fallback. PuLP

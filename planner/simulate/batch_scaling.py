@@ -5,7 +5,7 @@ FLOPs and activation bytes grow linearly with b, weight bytes and parameter coun
 not move, and shapes carry b (or b x heads) in one dimension. So from the traces at
 b = 2 and b = 3 (not b = 1, where PyTorch may pick other ops for a batch of one),
 value(b) = value(2) + (value(3) - value(2)) * (b - 2), field by field, is the trace
-at b - without tracing it (tests/test_batch_scaling.py checks it equals a real trace,
+at b - without tracing it (tests/simulate/test_batch_scaling.py checks it equals a real trace,
 field for field, for GPT and Llama blocks, SDPA and unfused attention with dropout).
 
 That makes every micro-batch size cheap to price, so the planner can search all the

@@ -20,7 +20,7 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
   in backward); the vocabulary-parallel head reduces its input gradient in backward (under
   sequence parallelism: gathers its input, reduce-scatters the gradient) and its loss
   all-reduces LOSS_PARALLEL_ALLREDUCES per-token statistics. `LayerTiming.tp_comm_fwd` /
-  `tp_comm_bwd` list them as (collective, bytes), which tests/test_tp_collectives.py checks
+  `tp_comm_bwd` list them as (collective, bytes), which tests/parity/test_tp_collectives.py checks
   against the collectives the runtime issues.
 Activation memory under TP without SP keeps Korthikanti et al.'s replicated share:
 10 of the 34 sbh units of a block's saved activations (LayerNorm inputs, residual and

@@ -30,11 +30,11 @@ class Execution:
     recompute_stops_early: a fully checkpointed block's recomputation stops once the last
         tensor backward needs is rebuilt (torch.utils.checkpoint, non-reentrant), so the
         block's last collective - its MLP output's reduction - is not issued again
-        (measured: tests/test_comm_volume.py); Megatron-LM's reentrant checkpoint reruns the
+        (measured: tests/parity/test_comm_volume.py); Megatron-LM's reentrant checkpoint reruns the
         whole forward.
     replicate_copies_params: ZeRO 0 with dp > 1 runs torch's FSDP-based `replicate`, which
         keeps a second (unsharded) copy of the parameters from forward to backward
-        (planner.simulate.fsdp.drive; measured: tests/test_state_bytes.py); Megatron-LM's DDP reduces
+        (planner.simulate.fsdp.drive; measured: tests/parity/test_state_bytes.py); Megatron-LM's DDP reduces
         gradients of the one copy.
     megatron_kernels: the framework runs Megatron-LM's kernels where eager PyTorch runs
         several ops (planner.simulate.costing._as_megatron_kernels): the causal mask applied inside

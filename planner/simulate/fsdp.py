@@ -24,7 +24,7 @@ _fsdp_param_group.py `post_backward`; torch/distributed/pipelining/stage.py):
 
 `play` runs one chunk's actions (a pipeline rank's forwards and backwards of one
 virtual stage, in order) through that state machine; the simulator charges the
-collectives and the memory it returns, and tests/test_comm_volume.py checks them
+collectives and the memory it returns, and tests/parity/test_comm_volume.py checks them
 against what the runtime sends.
 """
 from __future__ import annotations

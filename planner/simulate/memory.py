@@ -77,7 +77,7 @@ class MemoryMixin:
     def held_states(self, rank: int, stages) -> "HeldStates":
         """The most model states pipeline rank `rank` holds between its passes: before a
         micro-batch, before the step's once-a-step reduction, before the optimizer step
-        (tests/test_state_bytes.py compares them with the storages a runtime rank holds)."""
+        (tests/parity/test_state_bytes.py compares them with the storages a runtime rank holds)."""
         plan = self.plan
         layers = self.rank_layers(rank, stages)
         params = [self.timing(i).params_per_gpu for i in layers]
@@ -87,7 +87,7 @@ class MemoryMixin:
         elif self.fsdp_drive is not None and plan.grad_accum > 1:
             # FSDP2 leaves the part's root group (embedding, final norm, head: the layers
             # outside the blocks) gathered from one micro-batch's backward to the next forward
-            # (measured by tests/test_state_bytes.py)
+            # (measured by tests/parity/test_state_bytes.py)
             root = [p for i, p in zip(layers, params) if self.traced.layers[i].kind != "block"]
             unsharded = self.unsharded_bytes(root)
         else:

@@ -111,6 +111,7 @@ def _tp_rank(rank: int, out_dir: str, sp: bool):
 
 
 @pytest.mark.runtime
+@pytest.mark.distributed
 @pytest.mark.parametrize("sp", [False, True])
 def test_a_new_family_runs_the_collectives_the_simulator_prices(tmp_path, new_family, sp):
     """Its two regions (one fused QKV; gate and up sharing one input) reduce once each way,

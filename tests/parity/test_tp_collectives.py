@@ -18,7 +18,7 @@ from planner.zoo import load_model
 from runtime.parallelize import resolve_layout, tensor_parallel, vocab_parallel_loss
 from runtime_helpers import run_ranks
 
-pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
 
 TP = 2
 

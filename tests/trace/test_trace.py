@@ -5,7 +5,6 @@ FLOPs against torch's FlopCounterMode and closed forms; nothing is compared with
 copied from the tracer's own output.
 """
 import json
-from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -23,7 +22,7 @@ from planner.trace import flop_counter_reference, kernel_choices, trace_model
 from planner.zoo import PRESETS, ModelSpec
 from runtime.parallelize import selective_save_ops
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from helpers import FIXTURES  # noqa: E402
 B, T = 2, 16
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

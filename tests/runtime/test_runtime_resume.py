@@ -15,7 +15,7 @@ import pytest
 
 from runtime_helpers import planned, read_jsonl
 
-pytestmark = [pytest.mark.runtime,
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed,
               pytest.mark.skipif(sys.platform != "linux", reason="torchrun + SIGKILL test written for Linux")]
 
 

@@ -27,7 +27,7 @@ from planner.plan import Plan
 from planner.simulate import prepare
 from runtime_helpers import run_ranks
 
-pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
 
 WORLD = 4
 SMALL_BYTES = 64

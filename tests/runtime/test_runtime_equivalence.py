@@ -24,7 +24,7 @@ import pytest
 from runtime_helpers import (drop_checkpoints_after, mesh_coords, planned, read_jsonl, run_ranks, train_many,
                              write_plan)
 
-pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
 
 STEPS = 5
 BASE = dict(seq=32, global_batch=8)

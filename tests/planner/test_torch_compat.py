@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error
+from helpers import REPO, assert_user_error
 from planner.torch_compat import PLANNER_MIN_TORCH, UnsupportedTorch, require_torch, torch_release
 
 

@@ -22,10 +22,10 @@ import pytest
 from planner.torch_compat import GLOO_THREADS_END_AT_TEARDOWN_TORCH, torch_release
 from runtime_helpers import write_plan
 
-pytestmark = [pytest.mark.runtime,   # needs torch >= the runtime's floor (planner/torch_compat.py)
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed,   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
               pytest.mark.skipif(sys.platform != "linux", reason="counts threads in /proc/self/task; torchrun")]
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 LOOP = REPO / "benchmarks" / "train_exit_loop.py"
 
 

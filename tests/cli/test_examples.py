@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_describe_job_example_runs():

@@ -1,7 +1,7 @@
 """`meshplan plan`: the table, --json, --out (read back by simulate), --explain, --plot, errors."""
 import json
 
-from conftest import assert_user_error
+from helpers import assert_user_error
 from planner.plan import Plan
 
 ARGS = ("plan", "--model", "gpt3-350m", "--cluster", "a100-sxm-80gb:1x8", "--global-batch", "32", "--seq", "1024")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import assert_user_error
+from helpers import assert_user_error
 from cost_models import MeshplanError, get_gpu
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
 from planner.cli import compare as compare_cli

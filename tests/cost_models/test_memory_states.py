@@ -16,7 +16,7 @@ def test_pytorch_accounting_follows_the_runtime():
     z0 = model_state_bytes(p, "bf16", 0, dp)
     assert (z0.params_bytes, z0.grads_bytes, z0.optimizer_bytes) == (4e9, 4e9, 8e9)
     # ZeRO 1 is FSDP2 too: fp32 shards of parameters and gradients (the unsharded copies it
-    # keeps across micro-batches are planner.simulate's, checked by tests/test_state_bytes.py)
+    # keeps across micro-batches are planner.simulate's, checked by tests/parity/test_state_bytes.py)
     z1 = model_state_bytes(p, "bf16", 1, dp)
     assert (z1.params_bytes, z1.grads_bytes, z1.optimizer_bytes) == (0.5e9, 0.5e9, 1e9)
     z3 = model_state_bytes(p, "bf16", 3, dp)

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import assert_user_error
+from helpers import assert_user_error
 from cost_models import MeshplanError, parse_cluster
 from cost_models.comm import CommModel
 from planner.plan import Plan

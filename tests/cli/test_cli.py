@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_user_error
+from helpers import assert_user_error
 from planner.plan import Plan
 
 

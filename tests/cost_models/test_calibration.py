@@ -6,10 +6,11 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import REPO
 
 from cost_models import MeshplanError, get_gpu, parse_cluster
 from cost_models.calibration import Calibration, default_calibration, shipped_calibration
@@ -232,13 +233,14 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.distributed
 def test_collectives_are_measured_across_two_gloo_ranks(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "comm.json"
     script.write_text(_WORKER)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     proc = subprocess.run([sys.executable, str(script), str(port), str(out)], capture_output=True, text=True,
                           timeout=120, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import REPO
+
 from runtime.train import main
 from runtime_helpers import read_jsonl, write_plan
 
@@ -124,8 +126,7 @@ def test_out_of_vocabulary_tokens_are_refused(tmp_path, plan1):
 
 
 def test_gpu_benchmark_script_runs_on_cpu():
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime_vs_plain.py"
+    script = REPO / "benchmarks" / "runtime_vs_plain.py"
     r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--model", "gpt-tiny", "--seq", "32",
                         "--micro-batch", "2", "--precision", "fp32", "--steps", "2", "--warmup", "1",
                         "--checkpoint", "full"],

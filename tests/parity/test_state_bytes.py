@@ -22,7 +22,7 @@ from planner.plan import Plan
 from planner.simulate import prepare
 from runtime_helpers import run_ranks
 
-pytestmark = pytest.mark.runtime   # needs torch >= the runtime's floor (planner/torch_compat.py)
+pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
 WORLD = 4
 BASE = dict(seq=32, global_batch=8, micro_batch=1)
 PLANS = {
