@@ -1,11 +1,12 @@
 import pytest
 
-from helpers import REFERENCE, run_cli
+from helpers import REFERENCE, run_cli_in_process
 
 
 @pytest.fixture
 def cli():
-    return run_cli
+    """`meshplan` in-process: cli("plan", "--model", ...) -> CompletedProcess-like (returncode, stdout, stderr)."""
+    return run_cli_in_process
 
 
 @pytest.fixture(scope="session")

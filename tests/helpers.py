@@ -1,5 +1,8 @@
-"""What several test folders share: the repository's paths, the real `meshplan` run in a fresh
-interpreter, and the check that a user mistake ends in one line and exit code 2."""
+"""What several test folders share: the repository's paths, `meshplan` run in this interpreter
+(the `cli` fixture) or in a fresh one (`run_cli`, for the few end-to-end smoke tests), and the
+check that a user mistake ends in one line and exit code 2."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -18,6 +21,34 @@ def run_cli(*args, cwd=None, timeout=120):
     cmd = [sys.executable, "-m", "planner.cli", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _working_directory(path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_cli_in_process(*args, cwd=None, timeout=None):
+    """`meshplan *args` through planner.cli.main in this interpreter (no torch import per call),
+    returning what run_cli returns. `train` still runs in a fresh interpreter: it launches
+    training processes. `timeout` is accepted for run_cli's signature; an in-process call has
+    none."""
+    argv = [str(a) for a in args]
+    if argv[:1] == ["train"]:
+        return run_cli(*argv, cwd=cwd, timeout=timeout or 120)
+    from planner.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _working_directory(cwd or REPO):
+        try:
+            code = main(argv)
+        except SystemExit as exc:   # argparse's --help
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["meshplan", *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc, *fragments):

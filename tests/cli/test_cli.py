@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from helpers import assert_user_error
+from helpers import assert_user_error, run_cli
 from planner.plan import Plan
 
 
@@ -54,9 +54,10 @@ def test_bad_input_exits_2_with_one_line(cli, args, fragment):
 
 
 def test_malformed_files_exit_2(cli, tmp_path):
+    """The first case in a real process: exit status 2 and one stderr line from the interpreter's view."""
     bad_cluster = tmp_path / "c.yaml"
     bad_cluster.write_text("gpu: [h100\n")
-    assert_user_error(cli("describe", "--model", "gpt-tiny", "--cluster", bad_cluster), "not valid YAML")
+    assert_user_error(run_cli("describe", "--model", "gpt-tiny", "--cluster", bad_cluster), "not valid YAML")
     bad_model = tmp_path / "m.json"
     bad_model.write_text('{"arch": "gpt", "layers": 2')
     assert_user_error(cli("describe", "--model", bad_model, "--cluster", "cpu:1x1"), "not valid JSON")
