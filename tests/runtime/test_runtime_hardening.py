@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,7 @@ def _shard(ck: Path) -> Path:
 
 
 def _garbage_metadata(ck):
-    (ck / STEP6 / ".metadata").write_bytes(os.urandom(4096))
+    (ck / STEP6 / ".metadata").write_bytes(random.Random(0).randbytes(4096))
 
 
 def _empty_metadata(ck):
