@@ -140,9 +140,8 @@ def _fault_injection(step: int, rank: int):
 def run(argv=None) -> list[dict]:
     """Train; returns the per-step records (on rank 0; other ranks get them too)."""
     from runtime import mesh
-    from runtime.metrics import MetricsSink
-
     from runtime.checkpointing import DirectoryLock
+    from runtime.metrics import MetricsSink
 
     args, config, plan, spec = validate(argv)
     rank, world, _ = mesh.launch_env()
