@@ -7,6 +7,7 @@ field that changes the trained weights is refused (see `TrainingConfig.check_res
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from cost_models.errors import MeshplanError
@@ -23,7 +24,7 @@ class TrainingConfig:
     steps: int
     """Optimizer steps to train, in total (resumed ones counted); >= 1."""
     lr: float = 3e-4
-    """Peak learning rate (AdamW), reached after the warm-up; > 0."""
+    """Peak learning rate (AdamW), reached after the warm-up; > 0. Every float field must be finite."""
     min_lr: float | None = None
     """Learning rate at the end of the cosine decay, 0 <= min_lr <= lr; None means lr / 10."""
     warmup: int = 0
@@ -33,7 +34,7 @@ class TrainingConfig:
     clip: float = 1.0
     """Global gradient-norm clip; 0 turns clipping off; >= 0."""
     seed: int = 0
-    """Seed of the weights' initialisation and of the data order; >= 0."""
+    """Seed of the weights' initialisation and of the data order; 0 <= seed < 2**63."""
 
     def __post_init__(self):
         for name in ("steps", "warmup", "seed"):
@@ -44,6 +45,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise MeshplanError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+            if value is not None and not math.isfinite(value):     # inf/nan train to NaN weights
+                raise MeshplanError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if self.steps < 1:
             raise MeshplanError(f"--steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
@@ -58,8 +61,8 @@ class TrainingConfig:
             raise MeshplanError(f"--clip must be >= 0, got {self.clip}")
         if self.weight_decay < 0:
             raise MeshplanError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.seed < 0:
-            raise MeshplanError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:          # torch.manual_seed's range (numpy takes any >= 0)
+            raise MeshplanError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":

@@ -87,23 +87,17 @@ class MetricsSink:
         self.active = rank == 0
         self.steps, self.quiet = steps, quiet
         self.jsonl = self.writer = self.jsonl_path = None
+        # The paths were checked before any work (runtime.train._check_outputs, runtime.outputs).
         if log_json and self.active:
-            path = Path(log_json)
-            if path.exists() and not resume:
-                raise MeshplanError(f"{log_json!r} already exists: choose another --log-json path "
-                                    f"(with --resume the run appends to it)")
-            if not path.parent.is_dir():
-                raise MeshplanError(f"directory {str(path.parent)!r} for --log-json does not exist")
-            self.jsonl_path = path          # opened at the first record, so a failed start leaves no file
-        if tensorboard:
+            self.jsonl_path = Path(log_json)   # opened at the first record, so a failed start leaves no file
+        if tensorboard and self.active:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=tensorboard)
             except ImportError:
                 raise MeshplanError("--tensorboard needs the tensorboard package: pip install 'meshplan[tensorboard]'")
-            if Path(tensorboard).exists() and not Path(tensorboard).is_dir():
-                raise MeshplanError(f"--tensorboard {tensorboard!r} is a file, not a directory")
-            if self.active:
-                self.writer = SummaryWriter(log_dir=tensorboard)
+            except OSError as exc:
+                raise MeshplanError(f"--tensorboard {tensorboard!r} cannot be written: {exc.strerror or exc}")
 
     def log(self, rec: dict):
         if not self.active:

@@ -10,6 +10,13 @@ code 2. `validate(argv)` runs every check that needs no process group; with the
 environment variable MESHPLAN_CHECK_ONLY=1 (and WORLD_SIZE=N) `python -m runtime.train
 ARGS` runs only those checks plus the plan's world size against N and exits 0 or 2 -
 so a launcher can refuse a bad command in one line before torchrun starts N processes.
+Those checks include every output location (runtime.outputs), the checkpoint directory's
+lock (another job writing it) and, with --resume / --resume-from, the checkpoint to
+resume (runtime.checkpointing.verify).
+
+Under torchrun, each rank dies with torchrun (`die_with_parent`: the kernel SIGKILLs it
+when its parent, torchrun's agent, ends), so a SIGKILLed launcher leaves no rank training
+into a checkpoint directory that a --resume would then share.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint-dir", help="directory for torch.distributed.checkpoint saves")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--resume-from", type=int, metavar="STEP",
+                   help="continue from the checkpoint of step STEP in --checkpoint-dir (implies --resume)")
     p.add_argument("--log-json", help="append one JSON line per step to this file")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this directory")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
@@ -53,6 +62,10 @@ def build_parser() -> Parser:
 def _check_args(args):
     if args.checkpoint_every < 0:
         raise MeshplanError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume_from is not None:
+        if args.resume_from < 1:
+            raise MeshplanError(f"--resume-from must be a saved step >= 1, got {args.resume_from}")
+        args.resume = True
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise MeshplanError("--checkpoint-every and --resume need --checkpoint-dir")
 
@@ -73,18 +86,43 @@ def validate(argv=None):
     if args.data != "synthetic":
         from runtime.data import MemmapSource
         MemmapSource(args.data, spec.config.vocab, plan.seq, config.seed)
-    if args.checkpoint_dir:
-        checkpointing.check_directory(args.checkpoint_dir, args.resume)
-        _resume_notes(args, config)
+    _check_outputs(args)
+    args.resume_point = _resume_point(args, config, spec) if args.checkpoint_dir else (None, None, [])
     return args, config, plan, spec
 
 
-def _resume_notes(args, config: TrainingConfig) -> list[str]:
-    """With --resume: refuse a latest checkpoint saved with other training settings
-    (TrainingConfig.check_resume); the notes to print about it otherwise."""
+def _check_outputs(args):
+    """Every location the run will write, before any work (runtime.outputs)."""
+    from runtime import checkpointing, outputs
+    if args.checkpoint_dir:
+        outputs.check_directory(args.checkpoint_dir, "--checkpoint-dir")
+        from runtime.mesh import launch_env
+        if launch_env()[0] == 0:    # rank 0 (or the launcher's pre-check) takes the lock; the others would meet it
+            checkpointing.DirectoryLock(args.checkpoint_dir).probe()
+        checkpointing.check_directory(args.checkpoint_dir, args.resume)
+    if args.log_json:
+        if os.path.exists(args.log_json) and not args.resume:
+            raise MeshplanError(f"{args.log_json!r} already exists: choose another --log-json path "
+                                f"(with --resume the run appends to it)")
+        outputs.check_file(args.log_json, "--log-json")
+    if args.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise MeshplanError("--tensorboard needs the tensorboard package: pip install 'meshplan[tensorboard]'")
+        outputs.check_directory(args.tensorboard, "--tensorboard")
+
+
+def _resume_point(args, config: TrainingConfig, spec):
+    """With --resume / --resume-from: (checkpoint, expected shapes, notes). Refuses a
+    checkpoint that is damaged or holds another model (checkpointing.verify) or was saved
+    with other training settings (TrainingConfig.check_resume)."""
     from runtime import checkpointing
-    where = checkpointing.latest(args.checkpoint_dir) if args.resume else None
-    return [] if where is None else config.check_resume(checkpointing.saved_training(where), where)
+    where = checkpointing.resume_target(args.checkpoint_dir, args.resume_from) if args.resume else None
+    if where is None:
+        return None, None, []
+    expected = checkpointing.expected_shapes(spec.build("meta"))
+    checkpointing.verify(where, expected)
+    return where, expected, config.check_resume(checkpointing.saved_training(where), where)
 
 
 def _fault_injection(step: int, rank: int):
@@ -102,6 +140,7 @@ def _fault_injection(step: int, rank: int):
 def run(argv=None) -> list[dict]:
     """Train; returns the per-step records (on rank 0; other ranks get them too)."""
     from runtime import mesh
+    from runtime.checkpointing import DirectoryLock
     from runtime.metrics import MetricsSink
 
     args, config, plan, spec = validate(argv)
@@ -109,19 +148,30 @@ def run(argv=None) -> list[dict]:
     if os.environ.get("MESHPLAN_CHECK_ONLY") == "1":
         mesh.check_world(plan, world)
         return []
-    sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
-    rt = mesh.setup(plan, args.device)
-    records, completed = [], False
+    lock = DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir and rank == 0 else None
+    if lock:
+        lock.acquire()              # held until this process ends: one job per checkpoint directory
     try:
-        _train(args, config, plan, spec, rt, sink, records)
-        completed = True
-        return records
-    except MeshplanError as exc:
-        exc.after_setup = True      # may be this rank's alone: it reports it
-        raise
+        sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
+        rt = mesh.setup(plan, args.device)
+        records, completed = [], False
+        try:
+            _train(args, config, plan, spec, rt, sink, records)
+            completed = True
+            return records
+        except MeshplanError as exc:
+            exc.after_setup = True      # may be this rank's alone: it reports it
+            if getattr(exc, "rank0_reports", False) and rt.distributed:
+                if rank == 0:           # every rank has it: rank 0 says it before anyone leaves
+                    _report(exc)
+                torch.distributed.barrier()
+            raise
+        finally:
+            sink.close()
+            mesh.teardown(rt, completed)
     finally:
-        sink.close()
-        mesh.teardown(rt, completed)
+        if lock:
+            lock.release()
 
 
 def _train(args, config, plan, spec, rt, sink, records):
@@ -142,13 +192,13 @@ def _train(args, config, plan, spec, rt, sink, records):
                                           engine.optimizers, rt)
     start = 0
     if args.resume:
-        where = checkpointing.latest(args.checkpoint_dir)
+        where, expected, notes = args.resume_point
         if where is None:
             sink.note(f"no checkpoint in {args.checkpoint_dir}: starting from step 0")
         else:
-            for note in _resume_notes(args, config):
+            for note in notes:
                 sink.note(note)
-            state = ckpt.load(where, {"step": 0, "data_position": 0, **engine.scaler_state()})
+            state = ckpt.load(where, {"step": 0, "data_position": 0, **engine.scaler_state()}, expected)
             start = int(state["step"])
             loader.load_state_dict({"position": state["data_position"]})
             engine.set_schedule_step(start)
@@ -181,14 +231,35 @@ def _train(args, config, plan, spec, rt, sink, records):
     return records
 
 
+def _report(exc: MeshplanError):
+    """The one line on stderr (once); also appended to MESHPLAN_ERROR_FILE when the launcher
+    set one, so that `meshplan train` exits 2 where torchrun turns a rank's 2 into 1."""
+    if getattr(exc, "reported", False):
+        return
+    exc.reported = True
+    line = f"meshplan: error: {exc}"
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("MESHPLAN_ERROR_FILE"):
+        try:
+            with open(os.environ["MESHPLAN_ERROR_FILE"], "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
 def main(argv=None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:      # a torchrun worker: end with torchrun's agent
+        from planner.cli.train import die_with_parent
+        die_with_parent()
     try:
         run(argv)
         return 0
     except MeshplanError as exc:
         from runtime.mesh import launch_env
-        if launch_env()[0] == 0 or getattr(exc, "after_setup", False):   # checks before setup: rank 0 speaks
-            print(f"meshplan: error: {exc}", file=sys.stderr, flush=True)
+        rank0 = launch_env()[0] == 0
+        # checks before setup and errors every rank shares (rank0_reports): rank 0 speaks
+        if rank0 or (getattr(exc, "after_setup", False) and not getattr(exc, "rank0_reports", False)):
+            _report(exc)
         return 2
     except KeyboardInterrupt:
         print("meshplan: interrupted", file=sys.stderr)

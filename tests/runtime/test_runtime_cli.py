@@ -52,7 +52,8 @@ def test_single_process_run_writes_metrics(tmp_path, plan1):
     assert recs[-1]["lr"] == pytest.approx(1e-4)                          # cosine down to lr / 10
     progress = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert len(progress) == 4 and "loss" in progress[0] and "tok/s" in progress[0] and "MFU" in progress[0]
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".meshplan.lock", "latest", "step-00000002",
+                                                                    "step-00000004"]
     if tensorboard:
         assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
 
