@@ -61,8 +61,8 @@ def _plan(kind: str, path: Path) -> Path:
 
 
 @pytest.mark.skipif(torch_release() < GLOO_THREADS_END_AT_TEARDOWN_TORCH,
-                    reason="torch 2.12 keeps gloo's worker threads after every group is released "
-                           "(planner/torch_compat.py); the fix is measured on 2.13")
+                    reason=f"torch {torch_release()[0]}.{torch_release()[1]} keeps gloo's worker threads after every "
+                           f"group is released (planner/torch_compat.py); the fix is measured on 2.13")
 @pytest.mark.parametrize("kind", ["planner", "zero1"])
 def test_completed_run_leaves_no_process_group_threads(tmp_path, kind):
     plan = _plan(kind, tmp_path / "plan.json")
