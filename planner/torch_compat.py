@@ -164,10 +164,3 @@ def traces_attention_core() -> bool:
     no recompute at all, so planner.simulate refuses it in one line."""
     import torch.fx.traceback as fx_traceback
     return hasattr(fx_traceback, "annotate")
-
-
-# The runtime's teardown (runtime.mesh.teardown) releases every process group so that gloo's
-# worker threads end before the interpreter exits: measured to leave no thread on 2.13; on
-# 2.12 all groups are released (no warning) yet 9 gloo threads remain per rank, so there the
-# exit race of issue #31 can still occur.
-GLOO_THREADS_END_AT_TEARDOWN_TORCH = (2, 13)
