@@ -2,14 +2,16 @@
 
 Supported (checked in CI at both ends, see .ci/run):
 - planning and simulation (`planner`, every `meshplan` command but `train`): torch >= 2.7;
-- the training runtime (`runtime`, `meshplan train`): torch >= 2.12.
+- the training runtime (`runtime`, `meshplan train`): torch >= 2.10.
 
 Why two floors: the planner only traces models on fake/meta tensors, and 2.7 plans and
 simulates exactly as 2.13 does. The runtime drives FSDP2, DTensor and pipelining, which
 changed under it release by release (measured on CPU/gloo): 2.7 and 2.8 have no
 FSDP-based `replicate` (ZeRO 0 with tensor parallelism) and log FSDP2 gradient norms dp
-times too large; 2.9's `replicate` takes its mesh differently; 2.10 and 2.11 fail pipeline
-+ TP with a stride mismatch. 2.12 is the first release all runtime tests pass on.
+times too large; 2.9's `replicate` wants a 2-D (replicate, shard) mesh - HSDP with a
+shard dimension of 1 (torch/distributed/_composable/replicate_with_fsdp.py), which the
+runtime's mesh does not have. 2.10 and 2.11 pass every runtime test through the
+workarounds below (`pipeline_first_stage_input`; `fsdp_param_groups` for the tests).
 
 `planner/__init__.py` imports this module first, so on a torch below the planner's floor
 importing meshplan stops here with one line naming the release needed (`UnsupportedTorch`,
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from cost_models.errors import MeshplanError
 
 PLANNER_MIN_TORCH = (2, 7)
-RUNTIME_MIN_TORCH = (2, 12)
+RUNTIME_MIN_TORCH = (2, 10)
 
 
 class UnsupportedTorch(MeshplanError, ImportError):
@@ -111,6 +113,43 @@ def fsdp_replicate():
     return replicate
 
 
+def pipeline_first_stage_input(t: torch.Tensor) -> torch.Tensor:
+    """A batch as torch's pipeline schedule may take it on its first stage: contiguous.
+    2.10 and 2.11 record the first stage's input metadata from `x.to("meta")` of the first
+    micro-batch (which lays a non-dense slice - `rows[:, :-1]`, micro-batch > 1 - out
+    contiguously) and then check every micro-batch's strides against it, so a
+    (b, seq) slice of the (b, seq + 1) token rows failed with "stride mismatch: expected
+    (32, 1) actual (33, 1)" (torch/distributed/pipelining/stage.py `_validate_fwd_input`,
+    removed in 2.12). A copy of the token ids on every release: it costs nothing."""
+    return t.contiguous()
+
+
+def pipeline_divides_partial_grads() -> bool:
+    """Can torch's pipeline schedule divide the gradients by the number of micro-batches
+    itself (`scale_grads=True`, its default)? It does so in place on each gradient
+    (torch/distributed/pipelining/stage.py `scale_grads`), and under tensor parallelism a
+    replicated weight's gradient is still a Partial(sum) DTensor then. 2.11 made in-place
+    division linear for Partial (torch/distributed/tensor/_ops/_pointwise_ops.py
+    `linear_pointwise_ops`); 2.10 refuses it ("in-place operations that require placement
+    changes are not supported"). Where this is False the runtime builds its schedules with
+    `scale_grads=False` and divides each gradient's local tensor itself right after the
+    schedule's step - the same arithmetic at the same point (after the stage's gradient
+    reduction; runtime.pipeline.divide_grads)."""
+    return torch_release() >= (2, 11)
+
+
+def fsdp_param_groups(state) -> list:
+    """The FSDPParamGroups of one FSDP2 (or FSDP-based replicate) module state - private, read
+    only by tests that count what each rank holds. 2.12 lets a state hold several
+    (`_fsdp_param_groups`); 2.10 and 2.11 hold at most one (`_fsdp_param_group`)
+    (torch/distributed/fsdp/_fully_shard/_fsdp_state.py)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 try:
     require_torch(PLANNER_MIN_TORCH, "meshplan")
 except UnsupportedTorch:
@@ -120,15 +159,8 @@ except UnsupportedTorch:
 
 def traces_attention_core() -> bool:
     """Whether the tracer can find an attention core to recompute (checkpoint mode
-    "attention"): the models label its ops with `torch.fx.traceback.annotate`, which 2.7
-    lacks (2.12 has it); without it the mode would be priced as no recompute at all, so
-    planner.simulate refuses it in one line."""
+    "attention"): the models label its ops with `torch.fx.traceback.annotate`, which 2.10
+    added (torch/fx/traceback.py; 2.7-2.9 lack it); without it the mode would be priced as
+    no recompute at all, so planner.simulate refuses it in one line."""
     import torch.fx.traceback as fx_traceback
     return hasattr(fx_traceback, "annotate")
-
-
-# The runtime's teardown (runtime.mesh.teardown) releases every process group so that gloo's
-# worker threads end before the interpreter exits: measured to leave no thread on 2.13; on
-# 2.12 all groups are released (no warning) yet 9 gloo threads remain per rank, so there the
-# exit race of issue #31 can still occur.
-GLOO_THREADS_END_AT_TEARDOWN_TORCH = (2, 13)

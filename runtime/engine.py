@@ -32,11 +32,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from cost_models.errors import MeshplanError
 from planner.models import count_parameters
 from planner.plan import Plan
+from planner.torch_compat import pipeline_first_stage_input
 from runtime import optim as optim_mod
 from runtime.config import TrainingConfig
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
                                  tensor_parallel, vocab_parallel_loss, with_autocast)
-from runtime.pipeline import build_schedule, check_schedule, cut, local_stages, loss_fn, stage_ranges
+from runtime.pipeline import build_schedule, check_schedule, cut, divide_grads, local_stages, loss_fn, stage_ranges
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -177,6 +178,7 @@ class Engine:
                     scaled.backward()
         else:
             losses = [] if self.has_last else None
+            inputs = pipeline_first_stage_input(inputs)
             with self.loss_context():
                 if self.has_first:
                     self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
@@ -184,6 +186,7 @@ class Engine:
                     self.schedule.step(target=targets, losses=losses)
                 else:
                     self.schedule.step()
+            divide_grads(self.schedule, self.modules, plan.grad_accum)
             if losses:
                 scale = self.scaler.get_scale() if self.scaler is not None else 1.0
                 self.mb_losses = [l.detach() / scale for l in losses]

@@ -15,9 +15,11 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from cost_models.errors import MeshplanError
 from planner.plan import Plan, even_stages
+from planner.torch_compat import pipeline_divides_partial_grads
 
 
 def stage_ranges(plan: Plan, num_layers: int) -> list:
@@ -64,7 +66,22 @@ def build_schedule(plan: Plan, modules: dict, rt, loss):
     stages = [PipelineStage(module, stage_index=v, num_stages=plan.virtual_stages, device=rt.device, group=group)
               for v, module in sorted(modules.items())]
     n = plan.grad_accum
+    kw = dict(n_microbatches=n, loss_fn=loss, scale_grads=pipeline_divides_partial_grads())
     if plan.schedule == "interleaved":
-        return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=loss), stages
+        return ScheduleInterleaved1F1B(stages, **kw), stages
     cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
-    return cls(stages[0], n_microbatches=n, loss_fn=loss), stages
+    return cls(stages[0], **kw), stages
+
+
+def divide_grads(schedule, modules: dict, n: int):
+    """After a schedule's step: divide the gradients by the `n` micro-batches where the
+    schedule did not (`scale_grads=False`, see planner.torch_compat.pipeline_divides_partial_grads),
+    stage by stage as torch's `PipelineStage.scale_grads` does, on each gradient's local
+    tensor (a Partial(sum) DTensor's parts divide as its sum does)."""
+    if schedule.scale_grads or n == 1:
+        return
+    with torch.no_grad():
+        for _, module in sorted(modules.items()):
+            for p in module.parameters():
+                if p.grad is not None:
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).div_(n)

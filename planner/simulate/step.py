@@ -88,7 +88,7 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
     if "attention" in plan.checkpoint and not traces_attention_core():
         raise MeshplanError(f"checkpoint mode 'attention' needs torch.fx.traceback.annotate, which torch "
-                            f"{torch.__version__} lacks: use selective or full, or torch >= 2.12")
+                            f"{torch.__version__} lacks: use selective or full, or torch >= 2.10")
     traced = trace_cached(model_key(spec), plan.micro_batch, plan.seq, plan.precision,
                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)

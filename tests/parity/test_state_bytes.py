@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from planner.plan import Plan
 from planner.simulate import prepare
+from planner.torch_compat import fsdp_param_groups
 from runtime_helpers import run_ranks
 
 pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
@@ -100,7 +101,7 @@ def _fsdp_params(module):
     if not isinstance(module, FSDPModule):
         return []
     state = module._get_fsdp_state()
-    return [p for group in state._fsdp_param_groups for p in group.fsdp_params]
+    return [p for group in fsdp_param_groups(state) for p in group.fsdp_params]
 
 
 def _measure_rank(rank: int, out_dir: str):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import REPO, assert_user_error
-from planner.torch_compat import PLANNER_MIN_TORCH, UnsupportedTorch, require_torch, torch_release
+from planner.torch_compat import PLANNER_MIN_TORCH, RUNTIME_MIN_TORCH, UnsupportedTorch, require_torch, torch_release
 
 
 def _as_torch(version: str, code: str):
@@ -60,12 +60,14 @@ def test_library_import_below_the_floor_is_an_import_error():
 
 
 def test_runtime_below_its_floor_refuses_but_planning_works(tmp_path):
+    below = f"{RUNTIME_MIN_TORCH[0]}.{RUNTIME_MIN_TORCH[1] - 1}.0"       # 2.9.0 while the floor is 2.10
+    assert PLANNER_MIN_TORCH <= torch_release(below) < RUNTIME_MIN_TORCH
     plan = tmp_path / "plan.json"
-    planned = _cli("2.11.0", "planner.cli", "plan", "--model", "gpt-tiny", "--cluster", "cpu:1x1", "--global-batch",
+    planned = _cli(below, "planner.cli", "plan", "--model", "gpt-tiny", "--cluster", "cpu:1x1", "--global-batch",
                    "2", "--seq", "32", "--top", "1", "--out", str(plan))
     assert planned.returncode == 0 and plan.exists(), planned.stderr
-    assert_user_error(_cli("2.11.0", "runtime.train", "--model", "gpt-tiny", "--plan", str(plan), "--steps", "1"),
-                      "training runtime needs torch>=2.12", "torch 2.11.0 is installed")
+    assert_user_error(_cli(below, "runtime.train", "--model", "gpt-tiny", "--plan", str(plan), "--steps", "1"),
+                      "training runtime needs torch>={}.{}".format(*RUNTIME_MIN_TORCH), f"torch {below} is installed")
 
 
 def test_grouped_flash_matches_sdpa():
