@@ -40,6 +40,7 @@ from pathlib import Path
 
 from cost_models.errors import MeshplanError
 from cost_models.hardware import GPUSpec
+from cost_models.inputs import finite_number, parse_json, read_text, shown
 
 FORMAT = "meshplan-calibration"
 VERSION = 1
@@ -73,9 +74,9 @@ class GemmFit:
     sustained: float = 1.0
 
     def __post_init__(self):
-        _check_fraction(self.peak_fraction, "GEMM peak_fraction")
+        _fraction(self.peak_fraction, "GEMM peak_fraction")
         _positive(self.traffic_weight, "GEMM traffic_weight", zero_ok=True)
-        _check_fraction(self.sustained, "GEMM sustained")
+        _fraction(self.sustained, "GEMM sustained")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class AttentionFit:
     fixed_s: float
 
     def __post_init__(self):
-        _check_fraction(self.peak_fraction, "attention peak_fraction")
+        _fraction(self.peak_fraction, "attention peak_fraction")
         _positive(self.fixed_s, "attention fixed_s", zero_ok=True)
 
 
@@ -181,17 +182,25 @@ class Calibration:
             raise MeshplanError(f"{where} has calibration version {data.get('version')!r}; "
                                 f"this meshplan reads version {VERSION}: re-run `meshplan profile`")
         try:
-            comm = data.get("comm", {})
+            comm = _mapping(data.get("comm", {}), "comm")
+            gemm = _mapping(data["gemm"], "gemm")
+            if not gemm:
+                raise MeshplanError("calibration field gemm holds no precision's fit")
+            attention = _mapping(data["attention"], "attention")
             return cls(
-                gpu=str(data["gpu"]), kernel_overhead_s=_positive(data["kernel_overhead_s"], "kernel_overhead_s", zero_ok=True),
+                gpu=_text(data["gpu"], "gpu"),
+                kernel_overhead_s=_positive(data["kernel_overhead_s"], "kernel_overhead_s", zero_ok=True),
                 copy_bytes_per_s=_positive(data["copy_bytes_per_s"], "copy_bytes_per_s"),
-                gemm={p: GemmFit(**f) for p, f in data["gemm"].items()},
-                attention_fwd=AttentionFit(**data["attention"]["fwd"]),
-                attention_bwd=AttentionFit(**data["attention"]["bwd"]),
-                peak_flops={p: float(v) for p, v in data["peak_flops"].items()},
+                gemm={p: GemmFit(**_mapping(f, f"gemm.{p}")) for p, f in gemm.items()},
+                attention_fwd=AttentionFit(**_mapping(attention["fwd"], "attention.fwd")),
+                attention_bwd=AttentionFit(**_mapping(attention["bwd"], "attention.bwd")),
+                peak_flops={p: _positive(v, f"peak_flops.{p}")
+                            for p, v in _mapping(data["peak_flops"], "peak_flops").items()},
                 memory_bw_bytes_per_s=_positive(data["memory_bw_bytes_per_s"], "memory_bw_bytes_per_s"),
-                comm_bw_efficiency=dict(comm.get("bw_efficiency", {})),
-                comm_latency_s=dict(comm.get("latency_s", {})),
+                comm_bw_efficiency={k: _fraction(v, f"comm.bw_efficiency.{k}") for k, v in
+                                    _mapping(comm.get("bw_efficiency", {}), "comm.bw_efficiency").items()},
+                comm_latency_s={k: _positive(v, f"comm.latency_s.{k}", zero_ok=True) for k, v in
+                                _mapping(comm.get("latency_s", {}), "comm.latency_s").items()},
                 host_s_per_op=_positive(data.get("host_s_per_op", 0.0), "host_s_per_op", zero_ok=True),
                 host_overlap_exponent=_positive(data.get("host_overlap_exponent", 0.0), "host_overlap_exponent",
                                                 zero_ok=True),
@@ -199,23 +208,20 @@ class Calibration:
                                                  zero_ok=True),
                 score_bandwidth_fraction=_optional_fraction(data.get("score_bandwidth_fraction"),
                                                             "score_bandwidth_fraction"),
-                source=str(data.get("source", "")), device_name=str(data.get("device_name", "")),
-                measurements=dict(data.get("measurements", {})),
-                fit_quality=dict(data.get("fit_quality", {})))
+                source=_text(data.get("source", ""), "source"),
+                device_name=_text(data.get("device_name", ""), "device_name"),
+                measurements=_mapping(data.get("measurements", {}), "measurements"),
+                fit_quality=_mapping(data.get("fit_quality", {}), "fit_quality"))
         except (KeyError, TypeError) as exc:
-            raise MeshplanError(f"{where} is missing or has a malformed field ({exc}); "
+            raise MeshplanError(f"{where} is missing or has a malformed field ({shown(str(exc))}); "
                                 f"re-create it with `meshplan profile`") from None
+        except MeshplanError as exc:
+            raise MeshplanError(f"{where}: {exc}") from None
 
     @classmethod
     def load(cls, path) -> "Calibration":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MeshplanError(f"calibration file {str(path)!r} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MeshplanError(f"calibration file {str(path)!r} is not readable JSON: "
-                                f"{str(exc).splitlines()[0]}") from None
+        data = parse_json(read_text(path, "calibration file"), f"calibration file {str(path)!r}")
         return cls.from_dict(data, where=f"calibration file {str(path)!r}")
 
     def save(self, path, force: bool = False) -> Path:
@@ -232,24 +238,27 @@ class Calibration:
         return path
 
 
-def _check_fraction(value, name: str) -> None:
-    if not 0 < float(value) <= 1:
-        raise MeshplanError(f"calibration field {name} must be in (0, 1], got {value}")
+def _fraction(value, name: str) -> float:
+    return finite_number(value, f"calibration field {name}", low=0, low_open=True, high=1)
 
 
 def _positive(value, name: str, zero_ok: bool = False) -> float:
-    value = float(value)
-    if value < 0 or (value == 0 and not zero_ok):
-        raise MeshplanError(f"calibration field {name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-    return value
+    return finite_number(value, f"calibration field {name}", low=0, low_open=not zero_ok)
 
 
 def _optional_fraction(value, name: str) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    if not 0 < value <= 1:
-        raise MeshplanError(f"calibration field {name} must be in (0, 1] or null, got {value}")
+    return None if value is None else _fraction(value, name)
+
+
+def _mapping(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise MeshplanError(f"calibration field {name} must be a JSON object, got {shown(value)}")
+    return dict(value)
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise MeshplanError(f"calibration field {name} must be text, got {shown(value)}")
     return value
 
 

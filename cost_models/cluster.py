@@ -8,15 +8,13 @@ Bandwidths are unidirectional per GPU, in bytes/s; latencies in seconds.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from cost_models.errors import MeshplanError
 from cost_models.hardware import GPUSpec, custom_gpu, get_gpu
+from cost_models.inputs import MAX_GPUS, MAX_GPUS_PER_NODE, finite_number, load_file, shown, whole_number
 from cost_models.units import GB, GBIT_BYTES, GIB, US
 
 LINK_KINDS = ("nvlink", "pcie", "infiniband", "ethernet", "shm")
@@ -42,11 +40,9 @@ class LinkSpec:
 
     def __post_init__(self):
         if self.kind not in LINK_KINDS:
-            raise MeshplanError(f"unknown link kind {self.kind!r}; use one of {', '.join(LINK_KINDS)}")
-        if not self.bandwidth_bytes_per_s > 0:
-            raise MeshplanError(f"{self.kind} link bandwidth must be positive")
-        if self.latency_s < 0:
-            raise MeshplanError(f"{self.kind} link latency must not be negative")
+            raise MeshplanError(f"unknown link kind {shown(self.kind)}; use one of {', '.join(LINK_KINDS)}")
+        finite_number(self.bandwidth_bytes_per_s, f"{self.kind} link bandwidth", low=0, low_open=True)
+        finite_number(self.latency_s, f"{self.kind} link latency", low=0)
 
 
 @dataclass(frozen=True)
@@ -61,11 +57,13 @@ class ClusterSpec:
     host_memory_bytes_per_gpu: float = HOST_MEMORY_BYTES_PER_GPU   # what optimizer offload may fill
 
     def __post_init__(self):
-        for label, value in (("nodes", self.nodes), ("gpus_per_node", self.gpus_per_node)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MeshplanError(f"cluster {label} must be a whole number >= 1, got {value!r}")
-        if self.price_usd_per_gpu_hour < 0:
-            raise MeshplanError("cluster price per GPU-hour must not be negative")
+        whole_number(self.nodes, "cluster nodes", high=MAX_GPUS)
+        whole_number(self.gpus_per_node, "cluster gpus_per_node", high=MAX_GPUS_PER_NODE)
+        if self.nodes * self.gpus_per_node > MAX_GPUS:
+            raise MeshplanError(f"cluster of {self.nodes:,} x {self.gpus_per_node} = "
+                                f"{self.nodes * self.gpus_per_node:,} GPUs: meshplan plans at most {MAX_GPUS:,}")
+        finite_number(self.price_usd_per_gpu_hour, "cluster price per GPU-hour", low=0)
+        finite_number(self.host_memory_bytes_per_gpu, "cluster host memory per GPU", low=0)
 
     @property
     def world_size(self) -> int:
@@ -136,6 +134,11 @@ def _system_cluster(system: str, nodes: int) -> ClusterSpec:
 
 def parse_cluster(text: str) -> ClusterSpec:
     """A cluster from a preset string, a named system, or a YAML/JSON file path."""
+    if isinstance(text, ClusterSpec):
+        return text
+    if not isinstance(text, (str, Path)):
+        raise MeshplanError(f"a cluster is a string such as a100-sxm-80gb:128x8 or a .yaml/.json path, "
+                            f"not {shown(text)}")
     text = str(text).strip()
     path = Path(text)
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -143,26 +146,26 @@ def parse_cluster(text: str) -> ClusterSpec:
     match = _PRESET.match(text)
     if match:
         gpu = get_gpu(match["gpu"])
-        nodes, per = int(match["nodes"]), int(match["per"])
+        nodes, per = _count(match["nodes"], "nodes"), _count(match["per"], "gpus_per_node")
         return ClusterSpec(f"{gpu.name}:{nodes}x{per}", gpu, nodes, per,
                            default_intra_link(gpu), default_inter_link(gpu), gpu.price_usd_per_hour)
     match = _SYSTEM.match(text)
     if match and match["system"].lower() in SYSTEMS:
-        return _system_cluster(match["system"].lower(), int(match["nodes"] or 1))
+        return _system_cluster(match["system"].lower(), _count(match["nodes"] or "1", "nodes"))
     raise MeshplanError(
         f"cannot read cluster {text!r}: use GPU:NODESxGPUS (e.g. a100-sxm-80gb:128x8), a named "
         f"system ({', '.join(SYSTEMS)}, optionally :NODES) or a .yaml/.json file")
 
 
+def _count(digits: str, what: str) -> int:
+    """A count from a cluster string; absurdly long ones stop here, before int() or any work."""
+    if len(digits) > 12:
+        raise MeshplanError(f"cluster {what} must be a whole number from 1 to {MAX_GPUS:,}, got {len(digits)} digits")
+    return int(digits)
+
+
 def cluster_from_file(path: Path) -> ClusterSpec:
-    if not path.is_file():
-        raise MeshplanError(f"cluster file {str(path)!r} does not exist")
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MeshplanError(f"cluster file {str(path)!r} is not valid {path.suffix[1:].upper()}: {first}")
+    data = load_file(path, "cluster file")
     if not isinstance(data, dict):
         raise MeshplanError(f"cluster file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
     return cluster_from_dict(data, where=str(path))
@@ -178,13 +181,15 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> ClusterSpec:
     optional `system` (a named system to start from), `name`, `price_usd_per_gpu_hour`,
     `intra_node`/`inter_node` mappings with `kind`, `bandwidth_GBps` or `bandwidth_Gbps`
     (per GPU, unidirectional) and `latency_us`."""
-    unknown = sorted(set(data) - _CLUSTER_KEYS)
+    if not isinstance(data, dict):
+        raise MeshplanError(f"{where} must be a mapping of keys, not {shown(data)}")
+    unknown = sorted(map(str, set(data) - _CLUSTER_KEYS))
     if unknown:
         raise MeshplanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_CLUSTER_KEYS)}")
     if "system" in data:
-        system = str(data["system"]).lower()
+        system = str(data["system"]).lower() if isinstance(data["system"], str) else None
         if system not in SYSTEMS:
-            raise MeshplanError(f"{where}: unknown system {data['system']!r}; known: {', '.join(SYSTEMS)}")
+            raise MeshplanError(f"{where}: unknown system {shown(data['system'])}; known: {', '.join(SYSTEMS)}")
         base = _system_cluster(system, 1)
     elif "gpu" in data:
         gpu = _gpu_from(data["gpu"], where)
@@ -193,10 +198,14 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> ClusterSpec:
     else:
         raise MeshplanError(f"{where}: give `gpu` (a catalogue name) or `system` ({', '.join(SYSTEMS)})")
     gpu = _gpu_from(data["gpu"], where) if "gpu" in data else base.gpu
-    nodes = data.get("nodes", 1)
-    per = data.get("gpus_per_node", base.gpus_per_node)
+    nodes = whole_number(data.get("nodes", 1), f"{where}: nodes", high=MAX_GPUS)
+    per = whole_number(data.get("gpus_per_node", base.gpus_per_node), f"{where}: gpus_per_node",
+                       high=MAX_GPUS_PER_NODE)
+    name = data.get("name", where)
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool):
+        raise MeshplanError(f"{where}: name must be text, got {shown(name)}")
     return ClusterSpec(
-        name=str(data.get("name", where)), gpu=gpu, nodes=nodes, gpus_per_node=per,
+        name=str(name), gpu=gpu, nodes=nodes, gpus_per_node=per,
         intra_node=_link_from(data.get("intra_node"), default_intra_link(gpu), f"{where}: intra_node"),
         inter_node=_link_from(data.get("inter_node"), base.inter_node, f"{where}: inter_node"),
         price_usd_per_gpu_hour=_number(data.get("price_usd_per_gpu_hour", gpu.price_usd_per_hour),
@@ -208,13 +217,11 @@ def _gpu_from(value, where: str) -> GPUSpec:
         return get_gpu(value)
     if isinstance(value, dict):
         return custom_gpu(value)
-    raise MeshplanError(f"{where}: `gpu` must be a catalogue name or a mapping, not {value!r}")
+    raise MeshplanError(f"{where}: `gpu` must be a catalogue name or a mapping, not {shown(value)}")
 
 
-def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MeshplanError(f"{where} must be a number, got {value!r}")
-    return float(value)
+def _number(value, where: str, positive: bool = False) -> float:
+    return finite_number(value, where, low=0, low_open=positive)
 
 
 def _link_from(value, default: LinkSpec, where: str) -> LinkSpec:
@@ -222,17 +229,19 @@ def _link_from(value, default: LinkSpec, where: str) -> LinkSpec:
         return default
     if not isinstance(value, dict):
         raise MeshplanError(f"{where} must be a mapping with kind/bandwidth_GBps/latency_us")
-    unknown = sorted(set(value) - _LINK_KEYS)
+    unknown = sorted(map(str, set(value) - _LINK_KEYS))
     if unknown:
         raise MeshplanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_LINK_KEYS)}")
     if "bandwidth_GBps" in value and "bandwidth_Gbps" in value:
         raise MeshplanError(f"{where}: give bandwidth_GBps (bytes) or bandwidth_Gbps (bits), not both")
     bandwidth = default.bandwidth_bytes_per_s
     if "bandwidth_GBps" in value:
-        bandwidth = _number(value["bandwidth_GBps"], f"{where}.bandwidth_GBps") * GB
+        bandwidth = _number(value["bandwidth_GBps"], f"{where}.bandwidth_GBps", positive=True) * GB
     elif "bandwidth_Gbps" in value:
-        bandwidth = _number(value["bandwidth_Gbps"], f"{where}.bandwidth_Gbps") * GBIT_BYTES
-    kind = str(value.get("kind", default.kind))
+        bandwidth = _number(value["bandwidth_Gbps"], f"{where}.bandwidth_Gbps", positive=True) * GBIT_BYTES
+    kind = value.get("kind", default.kind)
+    if kind not in LINK_KINDS:
+        raise MeshplanError(f"{where}: unknown link kind {shown(kind)}; use one of {', '.join(LINK_KINDS)}")
     latency = (_number(value["latency_us"], f"{where}.latency_us") * US if "latency_us" in value
                else DEFAULT_LATENCY_S.get(kind, default.latency_s))
     return LinkSpec(kind, bandwidth, latency)

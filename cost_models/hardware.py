@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cost_models.errors import MeshplanError
+from cost_models.inputs import finite_number, shown
 from cost_models.units import GB, GIB, TERA
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp8")
@@ -146,9 +147,9 @@ _BY_ALIAS = {alias: g for g in _CATALOGUE for alias in (g.name, *g.aliases)}
 
 def get_gpu(name: str) -> GPUSpec:
     """Look a GPU up by catalogue name or alias (case-insensitive)."""
-    key = name.strip().lower().replace("_", "-")
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
     if key not in _BY_ALIAS:
-        raise MeshplanError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPUS)}")
+        raise MeshplanError(f"unknown GPU {shown(name)}; known GPUs: {', '.join(GPUS)}")
     return _BY_ALIAS[key]
 
 
@@ -161,7 +162,7 @@ def custom_gpu(fields: dict) -> GPUSpec:
     known = {"name", "base", "memory_GB", "memory_bw_GBps", "nvlink_bidir_GBps", "tdp_w",
              "price_usd_per_hour", "host_link_GBps", "scaleout_Gbps",
              *(f"{p}_tflops" for p in PRECISIONS)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(map(str, set(fields) - known))
     if unknown:
         raise MeshplanError(f"custom GPU: unknown key(s) {unknown}; allowed: {sorted(known)}")
     base = get_gpu(fields["base"]) if "base" in fields else None
@@ -170,12 +171,13 @@ def custom_gpu(fields: dict) -> GPUSpec:
                             "name, memory_GB, memory_bw_GBps and bf16_tflops")
 
     def pick(key, scale, default):
+        """A figure in human units (at most 10^9 of them): rates and sizes > 0; the NVLink
+        bandwidth (0: PCIe only), power and price >= 0."""
         value = fields.get(key)
         if value is None:
             return default
-        if not isinstance(value, (int, float)) or value < 0:
-            raise MeshplanError(f"custom GPU: {key} must be a non-negative number, got {value!r}")
-        return value * scale
+        zero_ok = key in ("nvlink_bidir_GBps", "tdp_w", "price_usd_per_hour")
+        return finite_number(value, f"custom GPU: {key}", low=0, low_open=not zero_ok, high=1e9) * scale
 
     flops = dict(base.peak_flops) if base else {}
     for p in PRECISIONS:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 from cost_models.calibration import Calibration, default_calibration, training_constants_like
 from cost_models.errors import MeshplanError
+from cost_models.inputs import check_output_path
 from cost_models.fitting import build_calibration, fit_comm
 from cost_models.hardware import TORCH_DTYPE_NAMES, GPUSpec, get_gpu
 from cost_models.units import GB
@@ -320,11 +320,7 @@ def profile_device(device: str, out_path, quick: bool = False, gpu: str | None =
         raise MeshplanError(f"give --gpu NAME: the catalogue name of this {_device_name(device)} "
                             f"(see `meshplan gpus`)")
     spec = get_gpu(gpu or "cpu")
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise MeshplanError(f"{str(out_path)!r} exists; pass --force to overwrite it")
-    if not out_path.parent.is_dir():
-        raise MeshplanError(f"cannot write {str(out_path)!r}: folder {str(out_path.parent)!r} does not exist")
+    out_path = check_output_path(out_path, overwrite=force, force_hint=True)   # before minutes of measuring
     measurements, comm = measure_device(device, spec, quick)
     torch = _torch()
     source = (f"meshplan profile{' --quick' if quick else ''} on {_device_name(device)}, "

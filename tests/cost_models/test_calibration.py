@@ -118,7 +118,7 @@ def test_cuda_profile_without_a_gpu_is_a_user_error(tmp_path):
 # --------------------------------------------------------------------------- files
 
 @pytest.mark.parametrize("text, fragment", [
-    ("not json", "not readable JSON"),
+    ("not json", "not valid JSON"),
     ("{\"format\": \"other\"}", "not a meshplan calibration"),
     ("{\"format\": \"meshplan-calibration\", \"version\": 99}", "version 99"),
     ("{\"format\": \"meshplan-calibration\", \"version\": 1, \"gpu\": \"h100\"}", "missing or has a malformed field"),

@@ -74,5 +74,5 @@ def test_custom_gpu_from_base_and_from_scratch():
     assert scratch.peak_flops_for("bf16") == 500 * TERA
     with pytest.raises(MeshplanError, match="unknown key"):
         custom_gpu({"base": "h100", "memmory_GB": 1})
-    with pytest.raises(MeshplanError, match="non-negative"):
+    with pytest.raises(MeshplanError, match="positive and finite"):
         custom_gpu({"base": "h100", "memory_GB": -1})
