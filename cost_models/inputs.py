@@ -16,13 +16,18 @@ from pathlib import Path
 
 from cost_models.errors import MeshplanError
 
-# Clusters: the largest machines announced hold ~10^5-10^6 GPUs; an NVLink domain (a "node"
+# Clusters: the largest machines built hold ~2 x 10^5 GPUs; an NVLink domain (a "node"
 # here) holds at most a few hundred (NVL576).
-MAX_GPUS = 1 << 20
+MAX_GPUS = 1 << 18
 MAX_GPUS_PER_NODE = 1024
 # Jobs: sequences per optimizer step, and tokens per sequence.
 MAX_GLOBAL_BATCH = 1 << 24
 MAX_SEQ = 1 << 24
+# Tokens per optimizer step (global batch x seq): 60x Llama 3 405B's 16M.
+MAX_TOKENS_PER_STEP = 1 << 30
+# Micro-batches per data-parallel rank per step (gradient accumulation): the simulator plays
+# each one through FSDP and the pipeline; real jobs run tens to hundreds.
+MAX_MICRO_BATCHES = 4096
 # Models: 10-100x the largest published dense transformer in each dimension.
 MAX_LAYERS = 2048
 MAX_HIDDEN = 1 << 20
@@ -33,6 +38,13 @@ MAX_VOCAB = 1 << 24
 MAX_FILE_BYTES = 32 << 20
 MAX_VALUES = 200_000
 MAX_DEPTH = 64
+
+
+def check_tokens_per_step(global_batch: int, seq: int) -> None:
+    """global_batch x seq within MAX_TOKENS_PER_STEP (each already a whole number in bounds)."""
+    if global_batch * seq > MAX_TOKENS_PER_STEP:
+        raise MeshplanError(f"global_batch x seq = {global_batch:,} x {seq:,} = {global_batch * seq:,} tokens per "
+                            f"step; meshplan plans at most {MAX_TOKENS_PER_STEP:,}: lower the batch or seq")
 
 
 def shown(value) -> str:

@@ -8,7 +8,7 @@ The saved file is what `meshplan simulate --plan` and `meshplan train --plan` re
 import sys
 
 from cost_models.units import GIB
-from planner.search import plan
+from planner import plan
 
 
 def main(model="llama3-8b", cluster="dgx-h100", global_batch="64", out=None):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.calibration import calibration_line, default_calibration
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
+from cost_models.inputs import MAX_GLOBAL_BATCH, MAX_SEQ, finite_number, shown, whole_number
 
 SECONDS_PER_DAY = 86400.0
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -66,11 +67,11 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
     on GPUs without bf16). Bad input raises MeshplanError; a cluster the model does not
     fit on is returned with `reason` set.
     """
-    from planner.zoo import ModelSpec, load_model
-    specs = _parse_clusters(clusters)
+    from planner.zoo import load_model
     _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned)
+    specs = _parse_clusters(clusters)
     specs = _apply_prices(specs, prices or {})
-    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    spec = load_model(model)
     pue = DEFAULT_PUE if pue is None else pue
     grid = DEFAULT_GRID_KG_PER_KWH if grid_kg_per_kwh is None else grid_kg_per_kwh
     choices = [_choose(spec, cluster, tokens, global_batch, seq, pue, grid, pinned) for cluster in specs]
@@ -80,40 +81,40 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
 def _parse_clusters(clusters) -> list[ClusterSpec]:
     if isinstance(clusters, (str, ClusterSpec)):
         clusters = [clusters]
-    specs = [c if isinstance(c, ClusterSpec) else parse_cluster(c) for c in clusters if str(c).strip()]
+    if not isinstance(clusters, (list, tuple)):
+        raise MeshplanError(f"clusters must be a list of cluster strings or ClusterSpecs, got {shown(clusters)}")
+    specs = [parse_cluster(c) for c in clusters if not isinstance(c, str) or c.strip()]
     if not specs:
         raise MeshplanError("give at least one cluster, e.g. --clusters h100-sxm-80gb:64x8,a100-sxm-80gb:128x8")
     return specs
 
 
 def _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned) -> None:
-    from planner.plan import PINNABLE
-    if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not 0 < tokens < math.inf:
-        raise MeshplanError(f"--tokens must be a positive number of training tokens (e.g. 300e9), got {tokens!r}")
-    for name, value in (("--global-batch", global_batch), ("--seq", seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MeshplanError(f"{name} must be a whole number >= 1, got {value!r}")
-    if pue is not None and not 1 <= pue < math.inf:
-        raise MeshplanError(f"--pue must be at least 1 (IT power included), got {pue!r}")
-    if grid_kg_per_kwh is not None and not 0 <= grid_kg_per_kwh < math.inf:
-        raise MeshplanError(f"--grid-kg-per-kwh must not be negative, got {grid_kg_per_kwh!r}")
-    unknown = sorted(set(pinned) - set(PINNABLE))
-    if unknown:
-        raise MeshplanError(f"cannot pin {unknown}; pinnable: {', '.join(PINNABLE)}")
+    finite_number(tokens, "--tokens (training tokens, e.g. 300e9)", low=0, low_open=True)
+    whole_number(global_batch, "--global-batch", high=MAX_GLOBAL_BATCH)
+    whole_number(seq, "--seq", high=MAX_SEQ)
+    if pue is not None:
+        finite_number(pue, "--pue (IT power included)", low=1)
+    if grid_kg_per_kwh is not None:
+        finite_number(grid_kg_per_kwh, "--grid-kg-per-kwh", low=0)
+    from planner.search.ranking import check_pinned
+    check_pinned(dict(pinned), 1, global_batch, seq)   # a bad pin is the user's, not a cluster's reason
 
 
 def _apply_prices(specs: list[ClusterSpec], prices: dict) -> list[ClusterSpec]:
     """Each cluster with its GPU's overriding price; a price for a GPU no cluster uses is an error."""
+    if not isinstance(prices, dict):
+        raise MeshplanError(f"prices must map GPU names to USD per GPU-hour, got {shown(prices)}")
     used = {c.gpu.name for c in specs}
     by_gpu = {}
     for name, usd in prices.items():
+        if not isinstance(name, str):
+            raise MeshplanError(f"prices: a GPU name must be text, got {shown(name)}")
         gpu = name.strip().lower() if name.strip().lower() in used else _gpu_name(name)
         if gpu not in used:
             raise MeshplanError(f"--price names {name!r} but no cluster uses it; the clusters use "
                                 f"{', '.join(sorted(used))}")
-        if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf:
-            raise MeshplanError(f"--price {name}: the price per GPU-hour must be a number >= 0, got {usd!r}")
-        by_gpu[gpu] = float(usd)
+        by_gpu[gpu] = finite_number(usd, f"--price {name}: the price per GPU-hour", low=0)
     return [c.with_price(by_gpu[c.gpu.name]) if c.gpu.name in by_gpu else c for c in specs]
 
 

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cost_models.errors import MeshplanError
+from cost_models.inputs import (MAX_FFN, MAX_HIDDEN, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, finite_number, shown,
+                                whole_number)
 from planner.arch import arch_names, get_arch
 from planner.arch.layers import ATTENTION_KINDS, dropped
 
@@ -47,6 +49,8 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self):
+        if not isinstance(self.arch, str):
+            raise MeshplanError(f"model arch must be text ({', '.join(arch_names())}), got {shown(self.arch)}")
         family = get_arch(self.arch)
         for key in ("layers", "hidden", "heads", "vocab", "max_seq"):
             _positive_int(key, getattr(self, key))
@@ -58,14 +62,21 @@ class ModelConfig:
             self.tie_embeddings = family.ties_embeddings
         _positive_int("kv_heads", self.kv_heads)
         _positive_int("ffn", self.ffn)
+        if not isinstance(self.tie_embeddings, bool):
+            raise MeshplanError(f"model tie_embeddings must be true or false, got {shown(self.tie_embeddings)}")
+        finite_number(self.norm_eps, "model norm_eps", low=0, low_open=True, high=1)
+        finite_number(self.rope_theta, "model rope_theta", low=0, low_open=True)
+        if not isinstance(self.name, str):
+            raise MeshplanError(f"model name must be text, got {shown(self.name)}")
         if self.hidden % self.heads:
             raise MeshplanError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.heads % self.kv_heads:
             raise MeshplanError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.attention not in ATTENTION_KINDS:
-            raise MeshplanError(f"model attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION_KINDS)}")
+        if not isinstance(self.attention, str) or self.attention not in ATTENTION_KINDS:
+            raise MeshplanError(f"model attention {shown(self.attention)} is unknown; "
+                                f"use one of {', '.join(ATTENTION_KINDS)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise MeshplanError(f"model dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise MeshplanError(f"model dropout must be a number in [0, 1), got {shown(self.dropout)}")
         if not family.grouped_query and self.kv_heads != self.heads:
             grouped = ", ".join(n for n in arch_names() if get_arch(n).grouped_query)
             raise MeshplanError(f"{self.arch} models have no grouped-query attention: drop kv_heads or use arch {grouped}")
@@ -81,8 +92,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise MeshplanError(f"{where} must be a JSON object, not {shown(data)}")
         allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(map(str, set(data) - allowed))
         if unknown:
             raise MeshplanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
         missing = sorted({"arch", "layers", "hidden", "heads", "vocab"} - set(data))
@@ -91,9 +104,14 @@ class ModelConfig:
         return cls(**data)
 
 
+# The most each size may be (cost_models.inputs): beyond them the tracer and the search would
+# work for hours, or torch's storage size overflows.
+_MAX = {"layers": MAX_LAYERS, "hidden": MAX_HIDDEN, "heads": MAX_HIDDEN, "kv_heads": MAX_HIDDEN,
+        "ffn": MAX_FFN, "vocab": MAX_VOCAB, "max_seq": MAX_SEQ}
+
+
 def _positive_int(key, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MeshplanError(f"model {key} must be a whole number >= 1, got {value!r}")
+    whole_number(value, f"model {key}", high=_MAX[key])
 
 
 class Decoder(nn.Module):

@@ -23,6 +23,9 @@ import torch
 
 from cost_models.errors import MeshplanError
 from cost_models.hardware import TORCH_DTYPE_NAMES
+from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCHES, MAX_SEQ,
+                                check_output_path, check_tokens_per_step, parse_json, read_text, shown,
+                                whole_number)
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -48,6 +51,11 @@ MESH_DIMS = ("pp", "dp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
 PINNABLE = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
             "sequence_parallel", "offload_optimizer", "precision")
+
+
+# The most each whole-number field may be (cost_models.inputs: what can exist).
+_NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "micro_batch": MAX_GLOBAL_BATCH,
+                  "global_batch": MAX_GLOBAL_BATCH, "seq": MAX_SEQ, "interleave": MAX_LAYERS}
 
 
 def low_precision_dtype(precision: str) -> torch.dtype | None:
@@ -77,7 +85,22 @@ class Plan:
     cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
 
+    def __new__(cls, *args, **kwargs):
+        """Refuse unknown fields in one line (a dataclass raises a bare TypeError)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(map(str, set(kwargs) - set(names)))
+        if unknown:
+            raise MeshplanError(f"plan: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        if len(args) > len(names):
+            raise MeshplanError(f"plan takes at most {len(names)} fields ({', '.join(names)}), got {len(args)}")
+        return super().__new__(cls)
+
     def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Every self-consistency rule; run again by simulate() and validate, since a Plan's
+        fields can be changed after it was made."""
         self._check_numbers()
         self._check_choices()
         self._check_pipeline()
@@ -110,29 +133,39 @@ class Plan:
 
     # -- self-consistency ---------------------------------------------------
     def _check_numbers(self):
-        for name in ("dp", "tp", "pp", "micro_batch", "global_batch", "seq", "interleave"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MeshplanError(f"plan {name} must be a whole number >= 1, got {value!r}")
-        if isinstance(self.zero, bool) or self.zero not in (0, 1, 2, 3):
-            raise MeshplanError(f"plan zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        for name, high in _NUMBER_BOUNDS.items():
+            whole_number(getattr(self, name), f"plan {name}", high=high)
+        if isinstance(self.zero, bool) or not isinstance(self.zero, int) or self.zero not in (0, 1, 2, 3):
+            raise MeshplanError(f"plan zero must be 0, 1, 2 or 3, got {shown(self.zero)}")
+        check_tokens_per_step(self.global_batch, self.seq)
+        if self.world_size > MAX_GPUS:
+            raise MeshplanError(f"plan dp x tp x pp = {self.world_size:,} GPUs; meshplan plans at most {MAX_GPUS:,}")
+        for name in ("model", "cluster"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise MeshplanError(f"plan {name} must be text or null, got {shown(getattr(self, name))}")
         if self.global_batch % (self.micro_batch * self.dp):
             raise MeshplanError(
                 f"global_batch {self.global_batch} is not a multiple of micro_batch x dp = "
                 f"{self.micro_batch} x {self.dp}: change global_batch, micro_batch or dp")
-        if self.schema_version != SCHEMA_VERSION:
-            raise MeshplanError(f"plan schema_version {self.schema_version!r} is not supported "
+        if self.grad_accum > MAX_MICRO_BATCHES:
+            raise MeshplanError(
+                f"global_batch {self.global_batch} over micro_batch x dp = {self.micro_batch} x {self.dp} is "
+                f"{self.grad_accum:,} micro-batches per step; meshplan runs at most {MAX_MICRO_BATCHES:,}: "
+                f"raise micro_batch or dp")
+        if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
+            raise MeshplanError(f"plan schema_version {shown(self.schema_version)} is not supported "
                                 f"(this meshplan reads version {SCHEMA_VERSION}); re-create the plan")
 
     def _check_choices(self):
         for name, kind in (("stages", list), ("checkpoint", list), ("tp_layout", dict), ("rank_order", list)):
             if not isinstance(getattr(self, name), kind):
                 raise MeshplanError(f"plan {name} must be a {'JSON object' if kind is dict else 'list'}, "
-                                    f"got {getattr(self, name)!r}")
+                                    f"got {shown(getattr(self, name))}")
         for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise MeshplanError(f"plan {name} {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
-        bad = sorted({repr(c) for c in self.checkpoint if c not in CHECKPOINT_MODES})
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise MeshplanError(f"plan {name} {shown(getattr(self, name))} is unknown; "
+                                    f"use one of {', '.join(allowed)}")
+        bad = sorted({shown(c) for c in self.checkpoint if not isinstance(c, str) or c not in CHECKPOINT_MODES})
         if bad:
             raise MeshplanError(f"plan checkpoint has {', '.join(bad)}; each layer takes one of "
                                f"{', '.join(CHECKPOINT_MODES)}")
@@ -140,7 +173,7 @@ class Plan:
             raise MeshplanError(f"plan rank_order {self.rank_order!r} must order exactly {list(MESH_DIMS)}")
         for flag in ("sequence_parallel", "offload_optimizer"):
             if not isinstance(getattr(self, flag), bool):
-                raise MeshplanError(f"plan {flag} must be true or false, got {getattr(self, flag)!r}")
+                raise MeshplanError(f"plan {flag} must be true or false, got {shown(getattr(self, flag))}")
 
     def _check_pipeline(self):
         if self.interleave > 1 and self.schedule != "interleaved":
@@ -164,14 +197,18 @@ class Plan:
             raise MeshplanError("plan stages must start at layer 0, as [[0, end0], [end0, end1], ...]")
         for i, rng in enumerate(self.stages):
             if not _is_range(rng) or rng[0] != expected_start or rng[1] < rng[0]:
-                raise MeshplanError(f"plan stage {i} is {rng!r}: stages must be contiguous [first, end) "
+                raise MeshplanError(f"plan stage {i} is {shown(rng) if not _is_range(rng) else rng}: stages must be "
+                                f"contiguous [first, end) "
                                     f"ranges, stage {i} starting at layer {expected_start}")
             expected_start = rng[1]
 
     def _check_tensor_parallel(self):
         if self.sequence_parallel and self.tp < 2:
             raise MeshplanError("sequence_parallel needs tp >= 2: set tp or drop sequence_parallel")
-        bad = sorted({repr(s) for s in self.tp_layout.values() if s not in TP_STYLES})
+        keys = sorted(shown(k) for k in self.tp_layout if not isinstance(k, str))
+        if keys:
+            raise MeshplanError(f"plan tp_layout keys must be module names, got {', '.join(keys)}")
+        bad = sorted({shown(s) for s in self.tp_layout.values() if not isinstance(s, str) or s not in TP_STYLES})
         if bad:
             raise MeshplanError(f"plan tp_layout has style(s) {bad}; use one of {', '.join(TP_STYLES)}")
         if self.tp == 1 and any(s != "replicate" for s in self.tp_layout.values()):
@@ -214,7 +251,7 @@ class Plan:
         if not isinstance(data, dict):
             raise MeshplanError(f"{where} must be a JSON object, not {type(data).__name__}")
         allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(map(str, set(data) - allowed))
         if unknown:
             raise MeshplanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
         if "schema_version" not in data:
@@ -223,22 +260,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, where: str = "plan") -> "Plan":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MeshplanError(f"{where} is not valid JSON: {exc}")
-        return cls.from_dict(data, where)
+        return cls.from_dict(parse_json(text, where), where)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        if not path.is_file():
-            raise MeshplanError(f"plan file {str(path)!r} does not exist")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MeshplanError(f"cannot read plan file {str(path)!r}: {exc}")
-        return cls.from_json(text, where=f"plan file {str(path)!r}")
+        return cls.from_json(read_text(path, "plan file"), where=f"plan file {str(path)!r}")
 
     def save(self, path: str | Path, overwrite: bool = False):
         """Write atomically; never replace an existing file unless asked to."""
@@ -249,14 +276,17 @@ class Plan:
         tmp.replace(path)
 
 
-def check_new_path(path, overwrite: bool = False, force_hint: bool = False) -> None:
-    """Refuse to overwrite a user's file (unless asked to) or to write into a missing directory."""
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise MeshplanError(f"{str(path)!r} already exists: choose another path"
-                            + (" or pass --force" if force_hint else ""))
-    if not target.parent.is_dir():
-        raise MeshplanError(f"directory {str(target.parent)!r} does not exist")
+def check_new_path(path, overwrite: bool = False, force_hint: bool = False, suffixes: tuple | None = None) -> None:
+    """Refuse to overwrite a user's file (unless asked to), or to write into a missing or
+    unwritable directory, or (with `suffixes`) a file type nothing here writes."""
+    check_output_path(path, overwrite, force_hint, suffixes)
+
+
+def check_schedule(plan: Plan) -> None:
+    """torch.distributed.pipelining's 1F1B needs a micro-batch per stage (GPipe does not)."""
+    if plan.pp > 1 and plan.schedule == "1f1b" and plan.grad_accum < plan.pp:
+        raise MeshplanError(f"the 1f1b schedule needs at least pp = {plan.pp} micro-batches per step but the plan "
+                            f"has {plan.grad_accum}: raise global_batch, lower micro_batch, or use gpipe")
 
 
 def _is_range(value) -> bool:

@@ -8,7 +8,6 @@ models (Narayanan et al. SC21 Table 1, shared/reference/megatron_sc21_table1.jso
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from cost_models.errors import MeshplanError
+from cost_models.inputs import parse_json, read_text, shown
 from planner.models import Decoder, ModelConfig
 
 
@@ -81,17 +81,32 @@ class ModelSpec:
         """Build the module; on the meta device this allocates no parameter memory."""
         if self.config is not None:
             return Decoder(self.config, device=device)
-        with torch.device(device):
-            model = self.factory()
+        try:
+            with torch.device(device):
+                model = self.factory()
+        except Exception as exc:  # the user's factory: any error in it is theirs to fix
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise MeshplanError(f"model factory {self.name!r} failed: {type(exc).__name__}"
+                                + (f": {first}" if first else "")
+                                + (" (it is called with no arguments)" if isinstance(exc, TypeError) else "")) from None
         if not isinstance(model, nn.Module):
             raise MeshplanError(f"model factory {self.name!r} returned {type(model).__name__}, not an nn.Module")
         return model
 
 
 def load_model(text: str | dict) -> ModelSpec:
-    """Resolve a preset name, a JSON config path, an inline config dict, or `file.py:factory`."""
+    """Resolve a preset name, a JSON config path, an inline config dict, or `file.py:factory`
+    (a ModelSpec or ModelConfig is taken as it is)."""
+    if isinstance(text, ModelSpec):
+        return text
+    if isinstance(text, ModelConfig):
+        return ModelSpec(text.name, text)
     if isinstance(text, dict):
-        return ModelSpec(str(text.get("name", "custom")), ModelConfig.from_dict(text, "inline model config"))
+        config = ModelConfig.from_dict(text, "inline model config")
+        return ModelSpec(config.name, config)
+    if not isinstance(text, (str, Path)):
+        raise MeshplanError(f"a model is a preset name, a .json path, file.py:factory or a config dict, "
+                            f"not {shown(text)}")
     text = str(text).strip()
     if text.lower() in PRESETS:
         return ModelSpec(text.lower(), PRESETS[text.lower()])
@@ -104,16 +119,12 @@ def load_model(text: str | dict) -> ModelSpec:
 
 
 def _json_model(path: Path) -> ModelSpec:
-    if not path.is_file():
-        raise MeshplanError(f"model config {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MeshplanError(f"model config {str(path)!r} is not valid JSON: {str(exc).splitlines()[0]}")
+    data = parse_json(read_text(path, "model config"), f"model config {str(path)!r}")
     if not isinstance(data, dict):
         raise MeshplanError(f"model config {str(path)!r} must be a JSON object")
     data.setdefault("name", path.stem)
-    return ModelSpec(data["name"], ModelConfig.from_dict(data, str(path)))
+    config = ModelConfig.from_dict(data, str(path))
+    return ModelSpec(config.name, config)
 
 
 def _factory_model(text: str) -> ModelSpec:

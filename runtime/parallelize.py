@@ -35,106 +35,12 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cost_models.errors import MeshplanError
-from planner.arch import ALLOWED_STYLES, TOP_ROLES, get_arch
+from planner.arch import TOP_ROLES, get_arch
+# the layout rules live with the model families, so the planner checks a plan with them too
+from planner.arch.layout import megatron_layout, resolve_layout, vocab_dim  # noqa: F401  (the engine's and tests')
 from planner.models import ModelConfig
 from planner.plan import PRECISION_DTYPES, Plan
 from planner.torch_compat import fsdp_replicate
-
-_ROLE_WORDS = {"in": "an input projection", "out": "an output projection", "norm": "a norm",
-               "embed": "an embedding", "head": "the output head"}
-
-
-# ---------------------------------------------------------------------------- layout
-def megatron_layout(cfg: ModelConfig, plan: Plan) -> dict:
-    """The default when a plan with tp > 1 has no tp_layout: Megatron-LM's (Architecture.default_layout)."""
-    return get_arch(cfg.arch).default_layout(plan.tp, cfg.vocab, plan.sequence_parallel)
-
-
-def resolve_layout(cfg: ModelConfig, plan: Plan) -> dict:
-    """Plan layout -> {module name: style} for every block and top-level module, validated.
-
-    Keys may be block-relative ("qkv"), top-level ("head") or one layer's ("blocks.3.fc1",
-    which overrides "fc1" for block 3). An empty layout means Megatron's; in a non-empty
-    one, modules it does not name stay replicated (norms: sequence-parallel under SP).
-    """
-    family = get_arch(cfg.arch)
-    roles, top = family.block_roles, family.top_roles
-    default = megatron_layout(cfg, plan) if not plan.tp_layout else {
-        **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in roles.items()},
-        **{n: "sequence" if (r == "norm" and plan.sequence_parallel) else "replicate" for n, r in top.items()}}
-    per_layer = {}
-    for key, style in plan.tp_layout.items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in roles:
-            if int(parts[1]) >= cfg.layers:
-                raise MeshplanError(f"tp_layout key {key!r}: the model has {cfg.layers} blocks")
-            per_layer[(int(parts[1]), parts[2])] = style
-        elif key not in roles and key not in top:
-            raise MeshplanError(f"tp_layout key {key!r} names no module of a {cfg.arch} model; use one of "
-                                f"{', '.join([*roles, *top])} (or blocks.N.<name>)")
-    base = {**default, **{k: v for k, v in plan.tp_layout.items() if k in roles or k in top}}
-    layout = {}
-    for name, role in top.items():
-        layout[name] = _check_style(name, role, base[name], cfg, plan)
-    for i in range(cfg.layers):
-        for name, role in roles.items():
-            style = per_layer.get((i, name), base[name])
-            layout[f"blocks.{i}.{name}"] = _check_style(f"blocks.{i}.{name}", role, style, cfg, plan)
-        for region, ins, out in family.regions:
-            in_styles = {layout[f"blocks.{i}.{n}"] for n in ins}
-            out_style = layout[f"blocks.{i}.{out}"]
-            sharded_in = in_styles == {"colwise"}
-            if "colwise" in in_styles and not sharded_in:
-                raise MeshplanError(f"tp_layout block {i} {region}: {', '.join(ins)} must all be colwise or none of "
-                                    f"them (got {sorted(in_styles)})")
-            if sharded_in != (out_style == "rowwise"):
-                raise MeshplanError(
-                    f"tp_layout block {i} {region}: colwise {'/'.join(ins)} must be followed by a rowwise {out} "
-                    f"and a rowwise {out} needs colwise {'/'.join(ins)} (got {sorted(in_styles)} then {out_style!r})")
-    if cfg.tie_embeddings and _vocab_dim(layout["tok"], "embed") != _vocab_dim(layout["head"], "head"):
-        raise MeshplanError(f"the model ties tok and head weights, so they must be split the same way: "
-                            f"tok {layout['tok']!r} and head {layout['head']!r} differ (use vocab for both, "
-                            f"colwise tok with rowwise head, or replicate both)")
-    return layout
-
-
-def _vocab_dim(style: str, role: str):
-    """Which dimension of the (vocab, hidden) tied weight a style shards (None: replicated)."""
-    if style == "replicate":
-        return None
-    if role == "embed":
-        return 1 if style == "colwise" else 0
-    return 1 if style == "rowwise" else 0
-
-
-def _check_style(name: str, role: str, style: str, cfg: ModelConfig, plan: Plan) -> str:
-    if style not in ALLOWED_STYLES[role]:
-        raise MeshplanError(f"tp_layout {name!r} is {style!r}, which its module ({_ROLE_WORDS[role]}) cannot "
-                            f"take; use one of {', '.join(ALLOWED_STYLES[role])}")
-    tp, short = plan.tp, name.split(".")[-1]
-    if role == "norm" and (style == "sequence") != plan.sequence_parallel:
-        raise MeshplanError(f"tp_layout {name!r} is {style!r} but sequence_parallel is {plan.sequence_parallel}: "
-                            f"with sequence parallelism every norm is 'sequence', without it none is")
-    if style == "colwise" and role == "in":
-        if short in ("qkv", "q") and cfg.heads % tp:
-            raise MeshplanError(f"tp_layout {name!r} colwise splits {cfg.heads} heads over tp {tp}: make tp divide heads")
-        if short in ("k", "v") and cfg.kv_heads % tp:
-            raise MeshplanError(f"tp_layout {name!r} colwise splits {cfg.kv_heads} kv heads over tp {tp}: "
-                                f"make tp divide kv_heads or replicate the attention")
-        if short in ("fc1", "gate", "up") and cfg.ffn % tp:
-            raise MeshplanError(f"tp_layout {name!r} colwise splits ffn {cfg.ffn} over tp {tp}: make tp divide ffn")
-    if style in ("rowwise",) and role == "in" and cfg.hidden % tp:
-        raise MeshplanError(f"tp_layout {name!r} rowwise splits hidden {cfg.hidden} over tp {tp}: make tp divide it")
-    if role in ("embed", "head") and style != "replicate":
-        dim = _vocab_dim(style, role)
-        size = cfg.vocab if dim == 0 else cfg.hidden
-        if short == "pos" and dim == 0:
-            size = cfg.max_seq
-        if size % tp:
-            raise MeshplanError(f"tp_layout {name!r} {style} splits a dimension of {size} over tp {tp}: "
-                                f"use replicate, or a model whose size divides by tp")
-    return style
-
 
 def _style(role: str, style: str, sp: bool):
     """The DTensor ParallelStyle for one module (None: leave it a plain module)."""
@@ -179,7 +85,7 @@ def vocab_parallel_loss(layout: dict | None) -> bool:
 
 
 def _head_splits_vocab(style: str) -> bool:
-    return _vocab_dim(style, "head") == 0
+    return vocab_dim(style, "head") == 0
 
 
 def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, plan: Plan,

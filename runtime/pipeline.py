@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from cost_models.errors import MeshplanError
-from planner.plan import Plan, even_stages
+from planner.plan import Plan, check_schedule, even_stages  # noqa: F401  (check_schedule: the engine's)
 from planner.torch_compat import pipeline_divides_partial_grads
 
 
@@ -44,14 +43,6 @@ def cut(full: nn.Module, first: int, end: int, is_first: bool, is_last: bool) ->
         part.norm = None
         part.head = None
     return part
-
-
-def check_schedule(plan: Plan):
-    if plan.pp == 1:
-        return
-    if plan.schedule == "1f1b" and plan.grad_accum < plan.pp:
-        raise MeshplanError(f"the 1f1b schedule needs at least pp = {plan.pp} micro-batches per step but the plan "
-                            f"has {plan.grad_accum}: raise global_batch, lower micro_batch, or use gpipe")
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

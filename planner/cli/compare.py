@@ -10,10 +10,9 @@ import json
 
 from cost_models import MeshplanError
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
-from planner.cli.flags import MODEL_HELP, add_batch_flags, add_plan_flags, pinned as pinned_flags
+from planner.cli.flags import MODEL_HELP, add_batch_flags, add_plan_flags, check_image_path, pinned as pinned_flags
 from planner.cli.tables import console_for
 from planner.compare import ClusterChoice, compare
-from planner.plan import check_new_path
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -39,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
     if args.plot:
-        check_new_path(args.plot)
+        check_image_path(args.plot)
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
     pinned = pinned_flags(args, PIN_FLAGS)
     choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,

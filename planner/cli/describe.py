@@ -13,6 +13,7 @@ from rich.table import Table
 from cost_models import GPUS, SYSTEMS, parse_cluster
 from cost_models.units import GB, GIB, TERA
 from planner.cli.flags import CLUSTER_HELP, MODEL_HELP
+from planner.arch.layout import check_runnable
 from planner.cli.tables import console_for
 from planner.models import count_parameters
 from planner.plan import Plan
@@ -111,16 +112,17 @@ def _gpus(args) -> int:
 
 def _validate(args) -> int:
     plan = Plan.load(args.plan)
-    num_layers = world = per_node = None
+    world = per_node = None
     model_text = args.model or plan.model
     cluster_text = args.cluster or plan.cluster
-    if model_text:
-        spec = load_model(model_text)
-        num_layers = spec.config.layers if spec.config else None
     if cluster_text:
         cluster = parse_cluster(cluster_text)
         world, per_node = cluster.world_size, cluster.gpus_per_node
-    plan.check_fits(num_layers, world, per_node)
+    plan.check_fits(None, world, per_node)
+    if model_text:
+        spec = load_model(model_text)
+        if spec.config is not None:   # everything the runtime would refuse, as simulate refuses it
+            check_runnable(plan, spec.config)
     print(f"plan {args.plan} is valid: dp={plan.dp} tp={plan.tp} pp={plan.pp} zero={plan.zero}, "
           f"{plan.grad_accum} micro-batch(es) of {plan.micro_batch} per step")
     return 0

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 
 from cost_models.errors import MeshplanError
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan, check_new_path
 
 MODEL_HELP = "preset name, config .json, or file.py:factory"
 CLUSTER_HELP = "GPU:NODESxGPUS, a named system, or a .yaml/.json file"
@@ -29,33 +30,68 @@ class Parser(argparse.ArgumentParser):
         raise MeshplanError(f"{message} (see `{self.prog} --help`)")
 
 
-def add_batch_flags(parser, required: bool) -> None:
+# What `--timeline`, `--plot` and `--memory-plot` can write (matplotlib's Agg formats that need
+# nothing else installed; tests/cli/test_bad_inputs.py checks matplotlib still writes each).
+IMAGE_SUFFIXES = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
+DEFAULT_SEQ = 2048
+
+
+def add_batch_flags(parser, required: bool, seq_default: int | None = DEFAULT_SEQ) -> None:
     """`--global-batch` (required, or else only with the plan flags) and `--seq`."""
     parser.add_argument("--global-batch", type=int, required=required, help="sequences per optimizer step")
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=seq_default, help=f"tokens per sequence (default {DEFAULT_SEQ})")
+
+
+def check_image_path(path: str, overwrite: bool = False) -> None:
+    """An image output, before any work: new (unless `overwrite`), writable, of a type we draw."""
+    check_new_path(path, overwrite=overwrite, suffixes=IMAGE_SUFFIXES)
+
+
+def check_distinct(args, names) -> None:
+    """Two output flags naming one file would have the second overwrite the first."""
+    seen = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value:
+            key = os.path.abspath(value)
+            if key in seen:
+                raise MeshplanError(f"{flag(seen[key])} and {flag(name)} name the same file {value!r}: give each its own")
+            seen[key] = name
 
 
 def add_plan_flags(parser, names, defaults: bool = False, help: dict | None = None) -> None:
     """One flag per plan field in `names` (e.g. "micro_batch" -> `--micro-batch`), in that order.
 
-    defaults=True: each flag defaults to the plan's value (a switch is `--flag` alone);
-    defaults=False: each defaults to None, "not pinned: searched" (a switch gets `--no-flag`
-    too, to pin it off). `help`: field -> help text.
+    Every flag defaults to None, so a command can tell a flag given from one left out.
+    defaults=True: a left-out flag means the plan's value (`with_defaults` fills it in; the
+    help names it; a switch is `--flag` alone); defaults=False: "not pinned: searched" (a
+    switch gets `--no-flag` too, to pin it off). `help`: field -> help text.
     """
     help = help or {}
     for name in names:
-        kw = dict(help=help.get(name))
+        text = help.get(name)
+        if defaults and name not in _SWITCHES:
+            text = (text + "; " if text else "") + f"default {_PLAN_DEFAULTS[name]}"
+        kw = dict(help=text, default=None)
         if name in _SWITCHES and defaults:
-            kw.update(action="store_true")
+            kw.update(action="store_const", const=True)
         elif name in _SWITCHES:
-            kw.update(action=argparse.BooleanOptionalAction, default=None)
+            kw.update(action=argparse.BooleanOptionalAction)
         else:
             kw.update({"choices": _CHOICES[name]} if name in _CHOICES else {"type": int})
-            if defaults:
-                kw.update(default=_PLAN_DEFAULTS[name])
-        parser.add_argument("--" + name.replace("_", "-"), **kw)
+        parser.add_argument(flag(name), **kw)
 
 
 def pinned(args, names) -> dict:
     """The plan fields among `names` given on the command line (a None flag is searched)."""
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def with_defaults(given: dict, names) -> dict:
+    """`given` plan fields, the rest of `names` at the plan's defaults (add_plan_flags(defaults=True))."""
+    return {k: given[k] if k in given else _PLAN_DEFAULTS[k] for k in names}
+
+
+def flag(name: str) -> str:
+    """A plan field's flag: "micro_batch" -> "--micro-batch"."""
+    return "--" + name.replace("_", "-")

@@ -7,9 +7,10 @@ import json
 from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
+from cost_models.inputs import finite_number
 from cost_models.units import GB, GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_plan_flags,
-                               pinned as pinned_flags)
+                               check_distinct, check_image_path, pinned as pinned_flags)
 from planner.cli.tables import console_for
 from planner.plan import PINNABLE, RECOMPUTE_MODES, check_new_path
 
@@ -73,10 +74,13 @@ def _check_outputs(args) -> None:
     """Fail before searching, so a long search never ends in 'cannot write'."""
     if args.top < 1:
         raise MeshplanError(f"--top must be >= 1, got {args.top}")
+    if args.reserve is not None:
+        finite_number(args.reserve, "--reserve (GB)", low=0)
+    check_distinct(args, ("out", "plot"))
     if args.out:
         check_new_path(args.out, overwrite=args.force, force_hint=True)
     if args.plot:
-        check_new_path(args.plot)
+        check_image_path(args.plot)
 
 
 def plans_json(plans) -> dict:

@@ -12,8 +12,10 @@ from dataclasses import replace
 from rich.table import Table
 
 from cost_models import MeshplanError, parse_cluster
+from cost_models.inputs import parse_json
 from cost_models.units import GIB
-from planner.cli.flags import CALIBRATION_HELP, add_batch_flags, add_plan_flags
+from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_plan_flags, check_distinct,
+                               check_image_path, flag, pinned, with_defaults)
 from planner.cli.tables import console_for
 from planner.plan import Plan, check_new_path
 from planner.zoo import load_model
@@ -21,6 +23,7 @@ from planner.zoo import load_model
 HELP = "predict step time and per-GPU memory of one plan"
 PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "zero", "checkpoint", "precision", "schedule", "interleave",
                "sequence_parallel")
+_PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
                             "selective (op-level, torchtitan-like) or full"}
 
@@ -30,13 +33,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster")
     p.add_argument("--plan", help="a plan .json instead of the flags below")
     p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
-    add_batch_flags(p, required=False)
+    add_batch_flags(p, required=False, seq_default=None)
     add_plan_flags(p, PLAN_FIELDS, defaults=True, help=FIELD_HELP)
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
     p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
     p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
     p.add_argument("--calibration", help=CALIBRATION_HELP)
     p.add_argument("--json", action="store_true")
+
+
+# What --plan fixes (a flag beside it would be ignored), and what --batch's cases carry.
+_JOB_FIELDS = ("global_batch", "seq") + PLAN_FIELDS
+_OUTPUTS = ("trace", "timeline", "memory_plot")
+
+
+def _check_flags(args) -> None:
+    """Refuse flags that would be ignored, and check every output before any work."""
+    if args.batch:
+        ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration")
+                   if getattr(args, k) is not None]
+        if ignored:
+            raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --batch: each case line carries "
+                                f"its own fields")
+    elif args.plan:
+        ignored = [flag(k) for k in _JOB_FIELDS if getattr(args, k) is not None]
+        if ignored:
+            raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --plan, which fixes them: "
+                                f"edit the plan file or drop --plan")
+    check_distinct(args, _OUTPUTS)
+    if args.trace:
+        check_new_path(args.trace)
+    for target in (args.timeline, args.memory_plot):
+        if target:
+            check_image_path(target)
 
 
 def _plan_from_args(args) -> Plan:
@@ -47,38 +76,43 @@ def _plan_from_args(args) -> Plan:
                if value is None]
     if missing:
         raise MeshplanError(f"give {' and '.join(missing)} (or --plan FILE)")
-    return Plan(dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero, micro_batch=args.micro_batch,
-                global_batch=args.global_batch, seq=args.seq, precision=args.precision,
-                schedule=args.schedule, interleave=args.interleave,
-                sequence_parallel=args.sequence_parallel, model=args.model, cluster=args.cluster)
+    fields = with_defaults(pinned(args, _PLAN_ARGS), _PLAN_ARGS)
+    return Plan(**fields, global_batch=args.global_batch, seq=args.seq or DEFAULT_SEQ,
+                model=args.model, cluster=args.cluster)
 
 
-def _with_layers(plan: Plan, spec, mode: str | None) -> Plan:
+def _with_layers(plan: Plan, spec, mode) -> Plan:
     """Expand a uniform --checkpoint mode to the model's layers (validated as a plan's)."""
-    if mode and mode != "none" and spec.config is not None:
-        return replace(plan, checkpoint=[mode] * spec.config.layers)
-    return plan
+    if mode is None or mode == "none":
+        return plan
+    if spec.config is None:
+        raise MeshplanError(f"checkpoint {mode} needs a preset or JSON model (one entry per block); "
+                            f"{spec.name} is a factory: give a plan file with a per-block checkpoint list")
+    return replace(plan, checkpoint=[mode] * spec.config.layers)
+
+
+_CASE_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+              "interleave", "sequence_parallel"}
 
 
 def _simulate_one(case: dict):
     from planner.simulate import simulate
-    model = case.get("model")
-    if model is None:
-        raise MeshplanError("each case needs a model")
-    spec = load_model(model)
-    keys = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
-            "interleave", "sequence_parallel"}
-    unknown = sorted(set(case) - keys - {"model", "cluster", "checkpoint"})
+    unknown = sorted(map(str, set(case) - _CASE_KEYS - {"model", "cluster", "checkpoint"}))
     if unknown:
         raise MeshplanError(f"unknown key(s) {unknown}")
-    if "cluster" not in case:
-        raise MeshplanError("each case needs a cluster")
-    plan = Plan(**{k: v for k, v in case.items() if k in keys})
+    for key in ("model", "cluster"):
+        if case.get(key) is None:
+            raise MeshplanError(f"each case needs a {key}")
+    if not isinstance(case["model"], (str, dict)) or not isinstance(case["cluster"], str):
+        raise MeshplanError("a case's model is a name, path or config object, and its cluster a string")
+    spec = load_model(case["model"])
+    plan = Plan(**{k: v for k, v in case.items() if k in _CASE_KEYS})
     plan = _with_layers(plan, spec, case.get("checkpoint"))
     return simulate(plan, spec, case["cluster"])
 
 
 def run(args) -> int:
+    _check_flags(args)
     if args.batch:
         return _simulate_batch(args.batch)
     plan = _plan_from_args(args)
@@ -99,7 +133,7 @@ def run(args) -> int:
         _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
     for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
         if target:
-            check_new_path(target)
+            check_image_path(target)
             from planner.cli import plots
             getattr(plots, draw)(result, target)
     if args.json:
@@ -112,8 +146,8 @@ def run(args) -> int:
 
 def _write_new(path: str, text: str):
     check_new_path(path)
-    from pathlib import Path
-    Path(path).write_text(text)
+    with open(path, "x") as f:   # never replaces a file that appeared meanwhile
+        f.write(text)
 
 
 def format_phases(phases: dict) -> str:
@@ -146,21 +180,30 @@ def _print_result(plan: Plan, result) -> None:
 
 
 def _simulate_batch(path: str) -> int:
-    """One JSON case a line in, one JSON result a line out; a bad case gets {"error": ...}."""
+    """One JSON case a line in, one JSON result a line out; a bad case (not UTF-8, not JSON,
+    a bad value, a plan the runtime could not run) gets {"error": "line N: ..."} and the
+    others still run."""
     from pathlib import Path
     source = Path(path)
     if not source.is_file():
         raise MeshplanError(f"cases file {path!r} does not exist")
-    for number, line in enumerate(source.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            case = json.loads(line)
-            if not isinstance(case, dict):
-                raise MeshplanError("a case must be a JSON object")
-            print(json.dumps(_simulate_one(case).to_dict()), flush=True)
-        except json.JSONDecodeError as exc:
-            print(json.dumps({"error": f"line {number}: not valid JSON: {exc}"}), flush=True)
-        except MeshplanError as exc:
-            print(json.dumps({"error": f"line {number}: {exc}"}), flush=True)
+    try:
+        handle = open(source, "rb")
+    except OSError as exc:
+        raise MeshplanError(f"cannot read cases file {path!r}: {exc.strerror or exc}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                case = parse_json(line, "the case")
+                if not isinstance(case, dict):
+                    raise MeshplanError("a case must be a JSON object")
+                out = _simulate_one(case).to_dict()
+            except UnicodeDecodeError as exc:
+                out = {"error": f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"}
+            except MeshplanError as exc:
+                out = {"error": f"line {number}: {exc}"}
+            print(json.dumps(out), flush=True)
     return 0

@@ -6,9 +6,11 @@ from dataclasses import replace
 
 from cost_models.cluster import ClusterSpec
 from cost_models.errors import MeshplanError
+from cost_models.inputs import MAX_MICRO_BATCHES
 from planner.plan import Plan
 from planner.search.partition import StageCosts, partition
-from planner.simulate import ALLOCATOR_RESERVED_RATIO, prepare
+from planner.search.space import divisors
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, prepare_unchecked
 from planner.simulate.schedule import in_flight_counts
 
 
@@ -60,11 +62,11 @@ class Diagnosis:
             lean = search._leanest_plan(dp, tp, pp)
             if lean is None:
                 continue
-            sim = prepare(lean, self.spec, cluster, search.compute, search.comm)
+            sim = prepare_unchecked(lean, self.spec, cluster, search.compute, search.comm)
             mode = search.pinned.get("checkpoint", "full")
             if simulated:
-                stage = prepare(replace(lean, checkpoint=[mode] * len(sim.traced.blocks)), self.spec, cluster,
-                                search.compute, search.comm).run().worst_stage
+                stage = prepare_unchecked(replace(lean, checkpoint=[mode] * len(sim.traced.blocks)), self.spec,
+                                          cluster, search.compute, search.comm).run().worst_stage
                 peak = stage.peak_reserved_bytes
             else:
                 split = partition(StageCosts(sim, in_flight_counts(lean.schedule, pp, lean.grad_accum,
@@ -78,7 +80,10 @@ class Diagnosis:
         """The leanest plan of one family under the pins (None: the pins rule it out)."""
         pick = self.pinned.get
         zero = pick("zero", 3 if dp > 1 else 0)
-        micro_batch = pick("micro_batch", 1)
+        per_rank = self.global_batch // dp
+        # the smallest micro-batch within the micro-batches a step may run
+        micro_batch = pick("micro_batch", next(
+            (mb for mb in divisors(per_rank) if per_rank // mb <= MAX_MICRO_BATCHES), 1))
         schedule = pick("schedule", "interleaved" if pick("interleave", 1) > 1 else "1f1b")
         fields = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro_batch, global_batch=self.global_batch,
                       seq=self.seq, precision=self.values("precision", ("bf16",))[0], schedule=schedule,

@@ -30,20 +30,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from cost_models.cluster import ClusterSpec, parse_cluster
+from cost_models.cluster import parse_cluster
 from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
+from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ, check_tokens_per_step, finite_number,
+                                shown, whole_number)
 from cost_models.memory import model_state_bytes
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
 from planner.search.partition import StageCosts, partition
 from planner.search.space import SearchSpace
 from planner.search.tp_ilp import layouts_for
-from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare, trace_cached
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare_unchecked, trace_cached
 from planner.simulate.costing import top_level_layout
 from planner.simulate.schedule import in_flight_counts
-from planner.zoo import ModelSpec, load_model
+from planner.zoo import load_model
 
 # Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
 # 1.3 % (benchmarks/accuracy.py), the worst case 3.4 %; 3 % of the device is the default.
@@ -116,11 +118,11 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     how many GPUs would hold it.
     """
     start = time.perf_counter()
-    spec = model if isinstance(model, ModelSpec) else load_model(model)
-    cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
+    spec, cluster = load_model(model), parse_cluster(cluster)
     if precision is not None:
         pinned["precision"] = precision
-    _check_pinned(pinned, top_k, global_batch, seq)
+    check_pinned(pinned, top_k, global_batch, seq)
+    _check_options(compute, comm, reserve_bytes, tp_across_nodes)
     search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned)
     plans = search.run(top_k)
     search.stats.search_s = time.perf_counter() - start
@@ -128,18 +130,58 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
                        search.capacity_bytes, search.reserve_bytes)
 
 
-def _check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
-    unknown = sorted(set(pinned) - set(PINNABLE))
+def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
+    """Every pin a valid value, and no two pins that no plan can satisfy together (which
+    the search would otherwise answer with a misleading "nothing fits")."""
+    unknown = sorted(map(str, set(pinned) - set(PINNABLE)))
     if unknown:
         raise MeshplanError(f"cannot pin {unknown}; pinnable: {', '.join(PINNABLE)}")
-    for name, value in (("top_k", top_k), ("global_batch", global_batch), ("seq", seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MeshplanError(f"{name} must be a whole number >= 1, got {value!r}")
+    whole_number(top_k, "top_k")
+    whole_number(global_batch, "global_batch", high=MAX_GLOBAL_BATCH)
+    whole_number(seq, "seq", high=MAX_SEQ)
+    check_tokens_per_step(global_batch, seq)
+    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("micro_batch", MAX_GLOBAL_BATCH),
+                       ("interleave", MAX_LAYERS)):
+        if name in pinned:
+            whole_number(pinned[name], name, high=high)
+    for name in ("sequence_parallel", "offload_optimizer"):
+        if name in pinned and not isinstance(pinned[name], bool):
+            raise MeshplanError(f"{name} must be true or false, got {shown(pinned[name])}")
     choices = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
                "zero": (0, 1, 2, 3)}
     for name, allowed in choices.items():
-        if name in pinned and pinned[name] not in allowed:
-            raise MeshplanError(f"{name} {pinned[name]!r} is unknown; use one of {', '.join(map(str, allowed))}")
+        value = pinned.get(name)
+        if name in pinned and (isinstance(value, bool) or not isinstance(value, (str, int)) or value not in allowed):
+            raise MeshplanError(f"{name} {shown(value)} is unknown; use one of {', '.join(map(str, allowed))}")
+    _check_pins_agree(pinned, global_batch)
+
+
+def _check_pins_agree(pinned: dict, global_batch: int):
+    schedule, interleave = pinned.get("schedule"), pinned.get("interleave")
+    if interleave is not None and interleave > 1 and schedule not in (None, "interleaved"):
+        raise MeshplanError(f"interleave {interleave} needs schedule interleaved, but schedule {schedule} is pinned")
+    if schedule == "interleaved" and interleave == 1:
+        raise MeshplanError("the interleaved schedule needs interleave >= 2 model chunks per stage")
+    if schedule == "interleaved" and pinned.get("pp") == 1:
+        raise MeshplanError("the interleaved schedule needs pp >= 2: use schedule 1f1b or raise pp")
+    if pinned.get("sequence_parallel") and pinned.get("tp") == 1:
+        raise MeshplanError("sequence_parallel needs tp >= 2: pin tp >= 2 or drop sequence_parallel")
+    if pinned.get("offload_optimizer") and pinned.get("zero", 3) < 2:
+        raise MeshplanError("offload_optimizer runs through FSDP2's CPUOffloadPolicy: pin zero 2 or 3")
+    per_step = pinned.get("dp", 1) * pinned.get("micro_batch", 1)
+    if global_batch % per_step:
+        raise MeshplanError(f"global_batch {global_batch} is not a multiple of the pinned micro_batch x dp = "
+                            f"{per_step}: change global_batch, micro_batch or dp")
+
+
+def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
+    for value, kind, name in ((compute, ComputeModel, "compute"), (comm, CommModel, "comm")):
+        if value is not None and not isinstance(value, kind):
+            raise MeshplanError(f"{name} must be a {kind.__name__} or None, got {shown(value)}")
+    if reserve_bytes is not None:
+        finite_number(reserve_bytes, "the memory reserve (--reserve)", low=0)
+    if not isinstance(tp_across_nodes, bool):
+        raise MeshplanError(f"tp_across_nodes must be true or false, got {shown(tp_across_nodes)}")
 
 
 class _Search(SearchSpace, Diagnosis):
@@ -164,7 +206,7 @@ class _Search(SearchSpace, Diagnosis):
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
         started = time.perf_counter()
-        sim = prepare(plan, self.spec, self.cluster, self.compute, self.comm)
+        sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm)
         self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
         self._sims[(plan.micro_batch, plan.precision)] = True
         return sim
@@ -314,7 +356,7 @@ class _Search(SearchSpace, Diagnosis):
         best = None
         for _ in range(REFIT_ROUNDS + 1):
             plan = self._with_layout(cand.plan)
-            result = prepare(plan, self.spec, self.cluster, self.compute, self.comm).run()
+            result = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm).run()
             self.stats.simulated += 1
             over = [s.peak_reserved_bytes - self.budget_bytes for s in result.stages]
             if max(over) <= 0 and result.fits:

@@ -3,13 +3,16 @@ family (ZeRO, offload, micro-batch, sequence parallelism, schedule, precision), 
 from __future__ import annotations
 
 from cost_models.errors import MeshplanError
+from cost_models.inputs import MAX_MICRO_BATCHES
 from planner.plan import Plan
 
 INTERLEAVE_CHOICES = (2, 4)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int) -> list[int]:
+    """Every divisor of n, ascending (O(sqrt n): n may be a batch of millions)."""
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 class SearchSpace:
@@ -23,14 +26,14 @@ class SearchSpace:
         cfg = self.spec.config
         blocks = cfg.layers if cfg else None
         out = []
-        for tp in self.values("tp", _divisors(world)):
+        for tp in self.values("tp", divisors(world)):
             if world % tp:
                 continue
             if tp > gpn and not self.tp_across_nodes:
                 continue
             if tp > 1 and (cfg is None or any(v % tp for v in (cfg.heads, cfg.kv_heads, cfg.ffn, cfg.hidden))):
                 continue
-            for pp in self.values("pp", _divisors(world // tp)):
+            for pp in self.values("pp", divisors(world // tp)):
                 if (world // tp) % pp or (blocks is not None and pp > blocks):
                     continue
                 dp = world // (tp * pp)
@@ -55,13 +58,15 @@ class SearchSpace:
         for precision in self.values("precision", ("bf16",)):
             # every size that divides the rank's share: each is priced from two traces
             # (planner.simulate.batch_scaling), and memory and the bound prune the rest
-            for mb in self.values("micro_batch", _divisors(per_rank)):
-                if per_rank % mb:
+            for mb in self.values("micro_batch", divisors(per_rank)):
+                if per_rank % mb or per_rank // mb > MAX_MICRO_BATCHES:
                     continue
                 m = per_rank // mb
                 for zero in self.values("zero", (0, 1, 2, 3) if dp > 1 else (0,)):
                     for offload in self.values("offload_optimizer", (False, True) if zero >= 2 else (False,)):
                         for sp in self.values("sequence_parallel", (False, True) if tp > 1 else (False,)):
+                            if sp and (tp < 2 or self.seq % tp):
+                                continue   # the runtime shards the sequence evenly over tp >= 2
                             for schedule, v in self._schedules(pp, m):
                                 out.append(Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,

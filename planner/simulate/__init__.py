@@ -8,9 +8,9 @@ costing (per-layer times), schedule (pipeline schedules as an event simulation),
 """
 from planner.simulate.execution import MEGATRON_2021, MESHPLAN_RUNTIME, Execution
 from planner.simulate.memory import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, HeldStates, StageMemory
-from planner.simulate.step import PHASE_WORDS, SimResult, prepare, simulate
+from planner.simulate.step import PHASE_WORDS, SimResult, prepare, prepare_unchecked, simulate
 from planner.simulate.traces import expand_blocks, model_key, trace_cached, trace_spec
 
-__all__ = ["simulate", "prepare", "SimResult", "StageMemory", "HeldStates", "Execution", "MESHPLAN_RUNTIME",
+__all__ = ["simulate", "prepare", "prepare_unchecked", "SimResult", "StageMemory", "HeldStates", "Execution", "MESHPLAN_RUNTIME",
            "MEGATRON_2021", "PHASE_WORDS", "ALLOCATOR_RESERVED_RATIO", "CUDA_CONTEXT_BYTES", "trace_spec",
            "expand_blocks", "trace_cached", "model_key"]

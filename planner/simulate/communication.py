@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from cost_models.comm import pair_group
-import planner.simulate.fsdp as fsdp
+from planner.simulate import fsdp
 from planner.simulate.costing import LayerTiming
 from planner.simulate.times import FsdpExposure, LayerTimes
 

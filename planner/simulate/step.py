@@ -14,14 +14,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 import torch
 
-from cost_models.cluster import ClusterSpec, parse_cluster
+from cost_models.cluster import parse_cluster
 from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
+from cost_models.inputs import shown
 from cost_models.memory import DTYPE_BYTES
+from planner.arch.layout import check_runnable
 from planner.ir import TracedModel
 from planner.plan import Plan, even_stages
-import planner.simulate.fsdp as fsdp
+from planner.simulate import fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.simulate.execution import MESHPLAN_RUNTIME, Execution
@@ -30,7 +32,7 @@ from planner.simulate.schedule import build_schedule, simulate_pipeline
 from planner.simulate.times import FsdpExposure, LayerTimes
 from planner.simulate.traces import model_key, trace_cached
 from planner.torch_compat import traces_attention_core
-from planner.zoo import ModelSpec, load_model
+from planner.zoo import load_model
 
 
 @dataclass
@@ -72,18 +74,37 @@ class SimResult:
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
              comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> SimResult:
-    """Simulate one training step of `plan`, run as `execution` says (default: meshplan's runtime)."""
+    """Simulate one training step of `plan`, run as `execution` says (default: meshplan's runtime).
+
+    Raises MeshplanError on bad arguments and on a plan the runtime could not run on the
+    model (planner.arch.layout.check_runnable); a plan that does not fit memory is priced,
+    with `fits` False."""
     return prepare(plan, model, cluster, compute, comm, execution).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
             execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
-    """The simulation of `plan`, ready to `run()` (the planner also reads its per-layer costs).
+    """The simulation of `plan`, ready to `run()`, its arguments checked as simulate() checks them.
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
     compute model, so simulating many plans of one model re-costs nothing."""
-    spec = model if isinstance(model, ModelSpec) else load_model(model)
-    cluster = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
+    if not isinstance(plan, Plan):
+        raise MeshplanError(f"simulate needs a planner.Plan, got {shown(plan)}")
+    plan.check()
+    for value, kind, name in ((compute, ComputeModel, "compute"), (comm, CommModel, "comm"),
+                              (execution, Execution, "execution")):
+        if value is not None and not isinstance(value, kind):
+            raise MeshplanError(f"{name} must be a {kind.__name__} or None, got {shown(value)}")
+    spec, cluster = load_model(model), parse_cluster(cluster)
+    if spec.config is not None and (execution or MESHPLAN_RUNTIME) == MESHPLAN_RUNTIME:
+        check_runnable(plan, spec.config)
+    return prepare_unchecked(plan, spec, cluster, compute, comm, execution or MESHPLAN_RUNTIME)
+
+
+def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None = None,
+                      comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
+    """prepare() for the search, whose candidates are Plans it built runnable."""
+    spec, cluster = load_model(model), parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
     if "attention" in plan.checkpoint and not traces_attention_core():

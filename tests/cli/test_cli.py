@@ -65,7 +65,7 @@ def test_malformed_files_exit_2(cli, tmp_path):
 
 def test_validate_plan(cli, tmp_path):
     path = tmp_path / "plan.json"
-    Plan(dp=2, tp=2, pp=1, global_batch=8, micro_batch=2, model="gpt-tiny", cluster="cpu:1x4").save(path)
+    Plan(dp=2, tp=2, pp=1, global_batch=8, micro_batch=2, seq=64, model="gpt-tiny", cluster="cpu:1x4").save(path)
     proc = cli("validate", "--plan", path)
     assert proc.returncode == 0 and "is valid" in proc.stdout
     assert_user_error(cli("validate", "--plan", path, "--cluster", "cpu:1x8"), "make the product 8")

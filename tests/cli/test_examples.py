@@ -23,3 +23,12 @@ def test_get_a_plan_example_plans_and_saves(tmp_path):
     assert proc.stdout.startswith("#1 dp=") and "searched" in proc.stdout
     from planner.plan import Plan
     assert Plan.load(out).world_size == 8
+
+
+def test_the_readme_python_api_runs(capsys):
+    """The README's Python API snippet, as written, in this interpreter."""
+    text = (REPO / "README.md").read_text()
+    snippet = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(snippet, "README.md", "exec"), {})
+    dp, tp, pp, step_s = capsys.readouterr().out.split()
+    assert int(dp) * int(tp) * int(pp) == 8 and float(step_s) > 0
