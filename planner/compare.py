@@ -20,6 +20,7 @@ from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, ru
 from cost_models.inputs import MAX_GLOBAL_BATCH, MAX_SEQ, finite_number, shown, whole_number
 
 SECONDS_PER_DAY = 86400.0
+MAX_CLUSTERS = 64   # each is planned in full
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
 
 
@@ -83,6 +84,8 @@ def _parse_clusters(clusters) -> list[ClusterSpec]:
         clusters = [clusters]
     if not isinstance(clusters, (list, tuple)):
         raise MeshplanError(f"clusters must be a list of cluster strings or ClusterSpecs, got {shown(clusters)}")
+    if len(clusters) > MAX_CLUSTERS:
+        raise MeshplanError(f"{len(clusters):,} clusters: compare plans each in full and takes at most {MAX_CLUSTERS}")
     specs = [parse_cluster(c) for c in clusters if not isinstance(c, str) or c.strip()]
     if not specs:
         raise MeshplanError("give at least one cluster, e.g. --clusters h100-sxm-80gb:64x8,a100-sxm-80gb:128x8")

@@ -6,13 +6,14 @@ import json
 
 from rich.table import Table
 
-from cost_models import MeshplanError, parse_cluster
-from cost_models.inputs import finite_number
+from cost_models import parse_cluster
+from cost_models.inputs import finite_number, whole_number
 from cost_models.units import GB, GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_plan_flags,
                                check_distinct, check_image_path, pinned as pinned_flags)
 from planner.cli.tables import console_for
 from planner.plan import PINNABLE, RECOMPUTE_MODES, check_new_path
+from planner.search.ranking import MAX_TOP
 
 HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
         "for a model on a cluster")
@@ -72,8 +73,7 @@ def run(args) -> int:
 
 def _check_outputs(args) -> None:
     """Fail before searching, so a long search never ends in 'cannot write'."""
-    if args.top < 1:
-        raise MeshplanError(f"--top must be >= 1, got {args.top}")
+    whole_number(args.top, "--top", high=MAX_TOP)
     if args.reserve is not None:
         finite_number(args.reserve, "--reserve (GB)", low=0)
     check_distinct(args, ("out", "plot"))

@@ -130,13 +130,16 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
                        search.capacity_bytes, search.reserve_bytes)
 
 
+MAX_TOP = 100   # plans ranked and returned (each is simulated in full)
+
+
 def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
     """Every pin a valid value, and no two pins that no plan can satisfy together (which
     the search would otherwise answer with a misleading "nothing fits")."""
     unknown = sorted(map(str, set(pinned) - set(PINNABLE)))
     if unknown:
         raise MeshplanError(f"cannot pin {unknown}; pinnable: {', '.join(PINNABLE)}")
-    whole_number(top_k, "top_k")
+    whole_number(top_k, "top_k", high=MAX_TOP)
     whole_number(global_batch, "global_batch", high=MAX_GLOBAL_BATCH)
     whole_number(seq, "seq", high=MAX_SEQ)
     check_tokens_per_step(global_batch, seq)

@@ -60,6 +60,9 @@ def _quick(cli, *args, bound_s=10.0):
     (("simulate", "--model", "gpt-tiny", "--cluster", "cpu:1x1", "--global-batch", "8192", "--seq", "64"),
      "micro-batches per step"),
     (("plan", "--model", "gpt3-1.3b", "--cluster", "h100:100000x8", "--global-batch", "512"), "800,000 GPUs"),
+    (PLAN + ("--top", "1000000"), "--top must be a whole number from 1 to 100"),
+    (("compare", "--model", "gpt-tiny", "--clusters", ",".join(["cpu:1x4"] * 65), "--global-batch", "8",
+      "--tokens", "1e9"), "65 clusters"),
     (("describe", "--model", "gpt-tiny", "--cluster", "h100:" + "9" * 5000 + "x8"), "digits"),
     (("describe", "--model", "gpt-tiny", "--cluster", "h100:8x100000"), "gpus_per_node"),
 ])
