@@ -105,7 +105,7 @@ def test_a_new_family_builds_traces_and_plans(new_family):
 
 
 def _tp_rank(rank: int, out_dir: str, sp: bool):
-    from test_tp_collectives import _count_rank
+    from parity.test_tp_collectives import _count_rank
     _register_new_family()
     _count_rank(rank, out_dir, NEW_MODEL, sp)
 
@@ -117,7 +117,7 @@ def test_a_new_family_runs_the_collectives_the_simulator_prices(tmp_path, new_fa
     """Its two regions (one fused QKV; gate and up sharing one input) reduce once each way,
     in the runtime on 2 gloo ranks and in the simulator."""
     from runtime_helpers import run_ranks
-    from test_tp_collectives import simulated_counts
+    from parity.test_tp_collectives import simulated_counts
     run_ranks(2, _tp_rank, str(tmp_path), sp)
     counts = json.loads((tmp_path / "counts.json").read_text())["counts"]
     per_block = 2 * 2 * NEW_MODEL["layers"]
