@@ -185,10 +185,18 @@ def check_output_path(path, overwrite: bool = False, force_hint: bool = False,
     parent = target.parent
     if not parent.is_dir():
         raise MeshplanError(f"directory {str(parent)!r} does not exist")
-    try:   # os.access says yes to root on a read-only mount: try it
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".meshplan-probe-"):
-            pass
-    except OSError as exc:
-        raise MeshplanError(f"cannot write into directory {str(parent)!r}: "
-                            f"{exc.strerror or os.strerror(exc.errno or 0)}") from None
+    refused = refuses_new_files(parent)
+    if refused:
+        raise MeshplanError(f"cannot write into directory {str(parent)!r}: {refused}")
     return target
+
+
+def refuses_new_files(directory) -> str | None:
+    """Why `directory` refuses a new file (the OS's reason), or None when it takes one. Tried,
+    not asked: os.access says yes to root on a read-only mount. The probe is an unnamed
+    temporary file, gone at once."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as exc:
+        return exc.strerror or os.strerror(exc.errno or 0)

@@ -270,16 +270,10 @@ class Plan:
     def save(self, path: str | Path, overwrite: bool = False):
         """Write atomically; never replace an existing file unless asked to."""
         path = Path(path)
-        check_new_path(path, overwrite, force_hint=True)
+        check_output_path(path, overwrite, force_hint=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_json() + "\n")
         tmp.replace(path)
-
-
-def check_new_path(path, overwrite: bool = False, force_hint: bool = False, suffixes: tuple | None = None) -> None:
-    """Refuse to overwrite a user's file (unless asked to), or to write into a missing or
-    unwritable directory, or (with `suffixes`) a file type nothing here writes."""
-    check_output_path(path, overwrite, force_hint, suffixes)
 
 
 def check_schedule(plan: Plan) -> None:

@@ -11,19 +11,16 @@ directory. Nothing visible is created or changed.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from cost_models.errors import MeshplanError
+from cost_models.inputs import refuses_new_files
 
 
 def _probe(directory: Path, flag: str, target: str):
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise MeshplanError(f"{flag} {target!r} cannot be written: {directory} refuses new files "
-                            f"({exc.strerror or exc})")
+    refused = refuses_new_files(directory)
+    if refused:
+        raise MeshplanError(f"{flag} {target!r} cannot be written: {directory} refuses new files ({refused})")
 
 
 def check_directory(path: str, flag: str):

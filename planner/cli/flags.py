@@ -11,7 +11,8 @@ import os
 from dataclasses import fields
 
 from cost_models.errors import MeshplanError
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan, check_new_path
+from cost_models.inputs import check_output_path
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 
 MODEL_HELP = "preset name, config .json, or file.py:factory"
 CLUSTER_HELP = "GPU:NODESxGPUS, a named system, or a .yaml/.json file"
@@ -44,7 +45,7 @@ def add_batch_flags(parser, required: bool, seq_default: int | None = DEFAULT_SE
 
 def check_image_path(path: str, overwrite: bool = False) -> None:
     """An image output, before any work: new (unless `overwrite`), writable, of a type we draw."""
-    check_new_path(path, overwrite=overwrite, suffixes=IMAGE_SUFFIXES)
+    check_output_path(path, overwrite=overwrite, suffixes=IMAGE_SUFFIXES)
 
 
 def check_distinct(args, names) -> None:

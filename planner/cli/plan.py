@@ -12,7 +12,8 @@ from cost_models.units import GB, GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_plan_flags,
                                check_distinct, check_image_path, pinned as pinned_flags)
 from planner.cli.tables import console_for
-from planner.plan import PINNABLE, RECOMPUTE_MODES, check_new_path
+from cost_models.inputs import check_output_path
+from planner.plan import PINNABLE, RECOMPUTE_MODES
 from planner.search.ranking import MAX_TOP
 
 HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
@@ -78,7 +79,7 @@ def _check_outputs(args) -> None:
         finite_number(args.reserve, "--reserve (GB)", low=0)
     check_distinct(args, ("out", "plot"))
     if args.out:
-        check_new_path(args.out, overwrite=args.force, force_hint=True)
+        check_output_path(args.out, overwrite=args.force, force_hint=True)
     if args.plot:
         check_image_path(args.plot)
 

@@ -17,7 +17,8 @@ from cost_models.units import GIB
 from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_plan_flags, check_distinct,
                                check_image_path, flag, pinned, with_defaults)
 from planner.cli.tables import console_for
-from planner.plan import Plan, check_new_path
+from cost_models.inputs import check_output_path
+from planner.plan import Plan
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
@@ -62,7 +63,7 @@ def _check_flags(args) -> None:
                                 f"edit the plan file or drop --plan")
     check_distinct(args, _OUTPUTS)
     if args.trace:
-        check_new_path(args.trace)
+        check_output_path(args.trace)
     for target in (args.timeline, args.memory_plot):
         if target:
             check_image_path(target)
@@ -145,7 +146,7 @@ def run(args) -> int:
 
 
 def _write_new(path: str, text: str):
-    check_new_path(path)
+    check_output_path(path)
     with open(path, "x") as f:   # never replaces a file that appeared meanwhile
         f.write(text)
 
