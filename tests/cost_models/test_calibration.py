@@ -1,7 +1,6 @@
 """Calibration files and `meshplan profile`: a real (quick) CPU profile, JSON round trips, errors."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -213,15 +212,18 @@ def test_nnls_matches_a_known_solution():
 # --------------------------------------------------------------------------- collectives
 
 _WORKER = textwrap.dedent("""
-    import json, sys
+    import datetime, json, sys
     import torch.distributed as dist
     import torch.multiprocessing as mp
     from cost_models.fitting import fit_comm
     from cost_models.profiling import measure_collectives, _single_host
     from cost_models.hardware import get_gpu
 
-    def run(rank, port, out):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    def run(rank, store, out):
+        # a file rendezvous: no port to lose to another process between choosing and binding it;
+        # a timeout turns a stuck collective into an error the test prints
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
         rows = measure_collectives("cpu", (4096, 1 << 20), 0.01)
         fit = fit_comm(rows, get_gpu("cpu"), _single_host())
         if rank == 0:
@@ -229,7 +231,7 @@ _WORKER = textwrap.dedent("""
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+        mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
 """)
 
 
@@ -237,12 +239,8 @@ _WORKER = textwrap.dedent("""
 def test_collectives_are_measured_across_two_gloo_ranks(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "comm.json"
     script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = REPO
-    proc = subprocess.run([sys.executable, str(script), str(port), str(out)], capture_output=True, text=True,
-                          timeout=120, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(repo)})
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(out)], capture_output=True,
+                          text=True, timeout=240, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     ops = {r["op"] for r in result["rows"]}
