@@ -3,6 +3,10 @@
     python benchmarks/vtrain.py                 # single node: 1440 runs, 2-8 GPUs
     python benchmarks/vtrain.py --multi-node    # HELD OUT: 109 runs up to 512 GPUs, report only
     python benchmarks/vtrain.py --limit 100     # every 14th single-node row, for a quick look
+    python benchmarks/vtrain.py --cases vtrain.jsonl   # keep the CLI cases: meshplan simulate --batch vtrain.jsonl
+
+Predictions come from the CLI alone: each run becomes one `meshplan simulate --batch` case
+(`vtrain_case`: the model, the cluster, the plan, `"engine": "megatron-lm@2021"`).
 
 The runs (shared/reference/vtrain/*.json) were measured with Megatron-DeepSpeed
 (VIA-Research/vTrain data/README.md): Megatron-LM's GPT (its fused kernels, unfused core
@@ -17,14 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from cost_models.cluster import ClusterSpec, cluster_from_dict
+from cost_models.cluster import cluster_from_dict
 from cost_models.compute import ComputeModel
 from planner.plan import Plan
-from planner.simulate import MEGATRON_2021, simulate
+from planner.simulate import simulate
 from planner.zoo import load_model
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -54,26 +60,59 @@ def vtrain_cluster(gpus: int) -> ClusterSpec:
         "inter_node": {"kind": "infiniband", "bandwidth_Gbps": VTRAIN_NODE_Gbps / VTRAIN_GPUS_PER_NODE}})
 
 
-def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
-    """Predicted iteration time; `compute` overrides the shipped A100 calibration (for fits)."""
+def vtrain_case(row: dict) -> dict:
+    """The run as one `meshplan simulate --batch` case: Megatron-LM's GPT of the row, the
+    vTrain cluster, the row's plan, run by `megatron-lm@2021` (planner/engines/megatron_lm.py).
+
+    That engine is the measured system's execution, which DeepSpeed's engine shares on every
+    point it models: fp16 parameters and gradients, gradients reduced after backward, not in
+    buckets during it (vTrain's validation configs: use_gradient_bucket=false), blocking
+    pipeline sends that each TP rank makes for 1/tp of the boundary activation (Megatron's
+    scatter/gather; DeepSpeed's PipelineEngine partitions its pipe buffers over the
+    model-parallel group, is_pipe_partitioned), Megatron's unfused core attention and fused
+    kernels, and the host launches of its get_batch and vocab-parallel loss. Facts, not fits."""
     layers = row["num_layers"]
-    spec = load_model(dict(arch="gpt", layers=layers, hidden=row["hidden_size"], heads=row["attention_heads"],
-                           vocab=MEGATRON_PADDED_VOCAB, max_seq=row["seq_len"], tie_embeddings=True,
-                           attention="unfused", dropout=MEGATRON_DROPOUT,
-                           name=f"gpt-h{row['hidden_size']}-l{layers}"))
-    cluster = vtrain_cluster(row["num_gpus"])
-    plan = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=row["pipeline_parallel"],
-                micro_batch=row["micro_batch_size"], global_batch=row["global_batch_size"], seq=row["seq_len"],
-                precision="fp16", schedule="1f1b", checkpoint=["full"] * layers)
-    # Megatron-LM's execution (planner.simulate.MEGATRON_2021), which DeepSpeed's engine shares
-    # on every point it models: fp16 parameters and gradients, gradients reduced after backward,
-    # not in buckets during it (vTrain's validation configs: use_gradient_bucket=false),
-    # blocking pipeline sends that each TP rank makes for 1/tp of the boundary activation
-    # (Megatron's scatter/gather; DeepSpeed's PipelineEngine partitions its pipe buffers over
-    # the model-parallel group, is_pipe_partitioned), and the host launches of Megatron's
-    # get_batch and vocab-parallel loss, counted in its code. Facts, not fits.
-    result = simulate(plan, spec, cluster, compute=compute, execution=MEGATRON_2021)
+    model = dict(arch="gpt", layers=layers, hidden=row["hidden_size"], heads=row["attention_heads"],
+                 vocab=MEGATRON_PADDED_VOCAB, max_seq=row["seq_len"], tie_embeddings=True,
+                 dropout=MEGATRON_DROPOUT, name=f"gpt-h{row['hidden_size']}-l{layers}")
+    return dict(model=model, cluster=vtrain_cluster(row["num_gpus"]), dp=row["data_parallel"], tp=row["tensor_parallel"],
+                pp=row["pipeline_parallel"], micro_batch=row["micro_batch_size"],
+                global_batch=row["global_batch_size"], seq=row["seq_len"], precision="fp16", schedule="1f1b",
+                checkpoint="full", engine="megatron-lm@2021")
+
+
+def vtrain_cluster(gpus: int) -> dict:
+    """The A100 nodes the vTrain runs were measured on (one node for up to 8 GPUs), as a
+    cluster file's keys (cost_models.cluster.cluster_from_dict)."""
+    per_node = min(gpus, VTRAIN_GPUS_PER_NODE)
+    return {"name": f"vtrain-a100:{gpus // per_node}x{per_node}", "gpu": "a100-sxm-80gb",
+            "nodes": gpus // per_node, "gpus_per_node": per_node,
+            "inter_node": {"kind": "infiniband", "bandwidth_Gbps": VTRAIN_NODE_Gbps / VTRAIN_GPUS_PER_NODE}}
+
+
+def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
+    """Predicted iteration time of the row's case, in Python; `compute` overrides the shipped
+    A100 calibration (for fits: benchmarks/fit_a100.py)."""
+    case = vtrain_case(row)
+    plan_fields = {k: v for k, v in case.items() if k not in ("model", "cluster", "checkpoint")}
+    plan = Plan(**plan_fields, checkpoint=[case["checkpoint"]] * row["num_layers"])
+    result = simulate(plan, load_model(case["model"]), cluster_from_dict(case["cluster"]), compute=compute)
     return 1e3 * result.step_time_s
+
+
+def predict_ms_through_cli(rows: list[dict], cases_path: Path) -> list[float]:
+    """Predicted iteration times from `meshplan simulate --batch CASES` (one process, the
+    user's path): the cases are written to `cases_path`, one JSON object a line."""
+    cases_path.write_text("".join(json.dumps(vtrain_case(row)) + "\n" for row in rows))
+    proc = subprocess.run([sys.executable, "-m", "planner.cli", "simulate", "--batch", str(cases_path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"meshplan simulate --batch failed:\n{proc.stderr}")
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    errors = [r["error"] for r in results if "error" in r]
+    if errors or len(results) != len(rows):
+        raise SystemExit(f"meshplan simulate --batch: {len(results)} results for {len(rows)} cases; {errors[:3]}")
+    return [1e3 * r["step_time_s"] for r in results]
 
 
 def main(argv=None) -> int:
@@ -82,15 +121,18 @@ def main(argv=None) -> int:
     parser.add_argument("--multi-node", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="evaluate an evenly spaced subset of this size")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--cases", type=Path, help="keep the `meshplan simulate --batch` cases in this file "
+                                                   "(default: a temporary file)")
     args = parser.parse_args(argv)
     name = "multi_node.json" if args.multi_node else "single_node.json"
     rows = json.loads((args.reference / "vtrain" / name).read_text())["rows"]
     if args.limit and args.limit < len(rows):
         rows = rows[:: max(1, len(rows) // args.limit)][: args.limit]
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        predictions = predict_ms_through_cli(rows, args.cases or Path(tmp) / "cases.jsonl")
     errors, by_kind = [], {}
-    for row in rows:
-        predicted = predict_ms(row)
+    for row, predicted in zip(rows, predictions):
         error = (predicted - row["iteration_time_ms"]) / row["iteration_time_ms"]
         errors.append(abs(error))
         kind = ("tp" if row["tensor_parallel"] > 1 else "") + ("pp" if row["pipeline_parallel"] > 1 else "") or "dp"

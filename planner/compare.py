@@ -59,17 +59,24 @@ class ClusterChoice:
 
 
 def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices: dict | None = None,
-            grid_kg_per_kwh: float | None = None, pue: float | None = None, **pinned) -> list[ClusterChoice]:
+            grid_kg_per_kwh: float | None = None, pue: float | None = None, engine: str = "meshplan",
+            engine_options: dict | None = None, **pinned) -> list[ClusterChoice]:
     """Best plan and run cost per cluster, fastest time-to-train first (non-fitting last).
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
     GPU-hour, replacing the catalogue price of every cluster of that GPU. `pinned`: any of
     planner.plan.PINNABLE, applied on every cluster (`precision` defaults to bf16, fp16
-    on GPUs without bf16). Bad input raises MeshplanError; a cluster the model does not
+    on GPUs without bf16). `engine`, `engine_options`: the training engine that runs the
+    plans (planner.engines). Bad input raises MeshplanError; a cluster the model does not
     fit on is returned with `reason` set.
     """
+    from planner.engines import get_engine
+    from planner.search.ranking import check_pins_for_engine
     from planner.zoo import load_model
     _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned)
+    runner = get_engine(engine)
+    check_pins_for_engine(pinned, runner)
+    pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options)}
     specs = _parse_clusters(clusters)
     specs = _apply_prices(specs, prices or {})
     spec = load_model(model)

@@ -26,6 +26,7 @@ from cost_models.hardware import TORCH_DTYPE_NAMES
 from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCHES, MAX_SEQ,
                                 check_output_path, check_tokens_per_step, parse_json, read_text, shown,
                                 whole_number)
+from planner.engines import DEFAULT_ENGINE, get_engine
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -81,6 +82,8 @@ class Plan:
     tp_layout: dict = field(default_factory=dict)    # module path -> colwise|rowwise|replicate|vocab|sequence
     offload_optimizer: bool = False
     rank_order: list = field(default_factory=lambda: list(MESH_DIMS))
+    engine: str = DEFAULT_ENGINE      # the training engine that runs the plan (planner.engines)
+    engine_options: dict = field(default_factory=dict)   # its options that change cost (non-defaults)
     model: str | None = None      # what the plan was made for (informational defaults for the CLI)
     cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -174,6 +177,8 @@ class Plan:
         for flag in ("sequence_parallel", "offload_optimizer"):
             if not isinstance(getattr(self, flag), bool):
                 raise MeshplanError(f"plan {flag} must be true or false, got {shown(getattr(self, flag))}")
+        self.engine = get_engine(self.engine).name
+        get_engine(self.engine).checked_options(self.engine_options)
 
     def _check_pipeline(self):
         if self.interleave > 1 and self.schedule != "interleaved":

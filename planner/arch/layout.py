@@ -110,7 +110,7 @@ def _check_style(name: str, role: str, style: str, cfg: ModelConfig, plan: Plan)
     return style
 
 
-def check_runnable(plan: Plan, cfg) -> None:
+def check_runnable(plan: Plan, cfg, micro_batch_per_stage: bool = True) -> None:
     """Refuse, in one line, a plan that meshplan's runtime could not run on a model of `cfg`
     (a planner.models.ModelConfig): seq above max_seq, 1F1B with fewer micro-batches than
     stages, sequence parallelism over a sequence tp does not divide, a tp that does not divide
@@ -119,7 +119,8 @@ def check_runnable(plan: Plan, cfg) -> None:
     if plan.seq > cfg.max_seq:
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
     plan.check_fits(cfg.layers)
-    check_schedule(plan)
+    if micro_batch_per_stage:   # torch.distributed.pipelining's 1F1B (planner.engines.Engine)
+        check_schedule(plan)
     if plan.sequence_parallel and plan.seq % plan.tp:
         raise MeshplanError(f"sequence parallelism splits seq {plan.seq} over tp {plan.tp}: "
                             f"make tp divide seq or drop sequence_parallel")

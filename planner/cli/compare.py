@@ -10,7 +10,8 @@ import json
 
 from cost_models import MeshplanError
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
-from planner.cli.flags import MODEL_HELP, add_batch_flags, add_plan_flags, check_image_path, pinned as pinned_flags
+from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags, check_image_path,
+                               engine_args, pinned as pinned_flags)
 from planner.cli.tables import console_for
 from planner.compare import ClusterChoice, compare
 
@@ -33,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png; never overwritten)")
     add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
                    PIN_FLAGS)
+    add_engine_flags(p)
 
 
 def run(args) -> int:
@@ -43,7 +45,7 @@ def run(args) -> int:
     pinned = pinned_flags(args, PIN_FLAGS)
     choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
                       prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
-                      **pinned)
+                      **engine_args(args), **pinned)
     if args.plot:
         from planner.cli.plots import compare_png
         compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")

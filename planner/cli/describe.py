@@ -1,6 +1,7 @@
-"""`meshplan describe`, `models`, `gpus` and `validate`: what meshplan knows, looked up.
+"""`meshplan describe`, `models`, `gpus`, `engines` and `validate`: what meshplan knows, looked up.
 
-A model's size and a cluster's summary, the model presets, the GPU catalogue, and whether
+A model's size and a cluster's summary, the model presets, the GPU catalogue, the training
+engines, and whether
 a plan file is valid (and fits a model and cluster). Nothing is traced or simulated.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from planner.zoo import PRESETS, load_model
 
 
 def register(sub) -> None:
-    """Add the four look-up subcommands to the `meshplan` subparsers."""
+    """Add the five look-up subcommands to the `meshplan` subparsers."""
     p = sub.add_parser("describe", help="a model's parameter count and a cluster's summary")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
@@ -35,6 +36,10 @@ def register(sub) -> None:
     p = sub.add_parser("gpus", help="list the GPU catalogue and named systems")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_gpus)
+
+    p = sub.add_parser("engines", help="list the training engines a plan can name, what each offers, its options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_engines)
 
     p = sub.add_parser("validate", help="check a plan file (and its fit to a model and cluster)")
     p.add_argument("--plan", required=True)
@@ -107,6 +112,33 @@ def _gpus(args) -> int:
     console = console_for(table)
     console.print(table)
     console.print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
+    return 0
+
+
+def _engines(args) -> int:
+    from planner.engines import ENGINES
+    from planner.engines.base import option_text
+    rows = [dict(name=e.name, describes=e.describes, zero=list(e.zero), pipeline_zero=list(e.pipeline_zero),
+                 schedules=list(e.schedules), recompute=list(e.recompute), precisions=list(e.precisions),
+                 sequence_parallel=e.sequence_parallel, offload_optimizer=e.offload_optimizer,
+                 options={k: dict(values=list(map(option_text, o.values)), default=option_text(o.default), help=o.help)
+                          for k, o in e.options.items()}) for e in ENGINES.values()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title="training engines (--engine; options: --engine-option KEY=VALUE)")
+    for col in ("engine", "ZeRO (with pp)", "schedules", "recompute", "precisions", "sp", "offload", "options"):
+        table.add_column(col, no_wrap=col == "engine")
+    for e, r in zip(ENGINES.values(), rows):
+        zero = "".join(map(str, e.zero)) + (f" ({''.join(map(str, e.pipeline_zero))})"
+                                            if e.pipeline_zero != e.zero else "")
+        options = "; ".join(f"{k}: {'|'.join(o['values'])} (default {o['default']})" for k, o in r["options"].items())
+        table.add_row(e.name, zero, ", ".join(e.schedules), ", ".join(e.recompute), ", ".join(e.precisions),
+                      "yes" if e.sequence_parallel else "no", "yes" if e.offload_optimizer else "no", options or "-")
+    console = console_for(table)
+    console.print(table)
+    for e in ENGINES.values():
+        console.print(f"{e.name}: {e.describes}", highlight=False)
     return 0
 
 

@@ -83,6 +83,25 @@ def add_plan_flags(parser, names, defaults: bool = False, help: dict | None = No
         parser.add_argument(flag(name), **kw)
 
 
+def add_engine_flags(parser) -> None:
+    """`--engine NAME` and repeatable `--engine-option KEY=VALUE` (planner.engines)."""
+    from planner.engines import DEFAULT_ENGINE, ENGINES
+    parser.add_argument("--engine", type=str.lower, choices=list(ENGINES),
+                        help=f"the training engine that runs the plan (default {DEFAULT_ENGINE}); "
+                             "`meshplan engines` lists what each offers and its options")
+    parser.add_argument("--engine-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="an option of the engine that changes cost (repeatable), e.g. overlap_grad_reduce=true")
+
+
+def engine_args(args) -> dict:
+    """{"engine": ..., "engine_options": {...}} from the flags; {} when neither is given."""
+    from planner.engines import DEFAULT_ENGINE, get_engine
+    if args.engine is None and not args.engine_option:
+        return {}
+    engine = get_engine(args.engine or DEFAULT_ENGINE)
+    return {"engine": engine.name, "engine_options": engine.parse_options(args.engine_option or [])}
+
+
 def pinned(args, names) -> dict:
     """The plan fields among `names` given on the command line (a None flag is searched)."""
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}

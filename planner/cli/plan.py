@@ -9,8 +9,9 @@ from rich.table import Table
 from cost_models import parse_cluster
 from cost_models.inputs import finite_number, whole_number
 from cost_models.units import GB, GIB
-from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_plan_flags,
-                               check_distinct, check_image_path, pinned as pinned_flags)
+from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_engine_flags,
+                               add_plan_flags, check_distinct, check_image_path, engine_args,
+                               pinned as pinned_flags)
 from planner.cli.tables import console_for
 from cost_models.inputs import check_output_path
 from planner.plan import PINNABLE, RECOMPUTE_MODES
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_batch_flags(p, required=True)
     p.add_argument("--top", type=int, default=5, help="how many plans to list (default 5)")
     add_plan_flags(p.add_argument_group("pin a dimension (the search fills in the rest)"), PINNABLE, help=PIN_HELP)
+    add_engine_flags(p)
     p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor parallelism to span nodes")
     p.add_argument("--reserve", type=float, help="GB of each GPU kept free beyond the CUDA context "
                                                  "(default 3%% of the GPU's memory)")
@@ -53,7 +55,7 @@ def run(args) -> int:
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     reserve = None if args.reserve is None else args.reserve * GB
     plans = plan(spec, cluster, args.global_batch, args.seq, top_k=args.top, compute=compute, comm=comm,
-                 reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **pinned)
+                 reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **engine_args(args), **pinned)
     if args.out:
         best = plans[0]
         best.save(args.out, overwrite=args.force)

@@ -14,10 +14,11 @@ from rich.table import Table
 from cost_models import MeshplanError, parse_cluster
 from cost_models.inputs import parse_json
 from cost_models.units import GIB
-from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_plan_flags, check_distinct,
-                               check_image_path, flag, pinned, with_defaults)
+from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_engine_flags, add_plan_flags,
+                               check_distinct, check_image_path, engine_args, flag, pinned, with_defaults)
 from planner.cli.tables import console_for
 from cost_models.inputs import check_output_path
+from planner.engines.base import option_text
 from planner.plan import Plan
 from planner.zoo import load_model
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
     add_batch_flags(p, required=False, seq_default=None)
     add_plan_flags(p, PLAN_FIELDS, defaults=True, help=FIELD_HELP)
+    add_engine_flags(p)
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
     p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
     p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
@@ -44,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # What --plan fixes (a flag beside it would be ignored), and what --batch's cases carry.
-_JOB_FIELDS = ("global_batch", "seq") + PLAN_FIELDS
+_JOB_FIELDS = ("global_batch", "seq") + PLAN_FIELDS + ("engine", "engine_option")
 _OUTPUTS = ("trace", "timeline", "memory_plot")
 
 
@@ -78,7 +80,7 @@ def _plan_from_args(args) -> Plan:
     if missing:
         raise MeshplanError(f"give {' and '.join(missing)} (or --plan FILE)")
     fields = with_defaults(pinned(args, _PLAN_ARGS), _PLAN_ARGS)
-    return Plan(**fields, global_batch=args.global_batch, seq=args.seq or DEFAULT_SEQ,
+    return Plan(**fields, **engine_args(args), global_batch=args.global_batch, seq=args.seq or DEFAULT_SEQ,
                 model=args.model, cluster=args.cluster)
 
 
@@ -93,10 +95,11 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
 
 
 _CASE_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
-              "interleave", "sequence_parallel"}
+              "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
 
 
 def _simulate_one(case: dict):
+    from cost_models.cluster import cluster_from_dict
     from planner.simulate import simulate
     unknown = sorted(map(str, set(case) - _CASE_KEYS - {"model", "cluster", "checkpoint"}))
     if unknown:
@@ -104,12 +107,14 @@ def _simulate_one(case: dict):
     for key in ("model", "cluster"):
         if case.get(key) is None:
             raise MeshplanError(f"each case needs a {key}")
-    if not isinstance(case["model"], (str, dict)) or not isinstance(case["cluster"], str):
-        raise MeshplanError("a case's model is a name, path or config object, and its cluster a string")
+    if not isinstance(case["model"], (str, dict)) or not isinstance(case["cluster"], (str, dict)):
+        raise MeshplanError("a case's model and cluster are each a name, a file path or a config object")
     spec = load_model(case["model"])
+    cluster = case["cluster"]
+    cluster = cluster_from_dict(cluster, "the case's cluster") if isinstance(cluster, dict) else parse_cluster(cluster)
     plan = Plan(**{k: v for k, v in case.items() if k in _CASE_KEYS})
     plan = _with_layers(plan, spec, case.get("checkpoint"))
-    return simulate(plan, spec, case["cluster"])
+    return simulate(plan, spec, cluster)
 
 
 def run(args) -> int:
@@ -172,7 +177,8 @@ def _print_result(plan: Plan, result) -> None:
     console = console_for(table)
     console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
-                  f"{plan.schedule}")
+                  f"{plan.schedule}, run by {plan.engine}"
+                  + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
     console.print("phases: " + format_phases(result.phases))

@@ -81,8 +81,9 @@ class _BlockCosts:
 class StageCosts:
     """The per-rank data of the formulation, read off a `planner.simulate.step._Simulation`."""
 
-    def __init__(self, sim, in_flight: list[int]):
+    def __init__(self, sim, in_flight: list[int], modes: tuple = RECOMPUTE_MODES):
         self.sim, plan = sim, sim.plan
+        self.modes = modes   # the recompute modes the plan's engine offers (planner.engines.Engine.recompute)
         self.pp, self.v = plan.pp, plan.interleave
         self.blocks = sim.traced.blocks
         self.k = np.array([k / self.v for k in in_flight], dtype=float)
@@ -155,7 +156,7 @@ def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinne
         extra = n * (b.time_s[pinned] - b.time_s["none"])
         return np.where(mem <= budget, extra, np.inf), {m: n if m == pinned else zero for m in RECOMPUTE_MODES}
     need = g + n * b.state_bytes + k * n * b.act_bytes["none"] - budget   # bytes to save
-    options = _vertices(b, k, n, need)
+    options = _vertices(b, k, n, need, costs.modes)
     times = np.stack([time for time, _ in options])
     best = np.argmin(times, axis=0)
     cost = np.where(need <= 0, 0.0, times.min(axis=0))
@@ -166,17 +167,17 @@ def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinne
     return cost, dict(zip(RECOMPUTE_MODES, chosen))
 
 
-def _vertices(b: _BlockCosts, k: np.ndarray, n: np.ndarray, need: np.ndarray) -> list:
+def _vertices(b: _BlockCosts, k: np.ndarray, n: np.ndarray, need: np.ndarray, modes: tuple) -> list:
     """The inner LP's candidate vertices as (extra time, {mode: blocks}), inf where one does
-    not fit: every saving from one mode, or every block recomputed with two modes' mix."""
-    save = {m: k * (b.act_bytes["none"] - b.act_bytes[m]) for m in RECOMPUTE_MODES}   # per block
-    extra_s = {m: b.time_s[m] - b.time_s["none"] for m in RECOMPUTE_MODES}
+    not fit: every saving from one of `modes`, or every block recomputed with two modes' mix."""
+    save = {m: k * (b.act_bytes["none"] - b.act_bytes[m]) for m in modes}   # per block
+    extra_s = {m: b.time_s[m] - b.time_s["none"] for m in modes}
     options = []
     with np.errstate(divide="ignore", invalid="ignore"):
-        for m in RECOMPUTE_MODES:
+        for m in modes:
             x = np.where(save[m] > 0, np.ceil(np.maximum(need, 0) / save[m]), np.inf)
             options.append((np.where(x <= n, extra_s[m] * x, np.inf), {m: x}))
-        for pair in itertools.combinations(RECOMPUTE_MODES, 2):
+        for pair in itertools.combinations(modes, 2):
             low, high = sorted(pair, key=lambda m: b.act_bytes[m], reverse=True)   # high saves more
             y = np.where(save[high] > save[low], np.ceil((need - n * save[low]) / (save[high] - save[low])), np.inf)
             y = np.clip(y, 0, None)

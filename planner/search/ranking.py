@@ -37,6 +37,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ, check_tokens_per_step, finite_number,
                                 shown, whole_number)
 from cost_models.memory import model_state_bytes
+from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
 from planner.search.partition import StageCosts, partition
@@ -110,12 +111,14 @@ class _Candidate:
 
 def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "bf16", top_k: int = 5,
          compute: ComputeModel | None = None, comm: CommModel | None = None,
-         reserve_bytes: float | None = None, tp_across_nodes: bool = False, **pinned) -> RankedPlans:
+         reserve_bytes: float | None = None, tp_across_nodes: bool = False, engine: str = DEFAULT_ENGINE,
+         engine_options: dict | None = None, **pinned) -> RankedPlans:
     """The `top_k` best plans (each with `.result`), best first.
 
     Any of PINNABLE may be given to fix that dimension (`precision=None` searches it).
-    Raises MeshplanError when nothing fits, naming the memory the leanest plan needs and
-    how many GPUs would hold it.
+    `engine` (planner.engines) runs the plans: only plans it can run are proposed, priced as
+    it runs them (with `engine_options`). Raises MeshplanError when nothing fits, naming the
+    memory the leanest plan needs and how many GPUs would hold it.
     """
     start = time.perf_counter()
     spec, cluster = load_model(model), parse_cluster(cluster)
@@ -123,7 +126,11 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
         pinned["precision"] = precision
     check_pinned(pinned, top_k, global_batch, seq)
     _check_options(compute, comm, reserve_bytes, tp_across_nodes)
-    search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned)
+    runner = get_engine(engine)
+    options = runner.checked_options(engine_options)
+    check_pins_for_engine(pinned, runner)
+    search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
+                     runner, options)
     plans = search.run(top_k)
     search.stats.search_s = time.perf_counter() - start
     return RankedPlans(plans, search.stats, search.rejections, search.budget_bytes,
@@ -177,6 +184,20 @@ def _check_pins_agree(pinned: dict, global_batch: int):
                             f"{per_step}: change global_batch, micro_batch or dp")
 
 
+def check_pins_for_engine(pinned: dict, engine) -> None:
+    """A pinned value the engine does not offer, refused in one line before any search."""
+    offered = {"zero": engine.zero, "schedule": engine.schedules, "precision": engine.precisions,
+               "checkpoint": ("none", *engine.recompute)}
+    for name, values in offered.items():
+        if name in pinned and pinned[name] not in values:
+            raise MeshplanError(f"{engine.name} offers {name} {', '.join(map(str, values))}, not {pinned[name]}: "
+                                f"change --{name} or --engine")
+    for name in ("sequence_parallel", "offload_optimizer"):
+        if pinned.get(name) and not getattr(engine, name):
+            raise MeshplanError(f"{engine.name} has no {name.replace('_', ' ')}: drop --{name.replace('_', '-')} "
+                                f"or change --engine")
+
+
 def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
     for value, kind, name in ((compute, ComputeModel, "compute"), (comm, CommModel, "comm")):
         if value is not None and not isinstance(value, kind):
@@ -188,8 +209,10 @@ def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
 
 
 class _Search(SearchSpace, Diagnosis):
-    def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned):
+    def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
+                 engine=None, engine_options=None):
         self.spec, self.cluster = spec, cluster
+        self.engine, self.engine_options = engine or get_engine(DEFAULT_ENGINE), engine_options or {}
         self.global_batch, self.seq, self.pinned = global_batch, seq, pinned
         self.tp_across_nodes = tp_across_nodes
         self.compute = compute or ComputeModel(cluster.gpu)
@@ -209,10 +232,14 @@ class _Search(SearchSpace, Diagnosis):
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
         started = time.perf_counter()
-        sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm)
+        sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm, self.execution(plan))
         self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
         self._sims[(plan.micro_batch, plan.precision)] = True
         return sim
+
+    def execution(self, plan: Plan):
+        """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
+        return self.engine.execution_for(self.engine_options, plan.zero)
 
     def states_floor_bytes(self, plan: Plan) -> float:
         """Model states of an even 1/(tp*pp) share of the parameters: no rank holds less."""
@@ -265,7 +292,8 @@ class _Search(SearchSpace, Diagnosis):
         """Partition + checkpoint the candidate; its estimated step time (inf: nothing fits)."""
         plan = cand.plan
         sim = self.simulation(plan)
-        costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave))
+        costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave),
+                           self.engine.recompute)
         pinned = self.pinned.get("checkpoint")
         budgets = cand.budgets or [self.budget_bytes / ALLOCATOR_RESERVED_RATIO] * plan.pp
         cand.budgets = budgets
@@ -359,7 +387,8 @@ class _Search(SearchSpace, Diagnosis):
         best = None
         for _ in range(REFIT_ROUNDS + 1):
             plan = self._with_layout(cand.plan)
-            result = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm).run()
+            result = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm,
+                                       self.execution(plan)).run()
             self.stats.simulated += 1
             over = [s.peak_reserved_bytes - self.budget_bytes for s in result.stages]
             if max(over) <= 0 and result.fits:
@@ -389,7 +418,7 @@ class _Search(SearchSpace, Diagnosis):
     def _with_layout(self, plan: Plan) -> Plan:
         """The plan with the TP-layout ILP's layout (solved once per block signature and
         (micro-batch, precision, tp, sp)); embedding and head vocabulary-parallel."""
-        if plan.tp == 1 or self.spec.config is None:
+        if plan.tp == 1 or self.spec.config is None or not self.engine.searched_tp_layout:
             return replace(plan)
         key = (plan.micro_batch, plan.precision, plan.tp, plan.sequence_parallel)
         if key not in self._layouts:

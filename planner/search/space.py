@@ -62,9 +62,14 @@ class SearchSpace:
                 if per_rank % mb or per_rank // mb > MAX_MICRO_BATCHES:
                     continue
                 m = per_rank // mb
-                for zero in self.values("zero", (0, 1, 2, 3) if dp > 1 else (0,)):
-                    for offload in self.values("offload_optimizer", (False, True) if zero >= 2 else (False,)):
-                        for sp in self.values("sequence_parallel", (False, True) if tp > 1 else (False,)):
+                zeros = self.engine.pipeline_zero if pp > 1 else self.engine.zero
+                for zero in self.values("zero", zeros if dp > 1 else (0,)):
+                    if zero not in zeros:
+                        continue
+                    offloads = (False, True) if zero >= 2 and self.engine.offload_optimizer else (False,)
+                    for offload in self.values("offload_optimizer", offloads):
+                        sps = (False, True) if tp > 1 and self.engine.sequence_parallel else (False,)
+                        for sp in self.values("sequence_parallel", sps):
                             if sp and (tp < 2 or self.seq % tp):
                                 continue   # the runtime shards the sequence evenly over tp >= 2
                             for schedule, v in self._schedules(pp, m):
@@ -72,17 +77,20 @@ class SearchSpace:
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
                                                 schedule=schedule, interleave=v, sequence_parallel=sp,
                                                 offload_optimizer=offload, model=self.spec.name,
-                                                cluster=self.cluster.name))
+                                                cluster=self.cluster.name, engine=self.engine.name,
+                                                engine_options=dict(self.engine_options)))
         return out
 
     def _schedules(self, pp: int, micro_batches: int):
         blocks = self.spec.config.layers if self.spec.config else None
         schedules = self.values("schedule", ("1f1b", "gpipe", "interleaved") if pp > 1 else ("1f1b",))
         for schedule in schedules:
+            if pp > 1 and schedule not in self.engine.schedules:
+                continue
             if schedule == "gpipe" and "schedule" not in self.pinned:
                 self.stats.pruned_dominated += 1
                 continue
-            if schedule == "1f1b" and pp > 1 and micro_batches < pp:
+            if schedule == "1f1b" and pp > 1 and micro_batches < pp and self.engine.micro_batch_per_stage:
                 continue   # the runtime's 1F1B needs a micro-batch per stage (pipeline.check_schedule)
             if schedule != "interleaved":
                 yield schedule, 1

@@ -26,13 +26,13 @@ from planner.plan import Plan, even_stages
 from planner.simulate import fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
-from planner.simulate.execution import MESHPLAN_RUNTIME, Execution
+from planner.engines import MESHPLAN_RUNTIME, Execution, get_engine
 from planner.simulate.memory import CUDA_CONTEXT_BYTES, MemoryMixin, StageMemory
 from planner.simulate.schedule import build_schedule, simulate_pipeline
 from planner.simulate.times import FsdpExposure, LayerTimes
 from planner.simulate.traces import model_key, trace_cached
 from planner.torch_compat import traces_attention_core
-from planner.zoo import load_model
+from planner.zoo import ModelSpec, load_model
 
 
 @dataclass
@@ -73,17 +73,18 @@ class SimResult:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> SimResult:
-    """Simulate one training step of `plan`, run as `execution` says (default: meshplan's runtime).
+             comm: CommModel | None = None, execution: Execution | None = None) -> SimResult:
+    """Simulate one training step of `plan` as its engine runs it (`plan.engine`, with
+    `plan.engine_options`; planner.engines); `execution` overrides the engine's profile.
 
-    Raises MeshplanError on bad arguments and on a plan the runtime could not run on the
-    model (planner.arch.layout.check_runnable); a plan that does not fit memory is priced,
-    with `fits` False."""
+    Raises MeshplanError on bad arguments, on a plan the engine cannot run, and on a plan
+    that could not run on the model (planner.arch.layout.check_runnable); a plan that does
+    not fit memory is priced, with `fits` False."""
     return prepare(plan, model, cluster, compute, comm, execution).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
-            execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
+            execution: Execution | None = None) -> "_Simulation":
     """The simulation of `plan`, ready to `run()`, its arguments checked as simulate() checks them.
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
@@ -96,15 +97,21 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
         if value is not None and not isinstance(value, kind):
             raise MeshplanError(f"{name} must be a {kind.__name__} or None, got {shown(value)}")
     spec, cluster = load_model(model), parse_cluster(cluster)
-    if spec.config is not None and (execution or MESHPLAN_RUNTIME) == MESHPLAN_RUNTIME:
+    engine = get_engine(plan.engine)
+    if execution is None:
+        engine.check(plan)
+        execution = engine.execution_for(plan.engine_options, plan.zero)
+        if spec.config is not None:
+            check_runnable(plan, spec.config, engine.micro_batch_per_stage)
+    elif spec.config is not None and execution == MESHPLAN_RUNTIME:
         check_runnable(plan, spec.config)
-    return prepare_unchecked(plan, spec, cluster, compute, comm, execution or MESHPLAN_RUNTIME)
+    return prepare_unchecked(plan, spec, cluster, compute, comm, execution)
 
 
 def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None = None,
                       comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
     """prepare() for the search, whose candidates are Plans it built runnable."""
-    spec, cluster = load_model(model), parse_cluster(cluster)
+    spec, cluster = with_engine_kernels(load_model(model), execution), parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
         raise MeshplanError(f"seq {plan.seq} exceeds the model's max_seq {spec.config.max_seq}")
     if "attention" in plan.checkpoint and not traces_attention_core():
@@ -139,6 +146,14 @@ PHASE_WORDS = {"compute_s": "compute", "recompute_s": "recomputation",
                "exposed_tp_comm_s": "exposed tensor-parallel communication",
                "exposed_dp_comm_s": "exposed data-parallel communication",
                "pipeline_bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
+
+
+def with_engine_kernels(spec: ModelSpec, execution: Execution) -> ModelSpec:
+    """The model as the engine runs it: its core-attention kernel when the engine fixes one
+    (Execution.attention; Megatron-LM of 2021 ran only the unfused one)."""
+    if execution.attention is None or spec.config is None or spec.config.attention == execution.attention:
+        return spec
+    return ModelSpec(spec.name, replace(spec.config, attention=execution.attention))
 
 
 class _Simulation(CommMixin, MemoryMixin):

@@ -1,5 +1,6 @@
-"""Execution profiles: how a training framework runs a plan where frameworks differ
-(meshplan's runtime, MESHPLAN_RUNTIME, and Megatron-LM as of 2021, MEGATRON_2021)."""
+"""Execution: how a training engine runs a plan, where engines differ (the knobs the
+simulator reads). Each engine's profile (planner/engines/<engine>.py) sets them from that
+engine's code; MESHPLAN_RUNTIME is meshplan's own runtime."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Execution:
-    """How a training framework runs a plan, where frameworks differ. The default is
-    meshplan's runtime; MEGATRON_2021 is Megatron-LM as the measured runs used it.
+    """How a training engine runs a plan, where engines differ. The defaults are meshplan's
+    runtime (MESHPLAN_RUNTIME).
 
     overlap_dp_comm: the gradient all-reduce runs in buckets during backward (torch DDP)
         rather than after it.
@@ -32,6 +33,9 @@ class Execution:
         block's last collective - its MLP output's reduction - is not issued again
         (measured: tests/parity/test_comm_volume.py); Megatron-LM's reentrant checkpoint reruns the
         whole forward.
+    attention: the core-attention kernel the engine runs whatever the model config says
+        (planner.models.ATTENTION_KINDS: "sdpa" = one fused kernel, "unfused" = Megatron-LM's
+        baddbmm-softmax-dropout-bmm); None = the model's own.
     replicate_copies_params: ZeRO 0 with dp > 1 runs torch's FSDP-based `replicate`, which
         keeps a second (unsharded) copy of the parameters from forward to backward
         (planner.simulate.fsdp.drive; measured: tests/parity/test_state_bytes.py); Megatron-LM's DDP reduces
@@ -52,32 +56,7 @@ class Execution:
     megatron_kernels: bool = False
     recompute_stops_early: bool = True
     replicate_copies_params: bool = True
+    attention: str | None = None
 
 
 MESHPLAN_RUNTIME = Execution()
-# Megatron-LM's per-micro-batch host work, counted launch by launch in its code (2021-22):
-# - batch (pretrain_gpt.get_batch, every stage): the sizes' H2D copy, broadcast and D2H
-#   read-back, the tokens' H2D copy and broadcast, two .contiguous() for tokens/labels, and
-#   get_ltor_masks_and_position_ids' ones, tril, ones (loss mask), arange and `< 0.5`: 12.
-#   Its 'batch-generator' and 'forward-compute' timers call torch.cuda.synchronize().
-# - loss forward: mpu.vocab_parallel_cross_entropy issues 20 launches (max, three
-#   all-reduces, sub_, masks, clone, two masked fills, arange, gather, clone, exp, sum, log,
-#   sub, div_) where the trace has 2; loss_func and average_losses_across_data_parallel_group
-#   add 8 (mul, two sums, div, clone, cat, all-reduce, div) and the schedule 1 (/ num
-#   micro-batches): 18 + 8 + 1 = 27.
-# - loss backward: the cross-entropy's 7 (arange, float, rsub, index, sub, index_put, mul_),
-#   the loss scaling (1) and the gradients of loss_func's and the schedule's ops (5), where the
-#   trace's two loss ops count for ~3: 10.
-MEGATRON_BATCH_HOST_OPS = 12
-MEGATRON_LOSS_HOST_OPS = (27, 10)
-# Megatron's kernels (megatron_kernels), on by default in its arguments (the --no-*-fusion
-# flags turn them off; examples/sc21 and vTrain's model keep them on):
-# - attention: FusedScaleMaskSoftmax runs its CUDA kernels
-#   (megatron/fused_kernels/scaled_upper_triang_masked_softmax*.cu, scaled_masked_softmax*.cu)
-#   for fp16/bf16 scores: scale, causal mask and softmax in one pass over the scores; q, k
-#   and v stay [seq, batch, heads, head_dim] views into the QKV projection's output, which
-#   baddbmm and bmm read strided;
-# - residual branches: bias_dropout_add_fused_train (torch.jit.script), one kernel.
-MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
-                          batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
-                          megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False)

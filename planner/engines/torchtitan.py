@@ -1,0 +1,19 @@
+"""torchtitan (pytorch/torchtitan at b5bcd76, Aug 2026): the same PyTorch-native pieces as
+meshplan's runtime - FSDP2 (`fully_shard`), DTensor tensor parallelism, torch.distributed.pipelining,
+torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewer choices:
+- FSDP2 shards parameters, gradients and optimizer state together: ZeRO-3, or ZeRO-2 with
+  `parallelism.fsdp_reshard_after_forward = "never"`; there is no ZeRO-1, and pure data
+  parallelism is `data_parallel_replicate_degree` (torchtitan/config/configs.py);
+- `training.mixed_precision_param` is "bfloat16" or "float32": no fp16 (no loss scaling);
+- activation checkpointing is none, selective (op-level: SelectiveAC) or full (FullAC)
+  (torchtitan/distributed/activation_checkpoint.py); no attention-core mode;
+- each model's parallelize.py applies a fixed Megatron-style TP plan, not a searched layout;
+- `training.enable_cpu_offload` is FSDP2's CPUOffloadPolicy (meshplan's offload_optimizer).
+"""
+from planner.engines.base import Engine, register
+from planner.engines.execution import MESHPLAN_RUNTIME
+
+TORCHTITAN = register(Engine(
+    name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
+    zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16"),
+    searched_tp_layout=False))
