@@ -88,7 +88,7 @@ class Engine:
                 raise MeshplanError(f"engine {self.name} has no option {shown(name)}; its options: {known}")
             allowed = self.options[name].values
             if not any(type(v) is type(value) and v == value for v in allowed):
-                raise MeshplanError(f"engine {self.name} option {name} takes {', '.join(map(_text, allowed))}, "
+                raise MeshplanError(f"engine {self.name} option {name} takes {', '.join(map(option_text, allowed))}, "
                                     f"got {shown(value)}")
         return dict(options)
 
@@ -106,7 +106,7 @@ class Engine:
             matches = [v for v in option.values if option_text(v) == text.strip().lower()]
             if not matches:
                 raise MeshplanError(f"--engine-option {name}: {self.name} takes "
-                                    f"{', '.join(map(_text, option.values))}, got {text!r}")
+                                    f"{', '.join(map(option_text, option.values))}, got {text!r}")
             options[name] = matches[0]
         return self.checked_options(options)
 

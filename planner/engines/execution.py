@@ -12,7 +12,8 @@ class Execution:
     runtime (MESHPLAN_RUNTIME).
 
     overlap_dp_comm: the gradient all-reduce runs in buckets during backward (torch DDP)
-        rather than after it.
+        rather than after it. It prices ZeRO 0's all-reduce; ZeRO 1-3 reductions are priced
+        as FSDP2 schedules them (planner.simulate.fsdp) for every engine.
     cast: how the low precision is applied (planner.plan.CASTS); None = `plan.cast`.
         "params" with ZeRO 0 is Megatron's fp16 training: fp16 parameters and gradients,
         fp32 master weights in the optimizer (the model-state memory stays meshplan's).
