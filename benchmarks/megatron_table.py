@@ -12,12 +12,12 @@ node, 8x 200 Gb/s HDR InfiniBand per node (one 200 Gb/s NIC per GPU) = the named
 
 Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degrees):
 (a) `plan()` with the paper's tp and pp pinned, the rest searched (meshplan's runtime);
-    and the paper's system: tp, pp, full recompute, no ZeRO and no sequence parallelism
-    pinned, the model as Megatron-LM ran it in 2021 (unfused attention - flash attention
-    came in 2022 - and dropout 0.1), executed as Megatron-LM of 2021 did
-    (planner.simulate.MEGATRON_2021: fp16 parameters and gradients, the gradient all-reduce
-    after backward, blocking pipeline sends with scatter/gather, its fused kernels). These
-    are facts of the measured system, not fits; this column is the bar.
+    and the paper's system through the CLI: `meshplan plan --engine megatron-lm@2021` with
+    tp, pp, full recompute, no ZeRO and no sequence parallelism pinned, the model with
+    Megatron's dropout 0.1; the engine (planner/engines/megatron_lm.py) runs the unfused
+    core attention - flash attention came in 2022 -, fp16 parameters and gradients, the
+    gradient all-reduce after backward, blocking pipeline sends with scatter/gather and its
+    fused kernels. These are facts of the measured system, not fits; this column is the bar.
     Predicted TFLOP/s per GPU uses the paper's own FLOP count, which includes the recompute
     forward pass whatever the plan checkpoints: F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))
     per iteration, divided by (simulated step time x GPUs).
@@ -25,7 +25,9 @@ Per row (the paper's GPU count, global batch, tensor- and pipeline-parallel degr
     (tokens/s) is at least that of the pinned-(tp, pp) plan;
 (c) "as run": the paper's system as its artifact ran it (Megatron-LM examples/sc21/
     run_table_1.sh): its micro-batch size, virtual pipeline stages and DDP implementation
-    (torch DDP overlaps the all-reduce with backward, Megatron's local DDP runs it after).
+    (torch DDP overlaps the all-reduce with backward, Megatron's local DDP runs it after),
+    one `meshplan simulate --batch` case per row (engine option ddp_impl).
+`--commands` prints the meshplan commands of (a)'s Megatron column and (c).
 Nothing here is fitted; the paper does not report micro-batch sizes and interleave factors,
 so (a) lets the planner choose them, as the bar asks. Precision is the planner's default
 (bf16; the paper ran fp16 mixed precision, and the A100's bf16 and fp16 peaks are equal).
@@ -33,27 +35,31 @@ so (a) lets the planner choose them, as the bar asks. Precision is the planner's
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
+from planner.cli import main as meshplan
 from planner.plan import RECOMPUTE_MODES, Plan
 from planner.search import plan
-from planner.simulate import MEGATRON_2021, simulate
 from planner.zoo import PRESETS
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TABLE = "megatron_sc21_table1.json"
 GPUS_PER_NODE = 8   # DGX A100
 BAR_PCT = 10.0      # the issue's bar: predicted TFLOP/s within 10 % of the paper's on every row
-MEGATRON_2021_MODEL = dict(attention="unfused", dropout=0.1)   # Megatron-LM's GPT as the paper ran it
+MEGATRON_2021_MODEL = dict(dropout=0.1)   # Megatron-LM's GPT as the paper ran it (its default dropout)
 # The paper's execution, pinned: full recompute, no ZeRO, and no sequence parallelism (it came
 # a year later, Korthikanti et al. 2022): with tp 8, every GPU of the TP group runs the
-# LayerNorms, dropouts and residual adds on the whole residual stream.
-MEGATRON_2021_PINNED = dict(checkpoint="full", zero=0, sequence_parallel=False)
+# LayerNorms, dropouts and residual adds on the whole residual stream. The engine
+# `megatron-lm@2021` offers nothing else, and runs the unfused core attention.
+MEGATRON_2021_FLAGS = ["--engine", "megatron-lm@2021", "--checkpoint", "full", "--zero", "0",
+                       "--no-sequence-parallel"]
 # The artifact's settings per row, keyed by (layers, hidden): global batch (checked against
 # the table), micro-batch, layers per virtual pipeline stage (0: no interleaving) and
 # --DDP-impl. Source: NVIDIA/Megatron-LM examples/sc21/run_table_1.sh.
@@ -90,31 +96,60 @@ def scored(row: dict, plan_text: str, result, plan_s: float) -> dict:
                 error_pct=100 * (tflops - row["achieved_tflops_per_gpu"]) / row["achieved_tflops_per_gpu"])
 
 
-def timed_plan(model, row: dict, megatron: bool = False, **pinned) -> dict:
-    """The best plan for the row (with `pinned`), its predicted TFLOP/s by the paper's count;
-    `megatron`: that plan simulated as Megatron-LM of 2021 executes it (MEGATRON_2021)."""
+def timed_plan(model, row: dict, **pinned) -> dict:
+    """The best plan for the row (with `pinned`) on meshplan's runtime, by `plan()`."""
     cluster = cluster_of(row)
     started = time.perf_counter()
     best = plan(model, cluster, row["global_batch_size"], row["seq_len"], top_k=1, **pinned)[0]
-    plan_s = time.perf_counter() - started
-    result = simulate(best, model, cluster, execution=MEGATRON_2021) if megatron else best.result
-    return scored(row, summary(best), result, plan_s)
+    return scored(row, summary(best), best.result, time.perf_counter() - started)
 
 
-def as_run(megatron_model: dict, row: dict) -> dict:
-    """The paper's system with the artifact's micro-batch, interleaving and DDP (AS_RUN)."""
+def cli(*args) -> str:
+    """`meshplan ARGS` through the CLI's own entry point (in this process: no torch import per
+    call); its stdout. Printed with --commands, to run by hand."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = meshplan([str(a) for a in args])
+    if code:
+        raise SystemExit(f"meshplan {' '.join(map(str, args))} exited {code}")
+    return out.getvalue()
+
+
+def paper_system(model_path: Path, row: dict, commands: list) -> dict:
+    """`meshplan plan --engine megatron-lm@2021` with the paper's tp and pp and the 2021 system
+    pinned (MEGATRON_2021_FLAGS): the search under Megatron-LM's own execution."""
+    args = ["plan", "--model", model_path, "--cluster", cluster_of(row), "--global-batch", row["global_batch_size"],
+            "--seq", row["seq_len"], "--tp", row["tensor_parallel"], "--pp", row["pipeline_parallel"],
+            *MEGATRON_2021_FLAGS, "--top", "1", "--json"]
+    commands.append("meshplan " + " ".join(map(str, args)))
+    started = time.perf_counter()
+    best = json.loads(cli(*args))["plans"][0]
+    result = best.pop("result")
+    best = Plan(**best)
+    return scored(row, summary(best), _Result(result), time.perf_counter() - started)
+
+
+def as_run_case(model: dict, row: dict) -> dict:
+    """The paper's system with the artifact's micro-batch, interleaving and DDP (AS_RUN), as a
+    `meshplan simulate --batch` case."""
     layers = row["num_layers"]
     global_batch, micro_batch, per_virtual_stage, ddp = AS_RUN[(layers, row["hidden_size"])]
     if global_batch != row["global_batch_size"]:
         raise SystemExit(f"run_table_1.sh's global batch {global_batch} is not the table's {row['global_batch_size']}")
     pp = row["pipeline_parallel"]
     chunks = layers // pp // per_virtual_stage if per_virtual_stage else 1
-    p = Plan(dp=row["data_parallel"], tp=row["tensor_parallel"], pp=pp, micro_batch=micro_batch,
-             global_batch=global_batch, seq=row["seq_len"], precision="fp16", interleave=chunks,
-             schedule="interleaved" if chunks > 1 else "1f1b", checkpoint=["full"] * layers)
-    execution = replace(MEGATRON_2021, overlap_dp_comm=ddp == "torch")
-    result = simulate(p, megatron_model, cluster_of(row), execution=execution)
-    return scored(row, summary(p) + f" {ddp}-ddp", result, 0.0)
+    return dict(model=model, cluster=cluster_of(row), dp=row["data_parallel"], tp=row["tensor_parallel"], pp=pp,
+                micro_batch=micro_batch, global_batch=global_batch, seq=row["seq_len"], precision="fp16",
+                interleave=chunks, schedule="interleaved" if chunks > 1 else "1f1b", checkpoint="full",
+                engine="megatron-lm@2021", engine_options={"ddp_impl": ddp})
+
+
+class _Result:
+    """A SimResult's JSON (`to_dict`) read back with the attributes `scored` uses."""
+
+    def __init__(self, data: dict):
+        self.step_time_s, self.tokens_per_s = data["step_time_s"], data["tokens_per_s"]
+        self.hfu, self.phases = data["hfu"], data["phases"]
 
 
 def summary(p) -> str:
@@ -126,16 +161,26 @@ def summary(p) -> str:
     return text + (" ckpt:" + "+".join(modes) if modes else "")
 
 
-def evaluate(row: dict) -> dict:
+def evaluate(row: dict, tmp: Path, commands: list) -> dict:
     model = preset_for(row)
     degrees = dict(tp=row["tensor_parallel"], pp=row["pipeline_parallel"])
     pinned = timed_plan(model, row, **degrees)
     megatron_model = {**PRESETS[model].to_dict(), **MEGATRON_2021_MODEL}
-    full = timed_plan(megatron_model, row, megatron=True, **MEGATRON_2021_PINNED, **degrees)
+    model_path = tmp / f"{model}-2021.json"
+    model_path.write_text(json.dumps(megatron_model))
+    full = paper_system(model_path, row, commands)
     free = timed_plan(model, row)
+    case = as_run_case(megatron_model, row)
+    cases = tmp / f"{model}-as-run.jsonl"
+    cases.write_text(json.dumps(case) + "\n")
+    commands.append(f"meshplan simulate --batch {cases.name}   # {json.dumps(case)}")
+    as_run = json.loads(cli("simulate", "--batch", cases))
+    if "error" in as_run:
+        raise SystemExit(f"{model} as run: {as_run['error']}")
+    ran = Plan(**{k: v for k, v in case.items() if k not in ("model", "cluster", "checkpoint")})
     return dict(model=model, params_billion=row["params_billion"], gpus=row["num_gpus"],
                 paper_tflops_per_gpu=row["achieved_tflops_per_gpu"], pinned=pinned, pinned_full=full,
-                as_run=as_run(megatron_model, row),
+                as_run=scored(row, summary(ran) + f" {case['engine_options']['ddp_impl']}-ddp", _Result(as_run), 0.0),
                 unconstrained=free, plan_quality_ok=free["tokens_per_s"] >= pinned["tokens_per_s"] * (1 - 1e-9),
                 unconstrained_speedup=free["tokens_per_s"] / pinned["tokens_per_s"])
 
@@ -178,11 +223,15 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
     parser.add_argument("--rows", type=int, default=0, help="evaluate only the first ROWS rows (default: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--commands", action="store_true", help="also print the meshplan commands of the Megatron "
+                                                                "columns (their files are temporary)")
     args = parser.parse_args(argv)
     rows = json.loads((args.reference / TABLE).read_text())["rows"]
     rows = rows[: args.rows] if args.rows > 0 else rows
     started = time.perf_counter()
-    results = [evaluate(row) for row in rows]
+    commands = []
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [evaluate(row, Path(tmp), commands) for row in rows]
     elapsed_s = time.perf_counter() - started
     if args.json:
         print(json.dumps(dict(rows=results, pinned=error_stats(results, "pinned"),
@@ -191,6 +240,8 @@ def main(argv=None) -> int:
     else:
         print_report(results)
         print(f"{len(results)} rows in {elapsed_s:.1f} s")
+    if args.commands:
+        print("\n".join(commands), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

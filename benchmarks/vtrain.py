@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,10 @@ def predict_ms_through_cli(rows: list[dict], cases_path: Path) -> list[float]:
     """Predicted iteration times from `meshplan simulate --batch CASES` (one process, the
     user's path): the cases are written to `cases_path`, one JSON object a line."""
     cases_path.write_text("".join(json.dumps(vtrain_case(row)) + "\n" for row in rows))
+    repo = Path(__file__).resolve().parents[1]   # this checkout's meshplan, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "planner.cli", "simulate", "--batch", str(cases_path)],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, cwd=repo, env=env)
     if proc.returncode:
         raise SystemExit(f"meshplan simulate --batch failed:\n{proc.stderr}")
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
