@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cost_models.errors import MeshplanError
+from cost_models.failures import Reliability, reliability_from_dict
 from cost_models.hardware import GPUSpec, custom_gpu, get_gpu
 from cost_models.inputs import MAX_GPUS, MAX_GPUS_PER_NODE, finite_number, load_file, shown, whole_number
 from cost_models.units import GB, GBIT_BYTES, GIB, US
@@ -55,6 +56,7 @@ class ClusterSpec:
     inter_node: LinkSpec
     price_usd_per_gpu_hour: float
     host_memory_bytes_per_gpu: float = HOST_MEMORY_BYTES_PER_GPU   # what optimizer offload may fill
+    reliability: Reliability = Reliability()   # failures, checkpoint bandwidth, restart, spot (cost_models.failures)
 
     def __post_init__(self):
         whole_number(self.nodes, "cluster nodes", high=MAX_GPUS)
@@ -71,6 +73,9 @@ class ClusterSpec:
 
     def with_price(self, usd_per_gpu_hour: float) -> "ClusterSpec":
         return replace(self, price_usd_per_gpu_hour=usd_per_gpu_hour)
+
+    def with_reliability(self, **changes) -> "ClusterSpec":
+        return replace(self, reliability=replace(self.reliability, **changes))
 
     def summary(self) -> str:
         return (f"{self.name}: {self.nodes} node(s) x {self.gpus_per_node} x {self.gpu.display_name} "
@@ -172,7 +177,7 @@ def cluster_from_file(path: Path) -> ClusterSpec:
 
 
 _CLUSTER_KEYS = {"name", "system", "gpu", "nodes", "gpus_per_node", "intra_node", "inter_node",
-                 "price_usd_per_gpu_hour"}
+                 "price_usd_per_gpu_hour", "reliability"}
 _LINK_KEYS = {"kind", "bandwidth_GBps", "bandwidth_Gbps", "latency_us"}
 
 
@@ -180,7 +185,9 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> ClusterSpec:
     """Keys: `gpu` (catalogue name or a custom-GPU mapping), `nodes`, `gpus_per_node`,
     optional `system` (a named system to start from), `name`, `price_usd_per_gpu_hour`,
     `intra_node`/`inter_node` mappings with `kind`, `bandwidth_GBps` or `bandwidth_Gbps`
-    (per GPU, unidirectional) and `latency_us`."""
+    (per GPU, unidirectional) and `latency_us`, and `reliability` (cost_models.failures:
+    failure_rate_per_gpu_hour, checkpoint_write_GBps_per_gpu, restart_s,
+    spot_price_usd_per_gpu_hour, preemption_rate_per_node_hour)."""
     if not isinstance(data, dict):
         raise MeshplanError(f"{where} must be a mapping of keys, not {shown(data)}")
     unknown = sorted(map(str, set(data) - _CLUSTER_KEYS))
@@ -209,7 +216,8 @@ def cluster_from_dict(data: dict, where: str = "cluster") -> ClusterSpec:
         intra_node=_link_from(data.get("intra_node"), default_intra_link(gpu), f"{where}: intra_node"),
         inter_node=_link_from(data.get("inter_node"), base.inter_node, f"{where}: inter_node"),
         price_usd_per_gpu_hour=_number(data.get("price_usd_per_gpu_hour", gpu.price_usd_per_hour),
-                                       f"{where}: price_usd_per_gpu_hour"))
+                                       f"{where}: price_usd_per_gpu_hour"),
+        reliability=reliability_from_dict(data.get("reliability"), f"{where}: reliability"))
 
 
 def _gpu_from(value, where: str) -> GPUSpec:

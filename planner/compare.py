@@ -5,6 +5,13 @@ For every cluster the planner's best plan (`planner.search.plan`, top 1) gives a
 dollars (the catalogue's price per GPU-hour unless overridden), energy (GPU power at the
 simulated compute-busy fraction, times the PUE) and CO2 (energy x grid intensity).
 
+Failures and preemption (cost_models.failures): each run is also priced with the cluster's
+interruptions - hardware failures, and on spot capacity preemptions - checkpointing at the
+Young/Daly interval and restarting after each: wall time, GPU-hours, $, energy and CO2 at
+the resulting goodput, beside the failure-free figures. A cluster with a spot price is
+priced on spot too. `pareto` marks the options (on-demand or spot, failures included) no
+other option beats on both time and dollars.
+
 A cluster on which nothing fits stays in the output with the planner's one-line reason;
 the others are still priced. Results are sorted by time-to-train, clusters that cannot
 train the model last.
@@ -17,7 +24,9 @@ from dataclasses import dataclass
 from cost_models import ClusterSpec, MeshplanError, get_gpu, parse_cluster
 from cost_models.calibration import calibration_line, default_calibration
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE, RunCost, run_cost
+from cost_models.failures import CHECKPOINT_BYTES_PER_PARAM, Forecast, forecast
 from cost_models.inputs import MAX_GLOBAL_BATCH, MAX_SEQ, finite_number, shown, whole_number
+from planner.models import count_parameters
 
 SECONDS_PER_DAY = 86400.0
 MAX_CLUSTERS = 64   # each is planned in full
@@ -37,6 +46,8 @@ class ClusterChoice:
     busy_fraction: float = 0.0     # mean share of the step the GPUs' compute streams are busy
     reason: str | None = None      # why nothing fits (one line)
     calibration: str = ""          # where its GPU's compute numbers come from (calibration_line)
+    with_failures: "Interrupted | None" = None   # on-demand, failures and checkpoints included
+    spot: "Interrupted | None" = None            # on spot capacity (when the cluster has a spot price)
 
     @property
     def fits(self) -> bool:
@@ -54,17 +65,42 @@ class ClusterChoice:
             result = self.plan.result
             data.update(plan=self.plan.to_dict(), busy_fraction=self.busy_fraction, days=self.days,
                         step_time_s=result.step_time_s, tokens_per_s=result.tokens_per_s, mfu=result.mfu,
-                        tflops_per_gpu=result.tflops_per_gpu, run_cost=self.run_cost.to_dict())
+                        tflops_per_gpu=result.tflops_per_gpu, run_cost=self.run_cost.to_dict(),
+                        with_failures=self.with_failures.to_dict(),
+                        spot=self.spot.to_dict() if self.spot else None)
         return data
+
+
+@dataclass
+class Interrupted:
+    """A run priced with interruptions: its forecast and the run cost at that goodput."""
+
+    price_usd_per_gpu_hour: float
+    forecast: Forecast
+    run_cost: RunCost | None      # None when failures outpace progress (goodput 0)
+    pareto: bool = False          # no other option is both faster and cheaper
+
+    @property
+    def days(self) -> float:
+        return self.run_cost.time_to_train_s / SECONDS_PER_DAY if self.run_cost else math.inf
+
+    def to_dict(self) -> dict:
+        return dict(price_usd_per_gpu_hour=self.price_usd_per_gpu_hour, forecast=self.forecast.to_dict(),
+                    run_cost=self.run_cost.to_dict() if self.run_cost else None, days=self.days, pareto=self.pareto)
 
 
 def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices: dict | None = None,
             grid_kg_per_kwh: float | None = None, pue: float | None = None, engine: str = "meshplan",
-            engine_options: dict | None = None, **pinned) -> list[ClusterChoice]:
+            engine_options: dict | None = None, spot_prices: dict | None = None,
+            preemption_rates: dict | None = None, failure_rate_per_gpu_hour: float | None = None,
+            **pinned) -> list[ClusterChoice]:
     """Best plan and run cost per cluster, fastest time-to-train first (non-fitting last).
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
-    GPU-hour, replacing the catalogue price of every cluster of that GPU. `pinned`: any of
+    GPU-hour, replacing the catalogue price of every cluster of that GPU; `spot_prices` and
+    `preemption_rates` (per node-hour) likewise set spot capacity, and
+    `failure_rate_per_gpu_hour` every cluster's hardware failure rate (cost_models.failures
+    has the defaults and the cluster-file keys). `pinned`: any of
     planner.plan.PINNABLE, applied on every cluster (`precision` defaults to bf16, fp16
     on GPUs without bf16). `engine`, `engine_options`: the training engine that runs the
     plans (planner.engines). Bad input raises MeshplanError; a cluster the model does not
@@ -79,11 +115,43 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
     pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options)}
     specs = _parse_clusters(clusters)
     specs = _apply_prices(specs, prices or {})
+    specs = _apply_reliability(specs, spot_prices or {}, preemption_rates or {}, failure_rate_per_gpu_hour)
     spec = load_model(model)
+    checkpoint_bytes = count_parameters(spec.build("meta")) * CHECKPOINT_BYTES_PER_PARAM
     pue = DEFAULT_PUE if pue is None else pue
     grid = DEFAULT_GRID_KG_PER_KWH if grid_kg_per_kwh is None else grid_kg_per_kwh
     choices = [_choose(spec, cluster, tokens, global_batch, seq, pue, grid, pinned) for cluster in specs]
+    for choice, cluster in zip(choices, specs):
+        if choice.fits:
+            _price_interruptions(choice, cluster, checkpoint_bytes, pue, grid)
+    _mark_pareto(choices)
     return sorted(choices, key=lambda c: (not c.fits, c.run_cost.time_to_train_s if c.fits else 0.0))
+
+
+def _price_interruptions(choice: ClusterChoice, cluster: ClusterSpec, checkpoint_bytes: float, pue, grid) -> None:
+    """The run on demand and, with a spot price, on spot - failures, checkpoints, restarts included."""
+    rel = cluster.reliability
+    options = [("with_failures", cluster.price_usd_per_gpu_hour, False)]
+    if rel.spot_price_usd_per_gpu_hour is not None:
+        options.append(("spot", rel.spot_price_usd_per_gpu_hour, True))
+    for name, price, spot in options:
+        outlook = forecast(choice.run_cost.time_to_train_s, cluster.world_size, cluster.nodes, checkpoint_bytes,
+                           rel, spot=spot)
+        cost = None
+        if outlook.goodput > 0:
+            cost = run_cost(outlook.wall_s, 1.0, cluster.world_size, price, cluster.gpu.tdp_w, choice.busy_fraction,
+                            pue=pue, grid_kg_per_kwh=grid)   # `wall_s` seconds at 1 "token" per second
+        setattr(choice, name, Interrupted(price, outlook, cost))
+
+
+def _mark_pareto(choices: list[ClusterChoice]) -> None:
+    """Flag the options (on-demand or spot, interruptions included) that no other option beats
+    on both wall time and dollars."""
+    options = [o for c in choices if c.fits for o in (c.with_failures, c.spot) if o is not None and o.run_cost]
+    for o in options:
+        t, usd = o.run_cost.time_to_train_s, o.run_cost.cost_usd
+        o.pareto = not any(p.run_cost.time_to_train_s <= t and p.run_cost.cost_usd <= usd
+                           and (p.run_cost.time_to_train_s, p.run_cost.cost_usd) != (t, usd) for p in options)
 
 
 def _parse_clusters(clusters) -> list[ClusterSpec]:
@@ -113,26 +181,52 @@ def _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned) -
 
 def _apply_prices(specs: list[ClusterSpec], prices: dict) -> list[ClusterSpec]:
     """Each cluster with its GPU's overriding price; a price for a GPU no cluster uses is an error."""
-    if not isinstance(prices, dict):
-        raise MeshplanError(f"prices must map GPU names to USD per GPU-hour, got {shown(prices)}")
-    used = {c.gpu.name for c in specs}
-    by_gpu = {}
-    for name, usd in prices.items():
-        if not isinstance(name, str):
-            raise MeshplanError(f"prices: a GPU name must be text, got {shown(name)}")
-        gpu = name.strip().lower() if name.strip().lower() in used else _gpu_name(name)
-        if gpu not in used:
-            raise MeshplanError(f"--price names {name!r} but no cluster uses it; the clusters use "
-                                f"{', '.join(sorted(used))}")
-        by_gpu[gpu] = finite_number(usd, f"--price {name}: the price per GPU-hour", low=0)
+    by_gpu = _per_gpu(specs, prices, "--price", "the price per GPU-hour")
     return [c.with_price(by_gpu[c.gpu.name]) if c.gpu.name in by_gpu else c for c in specs]
 
 
-def _gpu_name(name: str) -> str:
+def _apply_reliability(specs: list[ClusterSpec], spot_prices: dict, preemption_rates: dict,
+                       failure_rate: float | None) -> list[ClusterSpec]:
+    """Each cluster with the spot prices, preemption rates and failure rate given as arguments."""
+    spot = _per_gpu(specs, spot_prices, "--spot-price", "the spot price per GPU-hour")
+    rates = _per_gpu(specs, preemption_rates, "--preemption-rate", "preemptions per node-hour")
+    if failure_rate is not None:
+        finite_number(failure_rate, "--failure-rate (failures per GPU-hour)", low=0)
+    out = []
+    for c in specs:
+        changes = {}
+        if c.gpu.name in spot:
+            changes["spot_price_usd_per_gpu_hour"] = spot[c.gpu.name]
+        if c.gpu.name in rates:
+            changes["preemption_rate_per_node_hour"] = rates[c.gpu.name]
+        if failure_rate is not None:
+            changes["failure_rate_per_gpu_hour"] = failure_rate
+        out.append(c.with_reliability(**changes) if changes else c)
+    return out
+
+
+def _per_gpu(specs: list[ClusterSpec], values: dict, flag: str, what: str) -> dict:
+    """{catalogue GPU name: number} from {GPU name or alias: number}; a GPU no cluster uses is an error."""
+    if not isinstance(values, dict):
+        raise MeshplanError(f"{flag} values must map GPU names to numbers, got {shown(values)}")
+    used = {c.gpu.name for c in specs}
+    by_gpu = {}
+    for name, number in values.items():
+        if not isinstance(name, str):
+            raise MeshplanError(f"{flag}: a GPU name must be text, got {shown(name)}")
+        gpu = name.strip().lower() if name.strip().lower() in used else _gpu_name(name, flag)
+        if gpu not in used:
+            raise MeshplanError(f"{flag} names {name!r} but no cluster uses it; the clusters use "
+                                f"{', '.join(sorted(used))}")
+        by_gpu[gpu] = finite_number(number, f"{flag} {name}: {what}", low=0)
+    return by_gpu
+
+
+def _gpu_name(name: str, flag: str) -> str:
     try:
         return get_gpu(name).name
     except MeshplanError as exc:
-        raise MeshplanError(f"--price {name}=...: {exc}") from None
+        raise MeshplanError(f"{flag} {name}=...: {exc}") from None
 
 
 def _choose(spec, cluster: ClusterSpec, tokens, global_batch, seq, pue, grid, pinned) -> ClusterChoice:

@@ -27,6 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_batch_flags(p, required=True)
     p.add_argument("--price", action="append", default=[], metavar="GPU=USD",
                    help="USD per GPU-hour for a GPU type (repeatable; default: the catalogue's price)")
+    p.add_argument("--spot-price", action="append", default=[], metavar="GPU=USD",
+                   help="spot USD per GPU-hour for a GPU type: price the run on spot too (repeatable; needs "
+                        "--preemption-rate or the cluster file's preemption_rate_per_node_hour)")
+    p.add_argument("--preemption-rate", action="append", default=[], metavar="GPU=RATE",
+                   help="spot preemptions per node-hour for a GPU type (repeatable)")
+    p.add_argument("--failure-rate", type=float,
+                   help="hardware failures per GPU-hour on every cluster (default 1.97e-5, Llama 3's 16k-H100 "
+                        "run; cost_models/failures.py)")
     p.add_argument("--grid-kg-per-kwh", type=float,
                    help=f"grid carbon intensity, kg CO2e per kWh (default {DEFAULT_GRID_KG_PER_KWH})")
     p.add_argument("--pue", type=float, help=f"data-centre power usage effectiveness (default {DEFAULT_PUE})")
@@ -45,7 +53,9 @@ def run(args) -> int:
     pinned = pinned_flags(args, PIN_FLAGS)
     choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
                       prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
-                      **engine_args(args), **pinned)
+                      spot_prices=parse_prices(args.spot_price, "--spot-price"),
+                      preemption_rates=parse_prices(args.preemption_rate, "--preemption-rate", "RATE_PER_NODE_HOUR"),
+                      failure_rate_per_gpu_hour=args.failure_rate, **engine_args(args), **pinned)
     if args.plot:
         from planner.cli.plots import compare_png
         compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
@@ -56,18 +66,18 @@ def run(args) -> int:
     return 0 if any(c.fits for c in choices) else 1
 
 
-def parse_prices(items: list[str]) -> dict:
+def parse_prices(items: list[str], flag: str = "--price", unit: str = "USD_PER_HOUR") -> dict:
     """`["h100=2.5", ...]` -> {"h100": 2.5}; a malformed item is a one-line error."""
     prices = {}
     for item in items:
         name, sep, value = item.partition("=")
         try:
-            usd = float(value)
+            number = float(value)
         except ValueError:
-            usd = None
-        if not sep or not name.strip() or usd is None:
-            raise MeshplanError(f"--price {item!r}: write GPU=USD_PER_HOUR, e.g. --price h100-sxm-80gb=2.50")
-        prices[name.strip()] = usd
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise MeshplanError(f"{flag} {item!r}: write GPU={unit}, e.g. {flag} h100-sxm-80gb=2.50")
+        prices[name.strip()] = number
     return prices
 
 
@@ -95,4 +105,26 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> Non
             console.print(f"{c.cluster}: {c.reason}", highlight=False)
     for line in dict.fromkeys(c.calibration for c in choices):   # one per GPU, in table order
         console.print(line, highlight=False)
+    _print_interruptions(console, choices)
+
+
+def _print_interruptions(console, choices: list[ClusterChoice]) -> None:
+    """The same runs with failures (and spot preemptions), checkpoints and restarts priced."""
+    from rich.table import Table
+    table = Table(title="with interruptions: checkpoints at the Young/Daly interval, restarts "
+                        "(* on the time-vs-$ Pareto front)")
+    for col in ("cluster", "capacity", "$/GPU-h", "interruptions", "ckpt every", "goodput", "days", "$", "MWh"):
+        table.add_column(col, justify="left" if col in ("cluster", "capacity") else "right")
+    for c in choices:
+        for label, option in (("on-demand", c.with_failures), ("spot", c.spot)):
+            if option is None:
+                continue
+            f, cost = option.forecast, option.run_cost
+            mark = " *" if option.pareto else ""
+            table.add_row(c.cluster, label + mark, f"{option.price_usd_per_gpu_hour:.2f}", f"{f.interruptions:,.1f}",
+                          f"{f.interval_s / 60:,.0f} min", f"{100 * f.goodput:.1f}%",
+                          f"{option.days:,.1f}" if cost else "never", f"{cost.cost_usd:,.0f}" if cost else "-",
+                          f"{cost.energy_kwh / 1e3:,.1f}" if cost else "-")
+    if table.row_count:
+        console.print(table)
 

@@ -93,11 +93,13 @@ def plans_png(plans, path, title: str = "") -> None:
 
 
 def compare_png(choices: list, path: str, title: str = "") -> None:
-    """Three bar charts side by side: days, dollars and MWh per cluster (non-fitting: no bar)."""
+    """Three bar charts side by side - days, dollars and MWh per cluster (non-fitting: no bar) -
+    and the time-vs-$ plane of every option with interruptions priced (on demand, spot), its
+    Pareto front joined."""
     labels = [c.cluster for c in choices]
     panels = (("days to train", lambda c: c.days), ("cost (USD)", lambda c: c.run_cost.cost_usd),
               ("energy (MWh)", lambda c: c.run_cost.energy_kwh / 1e3))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.5 * len(choices) + 2.5), sharey=True)
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 0.5 * len(choices) + 3.0))
     y = list(range(len(choices)))
     for ax, (label, value) in zip(axes, panels):
         ax.barh(y, [value(c) if c.fits else 0.0 for c in choices], color="#4C72B0")
@@ -105,9 +107,25 @@ def compare_png(choices: list, path: str, title: str = "") -> None:
             if not c.fits:
                 ax.text(0, i, " does not fit", va="center", color="#C44E52")
         ax.set_xlabel(label)
-    axes[0].set_yticks(y, labels)
-    axes[0].invert_yaxis()
+        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(y))
+        ax.invert_yaxis()
+    _pareto_axes(axes[-1], choices)
     fig.suptitle(title or "training run per cluster")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _pareto_axes(ax, choices: list) -> None:
+    """Days vs dollars with failures and checkpoints priced; the Pareto front as a line."""
+    points = [(o.days, o.run_cost.cost_usd, f"{c.cluster} {kind}", o.pareto) for c in choices if c.fits
+              for kind, o in (("on-demand", c.with_failures), ("spot", c.spot)) if o is not None and o.run_cost]
+    for days, usd, label, front in points:
+        ax.scatter([days], [usd], color="#C44E52" if front else "#8C8C8C", zorder=3)
+        ax.annotate(label, (days, usd), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((d, u) for d, u, _, on in points if on)
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="#C44E52", zorder=2)
+    ax.set_xlabel("days to train (interruptions included)")
+    ax.set_ylabel("cost (USD)")
+    ax.set_title("time vs $: Pareto front in red", fontsize=9)
