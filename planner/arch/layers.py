@@ -1,5 +1,5 @@
 """Pieces every family's block uses: causal attention (fused or Megatron's unfused core),
-attention-core recomputation, and dropout that vanishes when off.
+attention-core recomputation, the MLP's activation, and dropout that vanishes when off.
 
 `recompute_attention = True` on a block reruns its attention core (`attention_core`) in
 backward instead of keeping its activations: Korthikanti et al. 2022's selective
@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_KINDS = ("sdpa", "unfused")
+# ModelConfig.activation -> the function, one kernel each. "gelu_tanh" is GELU's tanh
+# approximation (Hugging Face's gelu_new, gelu_fast and gelu_pytorch_tanh compute it).
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
 # The key of the fx node annotation (node.meta["custom"]) marking the attention core's ops:
 # planner.trace reads it to price attention-core recomputation.
 ATTENTION_CORE = "attention_core"
@@ -44,7 +52,8 @@ def attention_core(block: nn.Module, q, k, v):
     linear layers keep anyway) and recomputes the scores, softmax, dropout and the product
     with the values - Megatron-LM's `--recompute-granularity selective`. Non-reentrant, and
     preserving the RNG state so the attention dropout replays the same mask."""
-    args = (q, k, v, block.attention, block.dropout, block.training)
+    # a block without its own attention dropout drops out with its residual branches' p
+    args = (q, k, v, block.attention, getattr(block, "attention_dropout", block.dropout), block.training)
     if block.recompute_attention and torch.is_grad_enabled():
         return checkpoint(causal_attention, *args, use_reentrant=False, preserve_rng_state=True)
     return causal_attention(*args)
