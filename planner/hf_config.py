@@ -6,7 +6,8 @@ a key a config leaves out) and modeling_<family>.py (what each key builds), per 
 
 - gpt2 -> gpt; llama, mistral, qwen2 and phi3 -> llama (Phi-3's fused qkv_proj and
   gate_up_proj are the same products as separate q, k, v and gate, up); qwen3 -> qwen3;
-  gemma -> gemma; phi -> phi.
+  gemma -> gemma; gemma2 -> gemma2 (its softcapped scores need unfused attention, as
+  transformers runs it: eager); phi -> phi.
 - Every key that changes the model's cost or memory is carried into the ModelConfig:
   sizes, head_dim, kv heads, vocabulary, max positions, tied embeddings, norm epsilon,
   activation, biases, dropouts, rotary theta and partial rotary.
@@ -49,7 +50,8 @@ FREE_KEYS = {
                      "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
                      "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
                      "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-                     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens"),
+                     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+                     "cache_implementation"),
                    "generation only"),
     **dict.fromkeys(("return_dict", "use_return_dict", "output_hidden_states", "output_attentions", "torchscript",
                      "tf_legacy_loss", "attn_implementation", "_attn_implementation",
@@ -59,10 +61,10 @@ FREE_KEYS = {
                     "rotary frequencies and their scaling: the same ops at any frequency"),
     "pretraining_tp": "transformers 5 ignores it",
     "n_ctx": "GPT-2's unused legacy copy of n_positions",
-    "scale_attn_weights": "a constant factor on the attention scores",
-    "scale_attn_by_inverse_layer_idx": "a constant factor on the attention scores",
+    # a constant factor on the attention scores costs nothing; meshplan's is 1 / sqrt(head_dim)
+    **dict.fromkeys(("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "query_pre_attn_scalar"),
+                    "a constant factor on the attention scores"),
     "reorder_and_upcast_attn": "GPT-2's eager attention only; SDPA ignores it",
-    "query_pre_attn_scalar": "a constant factor on the attention scores",
     **dict.fromkeys(("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
                      "summary_first_dropout"), "GPT-2's double-heads model only"),
 }
@@ -151,25 +153,35 @@ class _Reader:
                                 f"may change the cost; remove them if they do not (see docs/cli.md)")
 
 
-def _window(r: _Reader, max_seq: int, layers: int, default: int | None, gated: bool = False) -> int:
-    """max_seq under a sliding window (see the module docstring). `gated`: Qwen2/3, whose window
-    is on only with use_sliding_window, and then on layer_types' "sliding_attention" layers
-    (by default, layers from max_window_layers on: configuration_qwen2.py __post_init__)."""
+def _window(r: _Reader, max_seq: int, layers: int, default: int | None, gated: bool = False,
+            alternating: bool = False) -> int:
+    """max_seq under a sliding window (see the module docstring) that some layer uses. Mistral
+    and Phi-3 use it on every layer; Qwen2/3 (`gated`) only with use_sliding_window, on
+    layer_types' "sliding_attention" layers (by default those from max_window_layers on:
+    configuration_qwen2.py __post_init__); Gemma 2 (`alternating`) on layer_types' sliding
+    layers, by default every other one from the first (configuration_gemma2.py)."""
     window = r.value("sliding_window", default)
+    types = r.value("layer_types", None)
     if gated:
-        on = r.flag("use_sliding_window", False)
         first = r.size("max_window_layers", 28)
-        types = r.value("layer_types", None)
-        if not on or (types is None and first >= layers) or (types is not None and "sliding_attention" not in types):
+        if not r.flag("use_sliding_window", False):
             window = None
+        elif types is None:
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    elif alternating and types is None:
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     if window is None:
+        return max_seq
+    if (gated or alternating) and not isinstance(types, list):
+        raise MeshplanError(f"{r.where}: layer_types must be a list, got {shown(types)}")
+    if (gated or alternating) and "sliding_attention" not in types:
         return max_seq
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise MeshplanError(f"{r.where}: sliding_window must be a whole number >= 1 or null, got {shown(window)}")
     return min(max_seq, window)
 
 
-def _llama_like(r: _Reader, d: dict, eps_key: str = "rms_norm_eps") -> dict:
+def _llama_like(r: _Reader, d: dict, eps_key: str = "rms_norm_eps", act_key: str = "hidden_act") -> dict:
     """The keys Llama, Mistral, Qwen2/3, Gemma and Phi share; `d`: the family's defaults."""
     layers = r.size("num_hidden_layers", d["layers"])
     heads = r.size("num_attention_heads", d["heads"])
@@ -183,7 +195,7 @@ def _llama_like(r: _Reader, d: dict, eps_key: str = "rms_norm_eps") -> dict:
                 max_seq=max_seq, tie_embeddings=r.flag("tie_word_embeddings", d.get("tie", False)),
                 norm_eps=r.number(eps_key, d.get("eps", 1e-6)),
                 attention_dropout=r.number("attention_dropout", 0.0), dropout=0.0, embedding_dropout=0.0,
-                activation=r.activation("hidden_act", d.get("act", "silu")))
+                activation=r.activation(act_key, d.get("act", "silu")))
 
 
 def _gpt2(r: _Reader) -> dict:
@@ -240,6 +252,23 @@ def _gemma(r: _Reader) -> dict:
     return dict(arch="gemma", **cfg, **r.rope(None), qkv_bias=bias, out_bias=bias, mlp_bias=False)
 
 
+def _gemma2(r: _Reader) -> dict:
+    # configuration_gemma2.py: Gemma2Config; modeling_gemma2.py: Gemma's block with a norm after
+    # each branch, eager attention (Gemma2PreTrainedModel._supports_sdpa is False) whose scores
+    # are softcapped, softcapped logits, the window on every other layer
+    cfg = _llama_like(r, dict(layers=26, heads=8, hidden=2304, kv_heads=4, max_seq=8192, ffn=9216, vocab=256000,
+                              head_dim=256, tie=True, act="gelu_pytorch_tanh"), act_key="hidden_activation")
+    r.value("hidden_act")   # some Gemma 2 configs carry it too; transformers' Gemma 2 reads hidden_activation
+    cfg["max_seq"] = _window(r, cfg["max_seq"], cfg["layers"], 4096, alternating=True)
+    # an explicit null turns a cap off (Gemma2Config's defaults are 50 and 30)
+    caps = {"attention_softcap": r.data.get("attn_logit_softcapping", 50.0),
+            "logit_softcap": r.data.get("final_logit_softcapping", 30.0)}
+    r.read.update(("attn_logit_softcapping", "final_logit_softcapping"))
+    bias = r.flag("attention_bias", False)
+    return dict(arch="gemma2", **cfg, **r.rope(None), **caps, qkv_bias=bias, out_bias=bias, mlp_bias=False,
+                attention="unfused" if caps["attention_softcap"] else "sdpa")
+
+
 def _phi(r: _Reader) -> dict:
     # configuration_phi.py: PhiConfig (partial_rotary_factor 0.5 by default); modeling_phi.py:
     # biases everywhere, the lm_head's included; resid_pdrop on both branches, embd_pdrop
@@ -261,7 +290,7 @@ def _phi3(r: _Reader) -> dict:
 
 
 FAMILIES = {"gpt2": _gpt2, "llama": _llama, "mistral": _mistral, "qwen2": lambda r: _qwen(r, "qwen2"),
-            "qwen3": lambda r: _qwen(r, "qwen3"), "gemma": _gemma, "phi": _phi, "phi3": _phi3}
+            "qwen3": lambda r: _qwen(r, "qwen3"), "gemma": _gemma, "gemma2": _gemma2, "phi": _phi, "phi3": _phi3}
 
 
 def is_hf_dict(data) -> bool:

@@ -1,7 +1,7 @@
 """ModelConfig and the Decoder every family of the zoo shares, in plain PyTorch.
 
 The families (their blocks and every fact about them) live in `planner.arch`: `gpt`
-(planner/arch/gpt.py), `llama` (planner/arch/llama.py), `qwen3`, `gemma` and `phi`;
+(planner/arch/gpt.py), `llama` (planner/arch/llama.py), `qwen3`, `gemma`, `gemma2` and `phi`;
 planner.hf_config maps Hugging Face config.json files onto them. Attention is
 `F.scaled_dot_product_attention(is_causal=True)` (or Megatron-LM's unfused core, see
 planner.arch.layers) and the loss is cross-entropy on fp32 logits, as in
@@ -57,6 +57,8 @@ class ModelConfig:
     mlp_bias: bool | None = None      # ... of the MLP's projections
     head_bias: bool = False           # a bias on the output head (Phi)
     rotary_fraction: float = 1.0      # share of head_dim that rotary embeddings rotate (Phi's partial rotary)
+    attention_softcap: float | None = None   # scores -> c * tanh(scores / c) (Gemma 2; unfused attention only)
+    logit_softcap: float | None = None       # logits -> c * tanh(logits / c) (Gemma 2)
     name: str = "custom"
 
     def __post_init__(self):
@@ -107,6 +109,12 @@ class ModelConfig:
         if not family.grouped_query and self.kv_heads != self.heads:
             grouped = ", ".join(n for n in arch_names() if get_arch(n).grouped_query)
             raise MeshplanError(f"{self.arch} models have no grouped-query attention: drop kv_heads or use arch {grouped}")
+        for key in ("attention_softcap", "logit_softcap"):
+            if getattr(self, key) is not None:
+                finite_number(getattr(self, key), f"model {key}", low=0, low_open=True)
+        if self.attention_softcap is not None and self.attention != "unfused":
+            raise MeshplanError("model attention_softcap needs attention 'unfused': "
+                                "SDPA kernels cannot softcap scores")
         finite_number(self.rotary_fraction, "model rotary_fraction", low=0, low_open=True, high=1)
         if family.learned_positions and self.rotary_fraction != 1:
             raise MeshplanError(f"{self.arch} models have learned positions, no rotary embeddings: "
@@ -188,6 +196,8 @@ class Decoder(nn.Module):
         if self.head is None:
             return x
         logits = self.head(self.norm(x))
+        if self.config.logit_softcap:
+            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

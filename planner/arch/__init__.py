@@ -1,5 +1,5 @@
-"""Model families: one module each (gpt.py, llama.py, qwen3.py, gemma.py, phi.py), registered
-in `base`'s registry.
+"""Model families: one module each (gpt.py, llama.py, qwen3.py, gemma.py - Gemma and Gemma 2 -,
+phi.py), registered in `base`'s registry.
 
 Importing this package registers every family; read them with `get_arch(name)`."""
 from planner.arch.base import (ALLOWED_STYLES, TOP_ROLES, Architecture, arch_names, get_arch, head_norm_names,

@@ -11,7 +11,7 @@ import pytest
 from cost_models.errors import MeshplanError
 from fixtures.hf_configs import GPT2, LLAMA31_8B, SMALL, write_config
 from helpers import assert_user_error, run_cli_in_process
-from planner.models import count_parameters
+from planner.models import ModelConfig, count_parameters
 from planner.plan import Plan
 from planner.search import plan
 from planner.simulate import prepare, simulate
@@ -93,11 +93,23 @@ def test_a_sliding_window_bounds_the_sequence_it_prices_exactly():
     assert load_model(qwen2).config.max_seq == 128                     # use_sliding_window is off
     assert load_model({**qwen2, "use_sliding_window": True}).config.max_seq == 16
     assert load_model({**qwen2, "use_sliding_window": True, "max_window_layers": 2}).config.max_seq == 128
+    gemma2 = {k: v for k, v in SMALL["gemma2"][0].items() if k != "max_position_embeddings"}
+    assert load_model(gemma2).config.max_seq == 4096       # every other layer slides over 4096 of 8192
+    assert load_model({**gemma2, "layer_types": ["full_attention"] * 2}).config.max_seq == 8192
+
+
+def test_gemma2_softcaps_scores_in_unfused_attention_and_its_logits():
+    gemma2 = load_model(SMALL["gemma2"][0]).config
+    assert (gemma2.attention, gemma2.attention_softcap, gemma2.logit_softcap) == ("unfused", 50.0, 30.0)
+    uncapped = load_model({**SMALL["gemma2"][0], "attn_logit_softcapping": None}).config
+    assert (uncapped.attention, uncapped.attention_softcap) == ("sdpa", None)
+    with pytest.raises(MeshplanError, match="attention_softcap needs attention 'unfused'"):
+        ModelConfig.from_dict({**gemma2.to_dict(), "attention": "sdpa"})
 
 
 @pytest.mark.parametrize("config, fragments", [
     ({"model_type": "bert", "hidden_size": 64}, ["model_type 'bert' is not a family", "gpt2, llama, mistral"]),
-    ({"model_type": "mixtral", "hidden_size": 64}, ["model_type 'mixtral'", "qwen3, gemma, phi, phi3"]),
+    ({"model_type": "mixtral", "hidden_size": 64}, ["model_type 'mixtral'", "qwen3, gemma, gemma2, phi, phi3"]),
     ({**SMALL["llama"][0], "quantization_config": {"quant_method": "bitsandbytes"}},
      ["quantization_config", "quantized weights are not modelled"]),
     ({**SMALL["phi"][0], "qk_layernorm": True}, ["qk_layernorm = True", "not modelled"]),
@@ -130,7 +142,6 @@ def test_head_norm_gradients_are_reduced_over_the_tp_group():
 
 
 def test_model_config_checks_the_fields_hf_families_added():
-    from planner.models import ModelConfig
     # derived fields follow what they derive from when a config is edited through to_dict
     edited = ModelConfig.from_dict({**PRESETS["gpt-tiny"].to_dict(), "dropout": 0.1, "hidden": 128})
     assert (edited.attention_dropout, edited.embedding_dropout, edited.head_dim) == (0.1, 0.1, 32)

@@ -52,12 +52,16 @@ _RENAMES = [
 
 
 def _ours(hf_state: dict, cfg) -> dict:
-    """transformers' state dict in meshplan's names and layouts (Phi's shared norm is `ln`;
+    """transformers' state dict in meshplan's names and layouts (Phi's shared norm is `ln`,
+    Gemma 2's branch-output norms post_attn and post_mlp;
     GPT-2's Conv1D weights are transposed and its fused QKV regrouped per head; Phi-3's fused
     qkv_proj and gate_up_proj split)."""
     out = {}
     for name, value in hf_state.items():
         name = re.sub(r"^(model|transformer)\.", "", name)
+        if cfg.arch == "gemma2":   # its post_attention_layernorm normalises the attention's output
+            name = (name.replace(".post_attention_layernorm.", ".post_attn.")
+                    .replace(".pre_feedforward_layernorm.", ".n2.").replace(".post_feedforward_layernorm.", ".post_mlp."))
         for pattern, repl in _RENAMES:
             name = re.sub(pattern, repl, name)
         if cfg.arch == "phi":

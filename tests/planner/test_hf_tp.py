@@ -1,7 +1,8 @@
 """Hugging Face families the runtime splits with tensor parallelism (2 gloo ranks): a Qwen3
-config (per-head q/k norms, whose replicated weights see only local heads) and a Phi config
-(attention and MLP side by side on one norm) give the unsplit model's loss and gradients, and
-issue exactly the collectives the simulator prices."""
+config (per-head q/k norms, whose replicated weights see only local heads), a Phi config
+(attention and MLP side by side on one norm) and a Gemma 2 config (norms on the branch
+outputs, softcapped scores and vocabulary-parallel logits) give the unsplit model's loss and
+gradients, and issue exactly the collectives the simulator prices."""
 from __future__ import annotations
 
 import json
@@ -42,10 +43,10 @@ def _rank(rank: int, out_dir: str, model: str, sp: bool):
 
 
 @pytest.mark.parametrize("sp", [False, True])
-@pytest.mark.parametrize("family, forward, backward", [("qwen3", 2, 2), ("phi", 2, 1)])
+@pytest.mark.parametrize("family, forward, backward", [("qwen3", 2, 2), ("phi", 2, 1), ("gemma2", 2, 2)])
 def test_hf_family_splits_as_the_simulator_prices(tmp_path, family, forward, backward, sp):
-    """Per block, Qwen3 reduces once per region each way (as Llama); Phi's two regions reduce
-    their outputs apart in forward but their one shared input once in backward."""
+    """Per block, Qwen3 and Gemma 2 reduce once per region each way (as Llama); Phi's two
+    regions reduce their outputs apart in forward but their one shared input once in backward."""
     from parity.test_tp_collectives import simulated_counts
     from runtime_helpers import run_ranks
     model = str(write_config(tmp_path / family, SMALL[family][0]))
