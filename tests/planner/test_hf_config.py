@@ -154,3 +154,19 @@ def test_model_config_checks_the_fields_hf_families_added():
         with pytest.raises(MeshplanError, match=message):
             ModelConfig(**{**dict(layers=2, hidden=64, heads=4, vocab=256), **kw})
     assert ModelConfig("llama", 2, 60, 4, 256, head_dim=16).head_dim == 16   # head_dim need not divide hidden
+
+
+def test_training_flops_per_token_count_attention_over_heads_times_head_dim():
+    """runtime.metrics' MFU numerator (PaLM's 6N + 12 L H Q T) against FlopCounterMode on a Gemma
+    whose 4 heads of 32 are twice its hidden size of 64 (norm weights, 0.3 % of N, are not matmuls)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from runtime.metrics import flops_per_token
+    spec, seq = load_model(SMALL["gemma"][0]), 32
+    model = spec.build("meta")
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(ids, ids)
+    params = count_parameters(model)   # tied: the head's matmul is the embedding's weight
+    attention_fwd = counter.get_total_flops() / seq - 2 * params
+    assert flops_per_token(spec.config, params, seq) == pytest.approx(6 * params + 3 * attention_fwd, rel=0.01)
