@@ -84,14 +84,17 @@ def load_hf_config(config):
 
 def hf_model_from_config(config, device: str | torch.device = "meta") -> nn.Module:
     """The causal-LM model a config describes, with fp32 parameters on `device` (meta:
-    no memory), SDPA attention (what a training run uses) and no KV cache."""
+    no memory), SDPA attention (what a training run uses; eager attention for a model that
+    has no SDPA path, as Gemma 2 for its score softcapping) and no KV cache."""
     transformers = _transformers()
     cfg = load_hf_config(config)
     cfg.use_cache = False
+    model_class = transformers.AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    attention = "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
     try:
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(
-                cfg, attn_implementation="sdpa", dtype=torch.float32)
+                cfg, attn_implementation=attention, dtype=torch.float32)
     except ValueError as exc:
         raise MeshplanError(f"transformers cannot build a causal LM from this config "
                             f"(model_type {cfg.model_type!r}): {str(exc).splitlines()[0]}")

@@ -1,12 +1,14 @@
 """ModelConfig and the Decoder every family of the zoo shares, in plain PyTorch.
 
 The families (their blocks and every fact about them) live in `planner.arch`: `gpt`
-(planner/arch/gpt.py) and `llama` (planner/arch/llama.py). Attention is
+(planner/arch/gpt.py), `llama` (planner/arch/llama.py), `qwen3`, `gemma`, `gemma2` and `phi`;
+planner.hf_config maps Hugging Face config.json files onto them. Attention is
 `F.scaled_dot_product_attention(is_causal=True)` (or Megatron-LM's unfused core, see
 planner.arch.layers) and the loss is cross-entropy on fp32 logits, as in
 shared/reference/h100/measure.py, so a single-GPU plan of ours runs the same arithmetic as
 that reference loop. `dropout=p` adds Megatron's dropouts: embeddings, attention
-probabilities and each residual branch (its default is 0.1).
+probabilities and each residual branch (its default is 0.1); `attention_dropout` and
+`embedding_dropout` set the first two apart (Hugging Face configs do).
 
 Built for parallelism:
 - blocks live in an `nn.ModuleDict` keyed "0".."L-1": a pipeline stage deletes the
@@ -28,7 +30,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_FFN, MAX_HIDDEN, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, finite_number, shown,
                                 whole_number)
 from planner.arch import arch_names, get_arch
-from planner.arch.layers import ATTENTION_KINDS, dropped
+from planner.arch.layers import ACTIVATIONS, ATTENTION_KINDS, dropped
 
 
 @dataclass
@@ -45,7 +47,18 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     attention: str = "sdpa"           # or "unfused": Megatron-LM's baddbmm-softmax-dropout-bmm
-    dropout: float = 0.0              # embeddings, attention probabilities, residual branches
+    dropout: float = 0.0              # residual branches (and, unless set below, the other two)
+    attention_dropout: float | None = None   # attention probabilities; default: dropout
+    embedding_dropout: float | None = None   # the embeddings' output; default: dropout
+    head_dim: int | None = None       # default: hidden / heads (Gemma's and Qwen3's differ)
+    activation: str | None = None     # the MLP's (its gate's); default: the family's (layers.ACTIVATIONS)
+    qkv_bias: bool | None = None      # biases of the attention's input projections; default: the family's
+    out_bias: bool | None = None      # ... of its output projection
+    mlp_bias: bool | None = None      # ... of the MLP's projections
+    head_bias: bool = False           # a bias on the output head (Phi)
+    rotary_fraction: float = 1.0      # share of head_dim that rotary embeddings rotate (Phi's partial rotary)
+    attention_softcap: float | None = None   # scores -> c * tanh(scores / c) (Gemma 2; unfused attention only)
+    logit_softcap: float | None = None       # logits -> c * tanh(logits / c) (Gemma 2)
     name: str = "custom"
 
     def __post_init__(self):
@@ -60,35 +73,65 @@ class ModelConfig:
             self.ffn = family.default_ffn(self.hidden)
         if self.tie_embeddings is None:
             self.tie_embeddings = family.ties_embeddings
-        _positive_int("kv_heads", self.kv_heads)
-        _positive_int("ffn", self.ffn)
-        if not isinstance(self.tie_embeddings, bool):
-            raise MeshplanError(f"model tie_embeddings must be true or false, got {shown(self.tie_embeddings)}")
+        self._given = frozenset(k for k in _DERIVED if getattr(self, k) is not None)
+        if self.head_dim is None and self.hidden % self.heads:
+            raise MeshplanError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}), "
+                                f"or give head_dim")
+        self.head_dim = self.hidden // self.heads if self.head_dim is None else self.head_dim
+        self.activation = family.activation if self.activation is None else self.activation
+        for key in ("qkv_bias", "out_bias", "mlp_bias"):
+            if getattr(self, key) is None:
+                setattr(self, key, family.biases)
+        for key in ("attention_dropout", "embedding_dropout"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.dropout)
+        for key in ("kv_heads", "ffn", "head_dim"):
+            _positive_int(key, getattr(self, key))
+        for key in ("tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "head_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise MeshplanError(f"model {key} must be true or false, got {shown(getattr(self, key))}")
+        if self.activation not in ACTIVATIONS:
+            raise MeshplanError(f"model activation {shown(self.activation)} is unknown; "
+                                f"use one of {', '.join(ACTIVATIONS)}")
         finite_number(self.norm_eps, "model norm_eps", low=0, low_open=True, high=1)
         finite_number(self.rope_theta, "model rope_theta", low=0, low_open=True)
         if not isinstance(self.name, str):
             raise MeshplanError(f"model name must be text, got {shown(self.name)}")
-        if self.hidden % self.heads:
-            raise MeshplanError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.heads % self.kv_heads:
             raise MeshplanError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if not isinstance(self.attention, str) or self.attention not in ATTENTION_KINDS:
             raise MeshplanError(f"model attention {shown(self.attention)} is unknown; "
                                 f"use one of {', '.join(ATTENTION_KINDS)}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise MeshplanError(f"model dropout must be a number in [0, 1), got {shown(self.dropout)}")
+        for key in ("dropout", "attention_dropout", "embedding_dropout"):
+            p = getattr(self, key)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise MeshplanError(f"model {key} must be a number in [0, 1), got {shown(p)}")
         if not family.grouped_query and self.kv_heads != self.heads:
             grouped = ", ".join(n for n in arch_names() if get_arch(n).grouped_query)
             raise MeshplanError(f"{self.arch} models have no grouped-query attention: drop kv_heads or use arch {grouped}")
-        if family.even_head_dim and (self.hidden // self.heads) % 2:
-            raise MeshplanError(f"{self.arch} head size {self.hidden // self.heads} must be even for rotary embeddings")
+        for key in ("attention_softcap", "logit_softcap"):
+            if getattr(self, key) is not None:
+                finite_number(getattr(self, key), f"model {key}", low=0, low_open=True)
+        if self.attention_softcap is not None and self.attention != "unfused":
+            raise MeshplanError("model attention_softcap needs attention 'unfused': "
+                                "SDPA kernels cannot softcap scores")
+        finite_number(self.rotary_fraction, "model rotary_fraction", low=0, low_open=True, high=1)
+        if family.learned_positions and self.rotary_fraction != 1:
+            raise MeshplanError(f"{self.arch} models have learned positions, no rotary embeddings: "
+                                f"drop rotary_fraction")
+        if family.even_head_dim and (self.rotary_dims < 2 or self.rotary_dims % 2):
+            raise MeshplanError(f"{self.arch} rotary embeddings rotate {self.rotary_dims} of head size {self.head_dim} "
+                                f"(rotary_fraction {self.rotary_fraction}): that must be even and at least 2")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def rotary_dims(self) -> int:
+        """The leading dimensions of each head that rotary embeddings rotate (as Hugging Face's
+        Phi computes them: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.rotary_fraction)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, less the derived ones (_DERIVED) the config did not give."""
+        return {k: v for k, v in asdict(self).items() if k not in _DERIVED or k in self._given}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
@@ -104,9 +147,12 @@ class ModelConfig:
         return cls(**data)
 
 
+# Fields whose None means "derived from the others": to_dict leaves them out unless given,
+# so `{**cfg.to_dict(), "dropout": 0.1}` moves the attention dropout along with it.
+_DERIVED = ("attention_dropout", "embedding_dropout", "head_dim", "activation", "qkv_bias", "out_bias", "mlp_bias")
 # The most each size may be (cost_models.inputs): beyond them the tracer and the search would
 # work for hours, or torch's storage size overflows.
-_MAX = {"layers": MAX_LAYERS, "hidden": MAX_HIDDEN, "heads": MAX_HIDDEN, "kv_heads": MAX_HIDDEN,
+_MAX = {"layers": MAX_LAYERS, "hidden": MAX_HIDDEN, "heads": MAX_HIDDEN, "kv_heads": MAX_HIDDEN, "head_dim": MAX_HIDDEN,
         "ffn": MAX_FFN, "vocab": MAX_VOCAB, "max_seq": MAX_SEQ}
 
 
@@ -129,7 +175,8 @@ class Decoder(nn.Module):
         self.pos = nn.Embedding(cfg.max_seq, cfg.hidden, device=device) if family.learned_positions else None
         self.blocks = nn.ModuleDict({str(i): family.block(cfg, device) for i in range(cfg.layers)})
         self.norm = family.final_norm(cfg.hidden, eps=cfg.norm_eps, device=device)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, device=device)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=cfg.head_bias, device=device)
+        self.embedding_scale = math.sqrt(cfg.hidden) if family.scales_embedding else None
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
 
@@ -139,14 +186,18 @@ class Decoder(nn.Module):
             if T > self.config.max_seq:
                 raise MeshplanError(f"sequence length {T} exceeds the model's max_seq {self.config.max_seq}")
             h = self.tok(x)
+            if self.embedding_scale is not None:
+                h = h * self.embedding_scale
             if self.pos is not None:
                 h = h + self.pos(torch.arange(T, device=x.device))
-            x = dropped(h, self.config.dropout, self.training)
+            x = dropped(h, self.config.embedding_dropout, self.training)
         for block in self.blocks.values():
             x = block(x)
         if self.head is None:
             return x
         logits = self.head(self.norm(x))
+        if self.config.logit_softcap:
+            logits = torch.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
@@ -162,8 +213,8 @@ class Decoder(nn.Module):
         roles = {**family.block_roles, **family.top_roles}
         for name, param in self.named_parameters():
             role = roles.get(name.rsplit(".", 2)[-2])   # "blocks.3.fc2.weight" -> "fc2"
-            if role == "norm" and name.endswith(".weight"):
-                param.fill_(1.0)
+            if role == "norm" and name.endswith(".weight"):   # a norm's scale starts at 1 (Gemma's w as 1 + w)
+                param.fill_(getattr(self.get_submodule(name.rsplit(".", 1)[0]), "initial_weight", 1.0))
             elif name.endswith(".bias"):
                 param.zero_()
             else:

@@ -1,4 +1,5 @@
-"""Named model presets, and `--model` resolution: preset, JSON config, or file.py:factory.
+"""Named model presets, and `--model` resolution: preset, JSON config (meshplan's or Hugging
+Face's), model directory, model in the local Hugging Face cache, or file.py:factory.
 
 Preset sizes come from the papers: GPT-2 (Radford et al. 2019), GPT-3 Table 2.1
 (Brown et al. 2020; vocab padded to 51200 as in Megatron-LM's tables), Llama 2
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import parse_json, read_text, shown
+from planner.hf_config import REPO_ID, cached_config, config_from_hf, hub_cache, is_hf_dict
 from planner.models import Decoder, ModelConfig
 
 
@@ -95,14 +97,19 @@ class ModelSpec:
 
 
 def load_model(text: str | dict) -> ModelSpec:
-    """Resolve a preset name, a JSON config path, an inline config dict, or `file.py:factory`
-    (a ModelSpec or ModelConfig is taken as it is)."""
+    """Resolve a preset name, a JSON config path (meshplan's or a Hugging Face config.json), a
+    model directory holding a config.json, the name of a model in the local Hugging Face cache
+    (planner.hf_config), an inline config dict (either kind), or `file.py:factory` (a
+    ModelSpec or ModelConfig is taken as it is)."""
     if isinstance(text, ModelSpec):
         return text
     if isinstance(text, ModelConfig):
         return ModelSpec(text.name, text)
     if isinstance(text, dict):
-        config = ModelConfig.from_dict(text, "inline model config")
+        if is_hf_dict(text):
+            config = config_from_hf(text, f"hf-{text['model_type']}", "inline Hugging Face config")
+        else:
+            config = ModelConfig.from_dict(text, "inline model config")
         return ModelSpec(config.name, config)
     if not isinstance(text, (str, Path)):
         raise MeshplanError(f"a model is a preset name, a .json path, file.py:factory or a config dict, "
@@ -114,15 +121,32 @@ def load_model(text: str | dict) -> ModelSpec:
         return _factory_model(text)
     if text.lower().endswith(".json"):
         return _json_model(Path(text))
+    if text and Path(text).is_dir():
+        if not (Path(text) / "config.json").is_file():
+            raise MeshplanError(f"model directory {text!r} holds no config.json")
+        return _json_model(Path(text) / "config.json")
+    cached = cached_config(text) if REPO_ID.match(text) else None
+    if cached is not None:
+        return _json_model(cached, name=text)
+    if "/" in text and REPO_ID.match(text):
+        raise MeshplanError(f"model {text!r} is not in the local Hugging Face cache ({hub_cache()}) and meshplan "
+                            f"never downloads: pass the path of its config.json")
     raise MeshplanError(
-        f"unknown model {text!r}: use a preset ({', '.join(PRESETS)}), a .json config, or file.py:factory")
+        f"unknown model {text!r}: use a preset ({', '.join(PRESETS)}), a .json config, a model directory, "
+        f"a model in the local Hugging Face cache, or file.py:factory")
 
 
-def _json_model(path: Path) -> ModelSpec:
+def _json_model(path: Path, name: str | None = None) -> ModelSpec:
+    """A meshplan config, or a Hugging Face config.json (it has model_type), named after its
+    file - or its directory, for a config.json - unless `name` is given."""
     data = parse_json(read_text(path, "model config"), f"model config {str(path)!r}")
     if not isinstance(data, dict):
         raise MeshplanError(f"model config {str(path)!r} must be a JSON object")
-    data.setdefault("name", path.stem)
+    default_name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+    if is_hf_dict(data):
+        config = config_from_hf(data, name or default_name, f"Hugging Face config {str(path)!r}")
+        return ModelSpec(config.name, config)
+    data.setdefault("name", name or path.stem)
     config = ModelConfig.from_dict(data, str(path))
     return ModelSpec(config.name, config)
 

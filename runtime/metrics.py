@@ -58,7 +58,9 @@ def flops_per_token(cfg: ModelConfig, params: int, seq: int) -> float:
     matmul_params = params - (cfg.max_seq * cfg.hidden if get_arch(cfg.arch).learned_positions else 0)
     if not cfg.tie_embeddings:
         matmul_params -= cfg.vocab * cfg.hidden
-    return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.hidden * seq
+    # PaLM's 6N + 12 L H Q T (Chowdhery et al. 2022, App. B): H heads of size Q, which need not
+    # make up hidden (Gemma, Qwen3)
+    return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.heads * cfg.head_dim * seq
 
 
 def peak_memory_bytes(device: torch.device) -> int:

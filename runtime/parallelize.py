@@ -109,14 +109,18 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
     for index in part.blocks:
         reads_shared = {name for _, ins, _ in shared[index] for name in ins}
         for name, role in family.block_roles.items():   # a shared input arrives replicated, sp or not
-            style = _style(role, layout[f"blocks.{index}.{name}"], sp and name not in reads_shared)
+            if name in family.head_norms:
+                style = _head_norm_style(layout[f"blocks.{index}.{family.head_norms[name]}"])
+            else:
+                style = _style(role, layout[f"blocks.{index}.{name}"], sp and name not in reads_shared)
             if style is not None:
                 styles[f"blocks.{index}.{name}"] = style
     if styles:
         parallelize_module(part, tp_mesh, styles)
     for index, regions in shared.items():
-        for region, _, _ in regions:
-            norm = getattr(part.blocks[index], family.region_norms[region])
+        # one hook per norm: Phi's attention and MLP read the same one (planner/arch/phi.py)
+        for norm_name in dict.fromkeys(family.region_norms[region] for region, _, _ in regions):
+            norm = getattr(part.blocks[index], norm_name)
             parallelize_module(norm, tp_mesh, PrepareModuleOutput(
                 output_layouts=(Shard(1) if sp else Replicate(),), desired_output_layouts=(Replicate(),),
                 use_local_output=False))
@@ -130,6 +134,17 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
             parallelize_module(last, tp_mesh, PrepareModuleOutput(
                 output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True))
     retie(part, cfg)
+
+
+def _head_norm_style(projection_style: str):
+    """A norm over each head of a column-parallel projection's output (Qwen3's q_norm, k_norm;
+    planner.arch.base.Architecture.head_norms) sees this rank's heads, dimension 2 of its
+    (batch, seq, heads, head_dim) input: its weight becomes a replicated DTensor whose
+    gradient, a partial sum over the local heads, is reduced over the TP group like a
+    sequence-parallel norm's (as torchtitan's torchtitan/models/qwen3/infra/parallelize.py
+    does; transformers' configuration_qwen3.py plan calls it "replicated_with_grad_allreduce").
+    Over unsplit heads it stays a plain module."""
+    return SequenceParallel(sequence_dim=2, use_local_output=True) if projection_style == "colwise" else None
 
 
 def _shared_regions(index: int, layout: dict, cfg: ModelConfig, sp: bool) -> list:

@@ -60,6 +60,18 @@ class Architecture:
     hf_names: dict = field(default_factory=dict)
     """{Hugging Face module name: ours} for linear layers and embeddings, so an HF model of
     this family is priced with the same roles (its modules are matched by name)."""
+    activation: str = "gelu"
+    """The default of ModelConfig.activation (planner.arch.layers.ACTIVATIONS): the MLP's,
+    or its gate's in a gated MLP."""
+    biases: bool = False
+    """The default of ModelConfig.qkv_bias, out_bias and mlp_bias."""
+    scales_embedding: bool = False
+    """The token embedding is multiplied by sqrt(hidden) before the first block (Gemma)."""
+    head_norms: dict = field(default_factory=dict)
+    """{block norm: the input projection whose heads it normalises} (Qwen3's q_norm and
+    k_norm): a norm over head_dim inside a region, which tensor parallelism runs on the
+    projection's local heads with its weight replicated and its gradient summed over the
+    TP group (runtime.parallelize; planner.simulate.communication.norm_grad_bytes)."""
 
     def __post_init__(self):
         bad = {n: r for n, r in self.block_roles.items() if r not in BLOCK_ROLE_NAMES}
@@ -69,6 +81,9 @@ class Architecture:
             named = (*ins, out, self.region_norms[region])
             if any(name not in self.block_roles for name in named):
                 raise MeshplanError(f"architecture {self.name}: region {region} names a module outside the block")
+        for norm, projection in self.head_norms.items():
+            if self.block_roles.get(norm) != "norm" or self.block_roles.get(projection) != "in":
+                raise MeshplanError(f"architecture {self.name}: head norm {norm} must be a norm of an input projection")
 
     @property
     def top_roles(self) -> dict:
@@ -99,6 +114,14 @@ _REGISTRY: dict[str, Architecture] = {}
 def register(arch: Architecture) -> Architecture:
     if arch.name in _REGISTRY:
         raise MeshplanError(f"architecture {arch.name!r} is registered twice")
+    # the cost model finds a shared-input output projection by its name alone (shared_input_outputs)
+    outs = {out for _, _, out in arch.regions}
+    for other in _REGISTRY.values():
+        other_outs = {out for _, _, out in other.regions}
+        clash = (outs & other_outs) & (set(_shared_outs(arch)) ^ set(_shared_outs(other)))
+        if clash:
+            raise MeshplanError(f"architecture {arch.name}: output projection(s) {sorted(clash)} share their "
+                                f"input in one of {arch.name}, {other.name} but not the other; rename them")
     _REGISTRY[arch.name] = arch
     return arch
 
@@ -123,6 +146,29 @@ def module_roles() -> dict:
         roles.update(ours)
         roles.update({hf: ours[name] for hf, name in arch.hf_names.items()})
     return roles
+
+
+def head_norm_names() -> set:
+    """The block modules of every family that normalise attention heads (Architecture.head_norms)."""
+    return {name for arch in _REGISTRY.values() for name in arch.head_norms}
+
+
+def shared_input_outputs() -> dict:
+    """{output projection: the output projection of an earlier region reading the same norm},
+    over every family: a block whose attention and MLP read one norm (Phi's parallel block)
+    reduces that shared input's gradient once for both regions under tensor parallelism."""
+    return {out: first for arch in _REGISTRY.values() for out, first in _shared_outs(arch).items()}
+
+
+def _shared_outs(arch: Architecture) -> dict:
+    shared, first = {}, {}
+    for region, _, out in arch.regions:
+        norm = arch.region_norms[region]
+        if norm in first:
+            shared[out] = first[norm]
+        else:
+            first[norm] = out
+    return shared
 
 
 def names_for(top_name: str) -> set:

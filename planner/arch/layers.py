@@ -1,5 +1,5 @@
 """Pieces every family's block uses: causal attention (fused or Megatron's unfused core),
-attention-core recomputation, and dropout that vanishes when off.
+attention-core recomputation, the MLP's activation, and dropout that vanishes when off.
 
 `recompute_attention = True` on a block reruns its attention core (`attention_core`) in
 backward instead of keeping its activations: Korthikanti et al. 2022's selective
@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ATTENTION_KINDS = ("sdpa", "unfused")
+# ModelConfig.activation -> the function, one kernel each. "gelu_tanh" is GELU's tanh
+# approximation (Hugging Face's gelu_new, gelu_fast and gelu_pytorch_tanh compute it).
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
 # The key of the fx node annotation (node.meta["custom"]) marking the attention core's ops:
 # planner.trace reads it to price attention-core recomputation.
 ATTENTION_CORE = "attention_core"
@@ -44,24 +52,28 @@ def attention_core(block: nn.Module, q, k, v):
     linear layers keep anyway) and recomputes the scores, softmax, dropout and the product
     with the values - Megatron-LM's `--recompute-granularity selective`. Non-reentrant, and
     preserving the RNG state so the attention dropout replays the same mask."""
-    args = (q, k, v, block.attention, block.dropout, block.training)
+    # a block without its own attention dropout drops out with its residual branches' p
+    args = (q, k, v, block.attention, getattr(block, "attention_dropout", block.dropout), block.training,
+            getattr(block, "attention_softcap", None))
     if block.recompute_attention and torch.is_grad_enabled():
         return checkpoint(causal_attention, *args, use_reentrant=False, preserve_rng_state=True)
     return causal_attention(*args)
 
 
-def causal_attention(q, k, v, kind: str, dropout: float, training: bool):
+def causal_attention(q, k, v, kind: str, dropout: float, training: bool, softcap: float | None = None):
     """Causal self-attention of (B, heads, T, D) queries over (B, kv_heads, T, D) keys/values.
 
     "sdpa": PyTorch's fused kernel (flash on GPUs). "unfused": Megatron-LM's core
     attention - scaled scores written by one baddbmm, the causal mask and softmax, dropout
-    on the probabilities, and the values' bmm.
+    on the probabilities, and the values' bmm. `softcap` (unfused only): the scores become
+    softcap * tanh(scores / softcap) before the mask, as Gemma 2's eager attention does
+    (transformers models/gemma2/modeling_gemma2.py, eager_attention_forward).
     """
     with _core_label():
-        return _causal_attention(q, k, v, kind, dropout, training)
+        return _causal_attention(q, k, v, kind, dropout, training, softcap)
 
 
-def _causal_attention(q, k, v, kind: str, dropout: float, training: bool):
+def _causal_attention(q, k, v, kind: str, dropout: float, training: bool, softcap: float | None = None):
     p = dropout if training else 0.0
     gqa = k.shape[1] != q.shape[1]
     if kind == "sdpa":
@@ -72,6 +84,8 @@ def _causal_attention(q, k, v, kind: str, dropout: float, training: bool):
     B, heads, T, D = q.shape
     scores = torch.baddbmm(q.new_empty(B * heads, T, T), q.reshape(B * heads, T, D),
                            k.reshape(B * heads, T, D).transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(D))
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     probs = dropped(torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1), p, training)
     return torch.bmm(probs, v.reshape(B * heads, T, D)).view(B, heads, T, D)

@@ -14,7 +14,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import check_output_path
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 
-MODEL_HELP = "preset name, config .json, or file.py:factory"
+MODEL_HELP = "preset name, config .json (also Hugging Face's), model directory, HF cache name, or file.py:factory"
 CLUSTER_HELP = "GPU:NODESxGPUS, a named system, or a .yaml/.json file"
 CALIBRATION_HELP = "a calibration JSON from `meshplan profile` for the cluster's GPU"
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections import Counter
 
 from cost_models.comm import pair_group
+from planner.arch import head_norm_names
 from planner.simulate import fsdp
 from planner.simulate.costing import LayerTiming
 from planner.simulate.times import FsdpExposure, LayerTimes
 
 DDP_BUCKET_BYTES = 25 * 2 ** 20   # torch DDP's default bucket_cap_mb
+# the block norms over attention heads, whose gradients tensor parallelism always leaves partial
+HEAD_NORMS = head_norm_names()
 
 
 class CommMixin:
@@ -178,12 +181,15 @@ class CommMixin:
         """Under sequence parallelism each TP rank normalises its own tokens, so the norms'
         weight gradients are partial sums: they are all-reduced over the TP group once per
         step, after backward (Megatron-LM's sequence-parallel layernorm all-reduce; DTensor's
-        Partial -> Replicate in the runtime)."""
+        Partial -> Replicate in the runtime). A norm over attention heads (Qwen3's q_norm,
+        k_norm) sees only this rank's heads, so its gradient is reduced with or without
+        sequence parallelism (runtime.parallelize._head_norm_style)."""
         plan = self.plan
-        if plan.tp == 1 or not plan.sequence_parallel:
+        if plan.tp == 1:
             return 0.0
         layers = self.rank_layers(rank, stages)
-        norm_params = sum(op.param_count for i in layers for op in self.traced.cost_of(i).ops if op.kind == "norm")
+        norm_params = sum(op.param_count for i in layers for op in self.traced.cost_of(i).ops if op.kind == "norm"
+                          and (plan.sequence_parallel or op.module_path.rsplit(".", 1)[-1] in HEAD_NORMS))
         return norm_params * self.grad_dtype_bytes
 
     def tied_grad_bytes(self) -> float:

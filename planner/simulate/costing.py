@@ -14,7 +14,8 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
   QK^T, mask, softmax, dropout and the product with V) and keeps everything else;
 - each row-parallel linear ends in one all-reduce of the residual stream in forward
   and one in backward (Megatron: two per block each way); with sequence parallelism
-  each becomes a reduce-scatter plus an all-gather of the same total volume;
+  each becomes a reduce-scatter plus an all-gather of the same total volume; where two
+  regions read one norm (Phi's parallel block) the second's input-side half is the first's;
 - outside the blocks, as `runtime.parallelize` runs them: the vocabulary-parallel embedding
   all-reduces its output in forward (and, under sequence parallelism, gathers the gradient
   in backward); the vocabulary-parallel head reduces its input gradient in backward (under
@@ -33,7 +34,7 @@ from dataclasses import dataclass, replace
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
-from planner.arch import get_arch, module_roles, names_for
+from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
@@ -41,6 +42,8 @@ from planner.ir import LayerCost, OpInfo, TracedModel
 _ROLES = module_roles()
 COLWISE = {name for name, role in _ROLES.items() if role in ("in", "head")}
 ROWWISE = {name for name, role in _ROLES.items() if role == "out"}
+# {output projection: an earlier region's} where both regions read one norm (planner.arch.base)
+SHARED_INPUT = shared_input_outputs()
 VOCAB = names_for("tok")
 HEADS = names_for("head")
 # A vocabulary-parallel cross-entropy all-reduces three per-token fp32 statistics in forward:
@@ -118,7 +121,10 @@ def _module_name(op: OpInfo) -> str:
 
 def linear_style(op: OpInfo, tp_layout: dict) -> str:
     """colwise | rowwise | replicate for a linear op, from the plan's layout or Megatron's."""
-    name = _module_name(op)
+    return _named_linear_style(_module_name(op), tp_layout)
+
+
+def _named_linear_style(name: str, tp_layout: dict) -> str:
     if name in tp_layout:   # a vocabulary-parallel head splits its output features
         return "colwise" if tp_layout[name] == "vocab" else tp_layout[name]
     if name in COLWISE:
@@ -331,6 +337,9 @@ class LayerCoster:
             return self._head_collectives(op, style, sp, stream, precision)
         if style != "rowwise":
             return [], []
+        if _named_linear_style(SHARED_INPUT.get(_module_name(op), ""), layout) == "rowwise":
+            # its input is an earlier sharded region's (Phi's parallel MLP): gathered and reduced there
+            return [("reduce_scatter" if sp else "all_reduce", out)], [("all_gather", out)] if sp else []
         if sp:
             return [("all_gather", stream), ("reduce_scatter", out)], [("all_gather", out), ("reduce_scatter", stream)]
         return [("all_reduce", out)], [("all_reduce", stream)]
