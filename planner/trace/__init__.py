@@ -72,7 +72,7 @@ from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import LayerCost, TracedModel
 from planner.plan import CASTS, low_precision_dtype
-from planner.trace.fake import autocast, make_state, module_stack
+from planner.trace.fake import autocast, batch_norm_in_fp32, make_state, module_stack
 from planner.trace.inputs import (TensorSpec, backward_from, check_step, primary_output,
                                   resolve)
 from planner.trace.kernels import KERNELS, kernel_choices
@@ -107,8 +107,9 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
         raise MeshplanError(f"cast {cast!r} is unknown; use one of {', '.join(CASTS)}")
     low = low_precision_dtype(precision) if cast == "params" else None
     module, name, call = resolve(model, micro_batch, seq, inputs)
+    call = call.cast_floating(low)   # parameters held in 16 bits: inputs cast as FSDP2 casts them
     units = find_units(module)
-    with hf.eager_masks(module):
+    with hf.eager_masks(module), batch_norm_in_fp32(module, low):
         skeleton, route = trace_skeleton(module, name, call, units, precision, kernels, low)
         layers, programs = split_layers(skeleton, module, low)
         costs: dict[str, LayerCost] = {}
