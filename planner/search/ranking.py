@@ -39,6 +39,7 @@ from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ,
 from cost_models.memory import model_state_bytes
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
+from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
 from planner.search.space import SearchSpace
 from planner.search.tp_ilp import layouts_for
@@ -68,6 +69,7 @@ class SearchStats:
     pruned_dominated: int = 0         # gpipe (1F1B is as fast with less memory)
     pruned_bound: int = 0             # lower bound above the k-th best estimate
     no_partition: int = 0             # no split and checkpointing fits memory
+    skipped: int = 0                  # candidates the model cannot take (planner.search.factory)
     partitioned: int = 0
     simulated: int = 0
     rejected_by_simulation: int = 0   # still over budget after refitting
@@ -187,7 +189,7 @@ def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
         raise MeshplanError(f"tp_across_nodes must be true or false, got {shown(tp_across_nodes)}")
 
 
-class _Search(SearchSpace, Diagnosis):
+class _Search(SearchSpace, FactorySearch, Diagnosis):
     def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned):
         self.spec, self.cluster = spec, cluster
         self.global_batch, self.seq, self.pinned = global_batch, seq, pinned
@@ -205,6 +207,9 @@ class _Search(SearchSpace, Diagnosis):
                                 f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
         self._sims = {}
         self._layouts = {}
+        if spec.config is None and pinned.get("sequence_parallel"):
+            raise MeshplanError(f"sequence_parallel needs a preset or JSON model: the runtime cannot shard "
+                                f"{spec.name}'s sequence dimension; drop --sequence-parallel")
 
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
@@ -289,6 +294,10 @@ class _Search(SearchSpace, Diagnosis):
         for dp, tp, pp in families:
             for p in self.candidates(dp, tp, pp):
                 self.stats.candidates += 1
+                if tp > 1 and self.spec.config is None:
+                    p = self.factory_layout(p)
+                    if p is None:
+                        continue
                 floor = self.states_floor_bytes(p)
                 host = self.host_floor_bytes(p)
                 if host > self.cluster.host_memory_bytes_per_gpu:
@@ -302,10 +311,15 @@ class _Search(SearchSpace, Diagnosis):
                                  f"> {self.budget_bytes / 1e9:.1f} GB budget", floor)
                     continue
                 pool.append(p)
-        if not pool:
-            raise MeshplanError(self.nothing_fits())
-        bounded = sorted((_Candidate(p, self.lower_bound_s(self.simulation(p))) for p in pool),
-                         key=lambda c: c.lower_bound_s)
+        bounded = []
+        for p in pool:
+            try:
+                bounded.append(_Candidate(p, self.lower_bound_s(self.simulation(p))))
+            except MeshplanError as exc:   # e.g. a factory that cannot take this micro-batch
+                self.skip(p, str(exc))
+        if not bounded:
+            raise MeshplanError(self.nothing_left() or self.nothing_fits())
+        bounded.sort(key=lambda c: c.lower_bound_s)
         estimated = self._estimate_all(bounded, top_k)
         plans = self._simulate_best(estimated, top_k)
         if not plans:
@@ -389,7 +403,7 @@ class _Search(SearchSpace, Diagnosis):
     def _with_layout(self, plan: Plan) -> Plan:
         """The plan with the TP-layout ILP's layout (solved once per block signature and
         (micro-batch, precision, tp, sp)); embedding and head vocabulary-parallel."""
-        if plan.tp == 1 or self.spec.config is None:
+        if plan.tp == 1 or self.spec.config is None:   # a factory's: planner.search.factory, before the walk
             return replace(plan)
         key = (plan.micro_batch, plan.precision, plan.tp, plan.sequence_parallel)
         if key not in self._layouts:
@@ -405,6 +419,29 @@ class _Search(SearchSpace, Diagnosis):
     # -- reporting -------------------------------------------------------------------------------
     def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0, result=None):
         self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes, result))
+
+    def skip(self, plan: Plan, detail: str):
+        """A candidate the model cannot take: counted and kept as a rejection, never raised."""
+        self.stats.skipped += 1
+        self._reject(plan, "cannot take", detail)
+
+    def nothing_left(self) -> str | None:
+        """One line when every candidate was skipped as one the model cannot take (None if
+        some were dropped for memory, which `nothing_fits` explains)."""
+        if not self.stats.candidates:
+            pins = ", ".join(f"{k}={v}" for k, v in self.pinned.items() if k != "precision")
+            return (f"no candidate plan of {self.spec.name} on {self.cluster.name} takes the pins ({pins}): "
+                    f"{self.model_cannot_take_summary()}drop or change a pin")
+        if self.stats.skipped < self.stats.candidates:
+            return None
+        reasons = list(dict.fromkeys(r.detail for r in self.rejections if r.reason == "cannot take"))
+        shown_reasons = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        return (f"no plan of {self.spec.name} on {self.cluster.name}: {self.model_cannot_take_summary()}"
+                f"every one of the {self.stats.candidates} candidates is one the model cannot take ({shown_reasons})")
+
+    def model_cannot_take_summary(self) -> str:
+        unfit = getattr(self, "_unfit", {})
+        return "".join(f"{degree} {why}; " for degree, why in unfit.items())
 
 
 def describe_family(plan: Plan) -> str:

@@ -113,7 +113,9 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     traced = trace_cached(model_key(spec), plan.micro_batch, plan.seq, plan.precision,
                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
-    plan.check_fits(len(traced.blocks), cluster.world_size)
+    if not traced.blocks and plan.virtual_stages > 1:
+        raise MeshplanError(f"{spec.name} has no repeated blocks to cut into pipeline stages: use pp 1")
+    plan.check_fits(len(traced.blocks) or None, cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
