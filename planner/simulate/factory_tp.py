@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+from cost_models.compute import gemm_dims
+from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.ir import LayerCost, OpInfo, TracedModel
 
@@ -103,6 +105,44 @@ class FactorySplit:
         total = sum(op.bytes_written for op in kernels)
         split = sum(op.bytes_written for op in kernels if op.name in self.split)
         return 1.0 if not total else 1 - split / total + split / total / tp
+
+
+def check_factory_plan(plan, traced: TracedModel, name: str):
+    """Refuse, in one line, a plan of a factory model that meshplan's runtime could not run:
+    sequence parallelism; pipeline stages of a model torch.fx cannot trace (the runtime cuts
+    by fx: runtime.split); tp without a layout, or with a key that names no block linear
+    or splits features tp does not divide (runtime.modules checks the module itself too)."""
+    if plan.sequence_parallel:
+        raise MeshplanError(f"sequence parallelism needs a preset or JSON model: the runtime cannot shard "
+                            f"{name}'s sequence dimension; drop sequence_parallel")
+    if plan.virtual_stages > 1 and traced.route != "torch.fx.symbolic_trace":
+        raise MeshplanError(f"the runtime cuts a model into pipeline stages by torch.fx, which cannot trace {name} "
+                            f"(the tracer needed {traced.route}): use pp 1")
+    split = {k: v for k, v in plan.tp_layout.items() if v != "replicate"}
+    if plan.tp == 1:
+        return
+    if not split:
+        raise MeshplanError(f"tp {plan.tp} on {name} needs a tp_layout naming the block linears to split "
+                            f"(colwise / rowwise); `meshplan plan` writes one")
+    linears = {}
+    for index in traced.blocks:
+        layer, prefix = traced.layers[index], layer_prefix(traced, index)
+        for op in traced.cost_of(index).ops:
+            if op.kind == "linear" and op.gemm is not None and op.module_path.startswith(prefix + "."):
+                relative = op.module_path[len(prefix) + 1:]
+                linears.setdefault(relative, op)
+                linears.setdefault(f"{layer.name}.{relative}", op)
+    for key, style in split.items():
+        if style not in SPLIT_STYLES:
+            raise MeshplanError(f"tp_layout {key!r}: {style!r} is not a style the runtime applies to {name}; "
+                                f"use colwise, rowwise or replicate")
+        if key not in linears:
+            raise MeshplanError(f"tp_layout key {key!r} names no linear layer in {name}'s blocks")
+        _, k, n, _ = gemm_dims(linears[key].gemm)
+        size = n if style == "colwise" else k
+        if size % plan.tp:
+            raise MeshplanError(f"tp_layout {key!r} {style} splits {size} features over tp {plan.tp}: "
+                                f"make tp divide it, or replicate it")
 
 
 def _numel(shape) -> int:

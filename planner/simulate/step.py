@@ -27,6 +27,7 @@ from planner.simulate import fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.simulate.execution import MESHPLAN_RUNTIME, Execution
+from planner.simulate.factory_tp import check_factory_plan
 from planner.simulate.memory import CUDA_CONTEXT_BYTES, MemoryMixin, StageMemory
 from planner.simulate.schedule import build_schedule, simulate_pipeline
 from planner.simulate.times import FsdpExposure, LayerTimes
@@ -96,9 +97,13 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
         if value is not None and not isinstance(value, kind):
             raise MeshplanError(f"{name} must be a {kind.__name__} or None, got {shown(value)}")
     spec, cluster = load_model(model), parse_cluster(cluster)
-    if spec.config is not None and (execution or MESHPLAN_RUNTIME) == MESHPLAN_RUNTIME:
+    runtime = (execution or MESHPLAN_RUNTIME) == MESHPLAN_RUNTIME
+    if spec.config is not None and runtime:
         check_runnable(plan, spec.config)
-    return prepare_unchecked(plan, spec, cluster, compute, comm, execution or MESHPLAN_RUNTIME)
+    sim = prepare_unchecked(plan, spec, cluster, compute, comm, execution or MESHPLAN_RUNTIME)
+    if spec.config is None and runtime:
+        check_factory_plan(plan, sim.traced, spec.name)
+    return sim
 
 
 def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None = None,

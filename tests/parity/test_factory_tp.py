@@ -13,6 +13,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from cost_models import MeshplanError
 from cost_models.cluster import parse_cluster
 from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
@@ -93,10 +94,10 @@ def test_ilp_layout_runs_as_simulated(tmp_path):
 
 
 def test_simulated_time_and_memory_follow_the_split():
-    """The split block computes less and keeps fewer parameters per GPU than the replicated one."""
+    """The split block keeps fewer parameters per GPU than the whole one, and communicates."""
     layout = {"fc1": "colwise", "fc2": "rowwise"}
     split = prepare(_plan(layout), MLP, f"cpu:1x{TP}")
-    whole = prepare(_plan({}), MLP, f"cpu:1x{TP}")
+    whole = prepare(Plan(dp=TP, micro_batch=4, global_batch=8, seq=1, precision="fp32"), MLP, f"cpu:1x{TP}")
     block = split.traced.blocks[0]
     a, b = split.timing(block), whole.timing(block)
     width = 64
@@ -105,3 +106,12 @@ def test_simulated_time_and_memory_follow_the_split():
     assert not b.tp_comm_fwd and not b.tp_comm_bwd
     assert [k for k, _ in a.tp_comm_fwd] == ["all_reduce"] and [k for k, _ in a.tp_comm_bwd] == ["all_reduce"]
     assert a.tp_comm_fwd[0][1] == 4 * width * 4   # micro-batch 4 x width, fp32
+
+
+@pytest.mark.parametrize("layout,fragment", [
+    ({}, "needs a tp_layout"), ({"fc3": "colwise"}, "'fc3' names no linear"),
+    ({"norm": "colwise"}, "'norm' names no linear"), ({"fc1": "vocab"}, "not a style the runtime applies"),
+])
+def test_simulate_refuses_a_layout_the_runtime_cannot_apply(layout, fragment):
+    with pytest.raises(MeshplanError, match=fragment):
+        prepare(_plan(layout), MLP, f"cpu:1x{TP}")

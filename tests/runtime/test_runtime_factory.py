@@ -39,14 +39,18 @@ def _falls(losses: list) -> bool:
 
 
 def test_mlp_trains_the_same_with_a_dp_and_a_pp_plan(tmp_path):
+    """And with tp x pp: the ILP's MLP split (tests/parity/test_factory_tp.py) on pipeline stages."""
     common = dict(micro_batch=4, global_batch=32, seq=1, precision="fp32")
     records = _train_both(tmp_path, MLP, {
         "dp": planned(tmp_path / "dp.json", MLP, dp=4, zero=0, **common),
         "pp": planned(tmp_path / "pp.json", MLP, pp=4, schedule="1f1b", **common),
+        "tp_pp": write_plan(tmp_path / "tp_pp.json", tp=2, pp=2, tp_layout={"fc1": "colwise", "fc2": "rowwise"},
+                            **common),
     })
-    dp, pp = ([r["loss"] for r in records[k]] for k in ("dp", "pp"))
-    assert len(dp) == len(pp) == STEPS
+    dp, pp, tp_pp = ([r["loss"] for r in records[k]] for k in ("dp", "pp", "tp_pp"))
+    assert len(dp) == len(pp) == len(tp_pp) == STEPS
     assert pp == pytest.approx(dp, rel=1e-4)   # measured: equal to 1e-6
+    assert tp_pp == pytest.approx(dp, rel=1e-4)
     assert _falls(dp)
 
 
