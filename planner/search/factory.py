@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 
 from cost_models.compute import gemm_dims
+from cost_models.errors import MeshplanError
 from planner.plan import Plan
 from planner.search.tp_ilp import layouts_for
 from planner.simulate import model_key, trace_cached
@@ -62,19 +63,24 @@ class FactorySearch:
 
     def factory_layout(self, plan: Plan) -> Plan | None:
         """The plan with the ILP's layout for its blocks (only the split linears listed), or
-        None, with the candidate recorded as skipped, when the layout splits nothing."""
+        None, with the candidate recorded as skipped, when the layout splits nothing or the
+        ILP cannot take the model's blocks."""
         key = (plan.micro_batch, plan.precision, plan.tp)
         if key not in self._layouts:
-            sim = self.simulation(plan)
-            started = time.perf_counter()
-            blocks = layouts_for(sim.traced, self.compute, self.comm, sim.tp_group, factory=True)
-            self.stats.tp_ilp_s += time.perf_counter() - started
-            self.stats.tp_ilp_solves += blocks.solves
-            layout = {k: v for k, v in blocks.plan_layout().items() if v in SPLIT_STYLES}
-            self._layouts[key] = layout or None
+            try:
+                sim = self.simulation(plan)
+                started = time.perf_counter()
+                blocks = layouts_for(sim.traced, self.compute, self.comm, sim.tp_group, factory=True)
+            except MeshplanError as exc:   # e.g. a block whose output the ILP's graph cannot take
+                self._layouts[key] = str(exc)
+            else:
+                self.stats.tp_ilp_s += time.perf_counter() - started
+                self.stats.tp_ilp_solves += blocks.solves
+                layout = {k: v for k, v in blocks.plan_layout().items() if v in SPLIT_STYLES}
+                self._layouts[key] = layout or (f"the TP-layout ILP splits no linear at tp {plan.tp}, micro-batch "
+                                                f"{plan.micro_batch}: tp would only repeat the work")
         layout = self._layouts[key]
-        if layout is None:
-            self.skip(plan, f"the TP-layout ILP splits no linear at tp {plan.tp}, micro-batch {plan.micro_batch}: "
-                            f"tp would only repeat the work")
+        if isinstance(layout, str):   # why this candidate gets no layout
+            self.skip(plan, layout)
             return None
         return replace(plan, tp_layout=dict(layout))

@@ -8,7 +8,10 @@ The search, in order of cost:
    every micro-batch size dividing a rank's share of the batch, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
    activations in flight, so it is pruned as dominated unless pinned) and precision.
-   Pinned dimensions take one value (planner.search.space enumerates them).
+   Pinned dimensions take one value (planner.search.space enumerates them). A file.py:factory
+   model's blocks are counted from its trace, and it gets tp where the TP-layout ILP splits
+   a block linear (planner.search.factory). A candidate the model cannot take is skipped
+   with its reason, never fatal; when nothing is left, one line says why.
 2. Memory prune: a family whose model states alone (parameters, gradients, optimizer
    state of an even share of the model) overflow the budget is dropped with its size.
 3. Bound: each candidate's lower bound is its busiest rank's compute with no bubble,

@@ -52,6 +52,10 @@ called under the meta device (only shapes and dtypes are used). The traced step 
 backward from the first tensor the model returns (its loss, or ones as the gradient of
 a non-scalar output).
 
+With cast "params" (parameters held in 16 bits, as under ZeRO 1-3) floating inputs enter
+in 16 bits, as FSDP2 casts them, and every BatchNorm runs in fp32 (`fake.batch_norm_in_fp32`),
+as the runtime keeps it.
+
 The modules, in the order a trace runs them: `inputs` (the model and its example call),
 `signature` (which modules are layers, block signatures), `skeleton` (the routes, blocks
 as `meshplan::unit` ops, the failure message), `layers` (the skeleton cut into layer
