@@ -29,7 +29,11 @@ def split_stages(gm: fx.GraphModule, root: nn.Module, block_stage: dict, stages:
     """`gm`: the model traced with blocks as leaves; `block_stage`: block path -> its virtual
     stage (blocks in call order). Returns one GraphModule per virtual stage."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # an argument fx took as a constant (one the call left at its default) is a placeholder
+    # with a default value: every stage uses the constant, none receives it
+    constants = {n: n.args[0] for n in placeholders if n.args}
+    inputs = [n for n in placeholders if n not in constants]
     output = next(n for n in gm.graph.nodes if n.op == "output")
     stage_of = _assign(nodes, block_stage)
     _check_owned_once(nodes, stage_of, root)
@@ -47,7 +51,8 @@ def split_stages(gm: fx.GraphModule, root: nn.Module, block_stage: dict, stages:
     parts = []
     for k in range(stages):
         outs = carried[k + 1] if k + 1 < stages else None
-        parts.append(_stage_module(root, [n for n in nodes if stage_of[n] == k], carried[k], outs, output))
+        body = [n for n in nodes if stage_of[n] == k]
+        parts.append(_stage_module(root, body, carried[k], outs, output, constants))
     return parts
 
 
@@ -65,27 +70,29 @@ def _assign(nodes: list, block_stage: dict) -> dict:
 
 def _check_owned_once(nodes: list, stage_of: dict, root: nn.Module):
     """A parameter used by two stages would be two copies on two ranks, trained apart."""
-    owner = {}
+    owner = {}   # id(parameter) -> (its name where first used, that stage)
     for n in nodes:
         if n.op == "call_module":
-            tensors = [name for name, _ in root.get_submodule(n.target).named_parameters()]
-            names = [f"{n.target}.{t}" for t in tensors]
+            params = [(f"{n.target}.{name}", p) for name, p in root.get_submodule(n.target).named_parameters()]
+            stages = {stage_of[n]}
         elif n.op == "get_attr":
-            names = [n.target]
+            params = [(n.target, _attr(root, n.target))]
+            stages = {stage_of[u] for u in n.users} | {stage_of[n]}
         else:
             continue
-        for name in names:
-            first = owner.setdefault(name, stage_of[n])
-            used = {stage_of[u] for u in n.users} | {stage_of[n]} if n.op == "get_attr" else {stage_of[n]}
-            if used - {first}:
-                raise MeshplanError(f"{name} is used by pipeline stages {first} and {max(used - {first})} "
-                                    f"(a weight shared across stages): pipeline this model with pp 1, or "
-                                    f"stages that keep its users together")
+        for name, p in params:
+            first_name, first = owner.setdefault(id(p), (name, min(stages)))
+            other = stages - {first}
+            if other:
+                raise MeshplanError(f"{first_name} is used by pipeline stages {first} and {max(other)} (a weight "
+                                    f"shared across stages): pipeline this model with pp 1, or stages that keep "
+                                    f"its users together")
 
 
-def _stage_module(root: nn.Module, body: list, inputs: list, outputs: list | None, model_output) -> fx.GraphModule:
+def _stage_module(root: nn.Module, body: list, inputs: list, outputs: list | None, model_output,
+                  constants: dict) -> fx.GraphModule:
     graph = fx.Graph()
-    env = {}
+    env = dict(constants)
     for n in inputs:
         env[n] = graph.placeholder(n.name)
         env[n].meta = dict(n.meta)
