@@ -7,6 +7,10 @@ layout. (That needs the whole model in host memory on every rank: fine for the m
 one trains for tests and demos; a very large model would instead be built on the meta
 device, sharded, `to_empty`'d and initialised shard by shard - not done here.)
 
+A file.py:factory model is built from the seed the same way, cut into stages by
+torch.fx and split over tp on the linears its layout names (runtime.modules, runtime.split);
+it trains on its example_inputs and backpropagates the loss its forward returns.
+
 Order per part: tensor parallel -> activation checkpointing -> autocast (pipeline
 stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
 
@@ -33,8 +37,10 @@ from cost_models.errors import MeshplanError
 from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
+from planner.trace.inputs import primary_output
 from runtime import optim as optim_mod
 from runtime.config import TrainingConfig
+from runtime.modules import chunks as factory_chunks
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
                                  tensor_parallel, vocab_parallel_loss, with_autocast)
 from runtime.pipeline import build_schedule, check_schedule, cut, divide_grads, local_stages, loss_fn, stage_ranges
@@ -46,9 +52,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
-    if spec.config is None:
-        raise MeshplanError(f"meshplan train runs zoo models (a preset or a .json config); "
-                            f"{spec.name!r} is a Python factory, which the runtime cannot cut or shard")
+    if spec.config is None:   # a file.py:factory model, checked on the meta device
+        from runtime.modules import FactoryModel
+        check_schedule(plan)
+        FactoryModel(spec, plan, "meta").check()
+        return
     cfg = spec.config
     plan.check_fits(cfg.layers)
     if plan.seq > cfg.max_seq:
@@ -64,24 +72,28 @@ class Engine:
     def __init__(self, spec, plan: Plan, rt, config: TrainingConfig):
         check_plan(spec, plan)
         cfg = self.cfg = spec.config
-        plan.check_fits(cfg.layers, rt.world_size)
         self.plan, self.rt, self.config = plan, rt, config
         self.device = rt.device
-
-        torch.manual_seed(config.seed)
-        full = spec.build("cpu").init_weights(config.seed)
-        self.params_total = count_parameters(full)
         V = plan.virtual_stages
-        if plan.pp > 1:
-            ranges = stage_ranges(plan, cfg.layers)
-            if plan.sequence_parallel and any(a == b for a, b in ranges):
-                raise MeshplanError("sequence parallelism needs at least one block in every pipeline stage")
-            mine = local_stages(plan, rt.coords["pp"])
-            parts = {v: cut(full, *ranges[v], v == 0, v == V - 1) for v in mine}
+        torch.manual_seed(config.seed)
+        self.factory = None
+        if cfg is None:
+            parts = self._factory_parts(spec, plan, rt, config)
+            layout = None
         else:
-            parts = {0: full}
-        del full
-        layout = resolve_layout(cfg, plan) if plan.tp > 1 else None
+            plan.check_fits(cfg.layers, rt.world_size)
+            full = spec.build("cpu").init_weights(config.seed)
+            self.params_total = count_parameters(full)
+            if plan.pp > 1:
+                ranges = stage_ranges(plan, cfg.layers)
+                if plan.sequence_parallel and any(a == b for a, b in ranges):
+                    raise MeshplanError("sequence parallelism needs at least one block in every pipeline stage")
+                mine = local_stages(plan, rt.coords["pp"])
+                parts = {v: cut(full, *ranges[v], v == 0, v == V - 1) for v in mine}
+            else:
+                parts = {0: full}
+            del full
+            layout = resolve_layout(cfg, plan) if plan.tp > 1 else None
         # a vocabulary-parallel head leaves its logits split: the loss and its backward run
         # under loss_parallel, so the logits are never gathered (vocab_parallel_loss)
         self.loss_context = loss_parallel if vocab_parallel_loss(layout) else contextlib.nullcontext
@@ -89,13 +101,16 @@ class Engine:
         self.parts, self.modules = {}, {}
         for v, part in parts.items():
             part.to(self.device)
+            blocks = self.factory.blocks(part) if self.factory else {int(k): b for k, b in part.blocks.items()}
             if layout is not None:
                 tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
-            apply_checkpointing(part, plan)
+            elif self.factory and plan.tp > 1:
+                self.factory.tensor_parallel(part, rt.submesh("tp"))
+            apply_checkpointing(part, plan, blocks)
             if plan.pp > 1:
                 with_autocast(part, plan, self.device)
             self.parts[v] = part
-            self.modules[v] = data_parallel(part, rt, plan)
+            self.modules[v] = data_parallel(part, rt, plan, blocks)
 
         # Optimizers (one per part), schedules, fp16 scaler.
         fused = self.device.type == "cuda" and not rt.distributed
@@ -107,19 +122,34 @@ class Engine:
 
         # Tied embeddings across pipeline stages: one weight held by the first and last stage.
         self.tied_param, self.tied_group, self.norm_skip = None, None, frozenset()
-        if cfg.tie_embeddings and plan.pp > 1:
+        if cfg is not None and cfg.tie_embeddings and plan.pp > 1:
             self._tie_across_stages(V)
 
         self.mb_losses: list = []
         if plan.pp > 1:
             def stage_loss(logits, targets):
-                loss = _local(loss_fn(logits, targets))   # a replicated DTensor under loss_parallel
+                # a factory's last stage returns its loss already (runtime.split)
+                loss = _local(logits.sum() if self.factory else loss_fn(logits, targets))   # DTensor: loss_parallel
                 return self.scaler.scale(loss) if self.scaler is not None else loss
-            self.schedule, self.stages = build_schedule(plan, self.modules, rt, stage_loss)
+            self.schedule, self.stages = build_schedule(plan, self.modules, rt, stage_loss,
+                                                        carries_inputs=self.factory is not None)
             self.has_first = 0 in self.modules
             self.has_last = (V - 1) in self.modules
         else:
             self.schedule, self.has_first, self.has_last = None, True, True
+
+    def _factory_parts(self, spec, plan: Plan, rt, config: TrainingConfig) -> dict:
+        """{virtual stage: module} of a file.py:factory model on this rank (runtime.modules)."""
+        from runtime.modules import FactoryModel
+        from runtime.split import check_carried
+        factory = self.factory = FactoryModel(spec, plan, "cpu", config.seed)
+        plan.check_fits(len(factory.block_paths) or None, rt.world_size)
+        self.params_total = count_parameters(factory.module)
+        if plan.pp == 1:
+            return {0: factory.module}
+        stages = factory.stages()
+        check_carried(stages, factory.example[0], factory.module)
+        return {v: stages[v] for v in local_stages(plan, rt.coords["pp"])}
 
     # -------------------------------------------------------------------------------
     def _tie_across_stages(self, V: int):
@@ -164,13 +194,17 @@ class Engine:
         self.mb_losses = []
         if self.schedule is None:
             model = self.modules[0]
-            chunks = [(inputs[i:i + micro_batch], targets[i:i + micro_batch])
-                      for i in range(0, inputs.shape[0], micro_batch)]
+            if self.factory:   # inputs: this rank's (args, kwargs) (runtime.modules.ExampleSource)
+                chunks = factory_chunks(inputs, micro_batch)
+            else:
+                chunks = [((inputs[i:i + micro_batch], targets[i:i + micro_batch]), {})
+                          for i in range(0, inputs.shape[0], micro_batch)]
             n = len(chunks)
-            for k, (x, y) in enumerate(chunks):
+            for k, (args, kwargs) in enumerate(chunks):
                 with self._sync(model, k == n - 1), self.loss_context():
                     with autocast_context(plan, self.device):
-                        loss = _local(model(x, y))
+                        out = model(*args, **kwargs)
+                        loss = _local(primary_output(out) if self.factory else out)
                     self.mb_losses.append(loss.detach())
                     scaled = loss / n
                     if self.scaler is not None:
@@ -178,10 +212,14 @@ class Engine:
                     scaled.backward()
         else:
             losses = [] if self.has_last else None
-            inputs = pipeline_first_stage_input(inputs)
+            if self.factory:   # positional tensors in; the last stage's output is the loss (no target)
+                args = [pipeline_first_stage_input(a) for a in inputs[0]]
+                targets = torch.zeros(plan.grad_accum, device=self.device)
+            else:
+                args = [pipeline_first_stage_input(inputs)]
             with self.loss_context():
                 if self.has_first:
-                    self.schedule.step(inputs, target=targets if self.has_last else None, losses=losses)
+                    self.schedule.step(*args, target=targets if self.has_last else None, losses=losses)
                 elif self.has_last:
                     self.schedule.step(target=targets, losses=losses)
                 else:

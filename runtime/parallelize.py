@@ -15,8 +15,9 @@ Everything here is PyTorch's own machinery:
   `recompute_attention` flag, so only its attention core runs under the checkpoint
   (Korthikanti et al. 2022 as Megatron-LM runs it; planner.arch.layers.attention_core);
 - ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
-  `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 and
-  `CPUOffloadPolicy` when the plan offloads the optimizer; ZeRO 1 is Megatron-LM's
+  `reshard_after_forward` True / False / False, `MixedPrecisionPolicy` for bf16/fp16 (each
+  BatchNorm its own unit in fp32, output cast to 16 bits) and `CPUOffloadPolicy` when the
+  plan offloads the optimizer; ZeRO 1 is Megatron-LM's
   distributed optimizer: the engine keeps parameters gathered and gradients unsharded
   until the step's last micro-batch (`Engine._sync`; a pipeline stage does the same),
   so each step all-gathers once and reduce-scatters once (planner.simulate.fsdp);
@@ -203,16 +204,17 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def apply_checkpointing(part: nn.Module, plan: Plan):
+def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None):
     """Recompute each block as the plan says (planner.plan.CHECKPOINT_MODES).
 
     "attention" sets the block's flag (its forward checkpoints the attention core); the
     other modes wrap the whole forward. The wrapper replaces the block's `forward`
     attribute, so module names (and checkpoint keys) stay as they are and FSDP's hooks sit
-    outside the recomputed region.
+    outside the recomputed region. `blocks`: {block number: module} (default: a Decoder part's).
     """
-    for index, block in part.blocks.items():
-        mode = plan.checkpoint_for(int(index))
+    blocks = {int(k): b for k, b in part.blocks.items()} if blocks is None else blocks
+    for index, block in blocks.items():
+        mode = plan.checkpoint_for(index)
         block.recompute_attention = mode == "attention"
         if mode in ("none", "attention"):
             continue
@@ -228,9 +230,11 @@ def apply_checkpointing(part: nn.Module, plan: Plan):
 
 
 # ---------------------------------------------------------------------------- data parallel
-def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
-    """Wrap a part for the plan's ZeRO stage over the dp mesh; returns the module to call."""
+def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -> nn.Module:
+    """Wrap a part for the plan's ZeRO stage over the dp mesh, each block (`blocks`: {number:
+    module}, default a Decoder part's) and the part's root; returns the module to call."""
     dp = plan.dp
+    blocks = part.blocks if blocks is None else blocks
     if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         dtype = PRECISION_DTYPES[plan.precision]
@@ -238,14 +242,18 @@ def data_parallel(part: nn.Module, rt, plan: Plan) -> nn.Module:
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if plan.offload_optimizer else OffloadPolicy()
         kw = dict(mesh=rt.submesh("dp"), reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
-        for block in part.blocks.values():
+        if dtype != torch.float32:   # BatchNorm in fp32, its output in 16 bits (planner.trace.fake.batch_norm_in_fp32)
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
+            for norm in [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+                fully_shard(norm, **{**kw, "mp_policy": fp32})
+        for block in blocks.values():
             fully_shard(block, **kw)
         fully_shard(part, **kw)
         return part
     if dp == 1:
         return part
     replicate = fsdp_replicate()
-    for block in part.blocks.values():
+    for block in blocks.values():
         replicate(block, mesh=rt.submesh("dp"))
     replicate(part, mesh=rt.submesh("dp"))
     return part

@@ -49,12 +49,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def build_schedule(plan: Plan, modules: dict, rt, loss):
-    """modules: {virtual stage index: module to run}; loss(logits, targets) -> scalar."""
-    from torch.distributed.pipelining import PipelineStage
+def build_schedule(plan: Plan, modules: dict, rt, loss, carries_inputs: bool = False):
+    """modules: {virtual stage index: module to run}; loss(logits, targets) -> scalar.
+    `carries_inputs`: the stages hand on the model's own inputs (runtime.split), labels say."""
     from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     group = rt.group("pp")
-    stages = [PipelineStage(module, stage_index=v, num_stages=plan.virtual_stages, device=rt.device, group=group)
+    stage_class = _stage_class(carries_inputs)
+    stages = [stage_class(module, stage_index=v, num_stages=plan.virtual_stages, device=rt.device, group=group)
               for v, module in sorted(modules.items())]
     n = plan.grad_accum
     kw = dict(n_microbatches=n, loss_fn=loss, scale_grads=pipeline_divides_partial_grads())
@@ -62,6 +63,27 @@ def build_schedule(plan: Plan, modules: dict, rt, loss):
         return ScheduleInterleaved1F1B(stages, **kw), stages
     cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
     return cls(stages[0], **kw), stages
+
+
+def _stage_class(zero_filled: bool):
+    """PipelineStage, or one whose metadata inference runs on zeros. torch >= 2.13 infers a
+    stage's output shapes by running it once on `torch.empty` inputs (torch/distributed/
+    pipelining/stage.py, PipelineStage._forward_metadata_inference and _to_tensor); a model
+    whose labels ride through the stages (runtime.split) would then compute its loss on
+    garbage class ids and fail on the bounds check. Zeros are valid ids (and valid anything)."""
+    from torch.distributed.pipelining import PipelineStage
+    if not zero_filled or not hasattr(PipelineStage, "_to_tensor"):
+        return PipelineStage
+
+    class ZeroFilledInference(PipelineStage):
+        def _to_tensor(self, arg):
+            t = super()._to_tensor(arg)
+            if not isinstance(arg, torch.Tensor):
+                with torch.no_grad():
+                    (t.to_local() if isinstance(t, DTensor) else t).zero_()
+            return t
+
+    return ZeroFilledInference
 
 
 def divide_grads(schedule, modules: dict, n: int):

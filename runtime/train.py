@@ -1,4 +1,5 @@
-"""`python -m runtime.train`: train a zoo model with a plan (what `meshplan train` runs).
+"""`python -m runtime.train`: train a model with a plan (what `meshplan train` runs): a zoo
+model, or a file.py:factory one (runtime.modules), which trains on its example_inputs.
 
 One process:      python -m runtime.train --model gpt-tiny --plan plan.json --steps 100
 One machine:      torchrun --standalone --nproc-per-node 8 -m runtime.train ...
@@ -36,7 +37,7 @@ from runtime.config import TrainingConfig
 
 def build_parser() -> Parser:
     p = Parser(prog="meshplan train", description="Train a model with a parallelism plan.")
-    p.add_argument("--model", required=True, help="preset name or model config .json")
+    p.add_argument("--model", required=True, help="preset name, model config .json, or file.py:factory")
     p.add_argument("--plan", required=True, help="plan .json (meshplan plan / Plan.save)")
     p.add_argument("--data", default="synthetic", help="tokens .npy (1-D token ids) or 'synthetic' (default)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to train (in total, counting resumed ones)")
@@ -84,6 +85,9 @@ def validate(argv=None):
     if args.gpu:
         peak_flops(args.gpu, plan.precision)     # unknown GPU or precision -> MeshplanError
     if args.data != "synthetic":
+        if spec.config is None:
+            raise MeshplanError(f"{spec.name} trains on its example_inputs: drop --data (it takes token files "
+                                f"for zoo models)")
         from runtime.data import MemmapSource
         MemmapSource(args.data, spec.config.vocab, plan.seq, config.seed)
     _check_outputs(args)
@@ -180,11 +184,17 @@ def _train(args, config, plan, spec, rt, sink, records):
     from runtime.engine import Engine
     from runtime.metrics import flops_per_token, gpu_for_device, peak_flops, peak_memory_bytes
     engine = Engine(spec, plan, rt, config)
-    source = make_source(args.data, spec.config.vocab, plan.seq, config.seed)
-    loader = Loader(source, plan.global_batch, plan.micro_batch, plan.dp, rt.coords["dp"], rt.device)
     gpu = args.gpu or gpu_for_device(rt.device)
     peak = peak_flops(gpu, plan.precision, strict=bool(args.gpu))
-    fpt = flops_per_token(spec.config, engine.params_total, plan.seq)
+    if spec.config is None:
+        from runtime.modules import ExampleSource
+        loader = ExampleSource(engine.factory.maker, spec.name, plan.global_batch, plan.seq, config.seed, plan.dp,
+                               rt.coords["dp"], rt.device)
+        fpt = _factory_flops_per_token(spec, plan) if peak else None
+    else:
+        source = make_source(args.data, spec.config.vocab, plan.seq, config.seed)
+        loader = Loader(source, plan.global_batch, plan.micro_batch, plan.dp, rt.coords["dp"], rt.device)
+        fpt = flops_per_token(spec.config, engine.params_total, plan.seq)
 
     ckpt = None
     if args.checkpoint_dir:
@@ -221,7 +231,7 @@ def _train(args, config, plan, spec, rt, sink, records):
         tokens_per_s = plan.global_batch * plan.seq / dt
         rec = dict(step=step, loss=out["loss"], lr=out["lr"], grad_norm=out["grad_norm"],
                    tokens_per_s=tokens_per_s, step_time_s=dt,
-                   mfu=fpt * tokens_per_s / (peak * rt.world_size) if peak else None,
+                   mfu=fpt * tokens_per_s / (peak * rt.world_size) if peak and fpt else None,
                    peak_mem_bytes=int(mem.item()), skipped=out["skipped"])
         records.append(rec)
         sink.log(rec)
@@ -229,6 +239,14 @@ def _train(args, config, plan, spec, rt, sink, records):
             ckpt.save(step, {"step": step, "data_position": loader.position, **engine.scaler_state()}, meta)
         _fault_injection(step, rt.rank)
     return records
+
+
+def _factory_flops_per_token(spec, plan) -> float:
+    """A factory model's forward + backward FLOPs per token (per sample with seq 1), as
+    FlopCounterMode counts one micro-batch on the meta device (planner.trace)."""
+    from planner.trace import flop_counter_reference
+    fwd, bwd = flop_counter_reference(spec, plan.micro_batch, plan.seq)
+    return (fwd + bwd) / (plan.micro_batch * plan.seq)
 
 
 def _report(exc: MeshplanError):

@@ -127,4 +127,5 @@ def _print_table(plans, model_name: str, cluster) -> None:
     s = plans.stats
     console.print(f"searched {s.candidates} candidates in {s.search_s:.2f} s: {s.pruned_model_states} pruned "
                   f"(model states), {s.pruned_dominated} dominated, {s.pruned_bound} bounded out, "
-                  f"{s.no_partition} without a fitting split, {s.partitioned} partitioned, {s.simulated} simulated")
+                  f"{s.no_partition} without a fitting split, {s.partitioned} partitioned, {s.simulated} simulated"
+                  + (f", {s.skipped} the model cannot take" if s.skipped else ""))

@@ -88,14 +88,14 @@ class Diagnosis:
         fields = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro_batch, global_batch=self.global_batch,
                       seq=self.seq, precision=self.values("precision", ("bf16",))[0], schedule=schedule,
                       interleave=pick("interleave", 2 if schedule == "interleaved" else 1),
-                      sequence_parallel=pick("sequence_parallel", tp > 1),
+                      sequence_parallel=pick("sequence_parallel", tp > 1 and self.spec.config is not None),
                       offload_optimizer=pick("offload_optimizer", dp > 1 and zero >= 2))
         try:
             lean = Plan(**fields)
             if self.host_floor_bytes(lean) > self.cluster.host_memory_bytes_per_gpu and \
                     "offload_optimizer" not in self.pinned:
                 lean = replace(lean, offload_optimizer=False)
-            lean.check_fits(self.spec.config.layers if self.spec.config else None)
+            lean.check_fits(self.block_count())
         except MeshplanError:
             return None
         return lean

@@ -8,7 +8,10 @@ The search, in order of cost:
    every micro-batch size dividing a rank's share of the batch, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
    activations in flight, so it is pruned as dominated unless pinned) and precision.
-   Pinned dimensions take one value (planner.search.space enumerates them).
+   Pinned dimensions take one value (planner.search.space enumerates them). A file.py:factory
+   model's blocks are counted from its trace, and it gets tp where the TP-layout ILP splits
+   a block linear (planner.search.factory). A candidate the model cannot take is skipped
+   with its reason, never fatal; when nothing is left, one line says why.
 2. Memory prune: a family whose model states alone (parameters, gradients, optimizer
    state of an even share of the model) overflow the budget is dropped with its size.
 3. Bound: each candidate's lower bound is its busiest rank's compute with no bubble,
@@ -40,6 +43,7 @@ from cost_models.memory import model_state_bytes
 from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
+from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
 from planner.search.space import SearchSpace
 from planner.search.tp_ilp import layouts_for
@@ -69,6 +73,7 @@ class SearchStats:
     pruned_dominated: int = 0         # gpipe (1F1B is as fast with less memory)
     pruned_bound: int = 0             # lower bound above the k-th best estimate
     no_partition: int = 0             # no split and checkpointing fits memory
+    skipped: int = 0                  # candidates the model cannot take (planner.search.factory)
     partitioned: int = 0
     simulated: int = 0
     rejected_by_simulation: int = 0   # still over budget after refitting
@@ -208,7 +213,7 @@ def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
         raise MeshplanError(f"tp_across_nodes must be true or false, got {shown(tp_across_nodes)}")
 
 
-class _Search(SearchSpace, Diagnosis):
+class _Search(SearchSpace, FactorySearch, Diagnosis):
     def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                  engine=None, engine_options=None):
         self.spec, self.cluster = spec, cluster
@@ -228,6 +233,9 @@ class _Search(SearchSpace, Diagnosis):
                                 f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
         self._sims = {}
         self._layouts = {}
+        if spec.config is None and pinned.get("sequence_parallel"):
+            raise MeshplanError(f"sequence_parallel needs a preset or JSON model: the runtime cannot shard "
+                                f"{spec.name}'s sequence dimension; drop --sequence-parallel")
 
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
@@ -317,6 +325,10 @@ class _Search(SearchSpace, Diagnosis):
         for dp, tp, pp in families:
             for p in self.candidates(dp, tp, pp):
                 self.stats.candidates += 1
+                if tp > 1 and self.spec.config is None:
+                    p = self.factory_layout(p)
+                    if p is None:
+                        continue
                 floor = self.states_floor_bytes(p)
                 host = self.host_floor_bytes(p)
                 if host > self.cluster.host_memory_bytes_per_gpu:
@@ -330,10 +342,15 @@ class _Search(SearchSpace, Diagnosis):
                                  f"> {self.budget_bytes / 1e9:.1f} GB budget", floor)
                     continue
                 pool.append(p)
-        if not pool:
-            raise MeshplanError(self.nothing_fits())
-        bounded = sorted((_Candidate(p, self.lower_bound_s(self.simulation(p))) for p in pool),
-                         key=lambda c: c.lower_bound_s)
+        bounded = []
+        for p in pool:
+            try:
+                bounded.append(_Candidate(p, self.lower_bound_s(self.simulation(p))))
+            except MeshplanError as exc:   # e.g. a factory that cannot take this micro-batch
+                self.skip(p, str(exc))
+        if not bounded:
+            raise MeshplanError(self.nothing_left() or self.nothing_fits())
+        bounded.sort(key=lambda c: c.lower_bound_s)
         estimated = self._estimate_all(bounded, top_k)
         plans = self._simulate_best(estimated, top_k)
         if not plans:
@@ -419,7 +436,7 @@ class _Search(SearchSpace, Diagnosis):
         """The plan with the TP-layout ILP's layout (solved once per block signature and
         (micro-batch, precision, tp, sp)); embedding and head vocabulary-parallel."""
         if plan.tp == 1 or self.spec.config is None or not self.engine.searched_tp_layout:
-            return replace(plan)
+            # a factory's layout: planner.search.factory, before the walk            return replace(plan)
         key = (plan.micro_batch, plan.precision, plan.tp, plan.sequence_parallel)
         if key not in self._layouts:
             sim = self.simulation(plan)
@@ -434,6 +451,29 @@ class _Search(SearchSpace, Diagnosis):
     # -- reporting -------------------------------------------------------------------------------
     def _reject(self, plan: Plan, reason: str, detail: str, need_bytes: float = 0.0, result=None):
         self.rejections.append(Rejection(describe_family(plan), reason, detail, need_bytes, result))
+
+    def skip(self, plan: Plan, detail: str):
+        """A candidate the model cannot take: counted and kept as a rejection, never raised."""
+        self.stats.skipped += 1
+        self._reject(plan, "cannot take", detail)
+
+    def nothing_left(self) -> str | None:
+        """One line when every candidate was skipped as one the model cannot take (None if
+        some were dropped for memory, which `nothing_fits` explains)."""
+        if not self.stats.candidates:
+            pins = ", ".join(f"{k}={v}" for k, v in self.pinned.items() if k != "precision")
+            return (f"no candidate plan of {self.spec.name} on {self.cluster.name} takes the pins ({pins}): "
+                    f"{self.model_cannot_take_summary()}drop or change a pin")
+        if self.stats.skipped < self.stats.candidates:
+            return None
+        reasons = list(dict.fromkeys(r.detail for r in self.rejections if r.reason == "cannot take"))
+        shown_reasons = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        return (f"no plan of {self.spec.name} on {self.cluster.name}: {self.model_cannot_take_summary()}"
+                f"every one of the {self.stats.candidates} candidates is one the model cannot take ({shown_reasons})")
+
+    def model_cannot_take_summary(self) -> str:
+        unfit = getattr(self, "_unfit", {})
+        return "".join(f"{degree} {why}; " for degree, why in unfit.items())
 
 
 def describe_family(plan: Plan) -> str:

@@ -16,41 +16,78 @@ def divisors(n: int) -> list[int]:
 
 
 class SearchSpace:
-    """Candidate enumeration of the search (planner.search.ranking._Search)."""
+    """Candidate enumeration of the search (planner.search.ranking._Search). Degrees a model
+    cannot take are skipped with their reason (`unfit`, shown when nothing is left): pp above
+    its blocks, tp that does not divide what it splits, dp that does not divide the batch;
+    for a file.py:factory model also tp where no block linear splits, and pp where the runtime
+    cannot cut it (planner.search.factory)."""
 
     def values(self, name: str, default):
         return [self.pinned[name]] if name in self.pinned else list(default)
 
     def families(self) -> list[tuple[int, int, int]]:
         world, gpn = self.cluster.world_size, self.cluster.gpus_per_node
-        cfg = self.spec.config
-        blocks = cfg.layers if cfg else None
+        blocks = self.block_count()
         out = []
         for tp in self.values("tp", divisors(world)):
             if world % tp:
                 continue
             if tp > gpn and not self.tp_across_nodes:
+                self.unfit(f"tp {tp}", f"spans nodes of {gpn} GPUs")
                 continue
-            if tp > 1 and (cfg is None or any(v % tp for v in (cfg.heads, cfg.kv_heads, cfg.ffn, cfg.hidden))):
+            why = self.tp_unfit(tp) if tp > 1 else None
+            if why:
+                self.unfit(f"tp {tp}", why)
                 continue
             for pp in self.values("pp", divisors(world // tp)):
-                if (world // tp) % pp or (blocks is not None and pp > blocks):
+                if (world // tp) % pp:
+                    continue
+                why = self.pp_unfit(pp, blocks) if pp > 1 else None
+                if why:
+                    self.unfit(f"pp {pp}", why)
                     continue
                 dp = world // (tp * pp)
                 if "dp" in self.pinned and dp != self.pinned["dp"]:
                     continue
                 if self.global_batch % dp == 0:
                     out.append((dp, tp, pp))
+                else:
+                    self.unfit(f"dp {dp}", f"does not divide global batch {self.global_batch}")
         if not out:
             raise MeshplanError(self._no_family_message())
         return out
 
+    def unfit(self, degree: str, why: str):
+        """Note a degree the model cannot take, and why (for the nothing-left message)."""
+        self.__dict__.setdefault("_unfit", {}).setdefault(degree, why)
+
+    def tp_unfit(self, tp: int) -> str | None:
+        cfg = self.spec.config
+        if cfg is None and not self.engine.searched_tp_layout:
+            return f"{self.engine.name} splits only Megatron-style models, not a factory's layers"
+        if cfg is None:
+            return self.factory_tp_unfit(tp)
+        for what in ("heads", "kv_heads", "ffn", "hidden"):
+            if getattr(cfg, what) % tp:
+                return f"does not divide the model's {what} ({getattr(cfg, what)})"
+        return None
+
+    def pp_unfit(self, pp: int, blocks: int) -> str | None:
+        if pp > blocks:
+            return f"exceeds the model's {blocks} blocks"
+        return None if self.spec.config is not None else self.factory_pp_unfit()
+
     def _no_family_message(self) -> str:
         world = self.cluster.world_size
         pins = ", ".join(f"{k}={self.pinned[k]}" for k in ("dp", "tp", "pp") if k in self.pinned)
-        return (f"no dp x tp x pp = {world} devices fits the model and global batch {self.global_batch}"
-                + (f" with {pins}" if pins else "") + ": choose degrees whose product is the cluster size, "
-                "tp dividing the heads (inside a node), and dp dividing the global batch")
+        unfit = getattr(self, "_unfit", {})
+        pinned = {k for k in ("dp", "tp", "pp") if k in self.pinned}
+        why = "; ".join(f"{degree} {reason}" for degree, reason in unfit.items()
+                        if not pinned or degree.split()[0] in pinned)
+        return (f"no dp x tp x pp = {world} devices fits {self.spec.name} and global batch {self.global_batch}"
+                + (f" with {pins}" if pins else "") + (f" ({why})" if why else "")
+                + ": choose degrees whose product is the cluster size, tp dividing what it splits (inside a "
+                "node), pp at most the model's blocks, and dp dividing the global batch")
 
     def candidates(self, dp, tp, pp) -> list[Plan]:
         per_rank = self.global_batch // dp
@@ -68,7 +105,8 @@ class SearchSpace:
                         continue
                     offloads = (False, True) if zero >= 2 and self.engine.offload_optimizer else (False,)
                     for offload in self.values("offload_optimizer", offloads):
-                        sps = (False, True) if tp > 1 and self.engine.sequence_parallel else (False,)
+                        sp_ok = tp > 1 and self.engine.sequence_parallel and self.spec.config is not None
+                        sps = (False, True) if sp_ok else (False,)
                         for sp in self.values("sequence_parallel", sps):
                             if sp and (tp < 2 or self.seq % tp):
                                 continue   # the runtime shards the sequence evenly over tp >= 2
@@ -82,7 +120,7 @@ class SearchSpace:
         return out
 
     def _schedules(self, pp: int, micro_batches: int):
-        blocks = self.spec.config.layers if self.spec.config else None
+        blocks = self.block_count()
         schedules = self.values("schedule", ("1f1b", "gpipe", "interleaved") if pp > 1 else ("1f1b",))
         for schedule in schedules:
             if pp > 1 and schedule not in self.engine.schedules:
@@ -98,5 +136,7 @@ class SearchSpace:
             if pp < 2 or micro_batches % pp:
                 continue
             for v in self.values("interleave", INTERLEAVE_CHOICES):
-                if v >= 2 and (blocks is None or pp * v <= blocks):
+                if v >= 2 and pp * v <= blocks:
                     yield schedule, v
+                elif v >= 2:
+                    self.unfit(f"pp {pp} x interleave {v}", f"exceeds the model's {blocks} blocks")

@@ -46,12 +46,15 @@ class BlockGraph:
         return self.paths[node] or node
 
 
-def block_graph(cost: LayerCost) -> BlockGraph:
-    """The ILP's graph of one block: decision ops, residual adds, stream input and output."""
+def block_graph(cost: LayerCost, by_path: bool = False) -> BlockGraph:
+    """The ILP's graph of one block: decision ops, residual adds, stream input and output.
+    `by_path`: a node's layout key is its module's block-relative path ("mlp.fc1"), not its
+    last name - a factory model's runtime finds the module by that path."""
     sink, shape = _stream_output(cost)
     adds = {op.name for op in cost.ops if op.kind == "elementwise" and tuple(op.output_shape) == shape
             and sum(tuple(s) == shape for s in op.input_shapes) >= 2}
     graph = cost.graph.copy()
+    graph.add_node("input")   # read by no op when the block changes the stream's shape (a strided conv)
     graph.add_edges_from(("input", op.name) for op in cost.ops if _reads_block_input(cost, op, shape))
     graph.add_edge(sink.name, "output")
     ops = [OpInfo("input", "input", "", "", [], shape, sink.dtype),
@@ -62,7 +65,7 @@ def block_graph(cost: LayerCost) -> BlockGraph:
     nodes = {n: by_name[n] for n in dg}
     block_path = os.path.commonprefix([op.module_path.split(".") for op in cost.ops if op.module_path])
     paths = {n: _block_path(op, len(block_path)) for n, op in nodes.items()}
-    modules = {n: path.rsplit(".", 1)[-1] if path else None for n, path in paths.items()}
+    modules = {n: path if by_path or not path else path.rsplit(".", 1)[-1] for n, path in paths.items()}
     value_bytes = {n: math.prod(map(int, op.output_shape)) * _itemsize(op.dtype) for n, op in nodes.items()}
     return BlockGraph(dg, nodes, paths, modules, value_bytes, _attach(cost, nodes))
 
@@ -141,6 +144,9 @@ class CostSetting:
     sequence_parallel: bool
     param_state_factor: float
     scores: frozenset = frozenset()   # the block's attention score tensors (costing.score_shapes)
+    # a file.py:factory model: the runtime splits linears alone (runtime.modules), handing a
+    # column-parallel linear's local shard only to a row-parallel one - no heads, no gathers
+    factory: bool = False
 
     @property
     def tp(self) -> int:
@@ -156,11 +162,11 @@ class CostSetting:
 def strategies(bg: BlockGraph, node: str, setting: CostSetting) -> list[Strategy]:
     """The strategies offered to one node, costed."""
     op = bg.ops[node]
-    styles = _styles(op, setting.tp, setting.sequence_parallel)
+    styles = _styles(op, setting.tp, setting.sequence_parallel, heads=not setting.factory)
     return [Strategy(s, _node_s(bg, node, s, setting), _node_bytes(bg, node, s, setting)) for s in styles]
 
 
-def _styles(op: OpInfo, tp: int, sp: bool) -> list[str]:
+def _styles(op: OpInfo, tp: int, sp: bool, heads: bool = True) -> list[str]:
     if op.kind in STREAM_KINDS:
         return ["sequence" if sp and tp > 1 else "replicate"]
     if tp == 1:
@@ -168,10 +174,12 @@ def _styles(op: OpInfo, tp: int, sp: bool) -> list[str]:
     if op.kind == "linear" and op.gemm is not None:
         m, k, n, _ = gemm_dims(op.gemm)
         return ["replicate"] + ["colwise"] * (n % tp == 0) + ["rowwise"] * (k % tp == 0)
+    if not heads:
+        return ["replicate"]
     if op.kind == "attention" and op.attention is not None:
-        heads = op.attention[1]
-        kv_heads = op.input_shapes[1][1] if len(op.input_shapes) > 1 else heads   # (b, kv_heads, s, d)
-        return ["replicate"] + ["heads"] * (heads % tp == 0 and kv_heads % tp == 0)
+        count = op.attention[1]
+        kv_heads = op.input_shapes[1][1] if len(op.input_shapes) > 1 else count   # (b, kv_heads, s, d)
+        return ["replicate"] + ["heads"] * (count % tp == 0 and kv_heads % tp == 0)
     if op.kind == "matmul" and op.gemm is not None and len(op.gemm) == 4:
         return ["replicate"] + ["heads"] * (op.gemm[0] % tp == 0)
     return ["replicate"]

@@ -51,6 +51,8 @@ Constraints (named as in the code)
                             writes the residual stream) the pairs where exactly one end is
                             S(-1) are 0: the runtime hands local shards from a colwise module
                             to a rowwise one and cannot gather or slice them in between.
+                            For a file.py:factory block (`factory`) on every edge, and no
+                            "heads" strategy: the runtime splits only linears.
     fwd_reshard[i,j,src,dst]: fwd[i,src,dst] >= sum of e[i,j,a,b] with out(a)=src, in(b)=dst
     bwd_reshard[i,j,src,dst]: bwd[i,src,dst] >= sum of e[i,j,a,b] with grad_in(b)=src,
                             grad(out(a))=dst
@@ -196,7 +198,8 @@ class _Ilp:
         for b in self.options[j]:
             self.prob += pulp.lpSum(e[a.style, b.style] for a in self.options[i]) == self.x[j, b.style], \
                 f"edge_in_{k}_{b.style}"
-        if self.bg.ops[i].kind not in STREAM_KINDS and self.bg.ops[j].kind not in STREAM_KINDS:
+        if self.setting.factory or (self.bg.ops[i].kind not in STREAM_KINDS
+                                    and self.bg.ops[j].kind not in STREAM_KINDS):
             crossing = [e[a.style, b.style] for a, b in pairs if (a.out == S_LAST) != (b.inp == S_LAST)]
             if crossing:
                 self.prob += pulp.lpSum(crossing) == 0, f"shards_stay_local_{k}"
@@ -261,17 +264,24 @@ class _Ilp:
 def solve_tp_layout(cost: LayerCost, compute: ComputeModel, comm: CommModel, tp_group: GroupPlacement,
                     precision: str = "bf16", sequence_parallel: bool = False,
                     memory_budget_bytes: float | None = None, param_state_factor: float = 1.0,
-                    time_limit_s: float = 10.0, solver: str | None = None, exclude: tuple = ()) -> TpLayout:
+                    time_limit_s: float = 10.0, solver: str | None = None, exclude: tuple = (),
+                    factory: bool = False) -> TpLayout:
     """The cheapest tensor-parallel layout of one block over `tp_group` (tp = its size).
 
     `memory_budget_bytes` bounds the block's parameter bytes (times `param_state_factor`, e.g.
     4 for fp32 weights + gradients + AdamW's two moments) plus output activations on one GPU.
     `solver`: "HiGHS" (default when highspy is installed) or "PULP_CBC_CMD". `exclude`: layouts
-    ({module name: style}) not to return again, to look at the runner-up.
+    ({module name: style}) not to return again, to look at the runner-up. `factory`: the block
+    of a file.py:factory model, laid out as the runtime can split it (linears only, each
+    column-parallel one feeding row-parallel ones: shards_stay_local on every edge), keyed
+    by block-relative module path.
     """
+    if factory and sequence_parallel:
+        raise MeshplanError("sequence parallelism needs a preset or JSON model: the runtime cannot shard a "
+                            "factory model's sequence dimension")
     setting = CostSetting(compute, comm, tp_group, precision, sequence_parallel, param_state_factor,
-                       score_shapes(cost.ops))
-    bg = block_graph(cost)
+                          score_shapes(cost.ops), factory)
+    bg = block_graph(cost, by_path=factory)
     options = {n: strategies(bg, n, setting) for n in bg.graph.nodes}
     ilp = _Ilp(bg, options, setting)
     if memory_budget_bytes is not None:

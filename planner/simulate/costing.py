@@ -36,6 +36,7 @@ from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel
+from planner.simulate.factory_tp import FactorySplit, layer_prefix
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
 # name, from every family's roles (planner.arch; Hugging Face names included).
@@ -261,14 +262,19 @@ class LayerCoster:
         `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
         several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels)."""
         layer = self.traced.layers[layer_index]
+        factory = tp > 1 and self.hidden is None   # a file.py:factory model: planner.simulate.factory_tp
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               megatron_kernels)
+               megatron_kernels, layer.name if factory else None)
         if key not in self._cache:
-            if tp > 1 and self.hidden is None:
-                raise MeshplanError("tensor parallelism needs a zoo model (or a plan tp_layout): "
-                                    "this model has no known hidden size; use tp 1")
+            split = None
+            if factory:
+                if sequence_parallel:
+                    raise MeshplanError("sequence parallelism needs a preset or JSON model: the runtime cannot "
+                                        "shard a factory model's sequence dimension; drop sequence_parallel")
+                split = FactorySplit(self.traced.cost_of(layer), layer_prefix(self.traced, layer_index), layer.name,
+                                     tp_layout or {}, layer.kind == "block")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops, megatron_kernels)
+                                            extra_host_ops, megatron_kernels, split)
         return self._cache[key]
 
     def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
@@ -277,7 +283,8 @@ class LayerCoster:
         return self._op_time(op, tp, False, {}, self.traced.precision, scores)[0]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
-                extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False) -> LayerTiming:
+                extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
+                split: FactorySplit | None = None) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = core = 0.0
         comm_fwd, comm_bwd = [], []
@@ -285,14 +292,14 @@ class LayerCoster:
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
         scores = score_shapes(ops)
         for op in ops:
-            f, b, share = self._op_time(op, tp, sp, layout, precision, scores)
+            f, b, share = self._op_time(op, tp, sp, layout, precision, scores, *(split.place(op) if split else ()))
             fwd, bwd = fwd + f, bwd + b
             if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
                 streaming += f   # selective recomputes all but weight products and fused attention
             if op.attention_core:
                 core += f
             if tp > 1:
-                op_fwd, op_bwd = self._tp_collectives(op, sp, layout, precision)
+                op_fwd, op_bwd = split.collectives(op) if split else self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
                 comm_bwd += op_bwd
             params += op.param_count * share
@@ -302,10 +309,9 @@ class LayerCoster:
         fwd = self.compute.host_bound_s(fwd, host_fwd)
         bwd = self.compute.host_bound_s(bwd, host_bwd)
         streaming, core = min(streaming, fwd), min(core, fwd)
-        split = 1.0 / tp
         replicated = 0.0 if sp or tp == 1 else REPLICATED_ACTIVATION_SHARE
-        act_share = replicated + (1 - replicated) * split
-        boundary_share = split if sp else 1.0
+        act_share = split.activation_share(tp) if split else replicated + (1 - replicated) / tp
+        boundary_share = 1 / tp if sp else 1.0
         return LayerTiming(
             fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, attention_core_fwd_s=core,
             tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
@@ -313,7 +319,7 @@ class LayerCoster:
             saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
             saved_bytes_selective=cost.saved_bytes_selective * act_share,
             saved_bytes_attention=cost.saved_bytes_attention * act_share,
-            param_copy_bytes=cost.saved_param_copy_bytes * split if tp > 1 else cost.saved_param_copy_bytes,
+            param_copy_bytes=cost.saved_param_copy_bytes / tp if tp > 1 and not split else cost.saved_param_copy_bytes,
             boundary_bytes=cost.output_bytes * boundary_share)
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
@@ -369,14 +375,16 @@ class LayerCoster:
         return op.kind == "embedding" and name in VOCAB and layout.get(name, "vocab") == "vocab"
 
     def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str,
-                 scores: frozenset = frozenset()):
+                 scores: frozenset = frozenset(), split: bool | None = None, style: str | None = None):
         """(forward s, backward s, parameter share kept on this GPU) for one op; `scores`:
-        the shapes of its layer's attention score tensors (score_shapes)."""
+        the shapes of its layer's attention score tensors (score_shapes). `split` and `style`
+        (a factory model's, planner.simulate.factory_tp) say whether the op works on 1/tp of
+        its tensor and how a linear is split, in place of Megatron's rules."""
         kind = _COMPUTE_KINDS.get(op.kind, op.kind)
         if kind == "view":
             return 0.0, 0.0, 1.0
         if kind == "linear" and op.gemm is not None:
-            return self._linear_time(op, tp, layout, precision)
+            return self._linear_time(op, tp, layout, precision, style if split is not None else None)
         if kind == "matmul" and op.gemm is not None:
             return self._activation_matmul_time(op, tp, sp, precision)
         if kind == "attention" and op.attention is not None:
@@ -385,10 +393,10 @@ class LayerCoster:
             args = (b, heads, sq, skv, d, precision, bool(causal))
             return (self.compute.attention_time_s(*args),
                     self.compute.attention_time_s(*args, backward=True), 1.0)
-        if kind == "embedding":   # a vocabulary-parallel table is split; any other (positions) replicated
+        if kind == "embedding" and split is None:   # a vocabulary-parallel table is split; any other replicated
             share = 1.0 / tp if self._vocab_parallel_embedding(op, layout) else 1.0
         else:
-            share = 1.0 / tp if self._split_by_tp(op, sp) else 1.0
+            share = 1.0 / tp if (self._split_by_tp(op, sp) if split is None else split) else 1.0
         moved = (op.bytes_read + op.bytes_written) * share
         on_scores = runs_on_scores(op, scores)
         fwd = self.compute.op_time_s(kind, op.fwd_flops * share, moved, _precision_of(op, precision),
@@ -410,9 +418,9 @@ class LayerCoster:
             return AUTOCAST_ADD_BWD_TRAFFIC_RATIO
         return BWD_TRAFFIC_RATIO.get(name, DEFAULT_BWD_TRAFFIC_RATIO)
 
-    def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str):
+    def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str, factory_style: str | None = None):
         m, k, n, batch = gemm_dims(op.gemm)
-        style = linear_style(op, layout) if tp > 1 else "replicate"
+        style = "replicate" if tp == 1 else factory_style or (linear_style(op, layout) if self.hidden else "replicate")
         if style == "colwise":
             n = max(1, n // tp)
         elif style == "rowwise":

@@ -27,6 +27,7 @@ from planner.simulate import fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.engines import MESHPLAN_RUNTIME, Execution, get_engine
+from planner.simulate.factory_tp import check_factory_plan
 from planner.simulate.memory import CUDA_CONTEXT_BYTES, MemoryMixin, StageMemory
 from planner.simulate.schedule import build_schedule, simulate_pipeline
 from planner.simulate.times import FsdpExposure, LayerTimes
@@ -105,7 +106,10 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
             check_runnable(plan, spec.config, engine.micro_batch_per_stage)
     elif spec.config is not None and execution == MESHPLAN_RUNTIME:
         check_runnable(plan, spec.config)
-    return prepare_unchecked(plan, spec, cluster, compute, comm, execution)
+    sim = prepare_unchecked(plan, spec, cluster, compute, comm, execution)
+    if spec.config is None and execution == MESHPLAN_RUNTIME:   # what meshplan's runtime applies to a factory
+        check_factory_plan(plan, sim.traced, spec.name)
+    return sim
 
 
 def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None = None,
@@ -120,7 +124,9 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     traced = trace_cached(model_key(spec), plan.micro_batch, plan.seq, plan.precision,
                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
-    plan.check_fits(len(traced.blocks), cluster.world_size)
+    if not traced.blocks and plan.virtual_stages > 1:
+        raise MeshplanError(f"{spec.name} has no repeated blocks to cut into pipeline stages: use pp 1")
+    plan.check_fits(len(traced.blocks) or None, cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)

@@ -52,6 +52,10 @@ called under the meta device (only shapes and dtypes are used). The traced step 
 backward from the first tensor the model returns (its loss, or ones as the gradient of
 a non-scalar output).
 
+With cast "params" (parameters held in 16 bits, as under ZeRO 1-3) floating inputs enter
+in 16 bits, as FSDP2 casts them, and every BatchNorm runs in fp32 (`fake.batch_norm_in_fp32`),
+as the runtime keeps it.
+
 The modules, in the order a trace runs them: `inputs` (the model and its example call),
 `signature` (which modules are layers, block signatures), `skeleton` (the routes, blocks
 as `meshplan::unit` ops, the failure message), `layers` (the skeleton cut into layer
@@ -72,7 +76,7 @@ from cost_models.errors import MeshplanError
 from planner import hf
 from planner.ir import LayerCost, TracedModel
 from planner.plan import CASTS, low_precision_dtype
-from planner.trace.fake import autocast, make_state, module_stack
+from planner.trace.fake import autocast, batch_norm_in_fp32, make_state, module_stack
 from planner.trace.inputs import (TensorSpec, backward_from, check_step, primary_output,
                                   resolve)
 from planner.trace.kernels import KERNELS, kernel_choices
@@ -107,8 +111,9 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
         raise MeshplanError(f"cast {cast!r} is unknown; use one of {', '.join(CASTS)}")
     low = low_precision_dtype(precision) if cast == "params" else None
     module, name, call = resolve(model, micro_batch, seq, inputs)
+    call = call.cast_floating(low)   # parameters held in 16 bits: inputs cast as FSDP2 casts them
     units = find_units(module)
-    with hf.eager_masks(module):
+    with hf.eager_masks(module), batch_norm_in_fp32(module, low):
         skeleton, route = trace_skeleton(module, name, call, units, precision, kernels, low)
         layers, programs = split_layers(skeleton, module, low)
         costs: dict[str, LayerCost] = {}

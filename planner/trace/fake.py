@@ -35,6 +35,32 @@ def fake_state(module: nn.Module, low: torch.dtype | None = None) -> tuple[list[
     return names, tensors, is_param
 
 
+@contextlib.contextmanager
+def batch_norm_in_fp32(model: nn.Module, low: torch.dtype | None):
+    """Under cast "params" (`low` given), every BatchNorm runs in fp32 on an fp32 copy of its
+    input and hands on its output in `low`: the runtime keeps BatchNorm out of FSDP2's low
+    precision (runtime.parallelize.data_parallel), as FSDP1's MixedPrecision does by default
+    (torch/distributed/fsdp/api.py, MixedPrecision._module_classes_to_ignore), because the
+    batch-norm kernels take 16-bit inputs only with fp32 weights and statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if low is not None else []
+    saved = {id(m): m.__dict__.get("forward") for m in norms}
+    for m in norms:
+        inner = saved[id(m)] or type(m).forward.__get__(m)
+
+        def forward(x, *args, _inner=inner, **kwargs):
+            return _inner(x.float(), *args, **kwargs).to(low)
+
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in norms:
+            if saved[id(m)] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = saved[id(m)]
+
+
 def autocast(precision: str, enabled: bool = True):
     dtype = low_precision_dtype(precision)
     if dtype is None or not enabled:

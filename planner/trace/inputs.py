@@ -3,7 +3,7 @@ specs, the step's checks (micro-batch, seq, precision), and where backward start
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,17 @@ class Call:
 
     def build(self, device="cpu") -> tuple[tuple, dict]:
         return self.rebuild([s.make(device) for s in self.tensor_specs()])
+
+    def cast_floating(self, dtype: torch.dtype | None) -> "Call":
+        """The call with its floating tensors in `dtype` (None: unchanged): what FSDP2's
+        MixedPrecisionPolicy(cast_forward_inputs=True) does to a module's inputs when its
+        parameters are held in the low precision (torch/distributed/fsdp/_fully_shard/
+        _fsdp_state.py, FSDPState._cast_forward_inputs)."""
+        if dtype is None:
+            return self
+        leaves = [replace(x, dtype=dtype) if isinstance(x, TensorSpec) and x.dtype.is_floating_point else x
+                  for x in self.leaves]
+        return Call(self.tree, leaves)
 
 
 def check_step(micro_batch, seq, precision):

@@ -166,6 +166,18 @@ def _symbolic_root(module: nn.Module, call: Call, units: dict[str, str]) -> nn.M
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
+def leaf_graph_module(module: nn.Module, call: Call, units: dict[str, str]) -> fx.GraphModule:
+    """The model as torch.fx traces it with every unit (block) one call_module node of the
+    original module - route 1 - for the runtime to cut into pipeline stages (runtime.split).
+    MeshplanError, naming where, when fx cannot trace it."""
+    try:
+        return _symbolic_root(module, call, units)
+    except Exception as exc:  # the model's code (control flow fx cannot follow)
+        if _raised_by_tracer(exc) and not isinstance(exc, _RouteUnsupported):
+            raise
+        raise MeshplanError(_describe_failure(ROUTES[0], exc)) from None
+
+
 class _RouteUnsupported(Exception):
     """A route cannot take this model (raised by the tracer itself, not a bug)."""
 

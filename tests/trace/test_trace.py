@@ -408,6 +408,17 @@ def test_cnn_factory_is_one_layer_with_conv_flops():
     assert cost.saved_bytes > 0 and cost.saved_bytes_full_ckpt == 4 * 3 * 32 * 32 * 4 + 4 * 8
 
 
+def test_params_cast_feeds_16_bit_inputs_and_runs_batch_norm_in_fp32():
+    """Parameters held in bf16 (ZeRO 1-3): the float images enter in bf16, as FSDP2 casts them
+    (fp32 images into the bf16 stem convolution were "Input type (float) and weight type
+    (bfloat16)"), and BatchNorm runs in fp32 between bf16 convolutions, as the runtime wraps it."""
+    tm = trace_model(f"{FIXTURES.parent.parent}/examples/resnet.py:factory", 2, 1, "bf16", cast="params")
+    ops = [op for layer in tm.layers for op in tm.cost_of(layer).ops]
+    assert {op.dtype for op in ops if op.kind == "conv"} == {"bfloat16"}
+    assert {op.dtype for op in ops if op.kind == "norm"} == {"float32"}
+    assert [op.dtype for op in tm.cost_of(0).ops if op.kind == "conv"] == ["bfloat16"]   # the stem's
+
+
 def test_shape_branch_falls_back_to_make_fx():
     tm = trace_model(f"{FIXTURES}/branchy_model.py:branchy", 2, 16)
     assert tm.route == "make_fx"
