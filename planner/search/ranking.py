@@ -436,7 +436,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         """The plan with the TP-layout ILP's layout (solved once per block signature and
         (micro-batch, precision, tp, sp)); embedding and head vocabulary-parallel."""
         if plan.tp == 1 or self.spec.config is None or not self.engine.searched_tp_layout:
-            # a factory's layout: planner.search.factory, before the walk            return replace(plan)
+            # a factory's layout: planner.search.factory, before the walk
+            return replace(plan)
         key = (plan.micro_batch, plan.precision, plan.tp, plan.sequence_parallel)
         if key not in self._layouts:
             sim = self.simulation(plan)
