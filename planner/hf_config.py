@@ -189,8 +189,8 @@ def _llama_like(r: _Reader, d: dict, eps_key: str = "rms_norm_eps", act_key: str
     kv = r.size("num_key_value_heads", d["kv_heads"])
     head_dim = r.size("head_dim", d.get("head_dim"))
     max_seq = r.size("max_position_embeddings", d["max_seq"])
-    return dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv or heads,
-                head_dim=head_dim or hidden // heads,
+    # head_dim None: hidden / heads, which ModelConfig requires to divide (as LlamaConfig does)
+    return dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv or heads, head_dim=head_dim,
                 ffn=r.size("intermediate_size", d["ffn"]), vocab=r.size("vocab_size", d["vocab"]),
                 max_seq=max_seq, tie_embeddings=r.flag("tie_word_embeddings", d.get("tie", False)),
                 norm_eps=r.number(eps_key, d.get("eps", 1e-6)),
@@ -213,7 +213,7 @@ def _gpt2(r: _Reader) -> dict:
 def _llama(r: _Reader) -> dict:
     # configuration_llama.py: LlamaConfig; modeling_llama.py: attention_bias on q, k, v and o
     cfg = _llama_like(r, dict(layers=32, heads=32, hidden=4096, kv_heads=None, max_seq=2048, ffn=11008,
-                                       vocab=32000))
+                          vocab=32000))
     bias = r.flag("attention_bias", False)
     return dict(arch="llama", **cfg, **r.rope(None), qkv_bias=bias, out_bias=bias, mlp_bias=r.flag("mlp_bias", False))
 
@@ -222,7 +222,7 @@ def _mistral(r: _Reader) -> dict:
     # configuration_mistral.py: MistralConfig (8 kv heads and a 4096-token window by default);
     # modeling_mistral.py: no biases, the window on every layer
     cfg = _llama_like(r, dict(layers=32, heads=32, hidden=4096, kv_heads=8, max_seq=4096 * 32, ffn=14336,
-                                         vocab=32000))
+                          vocab=32000))
     r.value("layer_types")   # MistralModel ignores it (its config warns to use Ministral)
     cfg["max_seq"] = _window(r, cfg["max_seq"], cfg["layers"], 4096)
     return dict(arch="llama", **cfg, **r.rope(None), qkv_bias=False, out_bias=False, mlp_bias=False)
@@ -233,7 +233,7 @@ def _qwen(r: _Reader, model_type: str) -> dict:
     # modeling_qwen3.py: attention_bias on q, k, v and o, and q_norm / k_norm
     qwen3 = model_type == "qwen3"
     cfg = _llama_like(r, dict(layers=32, heads=32, hidden=4096, kv_heads=32, max_seq=32768, ffn=22016,
-                                          vocab=151936, head_dim=128 if qwen3 else None))
+                          vocab=151936, head_dim=128 if qwen3 else None))
     cfg["max_seq"] = _window(r, cfg["max_seq"], cfg["layers"], 4096, gated=True)
     bias = r.flag("attention_bias", False) if qwen3 else True
     return dict(arch="qwen3" if qwen3 else "llama", **cfg, **r.rope(None), qkv_bias=bias,
@@ -247,7 +247,7 @@ def _gemma(r: _Reader) -> dict:
         r.data = {**r.data, "hidden_act": "gelu_pytorch_tanh"}
     r.value("hidden_activation")   # some Gemma configs carry it; transformers' Gemma reads hidden_act
     cfg = _llama_like(r, dict(layers=28, heads=16, hidden=3072, kv_heads=16, max_seq=8192, ffn=24576,
-                                       vocab=256000, head_dim=256, tie=True, act="gelu_pytorch_tanh"))
+                          vocab=256000, head_dim=256, tie=True, act="gelu_pytorch_tanh"))
     bias = r.flag("attention_bias", False)
     return dict(arch="gemma", **cfg, **r.rope(None), qkv_bias=bias, out_bias=bias, mlp_bias=False)
 
@@ -257,7 +257,7 @@ def _gemma2(r: _Reader) -> dict:
     # each branch, eager attention (Gemma2PreTrainedModel._supports_sdpa is False) whose scores
     # are softcapped, softcapped logits, the window on every other layer
     cfg = _llama_like(r, dict(layers=26, heads=8, hidden=2304, kv_heads=4, max_seq=8192, ffn=9216, vocab=256000,
-                              head_dim=256, tie=True, act="gelu_pytorch_tanh"), act_key="hidden_activation")
+                          head_dim=256, tie=True, act="gelu_pytorch_tanh"), act_key="hidden_activation")
     r.value("hidden_act")   # some Gemma 2 configs carry it too; transformers' Gemma 2 reads hidden_activation
     cfg["max_seq"] = _window(r, cfg["max_seq"], cfg["layers"], 4096, alternating=True)
     # an explicit null turns a cap off (Gemma2Config's defaults are 50 and 30)
@@ -273,7 +273,7 @@ def _phi(r: _Reader) -> dict:
     # configuration_phi.py: PhiConfig (partial_rotary_factor 0.5 by default); modeling_phi.py:
     # biases everywhere, the lm_head's included; resid_pdrop on both branches, embd_pdrop
     cfg = _llama_like(r, dict(layers=24, heads=32, hidden=2048, kv_heads=None, max_seq=2048, ffn=8192,
-                              vocab=51200, act="gelu_new", eps=1e-5), eps_key="layer_norm_eps")
+                          vocab=51200, act="gelu_new", eps=1e-5), eps_key="layer_norm_eps")
     cfg.update(dropout=r.number("resid_pdrop", 0.0), embedding_dropout=r.number("embd_pdrop", 0.0))
     return dict(arch="phi", **cfg, **r.rope(0.5), qkv_bias=True, out_bias=True, mlp_bias=True, head_bias=True)
 
@@ -282,7 +282,7 @@ def _phi3(r: _Reader) -> dict:
     # configuration_phi3.py: Phi3Config; modeling_phi3.py: no biases, resid_pdrop on both
     # branches, embd_pdrop unused, the window (None by default) on every layer
     cfg = _llama_like(r, dict(layers=32, heads=32, hidden=3072, kv_heads=None, max_seq=4096, ffn=8192,
-                                      vocab=32064, eps=1e-5))
+                          vocab=32064, eps=1e-5))
     cfg.update(dropout=r.number("resid_pdrop", 0.0))
     r.value("embd_pdrop")   # Phi3Model never applies it
     cfg["max_seq"] = _window(r, cfg["max_seq"], cfg["layers"], None)
