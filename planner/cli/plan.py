@@ -75,7 +75,7 @@ def run(args) -> int:
         from planner.search.explain import explain
         for line in explain(plans):
             print(line)
-    interop.export_best(args, plans, spec, cluster)
+    interop.export_best(args, plans, spec, cluster, compute, comm)
     return 0
 
 

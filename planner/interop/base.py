@@ -12,6 +12,11 @@ from cost_models.inputs import MAX_FILE_BYTES, check_output_path, read_text, sho
 from planner.plan import Plan, even_stages
 
 
+class SplitError(MeshplanError):
+    """The engine cannot split the layers over the pipeline stages as the plan does (the
+    CLI then exports the even split, simulated again, when it fits)."""
+
+
 @dataclass
 class Imported:
     """A training job as an engine's configuration describes it, in meshplan's terms."""
@@ -55,7 +60,11 @@ def source_text(source: str, what: str) -> tuple[str, str]:
     if not isinstance(source, str) or not source.strip():
         raise MeshplanError(f"{what}: give a file or the text itself, got {shown(source)}")
     path = Path(source)
-    if "\n" not in source and len(source) < 4096 and path.is_file():
+    try:
+        is_file = "\n" not in source and path.is_file()
+    except OSError:          # a launch line longer than a file name can be
+        is_file = False
+    if is_file:
         return read_text(path, what), f"{what} {source!r}"
     if len(source.encode()) > MAX_FILE_BYTES:
         raise MeshplanError(f"{what} is over {MAX_FILE_BYTES // 2**20} MiB")

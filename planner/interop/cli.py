@@ -127,10 +127,25 @@ def plan_job(args, cluster) -> PlanJob:
     return job
 
 
-def export_best(args, plans, spec, cluster) -> None:
-    """Write the best plan for --export and say where."""
+def export_best(args, plans, spec, cluster, compute=None, comm=None) -> None:
+    """Write the best plan for --export and say where. An engine that splits the layers its
+    own way (evenly) gets the best plan with the even split, simulated again, when it fits."""
     if args.export is None:
         return
-    written = export_plan(args.export, plans[0], spec, cluster, args.out, args.force, args.model)
+    from dataclasses import replace
+    from planner.interop.base import SplitError
+    best, notes = plans[0], []
+    try:
+        written = export_plan(args.export, best, spec, cluster, args.out, args.force, args.model)
+    except SplitError as exc:
+        from planner.simulate import simulate
+        even = replace(best, stages=[])
+        result = simulate(even, spec, cluster, compute=compute, comm=comm)
+        if not result.fits:
+            raise MeshplanError(f"{exc}, and the even split does not fit in memory: pin --pp or --checkpoint") from None
+        written = export_plan(args.export, even, spec, cluster, args.out, args.force, args.model)
+        notes.append(f"{exc}: exported the best plan with the even split, step {result.step_time_s:.3f} s "
+                     f"(the search's split: {best.result.step_time_s:.3f} s)")
+    _say(args, notes)
     print(f"exported the best plan to {args.export}: {', '.join(written)}",
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)

@@ -13,7 +13,7 @@ import json
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import parse_json, shown
-from planner.interop.base import ExportFolder, Imported, data_parallel, source_text, uniform_mode, whole
+from planner.interop.base import ExportFolder, Imported, SplitError, data_parallel, source_text, uniform_mode, whole
 
 OPEN = ("tp", "pp", "checkpoint", "seq")   # plan flags that may stand beside --from deepspeed
 FILES = ("ds_config.json", "README.txt")
@@ -274,8 +274,7 @@ def write(plan, spec, cluster, out: ExportFolder) -> None:
     if plan.pp > 1 or mode == "full":
         layers = len(plan.checkpoint) if plan.checkpoint else None
         if plan.stages and layers and plan.stages != _uniform(layers, plan.pp):
-            raise MeshplanError("DeepSpeed's partition 'uniform' splits the blocks evenly; the plan's stages are "
-                                "uneven: pin --pp to a divisor of the layers")
+            raise SplitError("DeepSpeed's partition 'uniform' splits the blocks evenly; the plan's stages do not")
         config["pipeline"] = {"stages": plan.pp, "partition": "uniform",
                               "activation_checkpoint_interval": 1 if mode == "full" else 0}
     config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from math import gcd
 
 from cost_models.errors import MeshplanError
-from planner.interop.base import ExportFolder, stage_prefix_counts, uniform_mode
+from planner.interop.base import ExportFolder, SplitError, stage_prefix_counts, uniform_mode
 from planner.interop.megatron_lm import GPT2_VOCAB, OLD
 from planner.plan import even_stages
 
@@ -67,9 +67,8 @@ def _pipeline(plan, layers: int) -> list:
         out += [("--decoder-first-pipeline-num-layers", first)] if first != m else []
         out += [("--decoder-last-pipeline-num-layers", last)] if last != m or m is None else []
         return out
-    raise MeshplanError(f"Megatron-LM splits {layers} layers evenly over the pipeline stages (or sets the first "
-                        f"and last stage's): the plan's stages {sizes} are neither; pin --pp to a divisor of "
-                        f"the layers")
+    raise SplitError(f"Megatron-LM splits the {layers} layers evenly over the pipeline stages (or sets the first "
+                     f"and last stage's); the plan's stages {sizes} are neither")
 
 
 def _model(config, plan, old: bool) -> list:

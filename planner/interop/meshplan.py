@@ -54,7 +54,7 @@ def write(plan, spec, cluster, out: ExportFolder, model_text=None) -> None:
         where = "# Run it on the machine; meshplan must be installed there."
     else:
         launch = (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --rdzv-backend c10d \\\n"
-                  f"    --rdzv-endpoint \"${{MASTER_ADDR:?set MASTER_ADDR to node 0's address}}:${{MASTER_PORT:-29500}}\""
+                  f"    --rdzv-endpoint \"${{MASTER_ADDR:?set MASTER_ADDR to the address of node 0}}:${{MASTER_PORT:-29500}}\""
                   f" --rdzv-id \"${{RDZV_ID:-meshplan}}\" \\\n    -m runtime.train {train}")
         where = "# Run it on each node with the same MASTER_ADDR (node 0) and RDZV_ID; meshplan installed on all."
     out.add("launch.sh", f"#!/bin/bash\n{summary}\n{where}\nset -euo pipefail\n{here}\n{launch}\n", executable=True)

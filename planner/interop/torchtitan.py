@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import parse_json, shown
-from planner.interop.base import ExportFolder, Imported, source_text, uniform_mode, whole
+from planner.interop.base import ExportFolder, Imported, SplitError, source_text, uniform_mode, whole
 
 OPEN = ()   # the config fixes every plan flag
 FILES = ("job_config.json", "meshplan_torchtitan.py", "launch.sh")
@@ -273,8 +273,8 @@ def job_config(plan, flavor: str) -> dict:
             raise MeshplanError("torchtitan runs interleave > 1 with Interleaved1F1B only")
         found = _stage_weights(plan, layers)
         if found is None:
-            raise MeshplanError("torchtitan splits the blocks by its first/last-stage weights; the plan's stages "
-                                "are no such split: pin --pp to a divisor of the layers")
+            raise SplitError("torchtitan splits the blocks by its first/last-stage weights; the plan's stages are "
+                             "no such split")
         par.update(found)
     ac = None if mode == "none" else dict(preserve_rng_state=True, determinism_check="default", debug=False)
     if mode == "selective":
