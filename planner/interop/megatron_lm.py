@@ -48,6 +48,8 @@ NEUTRAL = {
     "--attention-softmax-in-fp32", "--init-method-std", "--embedding-init-method-std", "--init-method-xavier-uniform",
     "--apply-query-key-layer-scaling", "--no-query-key-layer-scaling", "--init-model-with-meta-device",
     "--config-logger-dir", "--calculate-per-token-loss", "--onnx-safe", "--bert-no-binary-head", "--seed",
+    # allocator housekeeping and LayerNorm's zero-centred weight: the same kernels, the same bytes
+    "--empty-unused-memory-level", "--apply-layernorm-1p",
     # the engine profile already prices pipeline sends as blocking (planner/engines/megatron_lm.py)
     "--no-overlap-p2p-communication"}
 # Options of data and tokenizer groups that are not neutral: mapped, or refused below.
@@ -293,6 +295,10 @@ class _Reader:
     def precision(self) -> str:
         if self.has("--bf16") and self.has("--fp16"):
             self.fail("--bf16 and --fp16 together: Megatron-LM takes one")
+        if self.given.get("--bf16") and self.dialect == CURRENT:
+            # what Megatron-Core does with bf16 anyway (arguments.py validate_args: "bfloat16
+            # requires gradient accumulation and all-reduce to be done in fp32"): no change
+            self.used.add("--accumulate-allreduce-grads-in-fp32")
         return "bf16" if self.has("--bf16") else "fp16" if self.has("--fp16") else "fp32"
 
     def pipeline(self, layers: int, pp: int) -> dict:

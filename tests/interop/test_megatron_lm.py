@@ -179,3 +179,14 @@ def test_export_refuses_what_megatron_cannot_run(tmp_path):
     with pytest.raises(MeshplanError, match="pin --checkpoint full or none"):
         export_plan("megatron-lm", mixed, spec, cluster, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_reduces_gradients_in_fp32_already():
+    """Megatron-Core accumulates and all-reduces bf16 gradients in fp32 by default (arguments.py
+    validate_args), so saying so changes nothing; with fp16 it would, and is refused."""
+    line = f"{BASE} --bf16 --accumulate-allreduce-grads-in-fp32 --apply-layernorm-1p --empty-unused-memory-level 1"
+    assert import_job("megatron-lm", line, world=1).fields["precision"] == "bf16"
+    with pytest.raises(MeshplanError, match="--accumulate-allreduce-grads-in-fp32 changes the job"):
+        import_job("megatron-lm", f"{BASE} --fp16 --accumulate-allreduce-grads-in-fp32", world=1)
+    with pytest.raises(MeshplanError, match="--grad-reduce-in-bf16 changes the job"):
+        import_job("megatron-lm", f"{BASE} --bf16 --grad-reduce-in-bf16", world=1)
