@@ -10,9 +10,9 @@ from cost_models import parse_cluster
 from cost_models.inputs import finite_number, whole_number
 from cost_models.units import GB, GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_engine_flags,
-                               add_plan_flags, check_distinct, check_image_path, engine_args,
-                               pinned as pinned_flags)
+                               add_plan_flags, check_distinct, check_image_path, pinned as pinned_flags)
 from planner.cli.tables import console_for
+from planner.interop.cli import add_export_flag, add_from_flag
 from cost_models.inputs import check_output_path
 from planner.plan import PINNABLE, RECOMPUTE_MODES
 from planner.search.ranking import MAX_TOP
@@ -24,9 +24,11 @@ PIN_HELP = {"checkpoint": "the same mode for every layer (default: chosen per la
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", help=MODEL_HELP + " (required unless --from gives it)")
     p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
-    add_batch_flags(p, required=True)
+    add_batch_flags(p, required=False, seq_default=None)   # required unless --from: planner.interop.cli.plan_job
+    add_from_flag(p)
+    add_export_flag(p)
     p.add_argument("--top", type=int, default=5, help="how many plans to list (default 5)")
     add_plan_flags(p.add_argument_group("pin a dimension (the search fills in the rest)"), PINNABLE, help=PIN_HELP)
     add_engine_flags(p)
@@ -35,28 +37,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default 3%% of the GPU's memory)")
     p.add_argument("--calibration", help=CALIBRATION_HELP)
     p.add_argument("--json", action="store_true", help='print {"plans": [...], "search": {...}}')
-    p.add_argument("--out", help="write the best plan as JSON (for `simulate --plan` and `train --plan`)")
+    p.add_argument("--out", help="write the best plan as JSON (for `simulate --plan` and `train --plan`); "
+                                 "with --export, the folder to write into")
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
     p.add_argument("--explain", action="store_true", help="why the winner wins and why the rest lost")
     p.add_argument("--plot", help="write the top plans' step time and memory side by side (.png)")
 
 
 def run(args) -> int:
+    from planner.interop import cli as interop
     from planner.search import plan
-    from planner.zoo import load_model
     _check_outputs(args)
-    spec = load_model(args.model)
     cluster = parse_cluster(args.cluster)
-    pinned = pinned_flags(args, PINNABLE)
+    job = interop.plan_job(args, cluster)   # --model/--global-batch/--seq, or --from; the engine (--export)
+    spec = job.spec
+    pinned = {**job.pins, **pinned_flags(args, PINNABLE)}
     if "precision" not in pinned:
         pinned["precision"] = "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16"
     from cost_models.calibration import calibration_line
     from cost_models.models_for import cost_models_for
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     reserve = None if args.reserve is None else args.reserve * GB
-    plans = plan(spec, cluster, args.global_batch, args.seq, top_k=args.top, compute=compute, comm=comm,
-                 reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **engine_args(args), **pinned)
-    if args.out:
+    plans = plan(spec, cluster, job.global_batch, job.seq, top_k=args.top, compute=compute, comm=comm,
+                 reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **job.engine, **pinned)
+    if args.out and not args.export:
         best = plans[0]
         best.save(args.out, overwrite=args.force)
     if args.plot:
@@ -71,6 +75,7 @@ def run(args) -> int:
         from planner.search.explain import explain
         for line in explain(plans):
             print(line)
+    interop.export_best(args, plans, spec, cluster, compute, comm)
     return 0
 
 
@@ -80,7 +85,9 @@ def _check_outputs(args) -> None:
     if args.reserve is not None:
         finite_number(args.reserve, "--reserve (GB)", low=0)
     check_distinct(args, ("out", "plot"))
-    if args.out:
+    from planner.interop.cli import check_export_args
+    check_export_args(args)
+    if args.out and not args.export:
         check_output_path(args.out, overwrite=args.force, force_hint=True)
     if args.plot:
         check_image_path(args.plot)

@@ -17,6 +17,7 @@ from cost_models.units import GIB
 from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_engine_flags, add_plan_flags,
                                check_distinct, check_image_path, engine_args, flag, pinned, with_defaults)
 from planner.cli.tables import console_for
+from planner.interop.cli import add_from_flag
 from cost_models.inputs import check_output_path
 from planner.engines.base import option_text
 from planner.plan import Plan
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster")
     p.add_argument("--plan", help="a plan .json instead of the flags below")
     p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
+    add_from_flag(p)
     add_batch_flags(p, required=False, seq_default=None)
     add_plan_flags(p, PLAN_FIELDS, defaults=True, help=FIELD_HELP)
     add_engine_flags(p)
@@ -52,6 +54,8 @@ _OUTPUTS = ("trace", "timeline", "memory_plot")
 
 def _check_flags(args) -> None:
     """Refuse flags that would be ignored, and check every output before any work."""
+    if args.from_ and (args.batch or args.plan):
+        raise MeshplanError(f"--from cannot be combined with {'--batch' if args.batch else '--plan'}: give one")
     if args.batch:
         ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration")
                    if getattr(args, k) is not None]
@@ -121,14 +125,18 @@ def run(args) -> int:
     _check_flags(args)
     if args.batch:
         return _simulate_batch(args.batch)
-    plan = _plan_from_args(args)
+    if args.from_:
+        from planner.interop.cli import simulate_job
+        plan, imported_spec = simulate_job(args)
+    else:
+        plan, imported_spec = _plan_from_args(args), None
     model_text = args.model or plan.model
     cluster_text = args.cluster or plan.cluster
     if not model_text or not cluster_text:
         raise MeshplanError("give --model and --cluster (the plan file names neither)")
     from planner.simulate import simulate
-    spec = load_model(model_text)
-    if not args.plan:
+    spec = imported_spec or load_model(model_text)
+    if not args.plan and not args.from_:
         plan = _with_layers(plan, spec, args.checkpoint)
     cluster = parse_cluster(cluster_text)
     from cost_models.calibration import calibration_line
