@@ -124,6 +124,15 @@ def pipeline_first_stage_input(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def pipeline_passes_integer_tensors() -> bool:
+    """Can a pipeline stage receive an integer tensor (a factory model's labels, which ride
+    through the stages that do not use them: runtime.split)? torch 2.10-2.12 mark every
+    received stage input `requires_grad`, which integer tensors refuse ("only Tensors of
+    floating point dtype can require gradients"; measured on 2.10, 2.11 and 2.12 with
+    tests/runtime/test_runtime_factory.py); 2.13 runs them."""
+    return torch_release() >= (2, 13)
+
+
 def pipeline_divides_partial_grads() -> bool:
     """Can torch's pipeline schedule divide the gradients by the number of micro-batches
     itself (`scale_grads=True`, its default)? It does so in place on each gradient

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from cost_models.errors import MeshplanError
 from planner.plan import Plan
+from planner.torch_compat import pipeline_passes_integer_tensors
 from planner.trace.inputs import Call, primary_output
 from planner.trace.signature import find_units
 from planner.trace.skeleton import leaf_graph_module
@@ -86,6 +87,15 @@ class FactoryModel:
         self._check_loss()
         if plan.virtual_stages > 1:
             self.stages()
+            self._check_stage_inputs()
+
+    def _check_stage_inputs(self):
+        args, _ = self.example
+        integer = [a.dtype for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()]
+        if integer and not pipeline_passes_integer_tensors():
+            raise MeshplanError(f"{self.spec.name}'s example_inputs include {integer[0]} tensors, which pass between "
+                                f"pipeline stages only on torch >= 2.13 (this is {torch.__version__}): use pp 1 or "
+                                f"upgrade torch")
 
     def _check_loss(self):
         args, kwargs = self.example
