@@ -17,6 +17,7 @@ pytestmark = pytest.mark.cli
 PLAN = ("plan", "--model", "gpt-tiny", "--global-batch", "4", "--seq", "32", "--precision", "fp32", "--top", "1")
 
 
+@pytest.mark.runtime   # the exported files are checked by the runtime's pre-launch checks (torch >= 2.10)
 def test_files_for_the_plans_nodes(cli, tmp_path):
     out = tmp_path / "job"
     proc = cli(*PLAN, "--cluster", "cpu:2x2", "--dp", "4", "--export", "meshplan", "--out", str(out))
