@@ -37,6 +37,7 @@ def main(argv=None) -> int:
             from planner.cli.train import launch
             return launch(argv[1:])
         args = build_parser().parse_args(argv)
+        args.argv = argv   # for a report's "made by" line
         return args.handler(args)
     except MeshplanError as exc:
         print(f"meshplan: error: {exc}", file=sys.stderr)

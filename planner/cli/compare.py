@@ -12,6 +12,7 @@ from cost_models import MeshplanError
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
 from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags, check_image_path,
                                engine_args, pinned as pinned_flags)
+from planner.cli import outputs
 from planner.cli.tables import console_for
 from planner.compare import ClusterChoice, compare
 
@@ -35,12 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
                    PIN_FLAGS)
     add_engine_flags(p)
+    outputs.add_html_flag(p)
 
 
 def run(args) -> int:
     """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
     if args.plot:
         check_image_path(args.plot)
+    outputs.check_html(args)
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
     pinned = pinned_flags(args, PIN_FLAGS)
     choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
@@ -49,6 +52,9 @@ def run(args) -> int:
     if args.plot:
         from planner.cli.plots import compare_png
         compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
+    if args.html:
+        from planner.report import compare_report
+        outputs.write_html(args, compare_report(choices, args.model, args.tokens, outputs.command_line(args)))
     if args.json:
         print(json.dumps({"model": args.model, "tokens": args.tokens, "clusters": [c.to_dict() for c in choices]}))
     else:

@@ -12,6 +12,7 @@ from cost_models.units import GB, GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_engine_flags,
                                add_plan_flags, check_distinct, check_image_path, engine_args,
                                pinned as pinned_flags)
+from planner.cli import outputs
 from planner.cli.tables import console_for
 from cost_models.inputs import check_output_path
 from planner.plan import PINNABLE, RECOMPUTE_MODES
@@ -39,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="let --out replace an existing file")
     p.add_argument("--explain", action="store_true", help="why the winner wins and why the rest lost")
     p.add_argument("--plot", help="write the top plans' step time and memory side by side (.png)")
+    outputs.add_html_flag(p)
 
 
 def run(args) -> int:
@@ -62,6 +64,10 @@ def run(args) -> int:
     if args.plot:
         from planner.cli.plots import plans_png
         plans_png(plans, args.plot, title=f"{spec.name} on {cluster.name}")
+    if args.html:
+        from planner.report import plan_report
+        outputs.write_html(args, plan_report(plans, spec.name, cluster.name, calibration_line(calibration),
+                                             outputs.command_line(args)))
     if args.json:
         print(json.dumps(plans_json(plans)))
     else:
@@ -79,7 +85,8 @@ def _check_outputs(args) -> None:
     whole_number(args.top, "--top", high=MAX_TOP)
     if args.reserve is not None:
         finite_number(args.reserve, "--reserve (GB)", low=0)
-    check_distinct(args, ("out", "plot"))
+    check_distinct(args, ("out", "plot", "html"))
+    outputs.check_html(args)
     if args.out:
         check_output_path(args.out, overwrite=args.force, force_hint=True)
     if args.plot:

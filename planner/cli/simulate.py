@@ -16,6 +16,7 @@ from cost_models.inputs import parse_json
 from cost_models.units import GIB
 from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_engine_flags, add_plan_flags,
                                check_distinct, check_image_path, engine_args, flag, pinned, with_defaults)
+from planner.cli import outputs
 from planner.cli.tables import console_for
 from cost_models.inputs import check_output_path
 from planner.engines.base import option_text
@@ -43,11 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
     p.add_argument("--calibration", help=CALIBRATION_HELP)
     p.add_argument("--json", action="store_true")
+    outputs.add_html_flag(p)
 
 
 # What --plan fixes (a flag beside it would be ignored), and what --batch's cases carry.
 _JOB_FIELDS = ("global_batch", "seq") + PLAN_FIELDS + ("engine", "engine_option")
-_OUTPUTS = ("trace", "timeline", "memory_plot")
+_OUTPUTS = ("trace", "timeline", "memory_plot", "html")
 
 
 def _check_flags(args) -> None:
@@ -64,6 +66,7 @@ def _check_flags(args) -> None:
             raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --plan, which fixes them: "
                                 f"edit the plan file or drop --plan")
     check_distinct(args, _OUTPUTS)
+    outputs.check_html(args)
     if args.trace:
         check_output_path(args.trace)
     for target in (args.timeline, args.memory_plot):
@@ -142,6 +145,10 @@ def run(args) -> int:
             check_image_path(target)
             from planner.cli import plots
             getattr(plots, draw)(result, target)
+    if args.html:
+        from planner.report import simulate_report
+        outputs.write_html(args, simulate_report(plan, result, spec.name, cluster.name,
+                                                 calibration_line(calibration), outputs.command_line(args)))
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
