@@ -72,15 +72,16 @@ class ClusterChoice:
 
 def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices: dict | None = None,
             grid_kg_per_kwh: float | None = None, pue: float | None = None, engine: str = "meshplan",
-            engine_options: dict | None = None, **pinned) -> list[ClusterChoice]:
+            engine_options: dict | None = None, on_cluster=None, **pinned) -> list[ClusterChoice]:
     """Best plan and run cost per cluster, fastest time-to-train first (non-fitting last).
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
     GPU-hour, replacing the catalogue price of every cluster of that GPU. `pinned`: any of
     planner.plan.PINNABLE, applied on every cluster (`precision` defaults to bf16, fp16
     on GPUs without bf16). `engine`, `engine_options`: the training engine that runs the
-    plans (planner.engines). Bad input raises MeshplanError; a cluster the model does not
-    fit on is returned with `reason` set.
+    plans (planner.engines). `on_cluster(i, n, name)`, if given, is called before each cluster
+    is planned (a progress display). Bad input raises MeshplanError; a cluster the model does
+    not fit on is returned with `reason` set.
     """
     from planner.engines import get_engine
     from planner.search.ranking import check_pins_for_engine
@@ -94,7 +95,11 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
     spec = load_model(model)
     pue = DEFAULT_PUE if pue is None else pue
     grid = DEFAULT_GRID_KG_PER_KWH if grid_kg_per_kwh is None else grid_kg_per_kwh
-    choices = [_choose(spec, cluster, tokens, global_batch, seq, pue, grid, pinned) for cluster in specs]
+    choices = []
+    for i, cluster in enumerate(specs, 1):
+        if on_cluster is not None:
+            on_cluster(i, len(specs), cluster.name)
+        choices.append(_choose(spec, cluster, tokens, global_batch, seq, pue, grid, pinned))
     return sorted(choices, key=lambda c: (not c.fits, c.run_cost.time_to_train_s if c.fits else 0.0))
 
 

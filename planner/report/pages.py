@@ -9,18 +9,11 @@ from cost_models.units import GIB
 from planner.report import charts
 from planner.report.page import cards, legend, page, section, table
 from planner.report.timeline import as_script_json, rank_summary, timeline_data
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("meshplan")
-    except PackageNotFoundError:
-        return "unknown"
+from planner.version import version
 
 
 def _footer(command: str, calibration: list[str]) -> str:
-    lines = [f"made by meshplan {escape(_version())}" + (f": <code>{escape(command)}</code>" if command else "")]
+    lines = [f"made by meshplan {escape(version())}" + (f": <code>{escape(command)}</code>" if command else "")]
     lines += [escape(line) for line in calibration]
     return "<br>".join(lines)
 

@@ -135,7 +135,7 @@ def test_nothing_fits_names_the_memory_needed_and_the_gpus_that_would_hold_it():
         plan("gpt3-6.7b", "a10:1x1", 16, 2048)
     message = str(err.value)
     assert "\n" not in message and message.startswith("nothing fits")
-    assert "GB per GPU" in message and "GPUs" in message
+    assert "GiB per GPU" in message and "GPUs" in message
     gpus = int(message.split("about ")[1].split(" GPUs")[0])
     found = plan("gpt3-6.7b", f"a10:{gpus}x1", 16, 2048, top_k=1)
     assert found and found[0].world_size == gpus
