@@ -56,7 +56,8 @@ def run(args) -> int:
                           **engine_args(args), **pinned)
     if args.plot:
         from planner.cli.plots import compare_png
-        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
+        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens / 1e9:,.4g} B tokens: the best plan "
+                                              f"on each of {len(choices)} clusters")
         outputs.wrote(args, args.plot)
     if args.html:
         from planner.report import compare_report

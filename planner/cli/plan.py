@@ -65,7 +65,8 @@ def run(args) -> int:
         outputs.wrote(args, args.out)
     if args.plot:
         from planner.cli.plots import plans_png
-        plans_png(plans, args.plot, title=f"{spec.name} on {cluster.name}")
+        plans_png(plans, args.plot, title=f"{spec.name} on {cluster.name}: the best {len(plans)} plans, "
+                                          f"global batch {args.global_batch} x {args.seq} tokens")
         outputs.wrote(args, args.plot)
     if args.html:
         from planner.report import plan_report

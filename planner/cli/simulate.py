@@ -139,22 +139,29 @@ def run(args) -> int:
     with outputs.progress(f"simulating {spec.name} on {cluster.name}"):
         result = simulate(plan, spec, cluster, compute=compute, comm=comm)
     if args.trace:
-        _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}), args.force)
+        from planner.cli.plots import plan_title
+        from planner.simulate.chrome_trace import chrome_trace
+        _write_new(args.trace, json.dumps(chrome_trace(result, plan_title(spec.name, cluster.name, plan))), args.force)
         outputs.wrote(args, args.trace)
     for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
         if target:
             check_image_path(target, overwrite=args.force)
             from planner.cli import plots
-            getattr(plots, draw)(result, target)
+            getattr(plots, draw)(result, target, title=plots.plan_title(spec.name, cluster.name, plan))
             outputs.wrote(args, target)
+    misfit = None
+    if not result.fits:
+        from planner.simulate.fit import advice
+        with outputs.progress("looking for the nearest plan that fits"):
+            misfit = advice(plan, result, spec, cluster, compute, comm)
     if args.html:
         from planner.report import simulate_report
-        outputs.write_html(args, simulate_report(plan, result, spec.name, cluster.name,
-                                                 calibration_line(calibration), outputs.command_line(args)))
+        outputs.write_html(args, simulate_report(plan, result, spec.name, cluster.name, calibration_line(calibration),
+                                                 outputs.command_line(args), misfit))
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
-    _print_result(plan, result, args.wide).print(calibration_line(calibration), highlight=False)
+    _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration), highlight=False)
     return 0
 
 
@@ -174,7 +181,7 @@ def format_phases(phases: dict) -> str:
     return ", ".join(parts)
 
 
-def _print_result(plan: Plan, result, wide: bool = False):
+def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = None):
     table = new_table(f"memory per GPU, GiB (capacity {result.capacity_bytes / GIB:.1f} GiB)")
     for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
         numbers_column(table, col)
@@ -191,7 +198,7 @@ def _print_result(plan: Plan, result, wide: bool = False):
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
     console.print("phases: " + format_phases(result.phases))
     console.print(table)
-    console.print("fits" if result.fits else "[red]does not fit[/red]")
+    console.print("fits" if result.fits else f"[red]{misfit or 'does not fit'}[/red]", highlight=False)
     return console
 
 

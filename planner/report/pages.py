@@ -105,11 +105,14 @@ def memory_section(result, budget_bytes: float | None = None) -> str:
     return section("Memory per GPU, by pipeline stage", body, "memory")
 
 
-def simulate_report(plan, result, model_name: str, cluster_name: str, calibration: str, command: str = "") -> str:
+def simulate_report(plan, result, model_name: str, cluster_name: str, calibration: str, command: str = "",
+                    misfit: str | None = None) -> str:
+    """`misfit`: planner.simulate.fit.advice's line, for a plan that does not fit."""
     subtitle = escape(_plan_words(plan))
     sections = [_result_cards(result), phases_section(result), timeline_section(result), memory_section(result)]
     if not result.fits:
-        sections.insert(1, section("Does not fit", f'<p class="nofit">{escape(fit_advice(result))}</p>', "fit"))
+        sections.insert(1, section("Does not fit", f'<p class="nofit">{escape(misfit or fit_advice(result))}</p>',
+                                   "fit"))
     return page(f"{model_name} on {cluster_name}", subtitle, sections, _footer(command, [calibration]))
 
 
