@@ -214,8 +214,9 @@ def _simulate_batch(path: str) -> int:
         handle = open(source, "rb")
     except OSError as exc:
         raise MeshplanError(f"cannot read cases file {path!r}: {exc.strerror or exc}") from None
-    with handle:
+    with handle, outputs.progress(f"simulating the cases of {path}") as update:
         for number, raw in enumerate(handle, 1):
+            update(f"simulating case {number} of {path}")
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():
