@@ -103,7 +103,8 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: 
             table.add_row(c.cluster, str(c.gpus), source, "[red]does not fit[/red] (below)", *["-"] * 7)
             continue
         r, cost = c.plan.result, c.run_cost
-        days = f"{c.days:,.1f}" if c.measured else f"{c.days * (1 - c.uncertainty):,.1f}-{c.days * (1 + c.uncertainty):,.1f}"
+        low, high = c.days * (1 - c.uncertainty), c.days * (1 + c.uncertainty)
+        days = f"{c.days:,.1f}" if c.measured else f"{low:,.1f}-{high:,.1f}"
         table.add_row(c.cluster, str(c.gpus), source, _plan_summary(c.plan), f"{r.step_time_s:.3f}",
                       f"{100 * r.mfu:.1f}%", days, f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
                       f"{cost.energy_kwh / 1e3:,.1f}", f"{cost.co2_kg / 1e3:,.1f}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 from cost_models import parse_cluster
 from cost_models.inputs import whole_number
 from cost_models.units import GIB

@@ -32,7 +32,8 @@ def plan_title(model: str, cluster: str, plan) -> str:
 
 def plan_label(plan) -> str:
     """Every field two plans of one search may differ in, in one short line."""
-    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} x{plan.grad_accum} {plan.schedule}"
+    text = (f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} x{plan.grad_accum} "
+            f"{plan.schedule}")
     text += f" x{plan.interleave}" if plan.interleave > 1 else ""
     text += " +sp" if plan.sequence_parallel else ""
     text += " +offload" if plan.offload_optimizer else ""

@@ -12,8 +12,9 @@ from dataclasses import replace
 from cost_models import MeshplanError, parse_cluster
 from cost_models.inputs import parse_json
 from cost_models.units import GIB
-from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, DEFAULT_SEQ, JSON_HELP, MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags,
-                               check_distinct, check_image_path, engine_args, flag, pinned, with_defaults)
+from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, DEFAULT_SEQ, JSON_HELP, MODEL_HELP, add_batch_flags,
+                               add_engine_flags, add_plan_flags, check_distinct, check_image_path, engine_args, flag,
+                               pinned, with_defaults)
 from planner.cli import outputs
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column
 from cost_models.inputs import check_output_path
@@ -138,37 +139,13 @@ def run(args) -> int:
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     with outputs.progress(f"simulating {spec.name} on {cluster.name}"):
         result = simulate(plan, spec, cluster, compute=compute, comm=comm)
-    if args.trace:
-        from planner.cli.plots import plan_title
-        from planner.simulate.chrome_trace import chrome_trace
-        _write_new(args.trace, json.dumps(chrome_trace(result, plan_title(spec.name, cluster.name, plan))), args.force)
-        outputs.wrote(args, args.trace)
-    for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
-        if target:
-            check_image_path(target, overwrite=args.force)
-            from planner.cli import plots
-            getattr(plots, draw)(result, target, title=plots.plan_title(spec.name, cluster.name, plan))
-            outputs.wrote(args, target)
-    misfit = None
-    if not result.fits:
-        from planner.simulate.fit import advice
-        with outputs.progress("looking for the nearest plan that fits"):
-            misfit = advice(plan, result, spec, cluster, compute, comm)
-    if args.html:
-        from planner.report import simulate_report
-        outputs.write_html(args, simulate_report(plan, result, spec.name, cluster.name, calibration_line(calibration),
-                                                 outputs.command_line(args), misfit))
+    from planner.cli.simulate_outputs import write_outputs
+    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration))
     if args.json:
         print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
     _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration), highlight=False)
     return 0
-
-
-def _write_new(path: str, text: str, overwrite: bool = False):
-    check_output_path(path, overwrite=overwrite)
-    with open(path, "w" if overwrite else "x") as f:   # "x": never replaces a file that appeared meanwhile
-        f.write(text)
 
 
 def format_phases(phases: dict) -> str:

@@ -56,7 +56,8 @@ def phase_rows_svg(rows: list[tuple[str, dict]], words: dict, width: int = 900) 
             if key == "recompute_s" or seconds <= 0:
                 continue
             w = bar_w * seconds / longest
-            tip = f"{label + ': ' if label else ''}{words.get(key, key)}: {seconds:.3f} s ({100 * seconds / total:.1f}%)"
+            tip = (f"{label + ': ' if label else ''}{words.get(key, key)}: {seconds:.3f} s "
+                   f"({100 * seconds / total:.1f}%)")
             body.append(_rect(x, y, w, 32, PHASE_COLORS.get(key, "#999"), tip, 'class="phase"'))
             if key == "compute_s" and phases.get("recompute_s"):
                 rw = bar_w * phases["recompute_s"] / longest
@@ -138,10 +139,12 @@ def front_svg(points: list[tuple[str, float, float, bool]], band: float = 0.0, w
     body.append(f'<path d="{path}" fill="none" stroke="#55A868" stroke-width="2" class="front"/>')
     for i, (label, days, usd, measured) in enumerate(points):
         if not measured and band > 0:   # the run's time, and so its cost, is uncertain by +-band
-            x0, x1, y0, y1 = x_of(days * (1 - band)), x_of(days * (1 + band)), y_of(usd * (1 + band)), y_of(usd * (1 - band))
+            x0, x1 = x_of(days * (1 - band)), x_of(days * (1 + band))
+            y0, y1 = y_of(usd * (1 + band)), y_of(usd * (1 - band))
             body.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" '
                         f'fill="#DD8452" fill-opacity="0.18" stroke="#DD8452" stroke-dasharray="3 2" class="band">'
-                        f"<title>{escape(label)}: transferred calibration, +-{100 * band:.0f}% on time and cost</title></rect>")
+                        f"<title>{escape(label)}: transferred calibration, +-{100 * band:.0f}% on time and cost"
+                        f"</title></rect>")
         color = "#4C72B0" if measured else "#DD8452"
         ring = "" if measured else ' stroke-dasharray="3 2"'
         kind = "measured calibration" if measured else "transferred calibration"
@@ -149,7 +152,8 @@ def front_svg(points: list[tuple[str, float, float, bool]], band: float = 0.0, w
                     f'fill="{color}" stroke="black"{ring} class="cluster"><title>{escape(label)}: {days:,.1f} days, '
                     f'${usd:,.0f} ({kind})</title></circle>')
         right_side = x_of(days) > width * 0.7
-        body.append(_text(x_of(days) + (-9 if right_side else 9), y_of(usd) - 8, label, "end" if right_side else "start"))
+        body.append(_text(x_of(days) + (-9 if right_side else 9), y_of(usd) - 8, label,
+                          "end" if right_side else "start"))
     body.append(_text((left + width - right) / 2, height - 8, "days to train", "middle"))
     body.append(_text(14, (top + height - bottom) / 2, "USD", "middle",
                       f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})"'))

@@ -96,7 +96,7 @@ SCRIPT = """
     var ticks = 10 * zoom, step = niceStep(data.step_s / ticks);
     for (var s = 0; s <= data.step_s + 1e-12; s += step) {
       el("line", {x1: x(s), x2: x(s), y1: row * data.ranks, y2: row * data.ranks + 5, stroke: "#666"}, svg);
-      var label = el("text", {x: Math.min(x(s) + 2, width - 40), y: row * data.ranks + 18}, svg);
+      var label = el("text", {x: Math.min(x(s) + 2, width - 58), y: row * data.ranks + 18}, svg);
       label.textContent = fmt(s);
     }
     box.querySelector(".zoomv").textContent = zoom + "x";
@@ -112,7 +112,11 @@ SCRIPT = """
     data.chunks = 1;
     data.events.forEach(function (e) { if (e[3] + 1 > data.chunks) data.chunks = e[3] + 1; });
     var zoom = 1, range = box.querySelector("input.zoom");
-    var set = function (z) { zoom = Math.min(Math.max(z, 1), 256); range.value = Math.log2(zoom); draw(box, data, zoom); };
+    var set = function (z) {
+      zoom = Math.min(Math.max(z, 1), 256);
+      range.value = Math.log2(zoom);
+      draw(box, data, zoom);
+    };
     box.querySelector("button.in").addEventListener("click", function () { set(zoom * 2); });
     box.querySelector("button.out").addEventListener("click", function () { set(zoom / 2); });
     box.querySelector("button.fit").addEventListener("click", function () { set(1); });

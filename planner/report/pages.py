@@ -58,7 +58,8 @@ def timeline_section(result) -> str:
     data = timeline_data(result)
     micro_batches = max((e[2] for e in data["events"]), default=0) + 1
     # many micro-batches: start zoomed in far enough to read their numbers (scroll sideways)
-    data["start_zoom"] = 1 if micro_batches <= 16 or data["binned"] else min(2 ** ((micro_batches // 16).bit_length()), 32)
+    readable = min(2 ** ((micro_batches // 16).bit_length()), 32)
+    data["start_zoom"] = 1 if micro_batches <= 16 or data["binned"] else readable
     names = "".join(f'<div style="height:{_row_px(data["ranks"])}px;line-height:{_row_px(data["ranks"])}px">'
                     f"stage {r}</div>" for r in range(data["ranks"]))
     note = (f'<p class="note">{data["event_count"]:,} events, drawn from {len(data["events"]):,} time bins '

@@ -71,7 +71,8 @@ def advice(plan, result, model, cluster, compute=None, comm=None) -> str:
     worst = result.worst_stage
     over = overflow_bytes(result)
     if over <= 0:   # fits the GPU, not the host (offloaded optimizer state)
-        head = f"does not fit: stage {worst.stage}'s offloaded state needs {worst.host_bytes / GIB:.1f} GiB of host memory"
+        head = (f"does not fit: stage {worst.stage}'s offloaded state needs {worst.host_bytes / GIB:.1f} GiB "
+                f"of host memory")
     else:
         head = (f"does not fit: stage {worst.stage} needs {worst.peak_reserved_bytes / GIB:.1f} GiB per GPU, "
                 f"{over / GIB:.1f} GiB over the {result.capacity_bytes / GIB:.1f} GiB usable")

@@ -27,7 +27,7 @@ def _widths(text: str) -> list[int]:
 
 @pytest.mark.parametrize("args", [
     ("models",), ("gpus",), ("engines",), TINY_SIM,
-    ("plan", "--model", "gpt3-175b", "--cluster", "a100-sxm-80gb:128x8", "--global-batch", "1536", "--top", "5",
+    ("plan", "--model", "gpt3-1.3b", "--cluster", "a100-sxm-80gb:4x8", "--global-batch", "256", "--top", "5",
      "--explain"),
 ], ids=lambda a: a[0])
 def test_output_fits_100_columns_and_cuts_nothing(cli, args):
