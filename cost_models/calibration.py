@@ -45,6 +45,7 @@ from cost_models.inputs import finite_number, parse_json, read_text, shown
 FORMAT = "meshplan-calibration"
 VERSION = 1
 REFERENCE_GPU = "h100-sxm-80gb"   # the GPU whose shipped calibration is the default curve
+TRANSFERRED = "transferred from"   # how a transferred calibration's source begins (Calibration.transferred_to)
 # The GPU whose shipped calibration fitted score_bandwidth_fraction (on vTrain's Megatron runs,
 # benchmarks/fit_a100.py): GPUs that neither fitted nor measured their own use its value.
 SCORE_FIT_GPU = "a100-sxm-80gb"
@@ -145,6 +146,11 @@ class Calibration:
         sustained training load (what its own GEMM measurements are scored against)."""
         return replace(self, gemm={p: replace(f, sustained=1.0) for p, f in self.gemm.items()})
 
+    @property
+    def measured(self) -> bool:
+        """Fitted on this GPU's own measurements, not transferred from another GPU's (transferred_to)."""
+        return not self.source.startswith(TRANSFERRED)
+
     def transferred_to(self, gpu: GPUSpec) -> "Calibration":
         """This calibration's efficiencies applied to another GPU's datasheet.
 
@@ -154,7 +160,7 @@ class Calibration:
         scale = gpu.memory_bw_bytes_per_s / self.memory_bw_bytes_per_s
         return replace(self, gpu=gpu.name, copy_bytes_per_s=self.copy_bytes_per_s * scale,
                        peak_flops=dict(gpu.peak_flops), memory_bw_bytes_per_s=gpu.memory_bw_bytes_per_s,
-                       source=f"transferred from the {self.gpu} calibration (fractions of peak); "
+                       source=f"{TRANSFERRED} the {self.gpu} calibration (fractions of peak); "
                               f"run `meshplan profile --gpu {gpu.name}` on one to measure it",
                        device_name="", measurements={}, fit_quality={})
 

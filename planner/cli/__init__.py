@@ -18,7 +18,10 @@ __all__ = ["Parser", "build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     from planner.cli import compare, describe, plan, profile, simulate, train
+    from planner.version import version
     parser = Parser(prog="meshplan", description="Plan, simulate and run parallel PyTorch training.")
+    parser.add_argument("--version", action="version", version=f"meshplan {version()}",
+                        help="print meshplan's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     describe.register(sub)          # describe, models, gpus, validate
     for name, module in (("simulate", simulate), ("plan", plan), ("compare", compare), ("profile", profile)):
@@ -37,6 +40,7 @@ def main(argv=None) -> int:
             from planner.cli.train import launch
             return launch(argv[1:])
         args = build_parser().parse_args(argv)
+        args.argv = argv   # for a report's "made by" line
         return args.handler(args)
     except MeshplanError as exc:
         print(f"meshplan: error: {exc}", file=sys.stderr)

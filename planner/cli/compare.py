@@ -10,10 +10,12 @@ import json
 
 from cost_models import MeshplanError
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
-from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags, check_image_path,
+from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags, check_distinct,
+                               check_image_path,
                                engine_args, pinned as pinned_flags)
-from planner.cli.tables import console_for
-from planner.compare import ClusterChoice, compare
+from planner.cli import outputs
+from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column, text_column
+from planner.compare import TRANSFERRED_UNCERTAINTY, ClusterChoice, compare
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
 PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
@@ -39,30 +41,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"grid carbon intensity, kg CO2e per kWh (default {DEFAULT_GRID_KG_PER_KWH})")
     p.add_argument("--pue", type=float, help=f"data-centre power usage effectiveness (default {DEFAULT_PUE})")
     p.add_argument("--json", action="store_true", help='print {"clusters": [...]}')
-    p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png; never overwritten)")
+    p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png)")
     add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
                    PIN_FLAGS)
     add_engine_flags(p)
+    outputs.add_html_flag(p)
+    add_wide_flag(p)
 
 
 def run(args) -> int:
     """Print the comparison; exit 0 when at least one cluster can train the model, else 1."""
     if args.plot:
-        check_image_path(args.plot)
+        check_image_path(args.plot, overwrite=args.force)
+    check_distinct(args, ("plot", "html"))
+    outputs.check_html(args)
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
     pinned = pinned_flags(args, PIN_FLAGS)
-    choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
-                      prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
-                      spot_prices=parse_prices(args.spot_price, "--spot-price"),
-                      preemption_rates=parse_prices(args.preemption_rate, "--preemption-rate", "RATE_PER_NODE_HOUR"),
-                      failure_rate_per_gpu_hour=args.failure_rate, **engine_args(args), **pinned)
+    with outputs.progress(f"planning {args.model} on {len(clusters)} clusters") as update:
+        choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
+                          prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
+                          spot_prices=parse_prices(args.spot_price, "--spot-price"),
+                          preemption_rates=parse_prices(args.preemption_rate, "--preemption-rate",
+                                                        "RATE_PER_NODE_HOUR"),
+                          failure_rate_per_gpu_hour=args.failure_rate,
+                          on_cluster=lambda i, n, name: update(f"planning {args.model} on {name} ({i} of {n})"),
+                          **engine_args(args), **pinned)
     if args.plot:
         from planner.cli.plots import compare_png
-        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens:.3g} tokens")
+        compare_png(choices, args.plot, title=f"{args.model}, {args.tokens / 1e9:,.4g} B tokens: the best plan "
+                                              f"on each of {len(choices)} clusters")
+        outputs.wrote(args, args.plot)
+    if args.html:
+        from planner.report import compare_report
+        outputs.write_html(args, compare_report(choices, args.model, args.tokens, outputs.command_line(args)))
     if args.json:
         print(json.dumps({"model": args.model, "tokens": args.tokens, "clusters": [c.to_dict() for c in choices]}))
     else:
-        _print_table(choices, args.model, args.tokens)
+        _print_table(choices, args.model, args.tokens, args.wide)
     return 0 if any(c.fits for c in choices) else 1
 
 
@@ -85,24 +100,34 @@ def _plan_summary(plan) -> str:
     return f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero}"
 
 
-def _print_table(choices: list[ClusterChoice], model: str, tokens: float) -> None:
-    from rich.table import Table
-    table = Table(title=f"{model}: {tokens:.3g} tokens, best plan per cluster, fastest first")
-    for col in ("cluster", "GPUs", "best plan", "step s", "MFU", "days", "GPU-hours", "$", "MWh", "t CO2"):
-        table.add_column(col, justify="left" if col in ("cluster", "best plan") else "right")
+def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: bool = False) -> None:
+    table = new_table(f"{model}: {tokens / 1e9:,.4g} B tokens, best plan per cluster, fastest first")
+    for col in ("cluster", "GPUs", "calibration", "best plan", "step s", "MFU", "days", "GPU-h", "$", "MWh",
+                "t CO2"):
+        if col in ("cluster", "best plan", "calibration"):
+            text_column(table, col, justify="left")
+        else:
+            numbers_column(table, col)
     for c in choices:
+        # a transferred calibration's numbers carry its uncertainty on time, so on days, $, MWh, CO2
+        source = "measured" if c.measured else f"[yellow]transferred ±{100 * c.uncertainty:.0f}%[/yellow]"
         if not c.fits:
-            table.add_row(c.cluster, str(c.gpus), "[red]does not fit[/red] (below)", *["-"] * 7)
+            table.add_row(c.cluster, str(c.gpus), source, "[red]does not fit[/red] (below)", *["-"] * 7)
             continue
         r, cost = c.plan.result, c.run_cost
-        table.add_row(c.cluster, str(c.gpus), _plan_summary(c.plan), f"{r.step_time_s:.3f}", f"{100 * r.mfu:.1f}%",
-                      f"{c.days:,.1f}", f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
+        low, high = c.days * (1 - c.uncertainty), c.days * (1 + c.uncertainty)
+        days = f"{c.days:,.1f}" if c.measured else f"{low:,.1f}-{high:,.1f}"
+        table.add_row(c.cluster, str(c.gpus), source, _plan_summary(c.plan), f"{r.step_time_s:.3f}",
+                      f"{100 * r.mfu:.1f}%", days, f"{cost.gpu_hours:,.0f}", f"{cost.cost_usd:,.0f}",
                       f"{cost.energy_kwh / 1e3:,.1f}", f"{cost.co2_kg / 1e3:,.1f}")
-    console = console_for(table)
+    console = console_for(table, wide=wide)
     console.print(table)
     for c in choices:
         if not c.fits:
             console.print(f"{c.cluster}: {c.reason}", highlight=False)
+    if not all(c.measured for c in choices):
+        console.print(f"transferred: the GPU was never measured; its days, $, MWh and CO2 carry "
+                      f"±{100 * TRANSFERRED_UNCERTAINTY:.0f}% (days shown as a range; docs/cli.md)", highlight=False)
     for line in dict.fromkeys(c.calibration for c in choices):   # one per GPU, in table order
         console.print(line, highlight=False)
     _print_interruptions(console, choices)

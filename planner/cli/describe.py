@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from rich.table import Table
 
 from cost_models import GPUS, SYSTEMS, parse_cluster
 from cost_models.units import GB, GIB, TERA
-from planner.cli.flags import CLUSTER_HELP, MODEL_HELP
+from planner.cli.flags import CLUSTER_HELP, JSON_HELP, MODEL_HELP
 from planner.arch.layout import check_runnable
-from planner.cli.tables import console_for
+from planner.cli.tables import add_wide_flag, console_for, new_table
 from planner.models import count_parameters
 from planner.plan import Plan
 from planner.zoo import PRESETS, load_model
@@ -26,25 +25,28 @@ def register(sub) -> None:
     p = sub.add_parser("describe", help="a model's parameter count and a cluster's summary")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(handler=_describe)
 
     p = sub.add_parser("models", help="list the model presets")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    add_wide_flag(p)
     p.set_defaults(handler=_models)
 
     p = sub.add_parser("gpus", help="list the GPU catalogue and named systems")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    add_wide_flag(p)
     p.set_defaults(handler=_gpus)
 
     p = sub.add_parser("engines", help="list the training engines a plan can name, what each offers, its options")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    add_wide_flag(p)
     p.set_defaults(handler=_engines)
 
     p = sub.add_parser("validate", help="check a plan file (and its fit to a model and cluster)")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--model")
-    p.add_argument("--cluster")
+    p.add_argument("--plan", required=True, help="the plan .json to check (from `meshplan plan --out`)")
+    p.add_argument("--model", help=MODEL_HELP + "; also checks the plan can run it")
+    p.add_argument("--cluster", help=CLUSTER_HELP + "; also checks the plan's GPU count and fit")
     p.set_defaults(handler=_validate)
 
 
@@ -84,12 +86,12 @@ def _models(args) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = Table(title="model presets")
+    table = new_table("model presets")
     for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
-        table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=col == "name")
+        table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*[parameter_count(r[k]) if k == "params" else str(r[k]) for k in r])
-    console_for(table).print(table)
+    console_for(table, wide=args.wide).print(table)
     return 0
 
 
@@ -100,16 +102,16 @@ def _gpus(args) -> int:
                                nvlink_bw_bytes_per_s=g.nvlink_bw_bytes_per_s, tdp_w=g.tdp_w,
                                price_usd_per_hour=g.price_usd_per_hour) for g in GPUS.values()]))
         return 0
-    table = Table(title="GPU catalogue (dense peaks; link bandwidth unidirectional per GPU)")
+    table = new_table("GPU catalogue (dense peaks; link bandwidth unidirectional per GPU)")
     for col in ("name", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "HBM GB/s", "NVLink GB/s",
                 "TDP W", "$/hour"):
-        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=col == "name")
+        table.add_column(col, justify="left" if col == "name" else "right", no_wrap=True)
     for g in GPUS.values():
         bf16 = g.peak_flops.get("bf16", g.peak_flops.get("fp16"))
         table.add_row(g.name, f"{g.memory_bytes / GIB:.0f}", f"{bf16 / TERA:.0f}" if bf16 else "-",
                       f"{g.peak_flops['fp32'] / TERA:.1f}", f"{g.memory_bw_bytes_per_s / GB:.0f}",
                       f"{g.nvlink_bw_bytes_per_s / GB:.0f}", f"{g.tdp_w:.0f}", f"{g.price_usd_per_hour:.2f}")
-    console = console_for(table)
+    console = console_for(table, wide=args.wide)
     console.print(table)
     console.print("named systems: " + "; ".join(f"{k} ({v.description})" for k, v in SYSTEMS.items()))
     return 0
@@ -126,16 +128,16 @@ def _engines(args) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = Table(title="training engines (--engine; options: --engine-option KEY=VALUE)")
+    table = new_table("training engines (--engine; options: --engine-option KEY=VALUE)")
     for col in ("engine", "ZeRO (with pp)", "schedules", "recompute", "precisions", "sp", "offload", "options"):
-        table.add_column(col, no_wrap=col == "engine")
+        table.add_column(col, no_wrap=col in ("engine", "sp", "offload"))
     for e, r in zip(ENGINES.values(), rows):
         zero = "".join(map(str, e.zero)) + (f" ({''.join(map(str, e.pipeline_zero))})"
                                             if e.pipeline_zero != e.zero else "")
-        options = "; ".join(f"{k}: {'|'.join(o['values'])} (default {o['default']})" for k, o in r["options"].items())
+        options = "; ".join(f"{k}: {' | '.join(o['values'])} (default {o['default']})" for k, o in r["options"].items())
         table.add_row(e.name, zero, ", ".join(e.schedules), ", ".join(e.recompute), ", ".join(e.precisions),
                       "yes" if e.sequence_parallel else "no", "yes" if e.offload_optimizer else "no", options or "-")
-    console = console_for(table)
+    console = console_for(table, wide=args.wide)
     console.print(table)
     for e in ENGINES.values():
         console.print(f"{e.name}: {e.describes}", highlight=False)

@@ -7,17 +7,29 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from dataclasses import fields
 
 from cost_models.errors import MeshplanError
-from cost_models.inputs import check_output_path
+from cost_models.inputs import check_output_path, finite_number
+from cost_models.units import GB, GIB
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 
 MODEL_HELP = "preset name, config .json (also Hugging Face's), model directory, HF cache name, or file.py:factory"
 CLUSTER_HELP = "GPU:NODESxGPUS, a named system, or a .yaml/.json file"
+JSON_HELP = "print JSON on stdout instead of tables (messages go to stderr)"
 CALIBRATION_HELP = "a calibration JSON from `meshplan profile` for the cluster's GPU"
 
+# What each plan field is, for its flag's help (a command's own text is added after it).
+FIELD_WORDS = {"dp": "data-parallel degree", "tp": "tensor-parallel degree", "pp": "pipeline-parallel stages",
+               "zero": "ZeRO stage: 0 replicated, 1 optimizer, 2 +gradients, 3 +parameters sharded",
+               "micro_batch": "sequences per micro-batch", "checkpoint": "activation recomputation",
+               "precision": "training precision", "schedule": "pipeline schedule",
+               "interleave": "model chunks per pipeline rank (interleaved schedule)",
+               "sequence_parallel": "Megatron sequence parallelism over the tensor-parallel group",
+               "offload_optimizer": "optimizer state and step on the CPU (ZeRO >= 1)"}
 _CHOICES = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS}
 _SWITCHES = ("sequence_parallel", "offload_optimizer")
 # A flag's default where the plan is given, not searched: Plan's own, every layer un-checkpointed.
@@ -37,6 +49,24 @@ IMAGE_SUFFIXES = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "ep
 DEFAULT_SEQ = 2048
 
 
+MEMORY_UNITS = {"gib": GIB, "gb": GB}
+
+
+def memory_bytes(text: str, what: str) -> float:
+    """A memory size flag in bytes: a number of GiB ("3", "3GiB"), or of decimal GB with the
+    unit written ("3.2GB"). GiB is meshplan's one memory unit (tables, messages, reports);
+    GB is accepted spelled out, since datasheets and older versions' --reserve used it."""
+    match = re.fullmatch(r"\s*([^a-zA-Z\s]+?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match[2].lower() if match else ""
+    if not match or unit not in ("", *MEMORY_UNITS):
+        raise MeshplanError(f"{what} {text!r}: give GiB as a number (3, 3GiB) or decimal GB with the unit (3.2GB)")
+    try:
+        number = float(match[1])
+    except ValueError:
+        number = math.nan
+    return finite_number(number, f"{what} ({'GB' if unit == 'gb' else 'GiB'})", low=0) * MEMORY_UNITS[unit or "gib"]
+
+
 def add_batch_flags(parser, required: bool, seq_default: int | None = DEFAULT_SEQ) -> None:
     """`--global-batch` (required, or else only with the plan flags) and `--seq`."""
     parser.add_argument("--global-batch", type=int, required=required, help="sequences per optimizer step")
@@ -45,7 +75,7 @@ def add_batch_flags(parser, required: bool, seq_default: int | None = DEFAULT_SE
 
 def check_image_path(path: str, overwrite: bool = False) -> None:
     """An image output, before any work: new (unless `overwrite`), writable, of a type we draw."""
-    check_output_path(path, overwrite=overwrite, suffixes=IMAGE_SUFFIXES)
+    check_output_path(path, overwrite=overwrite, suffixes=IMAGE_SUFFIXES, force_hint=True)
 
 
 def check_distinct(args, names) -> None:
@@ -70,9 +100,11 @@ def add_plan_flags(parser, names, defaults: bool = False, help: dict | None = No
     """
     help = help or {}
     for name in names:
-        text = help.get(name)
-        if defaults and name not in _SWITCHES:
-            text = (text + "; " if text else "") + f"default {_PLAN_DEFAULTS[name]}"
+        text = FIELD_WORDS[name] + (": " + help[name] if name in help else "")
+        if defaults:
+            text += "; default " + ("off" if name in _SWITCHES else str(_PLAN_DEFAULTS[name]))
+        elif "default" not in text:
+            text += "; default: searched"
         kw = dict(help=text, default=None)
         if name in _SWITCHES and defaults:
             kw.update(action="store_const", const=True)

@@ -24,14 +24,35 @@ MEMORY_PARTS = (("params_bytes", "parameters", "#4C72B0"), ("grads_bytes", "grad
                 ("transient_bytes", "transient", "#8172B3"))
 
 
+def plan_title(model: str, cluster: str, plan) -> str:
+    """"gpt3-175b on a100-sxm-80gb:128x8, dp16 tp8 pp8 zero0 mb1 x96 interleaved x2": what a
+    picture shows, so that two pictures side by side say which is which."""
+    return f"{model} on {cluster}, {plan_label(plan)}"
+
+
+def plan_label(plan) -> str:
+    """Every field two plans of one search may differ in, in one short line."""
+    text = (f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} x{plan.grad_accum} "
+            f"{plan.schedule}")
+    text += f" x{plan.interleave}" if plan.interleave > 1 else ""
+    text += " +sp" if plan.sequence_parallel else ""
+    text += " +offload" if plan.offload_optimizer else ""
+    modes = [m for m in ("full", "selective", "attention") if m in (plan.checkpoint or [])]
+    return text + (" ckpt " + "/".join(f"{plan.checkpoint.count(m)} {m}" for m in modes) if modes else "")
+
+
 def timeline_png(result, path, title: str = "") -> None:
     timeline = result.timeline
     ranks = timeline.pp
-    fig, ax = plt.subplots(figsize=(12, 0.6 * ranks + 1.6))
+    per_rank = len(timeline.events) / max(ranks, 1)
+    # past ~60 actions a rank, white edges between bars turn the chart into a barcode: drop them
+    # and widen the figure (the HTML report, `--html`, zooms instead)
+    edge = 0.3 if per_rank <= 60 else 0.0
+    fig, ax = plt.subplots(figsize=(min(12 + per_rank / 40, 24), 0.6 * ranks + 1.6))
     ax.broken_barh([(0, result.step_time_s)], (-0.4, ranks - 0.2), color=COLORS["bubble"], zorder=0)
     for event in timeline.events:
         ax.broken_barh([(event.start_s, event.end_s - event.start_s)], (event.rank - 0.4, 0.8),
-                       color=COLORS[event.kind], edgecolor="white", linewidth=0.3, zorder=1)
+                       color=COLORS[event.kind], edgecolor="white", linewidth=edge, zorder=1)
     for rank in range(ranks):
         ax.broken_barh([(timeline.finish_s[rank], result.step_time_s - timeline.finish_s[rank])],
                        (rank - 0.4, 0.8), color=COLORS["tail"], alpha=0.8, zorder=1)
@@ -43,7 +64,8 @@ def timeline_png(result, path, title: str = "") -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
     ax.legend(handles, [LEGEND[k] for k in shown], loc="upper center",
               bbox_to_anchor=(0.5, -0.25 if ranks < 4 else -0.12), ncol=len(shown), frameon=False)
-    ax.set_title(title or f"step {result.step_time_s:.3f} s, MFU {100 * result.mfu:.1f}%")
+    stats = f"step {result.step_time_s:.3f} s, MFU {100 * result.mfu:.1f}%"
+    ax.set_title(f"{title}\n{stats}" if title else stats, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -64,7 +86,11 @@ def memory_png(result, path, title: str = "") -> None:
     ax.set_xticks(list(xs), [f"stage {s.stage}" for s in stages])
     ax.set_ylabel("GiB per GPU")
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title or ("fits" if result.fits else "does not fit"))
+    worst = result.worst_stage
+    over = worst.peak_reserved_bytes - result.capacity_bytes
+    verdict = "fits" if result.fits else (f"does not fit: stage {worst.stage} is {over / GIB:.1f} GiB over"
+                                          if over > 0 else "does not fit (host memory)")
+    ax.set_title(f"{title}\n{verdict}" if title else verdict, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -72,10 +98,10 @@ def memory_png(result, path, title: str = "") -> None:
 
 def plans_png(plans, path, title: str = "") -> None:
     """The top plans side by side: step time, and peak memory against the budget."""
-    labels = [f"#{i + 1} dp{p.dp} tp{p.tp} pp{p.pp}\nzero{p.zero} mb{p.micro_batch}" for i, p in enumerate(plans)]
+    labels = [f"#{i + 1} " + plan_label(p).replace(" mb", "\nmb", 1) for i, p in enumerate(plans)]
     times = [p.result.step_time_s for p in plans]
     memory = [p.result.worst_stage.peak_reserved_bytes / GIB for p in plans]
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 0.5 * len(plans) + 2.5), sharey=True)
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(14, 0.7 * len(plans) + 2.5), sharey=True)
     y = range(len(plans))
     ax_time.barh(y, times, color=COLORS["F"])
     ax_time.set_xlabel("step time (s)")

@@ -26,7 +26,9 @@ def build_parser(prog: str = "meshplan profile") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Handler for parsed `meshplan profile` arguments: profile, write, print a summary."""
-    calibration = profile_device(args.device, args.out, quick=args.quick, gpu=args.gpu, force=args.force)
+    from planner.cli.outputs import progress
+    with progress(f"measuring {args.device}" + (" (quick)" if args.quick else "")):
+        calibration = profile_device(args.device, args.out, quick=args.quick, gpu=args.gpu, force=args.force)
     print("\n".join(summary_lines(calibration)))
     if rank() == 0:
         print(f"wrote {args.out}")

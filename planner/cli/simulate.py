@@ -9,14 +9,14 @@ import argparse
 import json
 from dataclasses import replace
 
-from rich.table import Table
-
 from cost_models import MeshplanError, parse_cluster
 from cost_models.inputs import parse_json
 from cost_models.units import GIB
-from planner.cli.flags import (CALIBRATION_HELP, DEFAULT_SEQ, add_batch_flags, add_engine_flags, add_plan_flags,
-                               check_distinct, check_image_path, engine_args, flag, pinned, with_defaults)
-from planner.cli.tables import console_for
+from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, DEFAULT_SEQ, JSON_HELP, MODEL_HELP, add_batch_flags,
+                               add_engine_flags, add_plan_flags, check_distinct, check_image_path, engine_args, flag,
+                               pinned, with_defaults)
+from planner.cli import outputs
+from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column
 from planner.interop.cli import add_from_flag
 from cost_models.inputs import check_output_path
 from planner.engines.base import option_text
@@ -32,8 +32,8 @@ FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention cor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model")
-    p.add_argument("--cluster")
+    p.add_argument("--model", help=MODEL_HELP + " (default: the plan file's)")
+    p.add_argument("--cluster", help=CLUSTER_HELP + " (default: the plan file's)")
     p.add_argument("--plan", help="a plan .json instead of the flags below")
     p.add_argument("--batch", help="cases .jsonl: one JSON object of these flags a line")
     add_from_flag(p)
@@ -44,12 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
     p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
     p.add_argument("--calibration", help=CALIBRATION_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    outputs.add_html_flag(p)
+    add_wide_flag(p)
 
 
 # What --plan fixes (a flag beside it would be ignored), and what --batch's cases carry.
 _JOB_FIELDS = ("global_batch", "seq") + PLAN_FIELDS + ("engine", "engine_option")
-_OUTPUTS = ("trace", "timeline", "memory_plot")
+_OUTPUTS = ("trace", "timeline", "memory_plot", "html")
 
 
 def _check_flags(args) -> None:
@@ -68,11 +70,12 @@ def _check_flags(args) -> None:
             raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --plan, which fixes them: "
                                 f"edit the plan file or drop --plan")
     check_distinct(args, _OUTPUTS)
+    outputs.check_html(args)
     if args.trace:
-        check_output_path(args.trace)
+        check_output_path(args.trace, overwrite=args.force, force_hint=True)
     for target in (args.timeline, args.memory_plot):
         if target:
-            check_image_path(target)
+            check_image_path(target, overwrite=args.force)
 
 
 def _plan_from_args(args) -> Plan:
@@ -142,26 +145,15 @@ def run(args) -> int:
     from cost_models.calibration import calibration_line
     from cost_models.models_for import cost_models_for
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
-    result = simulate(plan, spec, cluster, compute=compute, comm=comm)
-    if args.trace:
-        _write_new(args.trace, json.dumps({"traceEvents": result.timeline.to_chrome_trace()}))
-    for target, draw in ((args.timeline, "timeline_png"), (args.memory_plot, "memory_png")):
-        if target:
-            check_image_path(target)
-            from planner.cli import plots
-            getattr(plots, draw)(result, target)
+    with outputs.progress(f"simulating {spec.name} on {cluster.name}"):
+        result = simulate(plan, spec, cluster, compute=compute, comm=comm)
+    from planner.cli.simulate_outputs import write_outputs
+    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration))
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
-    _print_result(plan, result)
-    print(calibration_line(calibration))
+    _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration), highlight=False)
     return 0
-
-
-def _write_new(path: str, text: str):
-    check_output_path(path)
-    with open(path, "x") as f:   # never replaces a file that appeared meanwhile
-        f.write(text)
 
 
 def format_phases(phases: dict) -> str:
@@ -174,15 +166,15 @@ def format_phases(phases: dict) -> str:
     return ", ".join(parts)
 
 
-def _print_result(plan: Plan, result) -> None:
-    table = Table(title=f"memory per GPU (capacity {result.capacity_bytes / GIB:.1f} GiB)")
+def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = None):
+    table = new_table(f"memory per GPU, GiB (capacity {result.capacity_bytes / GIB:.1f} GiB)")
     for col in ("stage", "params", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
-        table.add_column(col, justify="right")
+        numbers_column(table, col)
     for m in result.stages:
         table.add_row(str(m.stage), *[f"{v / GIB:.2f}" for v in (
             m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
-    console = console_for(table)
+    console = console_for(table, wide=wide)
     console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
                   f"{plan.schedule}, run by {plan.engine}"
@@ -191,7 +183,8 @@ def _print_result(plan: Plan, result) -> None:
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
     console.print("phases: " + format_phases(result.phases))
     console.print(table)
-    console.print("fits" if result.fits else "[red]does not fit[/red]")
+    console.print("fits" if result.fits else f"[red]{misfit or 'does not fit'}[/red]", highlight=False)
+    return console
 
 
 def _simulate_batch(path: str) -> int:
@@ -206,8 +199,9 @@ def _simulate_batch(path: str) -> int:
         handle = open(source, "rb")
     except OSError as exc:
         raise MeshplanError(f"cannot read cases file {path!r}: {exc.strerror or exc}") from None
-    with handle:
+    with handle, outputs.progress(f"simulating the cases of {path}") as update:
         for number, raw in enumerate(handle, 1):
+            update(f"simulating case {number} of {path}")
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():

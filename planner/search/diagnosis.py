@@ -7,6 +7,7 @@ from dataclasses import replace
 from cost_models.cluster import ClusterSpec
 from cost_models.errors import MeshplanError
 from cost_models.inputs import MAX_MICRO_BATCHES
+from cost_models.units import GIB
 from planner.plan import Plan
 from planner.search.partition import StageCosts, partition
 from planner.search.space import divisors
@@ -23,16 +24,16 @@ class Diagnosis:
         need, stage = self.leanest(self.cluster)
         pins = {k: v for k, v in self.pinned.items() if k != "precision"}
         within = f" with {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else ""
-        where = f"{stage.peak_reserved_bytes / 1e9:.1f} GB per GPU on pipeline stage {stage.stage} " \
-                f"({_largest_parts(stage)})" if stage is not None else f"{need / 1e9:.1f} GB per GPU"
+        where = f"{stage.peak_reserved_bytes / GIB:.1f} GiB per GPU on pipeline stage {stage.stage} " \
+                f"({_largest_parts(stage)})" if stage is not None else f"{need / GIB:.1f} GiB per GPU"
         head = (f"nothing fits: the leanest plan{within} needs {where} but {self.cluster.gpu.display_name} "
-                f"leaves {self.budget_bytes / 1e9:.1f} GB (after a {self.reserve_bytes / 1e9:.1f} GB reserve)")
+                f"leaves {self.budget_bytes / GIB:.1f} GiB (after a {self.reserve_bytes / GIB:.1f} GiB reserve)")
         if need <= self.budget_bytes:   # the pins leave only candidates the search could not split
             return (f"nothing fits{within}: no candidate found a fitting stage split, though the leanest plan, "
-                    f"evenly split, needs {need / 1e9:.1f} GB of the {self.budget_bytes / 1e9:.1f} GB budget: "
+                    f"evenly split, needs {need / GIB:.1f} GiB of the {self.budget_bytes / GIB:.1f} GiB budget: "
                     f"drop a pin")
         freed = {name: self._without(name).leanest(self.cluster)[0] for name in pins}
-        fixes = [f"--{_flag(name)} (then {need_bytes / 1e9:.1f} GB)" for name, need_bytes in freed.items()
+        fixes = [f"--{_flag(name)} (then {need_bytes / GIB:.1f} GiB)" for name, need_bytes in freed.items()
                  if need_bytes <= self.budget_bytes]
         if fixes:
             return f"{head}; dropping any one of these pins fits: {', '.join(fixes)}"
@@ -119,7 +120,7 @@ def _largest_parts(stage) -> str:
              "gradients": stage.grads_bytes, "optimizer state": stage.optimizer_bytes,
              "working and gathered": stage.transient_bytes}
     top = sorted(parts.items(), key=lambda item: -item[1])[:2]
-    return ", ".join(f"{name} {value / 1e9:.1f} GB" for name, value in top)
+    return ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in top)
 
 
 def _flag(name: str) -> str:

@@ -40,6 +40,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ, check_tokens_per_step, finite_number,
                                 shown, whole_number)
 from cost_models.memory import model_state_bytes
+from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
@@ -229,8 +230,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
                               if reserve_bytes is None else float(reserve_bytes))
         self.budget_bytes = self.capacity_bytes - self.reserve_bytes
         if self.budget_bytes <= 0:
-            raise MeshplanError(f"the memory reserve ({self.reserve_bytes / 1e9:.1f} GB) leaves nothing of "
-                                f"{cluster.gpu.display_name}'s {self.capacity_bytes / 1e9:.1f} GB: lower --reserve")
+            raise MeshplanError(f"the memory reserve ({self.reserve_bytes / GIB:.1f} GiB) leaves nothing of "
+                                f"{cluster.gpu.display_name}'s {self.capacity_bytes / GIB:.1f} GiB: lower --reserve")
         self._sims = {}
         self._layouts = {}
         if spec.config is None and pinned.get("sequence_parallel"):
@@ -333,13 +334,13 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
                 host = self.host_floor_bytes(p)
                 if host > self.cluster.host_memory_bytes_per_gpu:
                     self.stats.pruned_model_states += 1
-                    self._reject(p, "model states", f"offloaded states need {host / 1e9:.0f} GB of CPU memory per "
-                                 f"GPU > {self.cluster.host_memory_bytes_per_gpu / 1e9:.0f} GB")
+                    self._reject(p, "model states", f"offloaded states need {host / GIB:.0f} GiB of CPU memory per "
+                                 f"GPU > {self.cluster.host_memory_bytes_per_gpu / GIB:.0f} GiB")
                     continue
                 if floor > self.budget_bytes:
                     self.stats.pruned_model_states += 1
-                    self._reject(p, "model states", f"model states alone need {floor / 1e9:.1f} GB per GPU "
-                                 f"> {self.budget_bytes / 1e9:.1f} GB budget", floor)
+                    self._reject(p, "model states", f"model states alone need {floor / GIB:.1f} GiB per GPU "
+                                 f"> {self.budget_bytes / GIB:.1f} GiB budget", floor)
                     continue
                 pool.append(p)
         bounded = []
@@ -371,8 +372,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
             if split is None:
                 self.stats.no_partition += 1
                 need = self.checkpointed_need_bytes(cand.plan)
-                self._reject(cand.plan, "memory", f"needs {need / 1e9:.1f} GB per GPU even with every block fully "
-                             f"checkpointed: {(need - self.budget_bytes) / 1e9:.1f} GB over the budget", need)
+                self._reject(cand.plan, "memory", f"needs {need / GIB:.1f} GiB per GPU even with every block fully "
+                             f"checkpointed: {(need - self.budget_bytes) / GIB:.1f} GiB over the budget", need)
                 continue
             self.stats.partitioned += 1
             done.append(cand)
@@ -423,8 +424,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         if best is not None:
             return best
         self.stats.rejected_by_simulation += 1
-        self._reject(cand.plan, "memory", f"simulated peak {max(s.peak_reserved_bytes for s in result.stages) / 1e9:.1f}"
-                     f" GB > {self.budget_bytes / 1e9:.1f} GB budget after {REFIT_ROUNDS} refits")
+        self._reject(cand.plan, "memory", f"simulated peak {max(s.peak_reserved_bytes for s in result.stages) / GIB:.1f}"
+                     f" GiB > {self.budget_bytes / GIB:.1f} GiB budget after {REFIT_ROUNDS} refits")
         return None
 
     def _has_slack(self, plan: Plan, over: list) -> bool:

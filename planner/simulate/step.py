@@ -51,6 +51,9 @@ class SimResult:
     # per pipeline rank, what one step communicates: {group: {collective: bytes}}
     # (_Simulation.comm_bytes); a GPU of a TP or DP group moves what its peers move
     comm_bytes: list = field(default_factory=list)
+    # per pipeline rank, what follows its last backward: (exposed data-parallel communication s,
+    # optimizer step s); what the Chrome trace and the HTML report draw after the pipeline
+    rank_tails_s: list = field(default_factory=list)
 
     @property
     def worst_stage(self) -> StageMemory:
@@ -300,6 +303,7 @@ class _Simulation(CommMixin, MemoryMixin):
         memory = [self.stage_memory(rank, stages) for rank in range(plan.pp)]
         result = self.result(step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed[slowest])
         result.comm_bytes = [self.comm_bytes(rank, stages) for rank in range(plan.pp)]
+        result.rank_tails_s = list(zip(dp_exposed, optimizer))
         return result
 
     def grad_accumulation_s(self, params: float) -> float:

@@ -32,3 +32,15 @@ def test_the_readme_python_api_runs(capsys):
     exec(compile(snippet, "README.md", "exec"), {})
     dp, tp, pp, step_s = capsys.readouterr().out.split()
     assert int(dp) * int(tp) * int(pp) == 8 and float(step_s) > 0
+
+
+def test_the_readme_stays_short():
+    """README under 1,200 words (as `wc -w` counts them); details go to docs/."""
+    words = len((REPO / "README.md").read_text().split())
+    assert words <= 1200, f"README.md has {words} words: move detail to docs/"
+
+
+def test_the_readme_screenshot_is_there():
+    text = (REPO / "README.md").read_text()
+    assert "](docs/report.png)" in text and "--html report.html" in text
+    assert (REPO / "docs" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,5 +59,5 @@ def test_bad_input_is_one_line(cli):
     assert_user_error(cli("plan", "--model", "gpt-nope", "--cluster", "h100:1x8", "--global-batch", "8"),
                       "unknown model")
     assert_user_error(cli("plan", "--model", "gpt3-6.7b", "--cluster", "a10:1x1", "--global-batch", "16"),
-                      "nothing fits", "GB per GPU", "GPUs")
+                      "nothing fits", "GiB per GPU", "GPUs")
     assert_user_error(cli(*ARGS, "--tp", "3"), "no dp x tp x pp")

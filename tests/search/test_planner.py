@@ -135,7 +135,7 @@ def test_nothing_fits_names_the_memory_needed_and_the_gpus_that_would_hold_it():
         plan("gpt3-6.7b", "a10:1x1", 16, 2048)
     message = str(err.value)
     assert "\n" not in message and message.startswith("nothing fits")
-    assert "GB per GPU" in message and "GPUs" in message
+    assert "GiB per GPU" in message and "GPUs" in message
     gpus = int(message.split("about ")[1].split(" GPUs")[0])
     found = plan("gpt3-6.7b", f"a10:{gpus}x1", 16, 2048, top_k=1)
     assert found and found[0].world_size == gpus
@@ -160,11 +160,11 @@ def test_nothing_fits_under_pins_names_the_overflow_and_the_pin_to_drop():
         plan("gpt3-2.7b", "a10:1x4", 16, 2048, top_k=1, **pins)
     message = str(err.value)
     assert "\n" not in message and message.startswith("nothing fits: the leanest plan with dp=4")
-    need = float(message.split(" needs ")[1].split(" GB")[0])
-    budget = float(message.split(" leaves ")[1].split(" GB")[0])
+    need = float(message.split(" needs ")[1].split(" GiB")[0])
+    budget = float(message.split(" leaves ")[1].split(" GiB")[0])
     assert need > budget and "pipeline stage 0 (activations" in message
     assert "dropping any one of these pins fits: " in message
-    freed = float(message.split("--checkpoint (then ")[1].split(" GB")[0])
+    freed = float(message.split("--checkpoint (then ")[1].split(" GiB")[0])
     assert freed <= budget
     found = plan("gpt3-2.7b", "a10:1x4", 16, 2048, top_k=1, dp=4, micro_batch=4)
     assert found[0].result.fits

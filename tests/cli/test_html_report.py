@@ -1,0 +1,126 @@
+"""`--html` reports opened in a real headless chromium (tests/browser.py): no console errors,
+nothing fetched, the expected text in the rendered page, a timeline that draws every event
+and zooms, and a screenshot. Without chromium the test fails: .ci/run installs it."""
+import json
+import re
+import struct
+
+import pytest
+
+from browser import INSTALL_HINT, Browser, chromium_path, open_page
+from helpers import run_cli_in_process
+
+pytestmark = pytest.mark.cli
+
+# A plan with 128 micro-batches per step over 8 pipeline stages: the timeline case the issue names.
+SIMULATE = ("simulate", "--model", "gpt3-1.3b", "--cluster", "a100-sxm-80gb:4x8", "--global-batch", "256",
+            "--dp", "2", "--tp", "2", "--pp", "8", "--micro-batch", "1")
+PLAN = ("plan", "--model", "gpt3-1.3b", "--cluster", "a100-sxm-80gb:1x8", "--global-batch", "64", "--top", "3")
+COMPARE = ("compare", "--model", "gpt3-1.3b", "--tokens", "26e9", "--global-batch", "64",
+           "--clusters", "h100-sxm-80gb:1x8,mi300x:1x8")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.fail(INSTALL_HINT)   # never a skip: a report nobody opened is not tested
+    with Browser(executable) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reports")
+    out = {}
+    for name, args in (("simulate", SIMULATE), ("plan", PLAN), ("compare", COMPARE)):
+        path = folder / f"{name}.html"
+        proc = run_cli_in_process(*args, "--html", path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote {path}" in proc.stdout
+        out[name] = path
+    return out
+
+
+def _timeline_data(path):
+    text = path.read_text()
+    return json.loads(re.search(r'<script type="application/json" class="tl-data">(.*?)</script>', text, re.S)[1])
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def _loads_cleanly(page, path):
+    assert page.errors == [], page.errors
+    # self-contained: the page itself is the only thing loaded (no font, script or image fetched)
+    assert page.requests == [path.resolve().as_uri()], page.requests
+
+
+def test_simulate_report_draws_and_zooms_a_128_micro_batch_timeline(browser, reports, tmp_path):
+    path = reports["simulate"]
+    page = open_page(browser, path)
+    _loads_cleanly(page, path)
+    for text in ("gpt3-1.3b on a100-sxm-80gb:4x8", "dp=2 tp=2 pp=8 zero=0, micro-batch 1 x 128 accumulation",
+                 "Where the step's time goes", "pipeline bubble", "Pipeline timeline, one step",
+                 "Memory per GPU, by pipeline stage", "usable capacity", "calibration: a100-sxm-80gb"):
+        assert text in page.text, text
+    data = _timeline_data(path)
+    assert not data["binned"] and data["ranks"] == 8
+    assert len(data["events"]) == 2 * 128 * 8   # a forward and a backward per micro-batch and stage
+    drawn = page.evaluate("document.querySelectorAll('.tl svg rect.ev').length")
+    assert drawn == len(data["events"])
+    assert page.evaluate("document.querySelectorAll('.tl svg rect.tail').length") == 2 * 8
+    # opened zoomed in far enough that micro-batch numbers are readable, and the buttons zoom
+    width = page.evaluate("document.querySelector('.tl svg').getAttribute('width') * 1")
+    zoom = page.evaluate("document.querySelector('.zoomv').textContent")
+    assert zoom != "1x" and page.evaluate("document.querySelectorAll('.tl svg text').length") > 100
+    page.evaluate("document.querySelector('.tl-box button.fit').click()")
+    assert page.evaluate("document.querySelector('.zoomv').textContent") == "1x"
+    fitted = page.evaluate("document.querySelector('.tl svg').getAttribute('width') * 1")
+    assert fitted == pytest.approx(width / int(zoom[:-1]), rel=0.01)
+    page.evaluate("document.querySelector('.tl-box button.in').click()")
+    assert page.evaluate("document.querySelector('.tl svg').getAttribute('width') * 1") == pytest.approx(2 * fitted)
+    assert page.errors == []
+    shot = page.screenshot(tmp_path / "simulate.png")
+    width_px, height_px = _png_size(shot)
+    assert width_px == 1280 and height_px > 1200 and len(shot) > 50_000
+
+
+def test_plan_report_says_why_the_winner_wins(browser, reports, tmp_path):
+    path = reports["plan"]
+    page = open_page(browser, path)
+    _loads_cleanly(page, path)
+    for text in ("The best plans", "against the winner", "Why the winner wins, and why the others lost",
+                 "beats", "per step", "planner's budget", "made by meshplan"):
+        assert text in page.text, text
+    rows = page.evaluate("document.querySelectorAll('#plans tbody tr').length")
+    assert rows == 3
+    assert page.evaluate("document.querySelector('#plans tbody tr').className") == "best"
+    assert _png_size(page.screenshot(tmp_path / "plan.png"))[0] == 1280
+
+
+def test_compare_report_marks_transferred_calibrations(browser, reports, tmp_path):
+    path = reports["compare"]
+    page = open_page(browser, path)
+    _loads_cleanly(page, path)
+    for text in ("Best plan per cluster, fastest first", "Time against cost", "days to train",
+                 "Where each cluster's step goes"):
+        assert text in page.text, text
+    cells = page.evaluate("[...document.querySelectorAll('#clusters tbody tr')].map("
+                          "r => [r.cells[0].innerText, r.cells[r.cells.length - 1].innerText])")
+    assert dict(cells) == {"h100-sxm-80gb:1x8": "measured", "mi300x:1x8": "transferred"}
+    assert page.evaluate("document.querySelectorAll('#front circle.cluster').length") == 2
+    assert page.evaluate("document.querySelectorAll('#front rect.band').length") == 1   # mi300x's uncertainty
+    assert _png_size(page.screenshot(tmp_path / "compare.png"))[0] == 1280
+
+
+def test_a_page_with_a_script_error_is_caught(browser, tmp_path):
+    """The harness itself: an error thrown by a page's script, and a fetch, are reported."""
+    path = tmp_path / "broken.html"
+    path.write_text('<html><body><p>x</p><img src="https://example.invalid/a.png">'
+                    '<script>console.error("boom"); undefined_function();</script></body></html>')
+    page = open_page(browser, path)
+    assert any("boom" in e for e in page.errors) and any("undefined_function" in e for e in page.errors)
+    assert "https://example.invalid/a.png" in page.requests
