@@ -135,11 +135,13 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: 
 
 def _print_interruptions(console, choices: list[ClusterChoice]) -> None:
     """The same runs with failures (and spot preemptions), checkpoints and restarts priced."""
-    from rich.table import Table
-    table = Table(title="with interruptions: checkpoints at the Young/Daly interval, restarts "
-                        "(* on the time-vs-$ Pareto front)")
+    table = new_table("with interruptions: checkpoints at the Young/Daly interval, restarts "
+                      "(* on the time-vs-$ Pareto front)")
     for col in ("cluster", "capacity", "$/GPU-h", "interruptions", "ckpt every", "goodput", "days", "$", "MWh"):
-        table.add_column(col, justify="left" if col in ("cluster", "capacity") else "right")
+        if col in ("cluster", "capacity"):
+            text_column(table, col, justify="left")
+        else:
+            numbers_column(table, col)
     for c in choices:
         for label, option in (("on-demand", c.with_failures), ("spot", c.spot)):
             if option is None:
@@ -152,4 +154,3 @@ def _print_interruptions(console, choices: list[ClusterChoice]) -> None:
                           f"{cost.energy_kwh / 1e3:,.1f}" if cost else "-")
     if table.row_count:
         console.print(table)
-
