@@ -13,6 +13,10 @@ or under torchrun. Modules, one job each:
 - engine.py         builds this rank's model parts and optimizers; one training step
 - optim.py          AdamW, warm-up + cosine schedule, global grad-norm clipping, fp16 scaler
 - data.py           synthetic and .npy-memmap token sources; each dp rank's rows of a global batch
-- checkpointing.py  atomic torch.distributed.checkpoint save / resume
+- checkpointing.py  atomic torch.distributed.checkpoint save (synchronous or async_save) / resume
+- cadence.py        when to save: every K steps, or Young/Daly (--checkpoint-every auto)
+- preemption.py     SIGTERM: every rank stops after the same step with a checkpoint
 - metrics.py        progress line, JSONL, TensorBoard, MFU
+- wandb_log.py      the per-step records to Weights & Biases (--wandb, offline by default)
+- summary.py        the run's last line: measured step time and memory beside the prediction
 """

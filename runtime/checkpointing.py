@@ -8,9 +8,10 @@ stage is FSDP's or replicate's DTensor state, so a checkpoint resumes under anot
 Its `meshplan.json` names the model and plan and records the run's TrainingConfig under
 "training" (`saved_training`), which a resume checks its own settings against.
 
-Atomic: all ranks write into `DIR/.step-NNNNNNNN.partial`; after every rank has
-finished, rank 0 adds `meshplan.json`, renames the directory into place and then
-rewrites `DIR/latest` (write + rename). A crash at any point leaves the previous
+Atomic: all ranks write into `DIR/.step-NNNNNNNN.partial` (synchronously, or from a
+writer thread with dcp.async_save: `Checkpointer`); after every rank has finished, rank 0
+adds `meshplan.json`, renames the directory into place and then rewrites `DIR/latest`
+(write + rename). A crash at any point leaves the previous
 `latest` and its directory untouched; a left-over `.partial` directory is ignored and
 replaced by the next save of that step. On many nodes DIR must be a shared filesystem.
 
@@ -19,7 +20,8 @@ Verified before loading (`verify`, on every rank before the process group starts
 `meshplan.json` parses, `.metadata` unpickles, every shard file it names exists and is
 long enough for the byte ranges it records, each file's size and CRC-32 equal the ones
 rank 0 recorded in `meshplan.json` ("files") when it saved (a zeroed or altered shard),
-and the saved model's tensor names and shapes are this model's. A damaged checkpoint is
+and the saved model's tensor names and shapes are this model's; then (`check_job`) that
+its model config and the plan's global batch and sequence length are this run's. A damaged checkpoint is
 refused in one line naming the step and the file, with the newest earlier checkpoint
 that verifies offered for `--resume-from STEP`; a load that still fails on any rank ends
 every rank (rank 0 says why, in one line). Nothing damaged is ever loaded silently
@@ -37,7 +39,10 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -64,13 +69,13 @@ def _barrier(distributed: bool):
 
 
 def check_directory(path: str, resume: bool):
-    """Refuse to write into a directory that already holds checkpoints unless resuming."""
+    """Refuse to write into a directory that already holds checkpoints unless resuming.
+    With --resume a missing or empty directory is fine: the first run of a job that is
+    always launched with --resume (a spot instance's restart command) starts at step 0."""
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise MeshplanError(f"--checkpoint-dir {path!r} is a file, not a directory")
-    if resume:
-        if not root.is_dir():
-            raise MeshplanError(f"--resume: checkpoint directory {path!r} does not exist")
+    if resume:      # a directory that does not exist yet holds no checkpoint: the run starts at step 0
         return
     if root.is_dir() and (latest(path) is not None or any(STEP_DIR.match(p.name) for p in root.iterdir())):
         raise MeshplanError(f"{path!r} already holds checkpoints: pass --resume to continue from them, "
@@ -112,6 +117,35 @@ def saved_training(where: Path) -> dict | None:
     """The TrainingConfig fields a checkpoint was saved with (runtime.config), or None when
     it records none (saved before meshplan recorded them)."""
     return _meta(where).get("training")
+
+
+# Plan fields a checkpoint's step and data position mean something under: with another
+# global batch a step is another number of sequences (the saved learning-rate schedule and
+# data position would not line up), with another sequence length the data rows are cut
+# elsewhere. The parallel layout (dp, tp, pp, ZeRO, micro-batch, precision) may change: DCP
+# reshards the saved tensors.
+RESUME_PLAN_MUST_MATCH = ("global_batch", "seq")
+
+
+def check_job(where: Path, model_config: dict | None, plan: dict):
+    """Refuse (one line) a checkpoint saved for another model - a config that differs beyond
+    the tensor shapes `verify` compares (norm_eps, rope_theta, attention, ...) - or by a plan
+    with another RESUME_PLAN_MUST_MATCH field. Checkpoints that recorded neither pass."""
+    meta = _meta(where)
+    saved_plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
+    changed = [f"{k} {saved_plan[k]!r} there, {plan.get(k)!r} in this plan" for k in RESUME_PLAN_MUST_MATCH
+               if k in saved_plan and saved_plan[k] != plan.get(k)]
+    if changed:
+        raise MeshplanError(f"cannot resume from {where}: it was saved by a plan with another "
+                            f"{'; '.join(changed)}: give a plan with the saved global batch and sequence "
+                            f"length, or start a new --checkpoint-dir")
+    saved_model = meta.get("model_config")
+    if isinstance(saved_model, dict) and model_config is not None:
+        for key in sorted(set(saved_model) | set(model_config)):
+            if key != "name" and saved_model.get(key) != model_config.get(key):
+                raise MeshplanError(f"cannot resume from {where}: it holds another model ({key} "
+                                    f"{saved_model.get(key)!r} there, {model_config.get(key)!r} in this one): "
+                                    f"give the saved model, or start a new --checkpoint-dir")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -283,10 +317,41 @@ class DirectoryLock:
             self.fd = None
 
 
+@dataclass
+class _Pending:
+    """An asynchronous save in flight (dcp.async_save's future)."""
+    step: int
+    future: object
+    meta: dict
+    started: float
+    blocked_s: float = 0.0
+    uploaded: float | None = None       # perf_counter() when its upload ended (set by the writer thread)
+
+
 class Checkpointer:
-    def __init__(self, path: str, parts: list, optimizers: list, rt):
+    """Saves (synchronous, or asynchronous with `asynchronous=True`) and loads checkpoints.
+
+    Asynchronous saves (`dcp.async_save`, torch/distributed/checkpoint/state_dict_saver.py):
+    the step's state is copied to CPU memory (its "staging") while training waits, then a
+    writer thread saves the copy while the next steps run. One save is in flight at a time
+    (a new one first waits for the last). The writer coordinates the ranks over a gloo group
+    of its own: collectives of two threads on one group could interleave. DCP's save gathers
+    every rank's write results to rank 0 before it writes `.metadata` and returns, so when
+    rank 0's future is done every shard is on disk: rank 0 then finishes the checkpoint alone
+    (`poll`/`wait`: CRCs, meshplan.json, rename, latest), at a step boundary. A process killed
+    before that leaves only a `.partial` directory; `latest` still names the previous one.
+
+    `report(step, where, save_s, blocked_s)` is called on rank 0 when a checkpoint is complete."""
+
+    def __init__(self, path: str, parts: list, optimizers: list, rt, asynchronous: bool = False, report=None):
         self.root = Path(path)
         self.parts, self.optimizers, self.rt = parts, optimizers, rt
+        self.asynchronous, self.report = asynchronous, report
+        self.pending: _Pending | None = None
+        self.last_step: int | None = None       # newest step saved or being saved
+        self.last_saved: Path | None = None     # newest complete checkpoint this run wrote
+        # every rank creates the group, in the same order: here, before the first step
+        self.group = dist.new_group(backend="gloo") if asynchronous and rt.distributed else None
 
     # -- state -----------------------------------------------------------------
     def _model_state(self) -> dict:
@@ -302,10 +367,13 @@ class Checkpointer:
         return state
 
     # -- save ------------------------------------------------------------------
-    def save(self, step: int, train_state: dict, meta: dict):
+    def save(self, step: int, train_state: dict, meta: dict, asynchronous: bool | None = None) -> float:
+        """Save `step` on every rank (a collective); returns the seconds training waited for it."""
+        asynchronous = self.asynchronous if asynchronous is None else asynchronous
+        self.wait()
+        started = time.perf_counter()
         distributed = self.rt.distributed
-        name = f"step-{step:08d}"
-        final, partial = self.root / name, self.root / f".{name}.partial"
+        partial = self.root / f".step-{step:08d}.partial"
         if self.rt.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if partial.exists():
@@ -313,25 +381,76 @@ class Checkpointer:
             partial.mkdir()
         _barrier(distributed)
         state = {"model": self._model_state(), "optim": self._optim_state(), "train": dict(train_state)}
+        self.last_step = step
+        if asynchronous:
+            kwargs = dict(process_group=self.group) if self.group is not None else {}
+            future = dcp.async_save(state, checkpoint_id=str(partial), **kwargs)
+            pending = _Pending(step, future, meta, started)
+            future.add_done_callback(lambda _: setattr(pending, "uploaded", time.perf_counter()))
+            pending.blocked_s = time.perf_counter() - started
+            self.pending = pending
+            return pending.blocked_s
         dcp.save(state, checkpoint_id=str(partial))
         _barrier(distributed)
         if self.rt.rank == 0:
-            record = {**meta, "step": step, "files": _file_records(partial)}
-            (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-            if final.exists():              # same step saved before (e.g. a re-run after resume): ours to replace
-                old = self.root / f".{name}.old"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-                os.replace(partial, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(partial, final)
-            pointer_tmp = self.root / ".latest.tmp"
-            pointer_tmp.write_text(name + "\n")
-            os.replace(pointer_tmp, self.root / "latest")
+            self._finish(step, meta, time.perf_counter() - started, None)
         _barrier(distributed)
-        return final
+        return time.perf_counter() - started
+
+    def poll(self):
+        """Finish the asynchronous save in flight if its upload has ended (no collective)."""
+        if self.pending is not None and self.pending.future.done():
+            self._complete()
+
+    def wait(self):
+        """Wait for the asynchronous save in flight, and finish it."""
+        if self.pending is not None:
+            self.pending.future.result()
+            self._complete()
+
+    def close(self):
+        """Finish the save in flight, then let DCP's writer threads end: a thread still
+        unwinding holds the save's arguments - the process groups - and mesh.teardown checks
+        that none outlives the run. Each async_save starts its own one-thread pool named
+        "AsyncCheckpointExecutor" and shuts it down when the save is done
+        (torch/distributed/checkpoint/_async_thread_executor.py); its thread ends right after."""
+        self.wait()
+        for thread in threading.enumerate():
+            if thread.name.startswith("AsyncCheckpointExecutor") and thread is not threading.current_thread():
+                thread.join(timeout=60)
+        self.group = None
+
+    def _complete(self):
+        pending, self.pending = self.pending, None
+        try:
+            pending.future.result()
+        except BaseException as exc:         # CheckpointException is a BaseException
+            raise RuntimeError(f"asynchronous checkpoint of step {pending.step} failed: {_first_line(exc)}") from exc
+        if self.rt.rank == 0:
+            done = pending.uploaded or time.perf_counter()
+            self._finish(pending.step, pending.meta, done - pending.started, pending.blocked_s)
+
+    def _finish(self, step: int, meta: dict, save_s: float, blocked_s: float | None):
+        """Rank 0, once every rank's shards are written: record, rename into place, point latest."""
+        name = f"step-{step:08d}"
+        final, partial = self.root / name, self.root / f".{name}.partial"
+        record = {**meta, "step": step, "files": _file_records(partial)}
+        (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        if final.exists():              # same step saved before (e.g. a re-run after resume): ours to replace
+            old = self.root / f".{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, final)
+        pointer_tmp = self.root / ".latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, self.root / "latest")
+        self.last_saved = final
+        if self.report:
+            self.report(step, final, save_s, save_s if blocked_s is None else blocked_s)
 
     # -- load ------------------------------------------------------------------
     def load(self, where: Path, train_state: dict, expected: dict | None = None) -> dict:

@@ -13,6 +13,7 @@ peak from the GPU catalogue for the plan's precision.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -82,12 +83,14 @@ def progress_line(rec: dict, steps: int) -> str:
 
 
 class MetricsSink:
-    """Rank 0 writes the progress line, the JSONL file and TensorBoard; other ranks write nothing."""
+    """Rank 0 writes the progress line, the JSONL file, TensorBoard and W&B (`wandb`: a
+    runtime.wandb_log.WandbLogger); other ranks write nothing."""
 
     def __init__(self, rank: int, steps: int, log_json: str | None, tensorboard: str | None, resume: bool,
-                 quiet: bool = False):
+                 quiet: bool = False, wandb=None):
         self.active = rank == 0
         self.steps, self.quiet = steps, quiet
+        self.wandb = wandb if self.active else None
         self.jsonl = self.writer = self.jsonl_path = None
         # The paths were checked before any work (runtime.train._check_outputs, runtime.outputs).
         if log_json and self.active:
@@ -114,6 +117,32 @@ class MetricsSink:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_time_s"):
                 if rec.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
+        if self.wandb:
+            self.wandb.log(rec)
+
+    def drop_after(self, step: int):
+        """A resumed run redoes the steps after its checkpoint's: drop their records from the
+        --log-json file (those of the run that was stopped), so each step has one line. The
+        file is rewritten beside itself and renamed over, so a crash leaves one or the other;
+        a line that is not a JSON record (a write cut short by SIGKILL) goes too."""
+        if not (self.active and self.jsonl_path and self.jsonl_path.exists()):
+            return
+        kept, dropped = [], 0
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                keep = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+            except ValueError:
+                keep = False
+            if keep:
+                kept.append(line)
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            tmp = self.jsonl_path.with_name(f".{self.jsonl_path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.jsonl_path)
+            self.note(f"{self.jsonl_path}: dropped {dropped} record(s) after step {step}, which this run redoes")
 
     def note(self, text: str):
         if self.active and not self.quiet:
@@ -124,3 +153,5 @@ class MetricsSink:
             self.jsonl.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -15,9 +15,16 @@ Those checks include every output location (runtime.outputs), the checkpoint dir
 lock (another job writing it) and, with --resume / --resume-from, the checkpoint to
 resume (runtime.checkpointing.verify).
 
-Under torchrun, each rank dies with torchrun (`die_with_parent`: the kernel SIGKILLs it
-when its parent, torchrun's agent, ends), so a SIGKILLed launcher leaves no rank training
-into a checkpoint directory that a --resume would then share.
+Under torchrun, each rank dies with torchrun (runtime.lifeline: the kernel SIGKILLs it
+when its parent, torchrun's agent, ends, and a rank whose agent ended before it could ask
+for that ends itself), so a SIGKILLed launcher leaves no rank training into a checkpoint
+directory that a --resume would then share.
+
+SIGTERM (a spot instance's preemption notice, or `kill`) stops every rank after the same
+step; they write a checkpoint and exit PREEMPTED_EXIT, 75 (runtime.preemption). Saves run
+every --checkpoint-every K steps or at the Young/Daly interval (`auto`, runtime.cadence),
+synchronously or with dcp.async_save (--async-checkpoint, runtime.checkpointing); each
+prints a line, and the run ends with a summary line (runtime.summary).
 """
 from __future__ import annotations
 
@@ -26,7 +33,11 @@ import signal
 import sys
 import time
 
-import torch
+if __name__ == "__main__":     # a torchrun worker ends with its agent: set before torch's seconds of import
+    from runtime.lifeline import die_with_agent
+    die_with_agent()
+
+import torch  # noqa: E402  (after the lifeline, on purpose)
 
 from cost_models.errors import MeshplanError
 from planner.cli.flags import Parser
@@ -47,12 +58,24 @@ def build_parser() -> Parser:
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 turns it off (default 1.0)")
     p.add_argument("--checkpoint-dir", help="directory for torch.distributed.checkpoint saves")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--checkpoint-every", default="0", metavar="K|auto",
+                   help="save every K steps (and at the end; 0: only at the end), or 'auto': the Young/Daly "
+                        "interval from the first save's measured time and --failure-rate-per-gpu-hour")
+    p.add_argument("--failure-rate-per-gpu-hour", type=float, metavar="RATE",
+                   help="failures per GPU per hour for --checkpoint-every auto (default 1.97e-5: Llama 3's "
+                        "419 interruptions in 54 days on 16,384 H100s)")
+    p.add_argument("--async-checkpoint", action="store_true",
+                   help="save with dcp.async_save: training waits only for the copy to CPU memory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir (none there: start at step 0)")
     p.add_argument("--resume-from", type=int, metavar="STEP",
                    help="continue from the checkpoint of step STEP in --checkpoint-dir (implies --resume)")
     p.add_argument("--log-json", help="append one JSON line per step to this file")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this directory")
+    p.add_argument("--wandb", nargs="?", const="meshplan", metavar="PROJECT",
+                   help="log to Weights & Biases project PROJECT (default meshplan); needs `pip install wandb`")
+    p.add_argument("--wandb-mode", choices=["offline", "online"],
+                   help="offline (default: written under ./wandb, `wandb sync` uploads it) or online")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--gpu", help="catalogue GPU for MFU's peak FLOP/s (default: detected; 'cpu' on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
@@ -61,14 +84,26 @@ def build_parser() -> Parser:
 
 
 def _check_args(args):
-    if args.checkpoint_every < 0:
-        raise MeshplanError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    from runtime.cadence import parse_every, parse_rate
+    args.checkpoint_every = parse_every(args.checkpoint_every)
+    if args.failure_rate_per_gpu_hour is not None:
+        parse_rate(args.failure_rate_per_gpu_hour)
+        if args.checkpoint_every != "auto":
+            raise MeshplanError("--failure-rate-per-gpu-hour sets the interval of --checkpoint-every auto: "
+                                "add --checkpoint-every auto, or drop it")
     if args.resume_from is not None:
         if args.resume_from < 1:
             raise MeshplanError(f"--resume-from must be a saved step >= 1, got {args.resume_from}")
+        if not args.checkpoint_dir:
+            raise MeshplanError("--resume-from needs --checkpoint-dir (the directory holding that step)")
         args.resume = True
-    if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
-        raise MeshplanError("--checkpoint-every and --resume need --checkpoint-dir")
+    for flag, given in (("--checkpoint-every", args.checkpoint_every), ("--async-checkpoint", args.async_checkpoint)):
+        if given and not args.checkpoint_dir:
+            raise MeshplanError(f"{flag} needs --checkpoint-dir")
+    if args.wandb_mode and not args.wandb:
+        raise MeshplanError("--wandb-mode needs --wandb")
+    if args.wandb is not None and not args.wandb.strip():
+        raise MeshplanError("--wandb PROJECT must not be empty")
 
 
 def validate(argv=None):
@@ -91,7 +126,7 @@ def validate(argv=None):
         from runtime.data import MemmapSource
         MemmapSource(args.data, spec.config.vocab, plan.seq, config.seed)
     _check_outputs(args)
-    args.resume_point = _resume_point(args, config, spec) if args.checkpoint_dir else (None, None, [])
+    args.resume_point = _resume_point(args, config, spec, plan) if args.checkpoint_dir else (None, None, [])
     return args, config, plan, spec
 
 
@@ -114,19 +149,30 @@ def _check_outputs(args):
         if importlib.util.find_spec("tensorboard") is None:
             raise MeshplanError("--tensorboard needs the tensorboard package: pip install 'meshplan[tensorboard]'")
         outputs.check_directory(args.tensorboard, "--tensorboard")
+    if args.wandb:
+        from runtime.wandb_log import check_available
+        check_available()
 
 
-def _resume_point(args, config: TrainingConfig, spec):
+def _resume_point(args, config: TrainingConfig, spec, plan: Plan):
     """With --resume / --resume-from: (checkpoint, expected shapes, notes). Refuses a
     checkpoint that is damaged or holds another model (checkpointing.verify) or was saved
-    with other training settings (TrainingConfig.check_resume)."""
+    with other training settings (TrainingConfig.check_resume), or for another model
+    config or plan (checkpointing.check_job)."""
     from runtime import checkpointing
     where = checkpointing.resume_target(args.checkpoint_dir, args.resume_from) if args.resume else None
     if where is None:
         return None, None, []
     expected = checkpointing.expected_shapes(spec.build("meta"))
     checkpointing.verify(where, expected)
+    checkpointing.check_job(where, _model_config(spec), plan.to_dict())
     return where, expected, config.check_resume(checkpointing.saved_training(where), where)
+
+
+def _model_config(spec) -> dict | None:
+    """The model's config as a checkpoint records it (None for a factory model)."""
+    from dataclasses import asdict
+    return asdict(spec.config) if spec.config is not None else None
 
 
 def _fault_injection(step: int, rank: int):
@@ -142,47 +188,69 @@ def _fault_injection(step: int, rank: int):
 
 
 def run(argv=None) -> list[dict]:
-    """Train; returns the per-step records (on rank 0; other ranks get them too)."""
+    """Train; returns the per-step records (on rank 0; other ranks get them too). A SIGTERM
+    ends it after a checkpoint with `Preempted` (runtime.preemption)."""
     from runtime import mesh
     from runtime.checkpointing import DirectoryLock
     from runtime.metrics import MetricsSink
+    from runtime.preemption import StopRequest
 
-    args, config, plan, spec = validate(argv)
-    rank, world, _ = mesh.launch_env()
-    if os.environ.get("MESHPLAN_CHECK_ONLY") == "1":
-        mesh.check_world(plan, world)
-        return []
-    lock = DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir and rank == 0 else None
-    if lock:
-        lock.acquire()              # held until this process ends: one job per checkpoint directory
+    stop = StopRequest().install()      # before any work: a SIGTERM during setup stops after the first step
     try:
-        sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet)
-        rt = mesh.setup(plan, args.device)
-        records, completed = [], False
-        try:
-            _train(args, config, plan, spec, rt, sink, records)
-            completed = True
-            return records
-        except MeshplanError as exc:
-            exc.after_setup = True      # may be this rank's alone: it reports it
-            if getattr(exc, "rank0_reports", False) and rt.distributed:
-                if rank == 0:           # every rank has it: rank 0 says it before anyone leaves
-                    _report(exc)
-                torch.distributed.barrier()
-            raise
-        finally:
-            sink.close()
-            mesh.teardown(rt, completed)
-    finally:
+        args, config, plan, spec = validate(argv)
+        rank, world, _ = mesh.launch_env()
+        if os.environ.get("MESHPLAN_CHECK_ONLY") == "1":
+            mesh.check_world(plan, world)
+            return []
+        lock = DirectoryLock(args.checkpoint_dir) if args.checkpoint_dir and rank == 0 else None
         if lock:
-            lock.release()
+            lock.acquire()              # held until this process ends: one job per checkpoint directory
+        try:
+            sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet,
+                               wandb=_wandb(args, plan, spec, config) if rank == 0 else None)
+            rt = mesh.setup(plan, args.device)
+            records, completed, stopped = [], False, None
+            try:
+                stopped = _train(args, config, plan, spec, rt, sink, records, stop)
+                completed = True        # a stop too: every rank stopped after the same step
+            except MeshplanError as exc:
+                exc.after_setup = True      # may be this rank's alone: it reports it
+                if getattr(exc, "rank0_reports", False) and rt.distributed:
+                    if rank == 0:           # every rank has it: rank 0 says it before anyone leaves
+                        _report(exc)
+                    torch.distributed.barrier()
+                raise
+            finally:
+                sink.close()
+                mesh.teardown(rt, completed)
+            if stopped is not None:     # raised here, after teardown: its traceback would hold the model
+                stopped.report(rank)    # before the SIGTERM handler goes: torchrun may signal us again now
+                raise stopped
+            return records
+        finally:
+            if lock:
+                lock.release()
+    finally:
+        stop.restore()
 
 
-def _train(args, config, plan, spec, rt, sink, records):
+def _wandb(args, plan, spec, config):
+    if not args.wandb:
+        return None
+    from runtime.wandb_log import WandbLogger
+    return WandbLogger(args.wandb, args.wandb_mode or "offline", None,
+                       dict(model=spec.name, plan=plan.to_dict(), training=config.to_dict()))
+
+
+def _train(args, config, plan, spec, rt, sink, records, stop):
+    """The training loop; appends each step's record to `records`. Returns None, or the
+    `Preempted` to raise once the process group is down when a SIGTERM stopped the run."""
     from runtime import checkpointing
+    from runtime.cadence import Cadence
     from runtime.data import Loader, make_source
     from runtime.engine import Engine
     from runtime.metrics import flops_per_token, gpu_for_device, peak_flops, peak_memory_bytes
+    from runtime.preemption import Preempted
     engine = Engine(spec, plan, rt, config)
     gpu = args.gpu or gpu_for_device(rt.device)
     peak = peak_flops(gpu, plan.precision, strict=bool(args.gpu))
@@ -196,14 +264,22 @@ def _train(args, config, plan, spec, rt, sink, records):
         loader = Loader(source, plan.global_batch, plan.micro_batch, plan.dp, rt.coords["dp"], rt.device)
         fpt = flops_per_token(spec.config, engine.params_total, plan.seq)
 
-    ckpt = None
+    ckpt = cadence = None
     if args.checkpoint_dir:
+        def saved_line(step, where, save_s, blocked_s):
+            waited = f", training waited {blocked_s:.3g} s" if blocked_s < save_s else ""
+            sink.note(f"saved checkpoint step {step} to {where} in {save_s:.3g} s{waited}")
         ckpt = checkpointing.Checkpointer(args.checkpoint_dir, [engine.parts[v] for v in sorted(engine.parts)],
-                                          engine.optimizers, rt)
+                                          engine.optimizers, rt, asynchronous=args.async_checkpoint,
+                                          report=saved_line)
+        cadence = Cadence(args.checkpoint_every, config.steps, rt.world_size, args.failure_rate_per_gpu_hour)
     start = 0
     if args.resume:
         where, expected, notes = args.resume_point
-        if where is None:
+        if not args.checkpoint_dir:
+            sink.note("--resume without --checkpoint-dir: nothing to resume from, starting from step 0 "
+                      "(and saving no checkpoint)")
+        elif where is None:
             sink.note(f"no checkpoint in {args.checkpoint_dir}: starting from step 0")
         else:
             for note in notes:
@@ -214,31 +290,54 @@ def _train(args, config, plan, spec, rt, sink, records):
             engine.set_schedule_step(start)
             engine.load_scaler_state(state)
             sink.note(f"resumed from {where} (step {start})")
+        sink.drop_after(start)
     sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp} tp {plan.tp} pp {plan.pp} "
               f"zero {plan.zero} {plan.precision} | {plan.grad_accum} micro-batch(es) of {plan.micro_batch} "
               f"x {plan.seq} tokens per dp rank per step | {rt.world_size} process(es) on {rt.device.type}")
-    meta = dict(model=spec.name, plan=plan.to_dict(), world_size=rt.world_size, zero=plan.zero,
-                seed=config.seed, global_batch=plan.global_batch, training=config.to_dict())
+    meta = dict(model=spec.name, model_config=_model_config(spec), plan=plan.to_dict(), world_size=rt.world_size,
+                zero=plan.zero, seed=config.seed, global_batch=plan.global_batch, training=config.to_dict())
 
+    def train_state():
+        return {"step": step, "data_position": loader.position, **engine.scaler_state()}
+
+    stopped = None
     for step in range(start + 1, config.steps + 1):
         t0 = time.perf_counter()
         inputs, targets = loader.next_batch()
         out = engine.step(inputs, targets, plan.micro_batch)
-        mem = torch.tensor([peak_memory_bytes(rt.device)], dtype=torch.float64, device=rt.device)
+        # One all-reduce (MAX) per step: the peak memory, whether any rank got SIGTERM, and
+        # whether rank 0's clock says a --checkpoint-every auto save is due.
+        due = bool(cadence and rt.rank == 0 and cadence.due(step))
+        flags = torch.tensor([peak_memory_bytes(rt.device), stop.requested, due], dtype=torch.float64,
+                             device=rt.device)
         if rt.distributed:
-            torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         dt = time.perf_counter() - t0
         tokens_per_s = plan.global_batch * plan.seq / dt
         rec = dict(step=step, loss=out["loss"], lr=out["lr"], grad_norm=out["grad_norm"],
                    tokens_per_s=tokens_per_s, step_time_s=dt,
                    mfu=fpt * tokens_per_s / (peak * rt.world_size) if peak and fpt else None,
-                   peak_mem_bytes=int(mem.item()), skipped=out["skipped"])
+                   peak_mem_bytes=int(flags[0].item()), skipped=out["skipped"])
         records.append(rec)
         sink.log(rec)
-        if ckpt and ((args.checkpoint_every and step % args.checkpoint_every == 0) or step == config.steps):
-            ckpt.save(step, {"step": step, "data_position": loader.position, **engine.scaler_state()}, meta)
+        if ckpt:
+            ckpt.poll()
+            if flags[2].item() or (cadence.every != "auto" and cadence.due(step)):
+                line = cadence.saved(ckpt.save(step, train_state(), meta))
+                if line:
+                    sink.note(line)
         _fault_injection(step, rt.rank)
-    return records
+        if flags[1].item() and step < config.steps:
+            stopped = step
+            break
+    if ckpt:
+        if stopped is not None and ckpt.last_step != stopped:
+            ckpt.save(stopped, train_state(), meta, asynchronous=False)
+        ckpt.close()
+    if not args.quiet and rt.rank == 0:
+        from runtime.summary import summary_line
+        sink.note(summary_line(records, plan, spec, gpu, rt.world_size, rt.device.type))
+    return None if stopped is None else Preempted(stopped, ckpt.last_saved if ckpt else None, stop.name or "SIGTERM")
 
 
 def _factory_flops_per_token(spec, plan) -> float:
@@ -266,9 +365,9 @@ def _report(exc: MeshplanError):
 
 
 def main(argv=None) -> int:
-    if "TORCHELASTIC_RUN_ID" in os.environ:      # a torchrun worker: end with torchrun's agent
-        from planner.cli.train import die_with_parent
-        die_with_parent()
+    from runtime.preemption import PREEMPTED_EXIT, Preempted
+    from runtime.lifeline import die_with_agent
+    die_with_agent()        # a torchrun worker ends with torchrun's agent (again: run as a library too)
     try:
         run(argv)
         return 0
@@ -279,6 +378,8 @@ def main(argv=None) -> int:
         if rank0 or (getattr(exc, "after_setup", False) and not getattr(exc, "rank0_reports", False)):
             _report(exc)
         return 2
+    except Preempted:                   # run() has reported it
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("meshplan: interrupted", file=sys.stderr)
         return 130

@@ -167,3 +167,61 @@ def mesh_coords(rank, plan_paths, out_dir):
     for i, path in enumerate(plan_paths):
         rt = mesh.setup(Plan.load(path), "cpu")
         Path(out_dir, f"coords-{i}-{rank}.json").write_text(json.dumps(rt.coords))
+
+
+def processes_with(marker: str) -> dict[int, str]:
+    """{pid: command line} of this machine's live processes whose command line holds
+    `marker` (psutil when installed, else /proc); a zombie has ended and is left out."""
+    found = {}
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if marker in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = cmd
+        return found
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in cmd and state != "Z":
+                found[int(entry.name)] = cmd
+    return found
+
+
+def rank_of(pid: int) -> str | None:
+    """The RANK in a process's environment (a torchrun worker's), or None."""
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+def wait_for_lines(job, path: Path, count: int, timeout_s: float = 240):
+    """Wait until background job `job` (a Popen) wrote `count` lines to `path`; fails with
+    its stderr if it ended or the time ran out first."""
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and path.read_text().count("\n") >= count):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+
+
+def left_running(marker: str, timeout_s: float = 15) -> dict[int, str]:
+    """processes_with(marker) once it is empty, or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return processes_with(marker)
+
+
+def end_job(job, marker: str):
+    """After a test of background job `job`: SIGKILL whatever is left of it, reap it."""
+    for pid in processes_with(marker):
+        os.kill(pid, 9)
+    if job.poll() is None:
+        job.kill()
+    job.communicate()

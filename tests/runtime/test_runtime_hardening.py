@@ -15,13 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from runtime.train import main
-from runtime_helpers import read_jsonl, write_plan
+from runtime_helpers import (end_job, left_running, processes_with, rank_of, read_jsonl, wait_for_lines,
+                             write_plan)
 
 pytestmark = [pytest.mark.runtime, pytest.mark.distributed,
               pytest.mark.skipif(sys.platform != "linux", reason="torchrun, /proc, prctl and flock: Linux")]
@@ -191,26 +191,6 @@ def test_unwritable_outputs_are_refused_before_any_work(saved, tmp_path, capsys,
     assert blocker.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def _pids(marker: str) -> dict[int, str]:
-    """{pid: cmdline} of this machine's processes whose command line holds `marker`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if marker in cmd and state != "Z":          # a zombie has ended; only its parent may reap it
-                found[int(entry.name)] = cmd
-    return found
-
-
-def _rank(pid: int) -> str | None:
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
-
-
 def test_killed_launcher_takes_its_ranks_and_the_directory_lock_with_it(saved, tmp_path):
     """A job holds its checkpoint directory (a second job is refused, naming rank 0's pid);
     SIGKILL to the launcher alone (the process-group leader) ends torchrun and both ranks."""
@@ -218,11 +198,8 @@ def test_killed_launcher_takes_its_ranks_and_the_directory_lock_with_it(saved, t
     job = _launch("--model", "gpt-tiny", "--plan", saved["plan"], "--steps", 100000, "--device", "cpu",
                   "--checkpoint-dir", ck, "--checkpoint-every", 1000, "--log-json", log, "--quiet", background=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (log.exists() and log.read_text().count("\n") >= 1):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-            time.sleep(0.5)
-        ranks = {pid: _rank(pid) for pid, cmd in _pids(str(ck)).items()
+        wait_for_lines(job, log, 1)
+        ranks = {pid: rank_of(pid) for pid, cmd in processes_with(str(ck)).items()
                  if "runtime.train" in cmd and "torch.distributed.run" not in cmd}
         assert sorted(ranks.values()) == ["0", "1"], ranks
         holder = next(pid for pid, rank in ranks.items() if rank == "0")
@@ -233,16 +210,9 @@ def test_killed_launcher_takes_its_ranks_and_the_directory_lock_with_it(saved, t
 
         os.kill(job.pid, signal.SIGKILL)                 # the launcher only, not its group
         job.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while _pids(str(ck)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _pids(str(ck)) == {}, _pids(str(ck))     # torchrun and both ranks are gone
+        assert left_running(str(ck)) == {}              # torchrun and both ranks are gone
     finally:
-        for pid in _pids(str(ck)):
-            os.kill(pid, signal.SIGKILL)
-        if job.poll() is None:
-            job.kill()
-        job.communicate()
+        end_job(job, str(ck))
     from runtime.checkpointing import DirectoryLock
     lock = DirectoryLock(str(ck))
     lock.acquire()                                      # the dead job's lock went with it
