@@ -156,19 +156,23 @@ def get_gpu(name: str) -> GPUSpec:
 def custom_gpu(fields: dict) -> GPUSpec:
     """A hypothetical GPU from a cluster file: either all fields, or `base` plus overrides.
 
-    Keys use human units: `memory_GB`, `memory_bw_GBps`, `nvlink_bidir_GBps`,
-    `bf16_tflops` (and fp32/tf32/fp16/fp8), `tdp_w`, `price_usd_per_hour`.
+    Keys use human units: `memory_GiB` (meshplan's memory unit) or `memory_GB` (decimal, as
+    datasheets print), `memory_bw_GBps`, `nvlink_bidir_GBps`, `bf16_tflops` (and
+    fp32/tf32/fp16/fp8), `tdp_w`, `price_usd_per_hour`.
     """
-    known = {"name", "base", "memory_GB", "memory_bw_GBps", "nvlink_bidir_GBps", "tdp_w",
+    known = {"name", "base", "memory_GB", "memory_GiB", "memory_bw_GBps", "nvlink_bidir_GBps", "tdp_w",
              "price_usd_per_hour", "host_link_GBps", "scaleout_Gbps",
              *(f"{p}_tflops" for p in PRECISIONS)}
     unknown = sorted(map(str, set(fields) - known))
     if unknown:
         raise MeshplanError(f"custom GPU: unknown key(s) {unknown}; allowed: {sorted(known)}")
     base = get_gpu(fields["base"]) if "base" in fields else None
-    if base is None and not {"name", "memory_GB", "memory_bw_GBps", "bf16_tflops"} <= set(fields):
+    if "memory_GB" in fields and "memory_GiB" in fields:
+        raise MeshplanError("custom GPU: give memory_GiB or memory_GB, not both")
+    memory_key = "memory_GiB" if "memory_GiB" in fields else "memory_GB"
+    if base is None and not {"name", memory_key, "memory_bw_GBps", "bf16_tflops"} <= set(fields):
         raise MeshplanError("custom GPU needs `base: <catalogue GPU>` or at least "
-                            "name, memory_GB, memory_bw_GBps and bf16_tflops")
+                            "name, memory_GiB (or memory_GB), memory_bw_GBps and bf16_tflops")
 
     def pick(key, scale, default):
         """A figure in human units (at most 10^9 of them): rates and sizes > 0; the NVLink
@@ -189,7 +193,8 @@ def custom_gpu(fields: dict) -> GPUSpec:
         display_name=str(fields.get("name", f"custom {base.display_name}" if base else "custom")),
         vendor=base.vendor if base else "custom",
         peak_flops=flops,
-        memory_bytes=int(pick("memory_GB", GB, base.memory_bytes if base else 0)),
+        memory_bytes=int(pick(memory_key, GIB if memory_key == "memory_GiB" else GB,
+                              base.memory_bytes if base else 0)),
         memory_bw_bytes_per_s=pick("memory_bw_GBps", GB, base.memory_bw_bytes_per_s if base else 0),
         nvlink_bw_bytes_per_s=pick("nvlink_bidir_GBps", GB / 2, base.nvlink_bw_bytes_per_s if base else 0.0),
         host_link_bw_bytes_per_s=pick("host_link_GBps", GB, base.host_link_bw_bytes_per_s if base else 32 * GB),

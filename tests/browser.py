@@ -40,11 +40,12 @@ class Browser:
             os.dup2(a, 3)
             os.dup2(b, 4)
 
-        args = [executable, "--headless", "--remote-debugging-pipe", "--disable-gpu", "--no-first-run",
-                "--no-default-browser-check", "--disable-extensions", "--hide-scrollbars",
-                f"--user-data-dir={self._dir}", f"--window-size={width},{height}", "about:blank"]
-        if os.geteuid() == 0:
-            args.insert(1, "--no-sandbox")   # chromium refuses to run its sandbox as root (CI runs as root)
+        # --no-sandbox: chromium refuses its sandbox as root (CI runs as root) and containers often lack
+        # the user namespaces it needs; the pages are our own local files. --disable-dev-shm-usage: a
+        # container's small /dev/shm would crash a tab drawing thousands of rects.
+        args = [executable, "--headless", "--no-sandbox", "--disable-dev-shm-usage", "--remote-debugging-pipe",
+                "--disable-gpu", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                "--hide-scrollbars", f"--user-data-dir={self._dir}", f"--window-size={width},{height}", "about:blank"]
         self.proc = subprocess.Popen(args, preexec_fn=wire_fds, close_fds=False, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(to_child_r)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
 
 from cost_models import GPUS, SYSTEMS, parse_cluster
 from cost_models.units import GB, GIB, TERA
@@ -60,7 +59,7 @@ def _describe(args) -> int:
                           "config": spec.config.to_dict() if spec.config else None,
                           "cluster": cluster.to_dict()}))
         return 0
-    console = Console()
+    console = console_for()
     console.print(f"[bold]{spec.name}[/bold]: {params:,} parameters ({parameter_count(params)})")
     if spec.config:
         c = spec.config

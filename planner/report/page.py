@@ -82,9 +82,13 @@ SCRIPT = """
     var labels = row >= 14;
     data.events.forEach(function (e) {
       var kind = data.kinds[e[1]], x0 = x(e[4]), w = Math.max(x(e[5]) - x0, 0.5);
-      var rect = el("rect", {x: x0, y: e[0] * row + 2, width: w, height: row - 4, fill: COLORS[kind],
-                             stroke: "white", "stroke-width": w > 3 ? 0.5 : 0, "class": "ev"}, svg);
-      tip(rect, (e[2] < 0 ? NAMES[kind] + " (binned)" : NAMES[kind] + " micro-batch " + e[2] +
+      // a binned row (e[6]: share of the bin, e[7]: share stacked below it) is a band of the row
+      var share = e.length > 6 ? e[6] : 1, below = e.length > 6 ? e[7] : 0;
+      var rect = el("rect", {x: x0, y: e[0] * row + 2 + (row - 4) * (1 - below - share), width: w,
+                             height: (row - 4) * share, fill: COLORS[kind],
+                             stroke: "white", "stroke-width": w > 3 && share === 1 ? 0.5 : 0, "class": "ev"}, svg);
+      tip(rect, (e[2] < 0 ? NAMES[kind] + " " + Math.round(100 * share) + "% of the time" : NAMES[kind] +
+                 " micro-batch " + e[2] +
                  (data.chunks > 1 ? " chunk " + e[3] : "")) + ", stage " + e[0] + ", " + fmt(e[4]) +
                  " to " + fmt(e[5]));
       if (labels && e[2] >= 0 && w >= 7 * String(e[2]).length + 4) {

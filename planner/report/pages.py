@@ -62,9 +62,9 @@ def timeline_section(result) -> str:
     data["start_zoom"] = 1 if micro_batches <= 16 or data["binned"] else readable
     names = "".join(f'<div style="height:{_row_px(data["ranks"])}px;line-height:{_row_px(data["ranks"])}px">'
                     f"stage {r}</div>" for r in range(data["ranks"]))
-    note = (f'<p class="note">{data["event_count"]:,} events, drawn from {len(data["events"]):,} time bins '
-            f"(the kind that fills most of each); simulate fewer micro-batches to see each one.</p>"
-            if data["binned"] else "")
+    note = (f'<p class="note">{data["event_count"]:,} events: each stage\'s row is cut into time bins, '
+            f"each filled by the share of it forward, backward and sends take; simulate fewer micro-batches "
+            f"to see each one.</p>" if data["binned"] else "")
     colors = [("forward", "#4C72B0"), ("backward (+ recompute)", "#DD8452"), ("blocking send", "#8172B3"),
               ("exposed data-parallel communication", "#55A868"), ("optimizer step", "#CCB974"),
               ("idle (bubble)", "#E4E4E4")]

@@ -6,7 +6,7 @@ import json
 
 KINDS = ("F", "B", "send")
 # Past this many events the page would hold a rect each (tens of MB of DOM): the timeline is
-# drawn from per-rank time bins instead, each showing the kind that fills most of it.
+# drawn from per-rank time bins instead, each split by the share of it each kind fills.
 MAX_EVENTS = 40_000
 BINS_PER_RANK = 2_000
 
@@ -17,7 +17,8 @@ def _num(x: float) -> float:
 
 def timeline_data(result) -> dict:
     """{"step_s", "ranks", "kinds", "events": [[rank, kind, mb, chunk, start_s, end_s]...],
-    "tails": [[last backward end s, exposed DP comm s, optimizer s] per rank], "binned"}."""
+    "tails": [[last backward end s, exposed DP comm s, optimizer s] per rank], "binned"}; a
+    binned row is [rank, kind, -1, 0, start_s, end_s, share of the time, share below it]."""
     timeline = result.timeline
     events = [e for e in timeline.events if e.kind in KINDS]
     binned = len(events) > MAX_EVENTS
@@ -30,8 +31,8 @@ def timeline_data(result) -> dict:
 
 
 def _binned(events, ranks: int, step_s: float) -> list[list]:
-    """Each rank's step cut into BINS_PER_RANK bins; a bin takes the kind that covers most
-    of it (idle when nothing covers half), and runs of equal bins merge into one row."""
+    """Each rank's step cut into BINS_PER_RANK bins, each split by the share of it every kind
+    fills (to a tenth, drawn as stacked heights); runs of bins with equal shares merge."""
     width = step_s / BINS_PER_RANK
     cover = [[[0.0] * len(KINDS) for _ in range(BINS_PER_RANK)] for _ in range(ranks)]
     for e in events:
@@ -43,16 +44,16 @@ def _binned(events, ranks: int, step_s: float) -> list[list]:
                 cover[e.rank][b][k] += overlap
     rows = []
     for rank in range(ranks):
-        run_kind, run_start = None, 0
+        run_shares, run_start = None, 0
         for b in range(BINS_PER_RANK + 1):
-            kind = None
-            if b < BINS_PER_RANK:
-                best = max(range(len(KINDS)), key=cover[rank][b].__getitem__)
-                kind = best if cover[rank][b][best] >= width / 2 else None
-            if kind != run_kind:
-                if run_kind is not None:
-                    rows.append([rank, run_kind, -1, 0, _num(run_start * width), _num(b * width)])
-                run_kind, run_start = kind, b
+            shares = tuple(round(10 * c / width) / 10 for c in cover[rank][b]) if b < BINS_PER_RANK else None
+            if shares != run_shares:
+                below = 0.0
+                for kind, share in enumerate(run_shares or ()):
+                    if share > 0:
+                        rows.append([rank, kind, -1, 0, _num(run_start * width), _num(b * width), share, _num(below)])
+                        below += share
+                run_shares, run_start = shares, b
     return rows
 
 

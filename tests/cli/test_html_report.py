@@ -124,3 +124,28 @@ def test_a_page_with_a_script_error_is_caught(browser, tmp_path):
     page = open_page(browser, path)
     assert any("boom" in e for e in page.errors) and any("undefined_function" in e for e in page.errors)
     assert "https://example.invalid/a.png" in page.requests
+
+
+def test_a_65536_event_timeline_is_binned_and_still_adds_up(browser, tmp_path):
+    """4096 micro-batches over 8 stages: too many rects for a page, so each stage's row is cut
+    into time bins filled by the share forward and backward take - and those shares still
+    add up to each stage's busy time."""
+    from planner import Plan, simulate
+    from planner.report import simulate_report, write_report
+    from planner.report.timeline import BINS_PER_RANK, timeline_data
+    plan = Plan(dp=1, tp=1, pp=8, micro_batch=1, global_batch=4096, seq=256)
+    result = simulate(plan, "gpt2-124m", "a100-sxm-80gb:1x8")
+    data = timeline_data(result)
+    assert data["binned"] and data["event_count"] == 2 * 4096 * 8
+    assert len(data["events"]) <= 8 * BINS_PER_RANK * 3
+    bin_s = result.step_time_s / BINS_PER_RANK
+    for rank in range(8):
+        binned_busy = sum(e[6] * (e[5] - e[4]) for e in data["events"] if e[0] == rank)
+        # each bin's shares are rounded to a tenth: at most half a tenth of the step off
+        assert binned_busy == pytest.approx(result.timeline.busy_s[rank], abs=0.05 * result.step_time_s + bin_s)
+    path = tmp_path / "binned.html"
+    write_report(str(path), simulate_report(plan, result, "gpt2-124m", "a100-sxm-80gb:1x8", "calibration: test"))
+    page = open_page(browser, path)
+    _loads_cleanly(page, path)
+    assert "65,536 events" in page.text
+    assert page.evaluate("document.querySelectorAll('.tl svg rect.ev').length") == len(data["events"])

@@ -76,3 +76,12 @@ def test_custom_gpu_from_base_and_from_scratch():
         custom_gpu({"base": "h100", "memmory_GB": 1})
     with pytest.raises(MeshplanError, match="positive and finite"):
         custom_gpu({"base": "h100", "memory_GB": -1})
+
+
+def test_custom_gpu_memory_in_gib_or_gb():
+    """GiB is meshplan's memory unit; a datasheet's decimal GB is taken when spelled memory_GB."""
+    assert custom_gpu({"base": "h100", "memory_GiB": 96}).memory_bytes == 96 * 2 ** 30
+    assert custom_gpu({"name": "x1", "memory_GiB": 64, "memory_bw_GBps": 2000, "bf16_tflops": 500}).memory_bytes \
+        == 64 * 2 ** 30
+    with pytest.raises(MeshplanError, match="not both"):
+        custom_gpu({"base": "h100", "memory_GiB": 96, "memory_GB": 96})

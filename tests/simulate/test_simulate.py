@@ -90,7 +90,10 @@ def test_cli_simulate_json_and_trace(cli, tmp_path):
     assert set(out["memory"]["breakdown"]) == {"params_bytes", "grads_bytes", "optimizer_bytes",
                                                "activations_bytes", "transient_bytes"}
     events = json.loads(trace.read_text())["traceEvents"]
-    assert {e["tid"] for e in events} == {0, 1}
+    # per pipeline stage a compute track (forward, backward, optimizer) and a communication track
+    assert {e["tid"] for e in events if e["ph"] == "X" and e["cat"] in ("F", "B", "optimizer")} == {0, 2}
+    assert {e["args"]["name"] for e in events if e["name"] == "thread_name"} == {
+        "stage 0: compute", "stage 0: communication", "stage 1: compute", "stage 1: communication"}
     again = cli("simulate", "--model", "gpt3-125m", "--cluster", "a100-sxm-80gb:1x8", "--seq", "512",
                 "--global-batch", "16", "--dp", "4", "--pp", "2", "--trace", trace)
     assert_user_error(again, "already exists")
