@@ -60,7 +60,7 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint-dir", help="directory for torch.distributed.checkpoint saves")
     p.add_argument("--checkpoint-every", default="0", metavar="K|auto",
                    help="save every K steps (and at the end; 0: only at the end), or 'auto': the Young/Daly "
-                        "interval from the first save's measured time and --failure-rate-per-gpu-hour")
+                        "interval from the first save's measured time and --failure-rate-per-gpu-hour; default 0")
     p.add_argument("--failure-rate-per-gpu-hour", type=float, metavar="RATE",
                    help="failures per GPU per hour for --checkpoint-every auto (default 1.97e-5: Llama 3's "
                         "419 interruptions in 54 days on 16,384 H100s)")
