@@ -51,6 +51,7 @@ from planner.search.tp_ilp import layouts_for
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare_unchecked, trace_cached
 from planner.simulate.costing import top_level_layout
 from planner.simulate.schedule import in_flight_counts
+from planner.torch_compat import traces_attention_core
 from planner.zoo import load_model
 
 # Safety margin the planner keeps below simulate()'s capacity: the H100 memory MAPE is
@@ -246,6 +247,11 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         self._sims[(plan.micro_batch, plan.precision)] = True
         return sim
 
+    def recompute_modes(self) -> tuple:
+        """The engine's recompute modes this torch can trace (the attention core needs
+        torch.fx.traceback.annotate: planner.torch_compat.traces_attention_core)."""
+        return tuple(m for m in self.engine.recompute if m != "attention" or traces_attention_core())
+
     def execution(self, plan: Plan):
         """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
         return self.engine.execution_for(self.engine_options, plan.zero)
@@ -302,7 +308,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         plan = cand.plan
         sim = self.simulation(plan)
         costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave),
-                           self.engine.recompute)
+                           self.recompute_modes())
         pinned = self.pinned.get("checkpoint")
         budgets = cand.budgets or [self.budget_bytes / ALLOCATOR_RESERVED_RATIO] * plan.pp
         cand.budgets = budgets
