@@ -35,6 +35,19 @@ def _sharded(model: str, sp: bool = False):
     return cfg, part
 
 
+def assert_matches_unsplit(loss, sharded, reference, x, y) -> None:
+    """The tensor-parallel model's loss (backward already run) and every parameter's
+    gradient equal the unsplit `reference` model's on the same batch."""
+    expected = reference(x, y)
+    expected.backward()
+    torch.testing.assert_close(loss.to_local(), expected, rtol=1e-6, atol=1e-6)
+    sharded_params = dict(sharded.named_parameters())
+    for name, p in reference.named_parameters():
+        got = sharded_params[name].grad
+        got = got.full_tensor() if isinstance(got, DTensor) else got
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+
+
 def _check_rank(rank: int, out_dir: str):
     from torch.distributed.tensor.parallel import loss_parallel
     cfg, sharded = _sharded("gpt-tiny")
@@ -49,14 +62,7 @@ def _check_rank(rank: int, out_dir: str):
     with loss_parallel():
         loss = sharded(x, y)
         loss.to_local().backward()
-    expected = reference(x, y)
-    expected.backward()
-    torch.testing.assert_close(loss.to_local(), expected, rtol=1e-6, atol=1e-6)
-    sharded_params = dict(sharded.named_parameters())
-    for name, p in reference.named_parameters():
-        got = sharded_params[name].grad
-        got = got.full_tensor() if isinstance(got, DTensor) else got
-        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+    assert_matches_unsplit(loss, sharded, reference, x, y)
     (Path(out_dir) / f"ok-{rank}").touch()   # the parent sees every rank get here
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from fixtures.hf_configs import SMALL, write_config
 from planner.zoo import load_model
@@ -21,7 +20,7 @@ pytestmark = [pytest.mark.runtime, pytest.mark.distributed]
 def _rank(rank: int, out_dir: str, model: str, sp: bool):
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import loss_parallel
-    from parity.test_tp_collectives import _sharded
+    from parity.test_tp_collectives import _sharded, assert_matches_unsplit
     cfg, sharded = _sharded(model, sp)
     reference = load_model(model).build("cpu").init_weights(0)
     torch.manual_seed(1)
@@ -29,14 +28,7 @@ def _rank(rank: int, out_dir: str, model: str, sp: bool):
     with CommDebugMode() as comms, loss_parallel():
         loss = sharded(x, y)
         loss.to_local().backward()
-    expected = reference(x, y)
-    expected.backward()
-    torch.testing.assert_close(loss.to_local(), expected, rtol=1e-6, atol=1e-6)
-    split = dict(sharded.named_parameters())
-    for name, p in reference.named_parameters():
-        got = split[name].grad
-        got = got.full_tensor() if isinstance(got, DTensor) else got
-        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+    assert_matches_unsplit(loss, sharded, reference, x, y)
     counts = {str(op).rsplit(".", 1)[-1]: n for op, n in comms.get_comm_counts().items()}
     if rank == 0:
         (Path(out_dir) / "counts.json").write_text(json.dumps(counts))
