@@ -32,6 +32,7 @@ MAX_MICRO_BATCHES = 4096
 MAX_LAYERS = 2048
 MAX_HIDDEN = 1 << 20
 MAX_FFN = 1 << 22
+MAX_EXPERTS = 1 << 12   # routed experts of one MoE block (DeepSeek-V3 has 256)
 MAX_VOCAB = 1 << 24
 # Files: a config or plan is a few KB; a larger one (or one that expands to more values
 # through YAML aliases, or nests deeper) is not one.

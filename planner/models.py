@@ -27,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cost_models.errors import MeshplanError
-from cost_models.inputs import (MAX_FFN, MAX_HIDDEN, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, finite_number, shown,
-                                whole_number)
+from cost_models.inputs import (MAX_EXPERTS, MAX_FFN, MAX_HIDDEN, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, finite_number,
+                                shown, whole_number)
 from planner.arch import arch_names, get_arch
 from planner.arch.layers import ACTIVATIONS, ATTENTION_KINDS, dropped
+from planner.arch.moe import ROUTERS
 
 
 @dataclass
@@ -59,6 +60,17 @@ class ModelConfig:
     rotary_fraction: float = 1.0      # share of head_dim that rotary embeddings rotate (Phi's partial rotary)
     attention_softcap: float | None = None   # scores -> c * tanh(scores / c) (Gemma 2; unfused attention only)
     logit_softcap: float | None = None       # logits -> c * tanh(logits / c) (Gemma 2)
+    # Mixture-of-Experts (arch "moe", planner/arch/moe.py); a dense family leaves them unset
+    experts: int = 0                  # routed experts per MoE block
+    top_k: int | None = None          # experts each token is routed to
+    expert_ffn: int | None = None     # one routed expert's SwiGLU width; default: ffn
+    shared_experts: int = 0           # always-on experts every token also goes through
+    shared_expert_ffn: int | None = None   # one shared expert's width; default: expert_ffn
+    dense_layers: int = 0             # leading blocks with a dense MLP instead (DeepSeek's first_k_dense_replace)
+    dense_ffn: int | None = None      # their MLP width; default: ffn
+    router: str = "softmax"           # expert scores: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    router_normalize: bool = True     # the k chosen weights renormalised to sum to 1
+    capacity_factor: float | None = None   # None: dropless; else each expert keeps cf * its balanced share
     name: str = "custom"
 
     def __post_init__(self):
@@ -115,6 +127,7 @@ class ModelConfig:
         if self.attention_softcap is not None and self.attention != "unfused":
             raise MeshplanError("model attention_softcap needs attention 'unfused': "
                                 "SDPA kernels cannot softcap scores")
+        self._check_experts(family)
         finite_number(self.rotary_fraction, "model rotary_fraction", low=0, low_open=True, high=1)
         if family.learned_positions and self.rotary_fraction != 1:
             raise MeshplanError(f"{self.arch} models have learned positions, no rotary embeddings: "
@@ -122,6 +135,35 @@ class ModelConfig:
         if family.even_head_dim and (self.rotary_dims < 2 or self.rotary_dims % 2):
             raise MeshplanError(f"{self.arch} rotary embeddings rotate {self.rotary_dims} of head size {self.head_dim} "
                                 f"(rotary_fraction {self.rotary_fraction}): that must be even and at least 2")
+
+    def _check_experts(self, family):
+        given = [k for k in _MOE_KEYS if getattr(self, k) != _MOE_DEFAULTS[k]]
+        if not family.layered:
+            if given:
+                raise MeshplanError(f"{self.arch} models have no experts: drop {', '.join(given)} or use arch moe")
+            return
+        whole_number(self.experts, "model experts", low=1, high=MAX_EXPERTS)
+        if self.top_k is None:
+            raise MeshplanError("a moe model needs top_k, the experts each token is routed to")
+        whole_number(self.top_k, "model top_k", low=1, high=self.experts)
+        for key, default in (("expert_ffn", self.ffn), ("dense_ffn", self.ffn)):
+            setattr(self, key, default if getattr(self, key) is None else getattr(self, key))
+            _positive_int(key, getattr(self, key), "ffn")
+        whole_number(self.shared_experts, "model shared_experts", low=0, high=MAX_EXPERTS)
+        if self.shared_expert_ffn is None:
+            self.shared_expert_ffn = self.expert_ffn
+        _positive_int("shared_expert_ffn", self.shared_expert_ffn, "ffn")
+        whole_number(self.dense_layers, "model dense_layers", low=0, high=self.layers)
+        if not isinstance(self.router, str) or self.router not in ROUTERS:
+            raise MeshplanError(f"model router {shown(self.router)} is unknown; use one of {', '.join(ROUTERS)}")
+        if not isinstance(self.router_normalize, bool):
+            raise MeshplanError(f"model router_normalize must be true or false, got {shown(self.router_normalize)}")
+        if self.capacity_factor is not None:
+            finite_number(self.capacity_factor, "model capacity_factor", low=0, low_open=True, high=MAX_EXPERTS)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
 
     @property
     def rotary_dims(self) -> int:
@@ -131,7 +173,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         """The fields, less the derived ones (_DERIVED) the config did not give."""
-        return {k: v for k, v in asdict(self).items() if k not in _DERIVED or k in self._given}
+        moe = self.is_moe
+        return {k: v for k, v in asdict(self).items()
+                if (k not in _DERIVED or k in self._given) and (moe or k not in _MOE_KEYS)}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
@@ -149,15 +193,21 @@ class ModelConfig:
 
 # Fields whose None means "derived from the others": to_dict leaves them out unless given,
 # so `{**cfg.to_dict(), "dropout": 0.1}` moves the attention dropout along with it.
-_DERIVED = ("attention_dropout", "embedding_dropout", "head_dim", "activation", "qkv_bias", "out_bias", "mlp_bias")
+_DERIVED = ("attention_dropout", "embedding_dropout", "head_dim", "activation", "qkv_bias", "out_bias", "mlp_bias",
+            "expert_ffn", "shared_expert_ffn", "dense_ffn")
+# The Mixture-of-Experts fields and their unset values (a dense model's to_dict leaves them out).
+_MOE_DEFAULTS = {"experts": 0, "top_k": None, "expert_ffn": None, "shared_experts": 0, "shared_expert_ffn": None,
+                 "dense_layers": 0, "dense_ffn": None, "router": "softmax", "router_normalize": True,
+                 "capacity_factor": None}
+_MOE_KEYS = tuple(_MOE_DEFAULTS)
 # The most each size may be (cost_models.inputs): beyond them the tracer and the search would
 # work for hours, or torch's storage size overflows.
 _MAX = {"layers": MAX_LAYERS, "hidden": MAX_HIDDEN, "heads": MAX_HIDDEN, "kv_heads": MAX_HIDDEN, "head_dim": MAX_HIDDEN,
         "ffn": MAX_FFN, "vocab": MAX_VOCAB, "max_seq": MAX_SEQ}
 
 
-def _positive_int(key, value):
-    whole_number(value, f"model {key}", high=_MAX[key])
+def _positive_int(key, value, bound: str | None = None):
+    whole_number(value, f"model {key}", high=_MAX[bound or key])
 
 
 class Decoder(nn.Module):
@@ -173,7 +223,8 @@ class Decoder(nn.Module):
         family = get_arch(cfg.arch)
         self.tok = nn.Embedding(cfg.vocab, cfg.hidden, device=device)
         self.pos = nn.Embedding(cfg.max_seq, cfg.hidden, device=device) if family.learned_positions else None
-        self.blocks = nn.ModuleDict({str(i): family.block(cfg, device) for i in range(cfg.layers)})
+        self.blocks = nn.ModuleDict({str(i): family.block(cfg, device, **({"layer": i} if family.layered else {}))
+                                     for i in range(cfg.layers)})
         self.norm = family.final_norm(cfg.hidden, eps=cfg.norm_eps, device=device)
         self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=cfg.head_bias, device=device)
         self.embedding_scale = math.sqrt(cfg.hidden) if family.scales_embedding else None

@@ -36,6 +36,9 @@ _PRESETS = [
     # A model small enough to train for real on CPU ranks in tests and demos.
     _gpt("gpt-tiny", 4, 64, 4, vocab=256, max_seq=128),
     _llama("llama-tiny", 4, 64, 4, 2, 192, 256, 128, 10000.0),
+    # ... and a Mixture-of-Experts one: a dense first block, then 4 routed experts (top 2) and a shared one.
+    ModelConfig("moe", 4, 64, 4, 256, kv_heads=2, ffn=192, max_seq=128, experts=4, top_k=2, expert_ffn=64,
+                shared_experts=1, dense_layers=1, name="moe-tiny"),
     _gpt("gpt2-124m", 12, 768, 12, vocab=50257, max_seq=1024),
     _gpt("gpt2-350m", 24, 1024, 16, vocab=50257, max_seq=1024),
     _gpt("gpt2-774m", 36, 1280, 20, vocab=50257, max_seq=1024),

@@ -67,6 +67,9 @@ class Architecture:
     """The default of ModelConfig.qkv_bias, out_bias and mlp_bias."""
     scales_embedding: bool = False
     """The token embedding is multiplied by sqrt(hidden) before the first block (Gemma)."""
+    layered: bool = False
+    """Blocks differ by depth: the Decoder builds each as `block(config, device, layer=i)`
+    (the MoE family's leading dense blocks, planner/arch/moe.py)."""
     head_norms: dict = field(default_factory=dict)
     """{block norm: the input projection whose heads it normalises} (Qwen3's q_norm and
     k_norm): a norm over head_dim inside a region, which tensor parallelism runs on the
