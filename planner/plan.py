@@ -50,12 +50,12 @@ CASTS = ("autocast", "params")
 TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
-PINNABLE = ("dp", "tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
+PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
             "sequence_parallel", "offload_optimizer", "precision")
 
 
 # The most each whole-number field may be (cost_models.inputs: what can exist).
-_NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "micro_batch": MAX_GLOBAL_BATCH,
+_NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "ep": MAX_GPUS, "micro_batch": MAX_GLOBAL_BATCH,
                   "global_batch": MAX_GLOBAL_BATCH, "seq": MAX_SEQ, "interleave": MAX_LAYERS}
 
 
@@ -84,6 +84,7 @@ class Plan:
     rank_order: list = field(default_factory=lambda: list(MESH_DIMS))
     engine: str = DEFAULT_ENGINE      # the training engine that runs the plan (planner.engines)
     engine_options: dict = field(default_factory=dict)   # its options that change cost (non-defaults)
+    ep: int = 1          # expert parallelism (MoE): each group of ep data-parallel ranks splits the experts
     model: str | None = None      # what the plan was made for (informational defaults for the CLI)
     cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -109,6 +110,7 @@ class Plan:
         self._check_pipeline()
         self._check_tensor_parallel()
         self._check_memory_options()
+        self._check_expert_parallel()
 
     # -- derived quantities -------------------------------------------------
     @property
@@ -222,6 +224,18 @@ class Plan:
     def _check_memory_options(self):
         if self.offload_optimizer and self.zero < 2:
             raise MeshplanError("offload_optimizer runs through FSDP2's CPUOffloadPolicy: set zero to 2 or 3")
+
+    def _check_expert_parallel(self):
+        """Expert parallelism folds into data parallelism, as Megatron-Core's parallel folding
+        and torchtitan fold it (megatron/core/parallel_state.py expert groups; torchtitan
+        distributed/parallel_dims.py, ep borrowed from dp_shard x cp): the experts are split
+        over groups of ep consecutive data-parallel ranks, each group a full copy."""
+        if self.dp % self.ep:
+            raise MeshplanError(f"ep {self.ep} must divide dp {self.dp} (expert parallelism splits the "
+                                f"data-parallel ranks): change ep or dp")
+        if self.ep > 1 and self.tp > 1:
+            raise MeshplanError("ep > 1 with tp > 1 is not supported yet (experts would need expert tensor "
+                                "parallelism): use tp 1 or ep 1")
 
     # -- against a model and a cluster -------------------------------------
     def check_fits(self, num_layers: int | None = None, world_size: int | None = None,
