@@ -87,8 +87,10 @@ class MetricsSink:
     runtime.wandb_log.WandbLogger); other ranks write nothing."""
 
     def __init__(self, rank: int, steps: int, log_json: str | None, tensorboard: str | None, resume: bool,
-                 quiet: bool = False, wandb=None):
+                 quiet: bool = False, replace: bool = False, wandb=None):
         self.active = rank == 0
+        self.mode = "w" if replace else "a"   # --force: an existing --log-json file is replaced
+        self.records = 0
         self.steps, self.quiet = steps, quiet
         self.wandb = wandb if self.active else None
         self.jsonl = self.writer = self.jsonl_path = None
@@ -110,9 +112,10 @@ class MetricsSink:
         if not self.quiet:
             print(progress_line(rec, self.steps), flush=True)
         if self.jsonl_path and self.jsonl is None:
-            self.jsonl = open(self.jsonl_path, "a", buffering=1)
+            self.jsonl = open(self.jsonl_path, self.mode, buffering=1)
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
+            self.records += 1
         if self.writer:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "step_time_s"):
                 if rec.get(key) is not None:
@@ -149,9 +152,13 @@ class MetricsSink:
             print(text, file=sys.stdout, flush=True)
 
     def close(self):
+        """Close every output, and say what was written (one "wrote" line each, as the
+        planner's commands do: planner.cli.outputs.wrote)."""
         if self.jsonl:
             self.jsonl.close()
+            self.note(f"wrote {self.jsonl_path} ({self.records} step record{'s' * (self.records != 1)})")
         if self.writer:
             self.writer.close()
+            self.note(f"wrote {self.writer.log_dir} (TensorBoard scalars)")
         if self.wandb:
             self.wandb.finish()

@@ -70,7 +70,7 @@ def build_parser() -> Parser:
                    help="continue from the latest checkpoint in --checkpoint-dir (none there: start at step 0)")
     p.add_argument("--resume-from", type=int, metavar="STEP",
                    help="continue from the checkpoint of step STEP in --checkpoint-dir (implies --resume)")
-    p.add_argument("--log-json", help="append one JSON line per step to this file")
+    p.add_argument("--log-json", help="write one JSON line per step to this file (with --resume: append)")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this directory")
     p.add_argument("--wandb", nargs="?", const="meshplan", metavar="PROJECT",
                    help="log to Weights & Biases project PROJECT (default meshplan); needs `pip install wandb`")
@@ -79,6 +79,9 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--gpu", help="catalogue GPU for MFU's peak FLOP/s (default: detected; 'cpu' on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --log-json file (checkpoints are never replaced: use --resume or "
+                        "another --checkpoint-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -140,9 +143,9 @@ def _check_outputs(args):
             checkpointing.DirectoryLock(args.checkpoint_dir).probe()
         checkpointing.check_directory(args.checkpoint_dir, args.resume)
     if args.log_json:
-        if os.path.exists(args.log_json) and not args.resume:
-            raise MeshplanError(f"{args.log_json!r} already exists: choose another --log-json path "
-                                f"(with --resume the run appends to it)")
+        if os.path.exists(args.log_json) and not (args.resume or args.force):
+            raise MeshplanError(f"{args.log_json!r} already exists: choose another --log-json path, add --force "
+                                f"to replace it, or --resume to append to it")
         outputs.check_file(args.log_json, "--log-json")
     if args.tensorboard:
         import importlib.util
@@ -207,7 +210,7 @@ def run(argv=None) -> list[dict]:
             lock.acquire()              # held until this process ends: one job per checkpoint directory
         try:
             sink = MetricsSink(rank, config.steps, args.log_json, args.tensorboard, args.resume, args.quiet,
-                               wandb=_wandb(args, plan, spec, config) if rank == 0 else None)
+                               replace=args.force and not args.resume, wandb=_wandb(args, plan, spec, config) if rank == 0 else None)
             rt = mesh.setup(plan, args.device)
             records, completed, stopped = [], False, None
             try:

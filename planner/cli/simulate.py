@@ -59,8 +59,9 @@ def _check_flags(args) -> None:
     if args.from_ and (args.batch or args.plan):
         raise MeshplanError(f"--from cannot be combined with {'--batch' if args.batch else '--plan'}: give one")
     if args.batch:
+        # --html is the batch's one output: a page of every case (planner.report.pages.batch_report)
         ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration")
-                   if getattr(args, k) is not None]
+                   if getattr(args, k) is not None and k != "html"]
         if ignored:
             raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --batch: each case line carries "
                                 f"its own fields")
@@ -121,13 +122,13 @@ def _simulate_one(case: dict):
     cluster = cluster_from_dict(cluster, "the case's cluster") if isinstance(cluster, dict) else parse_cluster(cluster)
     plan = Plan(**{k: v for k, v in case.items() if k in _CASE_KEYS})
     plan = _with_layers(plan, spec, case.get("checkpoint"))
-    return simulate(plan, spec, cluster)
+    return spec, cluster, plan, simulate(plan, spec, cluster)
 
 
 def run(args) -> int:
     _check_flags(args)
     if args.batch:
-        return _simulate_batch(args.batch)
+        return _simulate_batch(args)
     if args.from_:
         from planner.interop.cli import simulate_job
         plan, imported_spec = simulate_job(args)
@@ -187,11 +188,14 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
     return console
 
 
-def _simulate_batch(path: str) -> int:
+def _simulate_batch(args) -> int:
     """One JSON case a line in, one JSON result a line out; a bad case (not UTF-8, not JSON,
     a bad value, a plan the runtime could not run) gets {"error": "line N: ..."} and the
-    others still run."""
+    others still run. With --html, the page lists every case too (written at the end, after
+    the JSON lines, its "wrote" line on stderr so stdout stays JSON lines)."""
     from pathlib import Path
+    path = args.batch
+    rows = []           # (line number, spec, cluster, plan, result, error) for the report
     source = Path(path)
     if not source.is_file():
         raise MeshplanError(f"cases file {path!r} does not exist")
@@ -209,10 +213,18 @@ def _simulate_batch(path: str) -> int:
                 case = parse_json(line, "the case")
                 if not isinstance(case, dict):
                     raise MeshplanError("a case must be a JSON object")
-                out = _simulate_one(case).to_dict()
+                spec, cluster, plan, result = _simulate_one(case)
+                out = result.to_dict()
+                rows.append((number, spec.name, cluster.name, plan, result, None))
             except UnicodeDecodeError as exc:
                 out = {"error": f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"}
             except MeshplanError as exc:
                 out = {"error": f"line {number}: {exc}"}
+            if "error" in out:
+                rows.append((number, None, None, None, None, out["error"]))
             print(json.dumps(out), flush=True)
+    if args.html:
+        from planner.report.pages import batch_report
+        args.json = True        # the "wrote" line goes to stderr: stdout is the cases' JSON lines
+        outputs.write_html(args, batch_report(rows, path, outputs.command_line(args)))
     return 0

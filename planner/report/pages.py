@@ -214,3 +214,38 @@ def compare_report(choices, model: str, tokens: float, command: str = "") -> str
 def _phase_words() -> dict:
     from planner.simulate import PHASE_WORDS
     return PHASE_WORDS
+
+
+# The phase chart of a batch report draws this many cases at most (a bar each); the table lists all.
+BATCH_CHART_CASES = 40
+
+
+def batch_report(rows, source: str, command: str = "") -> str:
+    """`simulate --batch --html`: one row per case line - its model, cluster, plan and
+    result, or the error that case got - and the phases of the first cases as bars on one
+    time axis. `rows`: (line, model, cluster, plan, result, error) in file order."""
+    from planner.simulate import PHASE_WORDS
+    table_rows, bars = [], []
+    for line, model, cluster, plan, result, error in rows:
+        if error is not None:
+            table_rows.append([line, "", "", error, "", "", "", "", "error"])   # table() escapes cells
+            continue
+        worst = result.worst_stage
+        table_rows.append([line, model, cluster, _plan_words(plan),
+                           f"{result.step_time_s:.3f}", f"{result.tokens_per_s:,.0f}", f"{100 * result.mfu:.1f}%",
+                           f"{worst.peak_reserved_bytes / GIB:.1f} / {result.capacity_bytes / GIB:.1f}",
+                           "fits" if result.fits else "does not fit"])
+        if len(bars) < BATCH_CHART_CASES:
+            bars.append((f"line {line}", result.phases))
+    errors = sum(r[5] is not None for r in rows)
+    listed = table(["line", "model", "cluster", "plan", "step s", "tokens/s", "MFU", "peak / usable GiB", "memory"],
+                   table_rows, left=(1, 2, 3, 8))
+    sections = [section("Every case", listed, "cases")]
+    if bars:
+        note = (f'<p class="note">The first {BATCH_CHART_CASES} of {len(rows) - errors} cases.</p>'
+                if len(rows) - errors > BATCH_CHART_CASES else "")
+        items = [(PHASE_WORDS.get(k, k), c) for k, c in charts.PHASE_COLORS.items()]
+        sections.append(section("Where each step's time goes",
+                                 charts.phase_rows_svg(bars, PHASE_WORDS) + legend(items) + note, "phases"))
+    subtitle = f"{len(rows)} case(s) from {escape(source)}" + (f", {errors} with an error" if errors else "")
+    return page(f"simulate --batch {source}", subtitle, sections, _footer(command, []))

@@ -149,3 +149,25 @@ def test_a_65536_event_timeline_is_binned_and_still_adds_up(browser, tmp_path):
     _loads_cleanly(page, path)
     assert "65,536 events" in page.text
     assert page.evaluate("document.querySelectorAll('.tl svg rect.ev').length") == len(data["events"])
+
+
+def test_batch_report_lists_every_case_and_its_error(browser, tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    good = {"model": "gpt3-1.3b", "cluster": "a100-sxm-80gb:1x8", "global_batch": 64, "seq": 2048, "dp": 8}
+    cases.write_text("\n".join(json.dumps(c) for c in (
+        good, {**good, "dp": 4, "tp": 2}, {**good, "checkpoint": "bogus"})) + "\n")
+    path = tmp_path / "batch.html"
+    proc = run_cli_in_process("simulate", "--batch", cases, "--html", path)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]    # stdout stays JSON lines
+    assert len(results) == 3 and "error" in results[2] and f"wrote {path}" in proc.stderr
+    page = open_page(browser, path)
+    _loads_cleanly(page, path)
+    rows = page.evaluate("[...document.querySelectorAll('#cases tbody tr')].map(r => [...r.cells].map("
+                         "c => c.innerText))")
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert rows[0][3].startswith("dp=8 tp=1 pp=1") and rows[1][3].startswith("dp=4 tp=2 pp=1")
+    assert rows[0][4] == f"{results[0]['step_time_s']:.3f}" and rows[2][-1] == "error"
+    assert results[2]["error"] in rows[2][3]
+    assert page.evaluate("document.querySelectorAll('#phases svg rect.phase').length") >= 2
+    assert "3 case(s) from" in page.text and "1 with an error" in page.text

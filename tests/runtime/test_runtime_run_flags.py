@@ -69,7 +69,8 @@ def test_auto_interval_is_young_daly_of_the_first_save(tmp_path, plan1, capsys):
     from planner.plan import Plan
     from planner.simulate import simulate
     from planner.zoo import load_model
-    summary = out[-1]
+    summary, wrote = out[-2:]                               # the summary, then what the run wrote
+    assert wrote == f"wrote {log} (4 step records)"
     records = _records(log)
     predicted = simulate(Plan.load(plan1), load_model("gpt-tiny"), parse_cluster("cpu:1x1"))
     assert summary.startswith("summary: 4 step(s) | step time "), summary
@@ -178,3 +179,16 @@ def test_mistakes_are_one_line_exit_2(plan1, capsys, args, fragment, tmp_path):
     assert code == 2 and len(err) == 1 and err[0].startswith("meshplan: error: "), err
     assert fragment in err[0], err
     assert out == [] and not (tmp_path / "m.jsonl").exists()
+
+
+def test_an_existing_log_is_kept_unless_forced_and_each_output_says_wrote(tmp_path, plan1, capsys):
+    log, board = tmp_path / "run.jsonl", tmp_path / "board"
+    log.write_text("the user's own notes\n")
+    code, out, err = _run(capsys, plan1, "--steps", 2, "--log-json", log)
+    assert code == 2 and len(err) == 1 and "add --force to replace it" in err[0], err
+    assert log.read_text() == "the user's own notes\n" and out == []
+    code, out, err = _run(capsys, plan1, "--steps", 2, "--log-json", log, "--tensorboard", board, "--force")
+    assert code == 0, err
+    assert [r["step"] for r in _records(log)] == [1, 2]          # replaced, not appended to
+    assert f"wrote {log} (2 step records)" in out
+    assert f"wrote {board} (TensorBoard scalars)" in out and any(board.iterdir())
