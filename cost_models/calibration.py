@@ -129,6 +129,11 @@ class Calibration:
     # fitted or measured for this GPU: SCORE_FIT_GPU's value is used (empirical, see
     # ComputeModel.score_bw_bytes_per_s).
     score_bandwidth_fraction: float | None = None
+    # One rank's rate of writing a torch.distributed.checkpoint save to the profiled directory
+    # (bytes of state per second, from the device): the checkpoint write bandwidth a cluster
+    # file's `reliability: checkpoint_write_GBps_per_gpu` takes (cost_models.failures). 0 = not
+    # measured.
+    checkpoint_write_bytes_per_s: float = 0.0
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -177,6 +182,7 @@ class Calibration:
             "host_s_per_op": self.host_s_per_op, "host_overlap_exponent": self.host_overlap_exponent,
             "host_adamw_bytes_per_s": self.host_adamw_bytes_per_s,
             "score_bandwidth_fraction": self.score_bandwidth_fraction,
+            "checkpoint_write_bytes_per_s": self.checkpoint_write_bytes_per_s,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         })
 
@@ -214,6 +220,8 @@ class Calibration:
                                                  zero_ok=True),
                 score_bandwidth_fraction=_optional_fraction(data.get("score_bandwidth_fraction"),
                                                             "score_bandwidth_fraction"),
+                checkpoint_write_bytes_per_s=_positive(data.get("checkpoint_write_bytes_per_s", 0.0),
+                                                       "checkpoint_write_bytes_per_s", zero_ok=True),
                 source=_text(data.get("source", ""), "source"),
                 device_name=_text(data.get("device_name", ""), "device_name"),
                 measurements=_mapping(data.get("measurements", {}), "measurements"),

@@ -140,8 +140,15 @@ def build_calibration(gpu: GPUSpec, measurements: dict, source: str, device_name
         comm_bw_efficiency=dict(comm[0]), comm_latency_s=dict(comm[1]),
         host_adamw_bytes_per_s=fit_host_adamw(measurements.get("host_adamw", [])),
         score_bandwidth_fraction=fit_score_fraction(measurements.get("score_kernels", []), copy_bps),
+        checkpoint_write_bytes_per_s=fit_checkpoint_write(measurements.get("checkpoint_save", [])),
         source=source, device_name=device_name, measurements=measurements)
     return replace(calibration, fit_quality=fit_quality(calibration, gpu))
+
+
+def fit_checkpoint_write(rows: list) -> float:
+    """The median of the measured saves' bytes per second (0 when none was measured)."""
+    rates = sorted(r["bytes"] / r["seconds"] for r in rows if r.get("seconds", 0) > 0)
+    return rates[len(rates) // 2] if rates else 0.0
 
 
 def fit_quality(calibration: Calibration, gpu: GPUSpec) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 from cost_models.calibration import Calibration, default_calibration, training_constants_like
 from cost_models.errors import MeshplanError
@@ -112,6 +113,45 @@ def measure_copy(device: str, size_bytes: int, min_time_s: float) -> list:
     y = torch.empty_like(x)
     seconds = seconds_per_call(lambda: y.copy_(x), _sync_fn(device), min_time_s)
     return [dict(bytes=size_bytes, seconds=seconds)]
+
+
+def measure_checkpoint_save(device: str, size_bytes: int, directory, repeats: int = 3) -> list:
+    """Time `torch.distributed.checkpoint.save` of `size_bytes` of fp32 state on `device` into
+    a fresh folder under `directory`, as the runtime saves (runtime/checkpointing.py: DCP's
+    FileSystemWriter, one file per rank, fsynced): the copy off the device, serialisation
+    and the write to that storage. Each save's folder is removed after it is timed. Under
+    torchrun every rank saves at once, as in training, and each row is this rank's rate."""
+    import shutil
+    import tempfile
+    import warnings
+
+    torch = _torch()
+    import torch.distributed.checkpoint as dcp
+    tensors = 8
+    state = {f"w{i}": torch.ones(size_bytes // (4 * tensors), device=device) for i in range(tensors)}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    import torch.distributed as dist
+    group = dist.is_available() and dist.is_initialized()
+    rows = []
+    for _ in range(repeats):
+        # one checkpoint for all ranks, as in training: rank 0 names the folder
+        named = [tempfile.mkdtemp(prefix=".meshplan-save-", dir=directory) if rank() == 0 else None]
+        if group:
+            dist.broadcast_object_list(named, src=0)
+        folder = named[0]
+        try:
+            _sync_fn(device)()
+            start = time.perf_counter()
+            with warnings.catch_warnings():     # one process: DCP warns that it saves without a group
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+            rows.append(dict(bytes=total, seconds=time.perf_counter() - start))
+        finally:
+            if group:
+                dist.barrier()
+            if rank() == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+    return rows
 
 
 def measure_host_adamw(param_count: int, tensors: int, min_time_s: float) -> list:
@@ -280,7 +320,7 @@ def _distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def measure_device(device: str, gpu: GPUSpec, quick: bool = False) -> tuple[dict, tuple]:
+def measure_device(device: str, gpu: GPUSpec, quick: bool = False, save_dir=".") -> tuple[dict, tuple]:
     """Every measurement `profile_device` makes, as raw rows, plus the fitted comm constants."""
     cpu = device == "cpu"
     min_time_s = 0.01 if quick else 0.1
@@ -297,6 +337,8 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False) -> tuple[dict
         "attention": measure_attention(device, attention_precision, attention, min_time_s),
         "score_kernels": measure_score_kernels(device, attention_precision, scores, min_time_s),
         "host_adamw": measure_host_adamw(*(QUICK_HOST_ADAMW if quick else HOST_ADAMW), min_time_s),
+        "checkpoint_save": measure_checkpoint_save(device, (16 if quick else 256 if cpu else 1024) * 2 ** 20,
+                                                   save_dir),
     }
     comm = ({}, {})
     if _distributed_world() > 1:
@@ -307,13 +349,15 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False) -> tuple[dict
 
 
 def profile_device(device: str, out_path, quick: bool = False, gpu: str | None = None,
-                   force: bool = False) -> Calibration:
+                   force: bool = False, save_dir=None) -> Calibration:
     """Measure this machine, fit a calibration for catalogue GPU `gpu`, write it to `out_path`.
 
     Measures GEMMs over a shape grid, causal SDPA forward/backward, softmax and dropout over
     unfused attention scores (score_bandwidth_fraction, kept as measured), a device copy and, when
     torch.distributed is initialised with more than one rank, collectives. `quick` uses a
     small grid and short timings (seconds on a CPU). With several ranks only rank 0 writes.
+    A checkpoint save is timed into `save_dir` (default: the folder of `out_path`, the
+    user's storage rather than a RAM-backed /tmp).
     """
     device = _check_device(device)
     if gpu is None and device != "cpu":
@@ -321,7 +365,10 @@ def profile_device(device: str, out_path, quick: bool = False, gpu: str | None =
                             f"(see `meshplan gpus`)")
     spec = get_gpu(gpu or "cpu")
     out_path = check_output_path(out_path, overwrite=force, force_hint=True)   # before minutes of measuring
-    measurements, comm = measure_device(device, spec, quick)
+    save_dir = out_path.parent if save_dir is None else Path(save_dir)
+    if not save_dir.is_dir():
+        raise MeshplanError(f"--save-dir {str(save_dir)!r} is not a directory")
+    measurements, comm = measure_device(device, spec, quick, save_dir)
     torch = _torch()
     source = (f"meshplan profile{' --quick' if quick else ''} on {_device_name(device)}, "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -355,6 +402,10 @@ def summary_lines(calibration: Calibration) -> list:
     if calibration.host_adamw_bytes_per_s:
         lines.append(f"  host AdamW (optimizer offload): {calibration.host_adamw_bytes_per_s / GB:.1f} GB/s "
                      f"of its traffic per GPU")
+    if calibration.checkpoint_write_bytes_per_s:
+        rate = calibration.checkpoint_write_bytes_per_s / 1e9
+        lines.append(f"  checkpoint save (torch.distributed.checkpoint): {rate:.2f} GB/s per rank; a cluster file "
+                     f"takes it as `reliability: {{checkpoint_write_GBps_per_gpu: {rate:.3g}}}`")
     for kind, eff in calibration.comm_bw_efficiency.items():
         lines.append(f"  {kind}: {eff:.2f} of link peak, {calibration.comm_latency_s.get(kind, 0) * 1e6:.1f} us per step")
     lines += [f"  fit {k}: {v:.1f}" for k, v in calibration.fit_quality.items()]

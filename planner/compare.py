@@ -91,6 +91,7 @@ class Interrupted:
     forecast: Forecast
     run_cost: RunCost | None      # None when failures outpace progress (goodput 0)
     pareto: bool = False          # no other option is both faster and cheaper
+    pareto_co2: bool = False      # no other option is both faster and lower in CO2
 
     @property
     def days(self) -> float:
@@ -98,7 +99,8 @@ class Interrupted:
 
     def to_dict(self) -> dict:
         return dict(price_usd_per_gpu_hour=self.price_usd_per_gpu_hour, forecast=self.forecast.to_dict(),
-                    run_cost=self.run_cost.to_dict() if self.run_cost else None, days=self.days, pareto=self.pareto)
+                    run_cost=self.run_cost.to_dict() if self.run_cost else None, days=self.days, pareto=self.pareto,
+                    pareto_co2=self.pareto_co2)
 
 
 def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices: dict | None = None,
@@ -163,12 +165,18 @@ def _price_interruptions(choice: ClusterChoice, cluster: ClusterSpec, checkpoint
 
 def _mark_pareto(choices: list[ClusterChoice]) -> None:
     """Flag the options (on-demand or spot, interruptions included) that no other option beats
-    on both wall time and dollars."""
+    on both wall time and dollars (`pareto`), and on both wall time and CO2 (`pareto_co2`)."""
     options = [o for c in choices if c.fits for o in (c.with_failures, c.spot) if o is not None and o.run_cost]
     for o in options:
-        t, usd = o.run_cost.time_to_train_s, o.run_cost.cost_usd
-        o.pareto = not any(p.run_cost.time_to_train_s <= t and p.run_cost.cost_usd <= usd
-                           and (p.run_cost.time_to_train_s, p.run_cost.cost_usd) != (t, usd) for p in options)
+        o.pareto = _unbeaten(o, options, "cost_usd")
+        o.pareto_co2 = _unbeaten(o, options, "co2_kg")
+
+
+def _unbeaten(option: Interrupted, options: list[Interrupted], other: str) -> bool:
+    """No option is at least as fast and as low in `other` (a RunCost field), and better in one."""
+    mine = (option.run_cost.time_to_train_s, getattr(option.run_cost, other))
+    return not any(p.run_cost.time_to_train_s <= mine[0] and getattr(p.run_cost, other) <= mine[1]
+                   and (p.run_cost.time_to_train_s, getattr(p.run_cost, other)) != mine for p in options)
 
 
 def _parse_clusters(clusters) -> list[ClusterSpec]:

@@ -136,7 +136,7 @@ def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: 
 def _print_interruptions(console, choices: list[ClusterChoice]) -> None:
     """The same runs with failures (and spot preemptions), checkpoints and restarts priced."""
     table = new_table("with interruptions: checkpoints at the Young/Daly interval, restarts "
-                      "(* on the time-vs-$ Pareto front)")
+                      "(* on the time-vs-$ Pareto front, + on the time-vs-CO2 one)")
     for col in ("cluster", "capacity", "$/GPU-h", "interruptions", "ckpt every", "goodput", "days", "$", "MWh"):
         if col in ("cluster", "capacity"):
             text_column(table, col, justify="left")
@@ -147,7 +147,7 @@ def _print_interruptions(console, choices: list[ClusterChoice]) -> None:
             if option is None:
                 continue
             f, cost = option.forecast, option.run_cost
-            mark = " *" if option.pareto else ""
+            mark = (" *" if option.pareto else "") + (" +" if option.pareto_co2 else "")
             table.add_row(c.cluster, label + mark, f"{option.price_usd_per_gpu_hour:.2f}", f"{f.interruptions:,.1f}",
                           f"{f.interval_s / 60:,.0f} min", f"{100 * f.goodput:.1f}%",
                           f"{option.days:,.1f}" if cost else "never", f"{cost.cost_usd:,.0f}" if cost else "-",

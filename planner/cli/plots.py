@@ -120,12 +120,12 @@ def plans_png(plans, path, title: str = "") -> None:
 
 def compare_png(choices: list, path: str, title: str = "") -> None:
     """Three bar charts side by side - days, dollars and MWh per cluster (non-fitting: no bar) -
-    and the time-vs-$ plane of every option with interruptions priced (on demand, spot), its
-    Pareto front joined."""
+    and the time-vs-$ and time-vs-CO2 planes of every option with interruptions priced (on
+    demand, spot), each Pareto front joined."""
     labels = [c.cluster for c in choices]
     panels = (("days to train", lambda c: c.days), ("cost (USD)", lambda c: c.run_cost.cost_usd),
               ("energy (MWh)", lambda c: c.run_cost.energy_kwh / 1e3))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 0.5 * len(choices) + 3.0))
+    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.5 * (len(panels) + 2), 0.5 * len(choices) + 3.0))
     y = list(range(len(choices)))
     for ax, (label, value) in zip(axes, panels):
         ax.barh(y, [value(c) if c.fits else 0.0 for c in choices], color="#4C72B0")
@@ -135,16 +135,21 @@ def compare_png(choices: list, path: str, title: str = "") -> None:
         ax.set_xlabel(label)
         ax.set_yticks(y, labels if ax is axes[0] else [""] * len(y))
         ax.invert_yaxis()
-    _pareto_axes(axes[-1], choices)
+    _pareto_axes(axes[-2], choices)
+    _pareto_axes(axes[-1], choices, co2=True)
     fig.suptitle(title or "training run per cluster")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _pareto_axes(ax, choices: list) -> None:
-    """Days vs dollars with failures and checkpoints priced; the Pareto front as a line."""
-    points = [(o.days, o.run_cost.cost_usd, f"{c.cluster} {kind}", o.pareto) for c in choices if c.fits
+def _pareto_axes(ax, choices: list, co2: bool = False) -> None:
+    """Days vs dollars (or vs tonnes of CO2) with failures and checkpoints priced; the Pareto
+    front as a line."""
+    def value(o):
+        return o.run_cost.co2_kg / 1e3 if co2 else o.run_cost.cost_usd
+
+    points = [(o.days, value(o), f"{c.cluster} {kind}", o.pareto_co2 if co2 else o.pareto) for c in choices if c.fits
               for kind, o in (("on-demand", c.with_failures), ("spot", c.spot)) if o is not None and o.run_cost]
     for days, usd, label, front in points:
         ax.scatter([days], [usd], color="#C44E52" if front else "#8C8C8C", zorder=3)
@@ -153,5 +158,5 @@ def _pareto_axes(ax, choices: list) -> None:
     if len(front) > 1:
         ax.plot(*zip(*front), color="#C44E52", zorder=2)
     ax.set_xlabel("days to train (interruptions included)")
-    ax.set_ylabel("cost (USD)")
-    ax.set_title("time vs $: Pareto front in red", fontsize=9)
+    ax.set_ylabel("CO2 (t)" if co2 else "cost (USD)")
+    ax.set_title(f"time vs {'CO2' if co2 else '$'}: Pareto front in red", fontsize=9)

@@ -7,7 +7,8 @@ import argparse
 from cost_models.profiling import profile_device, rank, summary_lines
 from planner.cli.flags import Parser
 
-HELP = "measure this machine's GEMMs, attention, copies (and collectives) into a calibration JSON"
+HELP = ("measure this machine's GEMMs, attention, copies, a checkpoint save (and collectives) into a "
+        "calibration JSON")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -17,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--gpu", help="catalogue name this calibration belongs to (default: cpu for --device cpu)")
     parser.add_argument("--quick", action="store_true", help="small grid and short timings")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    parser.add_argument("--save-dir", metavar="DIR",
+                        help="where to time a checkpoint save, on the storage training will write to "
+                             "(default: the folder of --out; the save is removed after timing)")
     return parser
 
 
@@ -28,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     """Handler for parsed `meshplan profile` arguments: profile, write, print a summary."""
     from planner.cli.outputs import progress
     with progress(f"measuring {args.device}" + (" (quick)" if args.quick else "")):
-        calibration = profile_device(args.device, args.out, quick=args.quick, gpu=args.gpu, force=args.force)
+        calibration = profile_device(args.device, args.out, quick=args.quick, gpu=args.gpu, force=args.force,
+                                     save_dir=args.save_dir)
     print("\n".join(summary_lines(calibration)))
     if rank() == 0:
         print(f"wrote {args.out}")

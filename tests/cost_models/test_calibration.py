@@ -1,6 +1,7 @@
 """Calibration files and `meshplan profile`: a real (quick) CPU profile, JSON round trips, errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from cost_models.comm import CommModel, group_placement
 from cost_models.compute import ComputeModel, gemm_flops
 from cost_models.fitting import nnls
 from planner.cli.profile import main
-from cost_models.profiling import profile_device
+from cost_models.profiling import profile_device, summary_lines
 
 CPU = get_gpu("cpu")
 
@@ -61,6 +62,16 @@ def test_cpu_profile_measures_and_writes_a_loadable_calibration(cpu_profile):
         adamw["params"] * 28 / adamw["seconds"])          # fp32 AdamW moves 28 bytes a parameter
     assert loaded.copy_bytes_per_s > 0 and loaded.kernel_overhead_s >= 0
     assert set(loaded.fit_quality) == {"matmul_mape_pct", "attention_fwd_mape_pct", "attention_bwd_mape_pct"}
+    saves = loaded.measurements["checkpoint_save"]      # a real DCP save, timed beside --out, then removed
+    assert len(saves) == 3 and all(r["bytes"] == 16 * 2 ** 20 and r["seconds"] > 0 for r in saves)
+    assert loaded.checkpoint_write_bytes_per_s == pytest.approx(
+        sorted(r["bytes"] / r["seconds"] for r in saves)[1])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cpu.json"]
+    line = next(x for x in summary_lines(loaded) if "checkpoint save" in x)
+    rate = re.search(r"checkpoint_write_GBps_per_gpu: (\S+)\}", line)[1]
+    from cost_models.failures import reliability_from_dict    # the line's value is what a cluster file takes
+    assert reliability_from_dict({"checkpoint_write_GBps_per_gpu": float(rate)}, "r").checkpoint_write_bytes_per_s_per_gpu \
+        == pytest.approx(loaded.checkpoint_write_bytes_per_s, rel=1e-2)
 
 
 def test_loaded_cpu_calibration_changes_predictions_towards_the_measurements(cpu_profile):
@@ -98,6 +109,7 @@ def test_profile_never_overwrites_without_force(cpu_profile, tmp_path):
     (["--device", "cpu"], "--out"),
     (["--device", "cpu", "--out", "no/such/folder/x.json"], "does not exist"),
     (["--device", "cpu", "--out", "x.json", "--fast"], "unrecognized arguments"),
+    (["--device", "cpu", "--out", "x.json", "--save-dir", "nowhere"], "--save-dir 'nowhere' is not a directory"),
 ])
 def test_profile_mistakes_are_one_line_user_errors(argv, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -80,7 +80,13 @@ def test_compare_prices_failures_spot_and_the_front():
         beaten = any(p is not o and p.run_cost.time_to_train_s <= o.run_cost.time_to_train_s
                      and p.run_cost.cost_usd <= o.run_cost.cost_usd for p in options)
         assert o.pareto == (not beaten)
+        beaten_co2 = any(p is not o and p.run_cost.time_to_train_s <= o.run_cost.time_to_train_s
+                         and p.run_cost.co2_kg <= o.run_cost.co2_kg for p in options)
+        assert o.pareto_co2 == (not beaten_co2)
     assert h100.spot.pareto   # the cheapest option is always on the front
+    fastest = min(options, key=lambda o: o.run_cost.time_to_train_s)
+    assert fastest.pareto and fastest.pareto_co2   # and the fastest on both
+    assert {o.pareto_co2 for o in options} == {True, False}   # the spot run's restarts burn energy too
 
 
 @pytest.mark.cli
