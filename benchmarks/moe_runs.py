@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = simulate_batch([moe_case(row, models) for row in runnable],
                                  args.cases or Path(tmp) / "cases.jsonl", args.repo.resolve())
-    errors, by_source, failed = [], {}, []
+    errors, by_group, failed = [], {}, []   # by_group: per source and per system
     print(f"{'run':46} {'published':>10} {'predicted':>10} {'err %':>7}   (tokens/s per GPU)")
     for row, result in zip(runnable, results):
         if "error" in result:
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         published = row["published"]["tokens_per_s_per_gpu"]
         error = predicted / published - 1
         errors.append(error)
-        by_source.setdefault(data["sources"][row["source"]]["repo"], []).append(error)
+        by_group.setdefault(data["sources"][row["source"]]["repo"], []).append(error)
+        by_group.setdefault(row["cluster"].split(":")[0], []).append(error)   # B200: a transferred calibration
         print(f"{row['id']:46} {published:10.0f} {predicted:10.0f} {100 * error:+7.1f}"
               + ("" if result.get("fits", True) else "   (predicted not to fit)"))
     for row in rows:
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
               f"(median {100 * statistics.median(map(abs, errors)):.1f}%, "
               f"mean signed {100 * statistics.mean(errors):+.1f}%); "
               f"{len(rows) - len(runnable)} skipped, {len(failed)} refused by the CLI")
-        for source, errs in sorted(by_source.items()):
-            print(f"  {source:30s} {len(errs):2d} runs: MAPE {100 * statistics.mean(map(abs, errs)):.1f}%, "
+        for group, errs in sorted(by_group.items()):
+            print(f"  {group:30s} {len(errs):2d} runs: MAPE {100 * statistics.mean(map(abs, errs)):.1f}%, "
                   f"mean signed {100 * statistics.mean(errs):+.1f}%")
     else:
         print(f"MoE published runs: none scored ({len(rows) - len(runnable)} skipped, {len(failed)} refused by the CLI)")
