@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_batch import simulate_batch  # noqa: E402
 
 from cost_models.cluster import cluster_from_dict
 from cost_models.compute import ComputeModel
@@ -104,17 +105,10 @@ def predict_ms(row: dict, compute: ComputeModel | None = None) -> float:
 def predict_ms_through_cli(rows: list[dict], cases_path: Path) -> list[float]:
     """Predicted iteration times from `meshplan simulate --batch CASES` (one process, the
     user's path): the cases are written to `cases_path`, one JSON object a line."""
-    cases_path.write_text("".join(json.dumps(vtrain_case(row)) + "\n" for row in rows))
-    repo = Path(__file__).resolve().parents[1]   # this checkout's meshplan, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "simulate", "--batch", str(cases_path)],
-                          capture_output=True, text=True, check=False, cwd=repo, env=env)
-    if proc.returncode:
-        raise SystemExit(f"meshplan simulate --batch failed:\n{proc.stderr}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    results = simulate_batch([vtrain_case(row) for row in rows], cases_path)
     errors = [r["error"] for r in results if "error" in r]
-    if errors or len(results) != len(rows):
-        raise SystemExit(f"meshplan simulate --batch: {len(results)} results for {len(rows)} cases; {errors[:3]}")
+    if errors:
+        raise SystemExit(f"meshplan simulate --batch refused {len(errors)} of {len(rows)} cases; {errors[:3]}")
     return [1e3 * r["step_time_s"] for r in results]
 
 
