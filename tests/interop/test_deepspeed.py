@@ -36,10 +36,8 @@ def test_batch_follows_deepspeeds_rule(config, micro, global_batch):
     DeepSpeedConfig._set_batch_related_parameters does (deepspeed/runtime/config.py)."""
     job = _job(config)
     assert (job.fields["micro_batch"], job.fields["global_batch"], job.fields["dp"]) == (micro, global_batch, 8)
-    deepspeed = _deepspeed()
-    if deepspeed:
-        parsed = deepspeed(config, dp=8)
-        assert (parsed.train_micro_batch_size_per_gpu, parsed.train_batch_size) == (micro, global_batch)
+    parsed = _deepspeed()(config, dp=8)
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.train_batch_size) == (micro, global_batch)
 
 
 def test_zero_precision_offload_and_degrees():
@@ -117,14 +115,12 @@ def test_export_round_trip(tmp_path, pins):
         assert getattr(again, name) == getattr(best, name), name
     assert [again.checkpoint_for(i) for i in range(12)] == [best.checkpoint_for(i) for i in range(12)]
     assert simulate(again, SPEC, cluster).step_time_s == pytest.approx(step_s, rel=1e-9)
-    deepspeed = _deepspeed()
-    if deepspeed:
-        parsed = deepspeed(config, dp=best.dp)
-        assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
-                parsed.zero_optimization_stage) == (best.global_batch, best.micro_batch, best.grad_accum, best.zero)
-        assert parsed.bfloat16_config.enabled == (best.precision == "bf16")
-        if best.pp > 1:
-            assert parsed.pipeline["activation_checkpoint_interval"] == (1 if best.checkpoint_for(0) == "full" else 0)
+    parsed = _deepspeed()(config, dp=best.dp)
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
+            parsed.zero_optimization_stage) == (best.global_batch, best.micro_batch, best.grad_accum, best.zero)
+    assert parsed.bfloat16_config.enabled == (best.precision == "bf16")
+    if best.pp > 1:
+        assert parsed.pipeline["activation_checkpoint_interval"] == (1 if best.checkpoint_for(0) == "full" else 0)
     assert "PipelineModule(layers, num_stages" in (tmp_path / "README.txt").read_text()
 
 
@@ -136,12 +132,13 @@ def test_export_refuses_a_plan_deepspeed_cannot_run(tmp_path):
 
 
 def _deepspeed():
-    """DeepSpeed's own DeepSpeedConfig (deepspeed/runtime/config.py) with dp ranks, or None
-    where DeepSpeed is not installed (the key checks above run everywhere)."""
+    """DeepSpeed's own DeepSpeedConfig (deepspeed/runtime/config.py) with dp ranks. DeepSpeed
+    is a test dependency (pyproject's [test] extra installs it, ~20 s, CPU-only): a missing or
+    broken import fails the test, never skips the check."""
     try:
         import deepspeed.runtime.config as ds_config
-    except Exception:        # not installed, or its import needs what this machine lacks
-        return None
+    except Exception as exc:
+        pytest.fail(f"DeepSpeed's config parser could not be imported ({exc!r}): pip install -e '.[test]'")
 
     class DataParallel:      # DeepSpeedConfig reads the dp world from an mpu
         def __init__(self, dp):
