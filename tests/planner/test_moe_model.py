@@ -102,6 +102,19 @@ def test_bad_configs_get_one_line(keys, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_model_with_every_option_trains():
+    cfg = ModelConfig(**{**TINY, "layers": 3, "dense_layers": 1, "shared_experts": 1, "shared_expert_gate": True,
+                         "qk_norm": True, "router": "sigmoid", "capacity_factor": 1.0})
+    model = Decoder(cfg, device="cpu").init_weights(seed=0)
+    ids = torch.randint(0, cfg.vocab, (2, 12))
+    loss = model(ids, ids)
+    assert abs(loss.item() - math.log(cfg.vocab)) < 0.5   # near uniform at initialisation
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    for name in ("blocks.1.q_norm.weight", "blocks.1.moe.shared_gate.weight", "blocks.2.moe.router.gate.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
 def test_qwen_options_are_left_out_of_to_dict_when_off():
     assert "qk_norm" not in PRESETS["moe-tiny"].to_dict() and "shared_expert_gate" not in PRESETS["moe-tiny"].to_dict()
     cfg = PRESETS["qwen3-30b-a3b"]
