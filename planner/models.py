@@ -142,8 +142,9 @@ class ModelConfig:
         given = [k for k in _MOE_KEYS if getattr(self, k) != _MOE_DEFAULTS[k]]
         if not family.layered:
             if given:
-                raise MeshplanError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} "
-                                    f"of arch moe; {self.arch} models have no experts: drop it or use arch moe")
+                one = len(given) == 1
+                raise MeshplanError(f"{', '.join(given)} {'is an option' if one else 'are options'} of arch moe; "
+                                    f"{self.arch} models have no experts: drop {'it' if one else 'them'} or use arch moe")
             return
         whole_number(self.experts, "model experts", low=1, high=MAX_EXPERTS)
         if self.top_k is None:
@@ -299,7 +300,7 @@ def active_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
     attention always count); a dense model's are its count_parameters. The embedding tables
     count whole (as Mistral and Qwen quote active sizes: Mixtral-8x7B 12.9B, Qwen3-30B-A3B
     3.3B); `embeddings=False` leaves them out (tok, and pos where the family has it), as OpenAI
-    and DeepSeek quote them (gpt-oss-120b 5.1B, DeepSeek-V3 37B) and as 6 * N * tokens counts
+    and DeepSeek quote them (gpt-oss-120b 5.1B, DeepSeek-V3 36.6B) and as 6 * N * tokens counts
     FLOPs: a lookup multiplies nothing. A tied head is the token table and always counts."""
     model = Decoder(cfg, device="meta")
     count = count_parameters(model)

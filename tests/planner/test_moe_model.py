@@ -193,6 +193,19 @@ def test_real_configs_map_onto_the_presets(tmp_path, data, preset):
     assert replace(spec.config, name=preset) == PRESETS[preset]
 
 
+def test_qwen2_moe_config_has_qwen1_5_moe_a2_7b_published_size():
+    # Qwen/Qwen1.5-MoE-A2.7B's sizes (its config.json; the rest are Qwen2MoeConfig's defaults,
+    # shared_expert_intermediate_size 5632 among them): 14.3B total, 2.7B active (its model card)
+    data = dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=24, num_experts=60,
+                num_experts_per_tok=4, vocab_size=151936, max_position_embeddings=8192)
+    cfg = config_from_hf(data, "qwen1.5-moe-a2.7b", "config")
+    assert (cfg.shared_experts, cfg.shared_expert_ffn, cfg.shared_expert_gate, cfg.router_normalize) == (1, 5632, True,
+                                                                                                       False)
+    assert count_parameters(Decoder(cfg, device="meta")) == pytest.approx(14.3e9, rel=2e-3)
+    assert active_parameters(cfg) == pytest.approx(2.7e9, rel=0.02)
+
+
 @pytest.mark.parametrize("family,keys,fragment", [
     ("mixtral", {"output_router_logits": True}, "output_router_logits = true adds a load-balancing loss"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise = 0.1"),
