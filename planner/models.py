@@ -294,15 +294,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def active_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+def active_parameters(cfg: "ModelConfig | Decoder", embeddings: bool = True) -> int:
     """The parameters one token's forward pass uses: all of them, less the routed experts of
     each MoE block it is not sent to (experts - top_k of them; the shared experts, router and
     attention always count); a dense model's are its count_parameters. The embedding tables
     count whole (as Mistral and Qwen quote active sizes: Mixtral-8x7B 12.9B, Qwen3-30B-A3B
     3.3B); `embeddings=False` leaves them out (tok, and pos where the family has it), as OpenAI
     and DeepSeek quote them (gpt-oss-120b 5.1B, DeepSeek-V3 36.6B) and as 6 * N * tokens counts
-    FLOPs: a lookup multiplies nothing. A tied head is the token table and always counts."""
-    model = Decoder(cfg, device="meta")
+    FLOPs: a lookup multiplies nothing. A tied head is the token table and always counts.
+    Given a built Decoder (any device) it counts that one instead of building one on meta."""
+    model = cfg if isinstance(cfg, Decoder) else Decoder(cfg, device="meta")
+    cfg = model.config
     count = count_parameters(model)
     for block in model.blocks.values():
         moe = getattr(block, "moe", None)

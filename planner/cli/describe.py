@@ -56,7 +56,7 @@ def _describe(args) -> int:
     cluster = parse_cluster(args.cluster)
     if args.json:
         print(json.dumps({"model": spec.name, "params": params,
-                          "active_params": active_parameters(spec.config) if spec.config else params,
+                          "active_params": active_parameters(model) if spec.config else params,
                           "config": spec.config.to_dict() if spec.config else None,
                           "cluster": cluster.to_dict()}))
         return 0
@@ -69,7 +69,7 @@ def _describe(args) -> int:
                       f"tied embeddings: {c.tie_embeddings}")
         if c.is_moe:
             console.print(f"  experts: {experts_text(c)}, {c.router} router; "
-                          f"{parameter_count(active_parameters(c))} active per token")
+                          f"{parameter_count(active_parameters(model))} active per token")
     console.print(f"[bold]cluster[/bold] {cluster.summary()}")
     return 0
 
@@ -89,12 +89,13 @@ def experts_text(c) -> str:
 def _models(args) -> int:
     rows = []
     for name, cfg in PRESETS.items():
-        params = count_parameters(load_model(name).build("meta"))
+        model = load_model(name).build("meta")
+        params = count_parameters(model)
         # active: what one token's forward pass uses (the routed experts it is sent to)
         rows.append(dict(name=name, arch=cfg.arch, layers=cfg.layers, hidden=cfg.hidden,
                          heads=cfg.heads, kv_heads=cfg.kv_heads, ffn=cfg.ffn, vocab=cfg.vocab,
                          experts=experts_text(cfg) if cfg.is_moe else None,
-                         params=params, active_params=active_parameters(cfg) if cfg.is_moe else params))
+                         params=params, active_params=active_parameters(model)))
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -177,7 +177,7 @@ def test_active_parameters_leave_out_the_routed_experts_a_token_skips():
     per_expert = 3 * cfg.hidden * cfg.expert_ffn
     moe_blocks = cfg.layers - cfg.dense_layers
     skipped = moe_blocks * (cfg.experts - cfg.top_k) * per_expert
-    assert active_parameters(cfg) == count_parameters(model) - skipped
+    assert active_parameters(cfg) == active_parameters(model) == count_parameters(model) - skipped
     assert active_parameters(cfg, embeddings=False) == count_parameters(model) - skipped - cfg.vocab * cfg.hidden
     dense = PRESETS["gpt-tiny"]   # tied head, learned positions: only `pos` is a pure lookup
     assert active_parameters(dense) == count_parameters(Decoder(dense, device="meta"))
