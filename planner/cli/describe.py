@@ -100,12 +100,13 @@ def _models(args) -> int:
         print(json.dumps(rows))
         return 0
     table = new_table("model presets (active: the parameters one token uses, embeddings included)")
-    for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "experts", "params",
-                "active"):
-        table.add_column(col, justify="left" if col in ("name", "arch", "experts") else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*[parameter_count(v) if k in ("params", "active_params") else "-" if v is None else str(v)
-                        for k, v in r.items()])
+    for col in ("name", "arch", "layers", "hidden", "heads", "kv", "ffn", "vocab", "experts", "params", "active"):
+        table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=True)
+    for r, cfg in zip(rows, PRESETS.values()):
+        # within 100 columns: "top-k of routed(+shared)" experts; `describe` says the rest
+        experts = f"{cfg.top_k} of {cfg.experts}{f'+{cfg.shared_experts}' if cfg.shared_experts else ''}"
+        table.add_row(*[parameter_count(v) if k in ("params", "active_params") else
+                        (experts if cfg.is_moe else "-") if k == "experts" else str(v) for k, v in r.items()])
     console_for(table, wide=args.wide).print(table)
     return 0
 
