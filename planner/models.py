@@ -71,6 +71,8 @@ class ModelConfig:
     router: str = "softmax"           # expert scores: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
     router_normalize: bool = True     # the k chosen weights renormalised to sum to 1
     capacity_factor: float | None = None   # None: dropless; else each expert keeps cf * its balanced share
+    shared_expert_gate: bool = False  # the shared experts' output times sigmoid(Linear(hidden -> 1)) (Qwen2-MoE)
+    qk_norm: bool = False             # an RMSNorm over each query and key head, as Qwen3's (Qwen3-MoE)
     name: str = "custom"
 
     def __post_init__(self):
@@ -140,7 +142,9 @@ class ModelConfig:
         given = [k for k in _MOE_KEYS if getattr(self, k) != _MOE_DEFAULTS[k]]
         if not family.layered:
             if given:
-                raise MeshplanError(f"{self.arch} models have no experts: drop {', '.join(given)} or use arch moe")
+                one = len(given) == 1
+                raise MeshplanError(f"{', '.join(given)} {'is an option' if one else 'are options'} of arch moe; "
+                                    f"{self.arch} models have no experts: drop {'it' if one else 'them'} or use arch moe")
             return
         whole_number(self.experts, "model experts", low=1, high=MAX_EXPERTS)
         if self.top_k is None:
@@ -160,6 +164,12 @@ class ModelConfig:
             raise MeshplanError(f"model router_normalize must be true or false, got {shown(self.router_normalize)}")
         if self.capacity_factor is not None:
             finite_number(self.capacity_factor, "model capacity_factor", low=0, low_open=True, high=MAX_EXPERTS)
+        for key in ("shared_expert_gate", "qk_norm"):
+            if not isinstance(getattr(self, key), bool):
+                raise MeshplanError(f"model {key} must be true or false, got {shown(getattr(self, key))}")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise MeshplanError("model shared_expert_gate gates the shared experts' output: give shared_experts "
+                                "or drop it")
 
     @property
     def is_moe(self) -> bool:
@@ -172,10 +182,12 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_fraction)
 
     def to_dict(self) -> dict:
-        """The fields, less the derived ones (_DERIVED) the config did not give."""
+        """The fields, less the derived ones (_DERIVED) the config did not give, a dense model's
+        MoE keys, and the MoE options (_MOE_OPTIONS) left off."""
         moe = self.is_moe
         return {k: v for k, v in asdict(self).items()
-                if (k not in _DERIVED or k in self._given) and (moe or k not in _MOE_KEYS)}
+                if (k not in _DERIVED or k in self._given) and (moe or k not in _MOE_KEYS)
+                and (k not in _MOE_OPTIONS or v)}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
@@ -198,8 +210,11 @@ _DERIVED = ("attention_dropout", "embedding_dropout", "head_dim", "activation", 
 # The Mixture-of-Experts fields and their unset values (a dense model's to_dict leaves them out).
 _MOE_DEFAULTS = {"experts": 0, "top_k": None, "expert_ffn": None, "shared_experts": 0, "shared_expert_ffn": None,
                  "dense_layers": 0, "dense_ffn": None, "router": "softmax", "router_normalize": True,
-                 "capacity_factor": None}
+                 "capacity_factor": None, "shared_expert_gate": False, "qk_norm": False}
 _MOE_KEYS = tuple(_MOE_DEFAULTS)
+# Switches of one model family's MoE (Qwen's): left out of to_dict when off, so the configs of
+# other MoE models (and plans saved with them) read as before they existed.
+_MOE_OPTIONS = ("shared_expert_gate", "qk_norm")
 # The most each size may be (cost_models.inputs): beyond them the tracer and the search would
 # work for hours, or torch's storage size overflows.
 _MAX = {"layers": MAX_LAYERS, "hidden": MAX_HIDDEN, "heads": MAX_HIDDEN, "kv_heads": MAX_HIDDEN, "head_dim": MAX_HIDDEN,
@@ -277,3 +292,26 @@ class Decoder(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Parameters counted once each (tied weights count once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def active_parameters(cfg: "ModelConfig | Decoder", embeddings: bool = True) -> int:
+    """The parameters one token's forward pass uses: all of them, less the routed experts of
+    each MoE block it is not sent to (experts - top_k of them; the shared experts, router and
+    attention always count); a dense model's are its count_parameters. The embedding tables
+    count whole (as Mistral and Qwen quote active sizes: Mixtral-8x7B 12.9B, Qwen3-30B-A3B
+    3.3B); `embeddings=False` leaves them out (tok, and pos where the family has it), as OpenAI
+    and DeepSeek quote them (gpt-oss-120b 5.1B, DeepSeek-V3 36.6B) and as 6 * N * tokens counts
+    FLOPs: a lookup multiplies nothing. A tied head is the token table and always counts.
+    Given a built Decoder (any device) it counts that one instead of building one on meta."""
+    model = cfg if isinstance(cfg, Decoder) else Decoder(cfg, device="meta")
+    cfg = model.config
+    count = count_parameters(model)
+    for block in model.blocks.values():
+        moe = getattr(block, "moe", None)
+        if moe is not None:
+            per_expert = sum(p.numel() for p in moe.experts.parameters()) // moe.num_experts
+            count -= (moe.num_experts - moe.top_k) * per_expert
+    if not embeddings:
+        count -= (0 if cfg.tie_embeddings else model.tok.weight.numel()) + (model.pos.weight.numel() if model.pos else 0)
+    return count
+

@@ -70,6 +70,39 @@ _PRESETS = [
     _gpt("megatron-310b", 96, 16384, 128),
     _gpt("megatron-530b", 105, 20480, 128),
     _gpt("megatron-1t", 128, 25600, 160),
+    # Mixture-of-Experts, sizes from each model's config.json on the Hugging Face Hub (the
+    # defaults of transformers' configuration_<family>.py where they match):
+    # mistralai/Mixtral-8x7B-v0.1 (46.7B total, 12.9B active: Mistral's announcement).
+    ModelConfig("moe", 32, 4096, 32, 32000, kv_heads=8, ffn=14336, max_seq=32768, rope_theta=1e6, norm_eps=1e-5,
+                experts=8, top_k=2, name="mixtral-8x7b"),
+    # Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B (30.5B / 3.3B and 235B / 22B: their model
+    # cards): 128 experts, top 8 renormalised (norm_topk_prob), Qwen3's q/k head norms, no
+    # shared expert; `ffn` is intermediate_size, which no block uses (mlp_only_layers is []).
+    ModelConfig("moe", 48, 2048, 32, 151936, kv_heads=4, head_dim=128, ffn=6144, max_seq=40960, rope_theta=1e6,
+                norm_eps=1e-6, experts=128, top_k=8, expert_ffn=768, qk_norm=True, name="qwen3-30b-a3b"),
+    ModelConfig("moe", 94, 4096, 64, 151936, kv_heads=4, head_dim=128, ffn=12288, max_seq=40960, rope_theta=1e6,
+                norm_eps=1e-6, experts=128, top_k=8, expert_ffn=1536, qk_norm=True, name="qwen3-235b-a22b"),
+    # openai/gpt-oss-120b's shape (116.8B total, 5.1B active without the embedding: its model
+    # card): biased attention, 128 experts top 4 (softmax over the 4 chosen logits is softmax
+    # then renormalised). Not modelled: attention sinks (64 logits per block), the 128-token
+    # sliding window on every other block (here all 36 attend causally over the whole
+    # sequence, which overprices those 18 blocks' attention at long sequences), the clamped
+    # SwiGLU (x * sigmoid(1.702 x) with limits, times up + 1: a few more element-wise ops), and
+    # the router's and experts' biases (40M of 117B parameters).
+    ModelConfig("moe", 36, 2880, 64, 201088, kv_heads=8, head_dim=64, ffn=2880, max_seq=131072, rope_theta=150000.0,
+                norm_eps=1e-5, qkv_bias=True, out_bias=True, experts=128, top_k=4, name="gpt-oss-120b"),
+    # deepseek-ai/DeepSeek-V3's shape (671B total, 37B active without the embedding: its
+    # report): 3 dense blocks, then 256 experts top 8 by sigmoid scores and 1 shared expert.
+    # Its attention is grouped-query in place of MLA (multi-head latent attention): 128 query
+    # and 128 key/value heads of head_dim 64 (DeepseekV3Config's head_dim, qk_rope_head_dim).
+    # Those projections hold 235M parameters per block where MLA's low-rank ones hold 187M
+    # (674B in all, not 671B); at seq 4096 a token's causal attention FLOPs (projections and
+    # core) come within 1% of MLA's. The group-limited routing (a token's 8 experts from 4 of 8
+    # groups), the routing bias and the 2.5 scale on the weights change which experts and how
+    # much, not what it costs; the multi-token-prediction module (14B) is not part of it.
+    ModelConfig("moe", 61, 7168, 128, 129280, kv_heads=128, head_dim=64, ffn=18432, max_seq=163840, norm_eps=1e-6,
+                experts=256, top_k=8, expert_ffn=2048, shared_experts=1, dense_layers=3, dense_ffn=18432,
+                router="sigmoid", name="deepseek-v3"),
 ]
 PRESETS: dict[str, ModelConfig] = {c.name: c for c in _PRESETS}
 

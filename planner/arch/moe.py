@@ -3,6 +3,12 @@ Llama's attention (RMSNorm, rotary, grouped-query) and, in place of its MLP, a r
 of SwiGLU experts plus optional always-on shared experts; the first `dense_layers` blocks
 keep a dense SwiGLU MLP (DeepSeek's first_k_dense_replace).
 
+Two options make Qwen's MoE models exact: `qk_norm` adds Qwen3's RMSNorm over each head of
+the queries and keys (planner/arch/qwen3.py; transformers models/qwen3_moe/
+modeling_qwen3_moe.py, Qwen3MoeAttention), and `shared_expert_gate` scales the shared
+experts' output by sigmoid(Linear(hidden -> 1)) of the token (Qwen2-MoE's
+shared_expert_gate: models/qwen2_moe/modeling_qwen2_moe.py, Qwen2MoeSparseMoeBlock).
+
 A token's path through `MoE.forward`, as Megatron-Core's MoELayer runs it
 (megatron/core/transformer/moe/moe_layer.py: router -> token dispatcher -> experts ->
 combine):
@@ -37,6 +43,7 @@ from torch._subclasses.fake_tensor import is_fake
 from planner.arch.base import Architecture, register
 from planner.arch.layers import ACTIVATIONS, attention_core, dropped
 from planner.arch.llama import LLAMA, RotaryBlock
+from planner.arch.qwen3 import HeadRMSNorm, normed_heads
 
 ROUTERS = ("softmax", "sigmoid")
 
@@ -132,6 +139,8 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.experts, cfg.hidden, cfg.expert_ffn, cfg.activation, device)
         self.shared = (SwiGLU(cfg.hidden, cfg.shared_experts * cfg.shared_expert_ffn, cfg.activation, False, device)
                        if cfg.shared_experts else None)
+        # Qwen2-MoE: the shared experts' output times sigmoid(token . w), one weight row
+        self.shared_gate = nn.Linear(cfg.hidden, 1, bias=False, device=device) if cfg.shared_expert_gate else None
         self.num_experts, self.top_k = cfg.experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor
         self.dispatcher: Callable = run_local   # runtime.expert_parallel sets the all-to-all one
@@ -149,7 +158,10 @@ class MoE(nn.Module):
         pairs = out.new_zeros(expert_of_pair.numel(), h).index_copy(0, kept, out)
         combined = (pairs.view(-1, self.top_k, h) * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
         if self.shared is not None:
-            combined = combined + self.shared(tokens)
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            combined = combined + shared
         return combined.view(B, T, h)
 
     def _within_capacity(self, order, counts: list[int]):
@@ -174,6 +186,10 @@ class MoEBlock(RotaryBlock):
         h = cfg.hidden
         self.n1 = nn.RMSNorm(h, eps=cfg.norm_eps, device=device)
         self._attention_inputs(cfg, device)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:   # Qwen3-MoE: one weight of head_dim shared by all heads, as Qwen3Block's
+            self.q_norm = HeadRMSNorm(cfg.head_dim, eps=cfg.norm_eps, device=device)
+            self.k_norm = HeadRMSNorm(cfg.head_dim, eps=cfg.norm_eps, device=device)
         self.o = nn.Linear(cfg.heads * cfg.head_dim, h, bias=cfg.out_bias, device=device)
         self.n2 = nn.RMSNorm(h, eps=cfg.norm_eps, device=device)
         if layer < cfg.dense_layers:
@@ -183,6 +199,9 @@ class MoEBlock(RotaryBlock):
             self.moe = None
         else:
             self.moe = MoE(cfg, device)
+
+    def heads(self, y, B: int, T: int):
+        return normed_heads(self, y, B, T) if self.qk_norm else super().heads(y, B, T)
 
     def forward(self, x):
         B, T, _ = x.shape
@@ -196,8 +215,11 @@ class MoEBlock(RotaryBlock):
 MOE = register(Architecture(**{
     **LLAMA.__dict__, "name": "moe", "block": MoEBlock,
     # a dense block's MLP and a shared expert's projections keep Llama's roles; the router
-    # and the routed experts are not split by tensor parallelism (expert parallelism instead)
-    "block_roles": {**LLAMA.block_roles},
+    # and the routed experts are not split by tensor parallelism (expert parallelism instead).
+    # q_norm and k_norm exist only with qk_norm (Qwen3-MoE), and are Qwen3's head norms.
+    "block_roles": {"n1": "norm", "q": "in", "k": "in", "v": "in", "q_norm": "norm", "k_norm": "norm", "o": "out",
+                    "n2": "norm", "gate": "in", "up": "in", "down": "out"},
+    "head_norms": {"q_norm": "q", "k_norm": "k"},
     "hf_names": {},
     "layered": True,
 }))

@@ -28,10 +28,16 @@ class Qwen3Block(LlamaBlock):
         self.k_norm = HeadRMSNorm(cfg.head_dim, eps=cfg.norm_eps, device=device)
 
     def heads(self, y, B: int, T: int):
-        q = self.q_norm(self.q(y).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k(y).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        v = self.v(y).view(B, T, -1, self.head_dim).transpose(1, 2)
-        return self.rotate(q), self.rotate(k), v
+        return normed_heads(self, y, B, T)
+
+
+def normed_heads(block, y, B: int, T: int):
+    """RotaryBlock.heads with each head of q and k normalised by `block.q_norm` and
+    `block.k_norm` before the rotation (also the MoE family's with qk_norm)."""
+    q = block.q_norm(block.q(y).view(B, T, -1, block.head_dim)).transpose(1, 2)
+    k = block.k_norm(block.k(y).view(B, T, -1, block.head_dim)).transpose(1, 2)
+    v = block.v(y).view(B, T, -1, block.head_dim).transpose(1, 2)
+    return block.rotate(q), block.rotate(k), v
 
 
 QWEN3 = register(Architecture(**{

@@ -14,7 +14,7 @@ from cost_models.units import GB, GIB, TERA
 from planner.cli.flags import CLUSTER_HELP, JSON_HELP, MODEL_HELP
 from planner.arch.layout import check_runnable
 from planner.cli.tables import add_wide_flag, console_for, new_table
-from planner.models import count_parameters
+from planner.models import active_parameters, count_parameters
 from planner.plan import Plan
 from planner.zoo import PRESETS, load_model
 
@@ -56,6 +56,7 @@ def _describe(args) -> int:
     cluster = parse_cluster(args.cluster)
     if args.json:
         print(json.dumps({"model": spec.name, "params": params,
+                          "active_params": active_parameters(model) if spec.config else params,
                           "config": spec.config.to_dict() if spec.config else None,
                           "cluster": cluster.to_dict()}))
         return 0
@@ -66,6 +67,9 @@ def _describe(args) -> int:
         console.print(f"  {c.arch}: {c.layers} layers, hidden {c.hidden}, {c.heads} heads "
                       f"({c.kv_heads} kv), ffn {c.ffn}, vocab {c.vocab}, max_seq {c.max_seq}, "
                       f"tied embeddings: {c.tie_embeddings}")
+        if c.is_moe:
+            console.print(f"  experts: {experts_text(c)}, {c.router} router; "
+                          f"{parameter_count(active_parameters(model))} active per token")
     console.print(f"[bold]cluster[/bold] {cluster.summary()}")
     return 0
 
@@ -75,21 +79,34 @@ def parameter_count(count: int) -> str:
     return f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"
 
 
+def experts_text(c) -> str:
+    """An MoE config's experts in a few words: "256 x 2048, top 8, +1 shared, 3 dense first"."""
+    return (f"{c.experts} x {c.expert_ffn}, top {c.top_k}"
+            + (f", +{c.shared_experts} shared" if c.shared_experts else "")
+            + (f", {c.dense_layers} dense first" if c.dense_layers else ""))
+
+
 def _models(args) -> int:
     rows = []
     for name, cfg in PRESETS.items():
-        params = count_parameters(load_model(name).build("meta"))
+        model = load_model(name).build("meta")
+        params = count_parameters(model)
+        # active: what one token's forward pass uses (the routed experts it is sent to)
         rows.append(dict(name=name, arch=cfg.arch, layers=cfg.layers, hidden=cfg.hidden,
                          heads=cfg.heads, kv_heads=cfg.kv_heads, ffn=cfg.ffn, vocab=cfg.vocab,
-                         params=params))
+                         experts=experts_text(cfg) if cfg.is_moe else None,
+                         params=params, active_params=active_parameters(model)))
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = new_table("model presets")
-    for col in ("name", "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "params"):
+    table = new_table("model presets (active: the parameters one token uses, embeddings included)")
+    for col in ("name", "arch", "layers", "hidden", "heads", "kv", "ffn", "vocab", "experts", "params", "active"):
         table.add_column(col, justify="left" if col in ("name", "arch") else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*[parameter_count(r[k]) if k == "params" else str(r[k]) for k in r])
+    for r, cfg in zip(rows, PRESETS.values()):
+        # within 100 columns: "top-k of routed(+shared)" experts; `describe` says the rest
+        experts = f"{cfg.top_k} of {cfg.experts}{f'+{cfg.shared_experts}' if cfg.shared_experts else ''}"
+        table.add_row(*[parameter_count(v) if k in ("params", "active_params") else
+                        (experts if cfg.is_moe else "-") if k == "experts" else str(v) for k, v in r.items()])
     console_for(table, wide=args.wide).print(table)
     return 0
 

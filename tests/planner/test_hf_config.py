@@ -109,7 +109,7 @@ def test_gemma2_softcaps_scores_in_unfused_attention_and_its_logits():
 
 @pytest.mark.parametrize("config, fragments", [
     ({"model_type": "bert", "hidden_size": 64}, ["model_type 'bert' is not a family", "gpt2, llama, mistral"]),
-    ({"model_type": "mixtral", "hidden_size": 64}, ["model_type 'mixtral'", "qwen3, gemma, gemma2, phi, phi3"]),
+    ({"model_type": "olmoe", "hidden_size": 64}, ["model_type 'olmoe'", "qwen3, gemma, gemma2, phi, phi3, mixtral"]),
     ({**SMALL["llama"][0], "quantization_config": {"quant_method": "bitsandbytes"}},
      ["quantization_config", "quantized weights are not modelled"]),
     ({**SMALL["phi"][0], "qk_layernorm": True}, ["qk_layernorm = True", "not modelled"]),

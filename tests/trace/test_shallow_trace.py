@@ -3,7 +3,7 @@ import pytest
 
 from planner.simulate import trace_spec
 from planner.trace import trace_model
-from planner.zoo import load_model
+from planner.zoo import PRESETS, load_model
 
 
 def _comparable(traced):
@@ -17,8 +17,13 @@ def _comparable(traced):
     return layers, costs, traced.param_count, traced.param_bytes, traced.fwd_flops, traced.bwd_flops
 
 
+# moe-tiny with Qwen's options: q/k head norms (Qwen3-MoE) and a gated shared expert (Qwen2-MoE)
+QWEN_MOE_TINY = {**PRESETS["moe-tiny"].to_dict(), "qk_norm": True, "shared_expert_gate": True, "name": "qwen-moe-tiny"}
+
+
 @pytest.mark.parametrize("name,micro_batch,precision", [("gpt-tiny", 2, "bf16"), ("llama-tiny", 3, "fp32"),
-                                                                ("moe-tiny", 2, "bf16")])
+                                                                ("moe-tiny", 2, "bf16"),
+                                                                pytest.param(QWEN_MOE_TINY, 1, "bf16", id="qwen-moe-tiny")])
 def test_expanded_shallow_trace_equals_full_trace(name, micro_batch, precision):
     spec = load_model(name)
     assert spec.config.layers > 2
