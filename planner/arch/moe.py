@@ -37,7 +37,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from planner.arch.base import Architecture, register
