@@ -26,7 +26,7 @@ PLAN_FLAGS = ("micro_batch", "dp", "tp", "pp", "zero", "checkpoint", "precision"
 def add_from_flag(parser) -> None:
     parser.add_argument("--from", dest="from_", nargs=2, metavar=("ENGINE", "SOURCE"),
                         help=f"import a job: ENGINE one of {', '.join(IMPORTERS)}; SOURCE its configuration file "
-                             f"(Megatron-LM: also a quoted launch line)")
+                             f"(Megatron-LM, torchtitan: also a quoted launch line)")
 
 
 def add_export_flag(parser) -> None:

@@ -1,32 +1,50 @@
 """Import and export a torchtitan job (pytorch/torchtitan b5bcd76).
 
 At that commit a run is configured by a Python function returning `Trainer.Config`
-(torchtitan/config/README.md); TOML job files are no longer read. What a run can write
-out is that config as JSON (`debug.save_config_file` or `print_config`:
-`Trainer.Config.to_dict()`, torchtitan/trainer.py), and that is what `--from torchtitan`
-reads: the sections training, parallelism, activation_checkpoint, compile and model_spec,
-a key left out taking the dataclass default of torchtitan/config/configs.py. The export
-writes the Python config module (run with `--module ... --config ...`), the same JSON, and a
-torchrun launch script.
+(torchtitan/config/README.md); TOML job files are no longer read. `--from torchtitan` reads
+either form a user has of a run:
+
+- its launch line, `torchrun ... -m torchtitan.train --module M --config C [--a.b v ...]`
+  (or `MODULE=M CONFIG=C ./run_train.sh ...`), quoted or in a file. `--module/--config` name
+  a function of torchtitan/models/M/config_registry.py (config/manager.py
+  ConfigManager._load_config); meshplan cannot run it, so it looks the recipe up in
+  planner/interop/data/torchtitan_recipes.json, which tools/make_torchtitan_recipes.py reads
+  from the source of llama3, qwen3, deepseek_v3 and gpt_oss (config_registry.py and the
+  flavors of models/M/__init__.py) and of tests/unit_tests/test_no_new_cli_options.py (every
+  command-line option). Each `--a.b v` is then applied as tyro applies it (manager.py
+  parse_args) to the recipe's sections, and what results goes through the mapping below;
+- the JSON of that config a run writes (`debug.save_config_file` or `print_config`:
+  `Trainer.Config.to_dict()`, torchtitan/trainer.py): the sections training, parallelism,
+  activation_checkpoint, compile and model_spec, a key left out taking the dataclass default
+  of torchtitan/config/configs.py.
+
+The export writes the Python config module (run with `--module ... --config ...`), the same
+JSON, and a torchrun launch script.
 
 Mapping (sources in torchtitan/): batch from training.num_tokens_per_microbatch_per_dp_rank,
 num_tokens_per_train_step and max_context_length (trainer.py); data_parallel_shard_degree
 > 1 is FSDP2, ZeRO-3 unless `fsdp_reshard_after_forward` is "never" or "default" with
 pipeline parallelism (distributed/fsdp.py get_fsdp_reshard_after_forward_policy), ZeRO-2
-then; data_parallel_replicate_degree alone is DDP (ZeRO 0); pipeline stages as
+then; data_parallel_replicate_degree alone is DDP (ZeRO 0); expert_parallel_degree is the
+plan's ep (distributed/parallel_dims.py borrows it from dp_shard x cp); pipeline stages as
 distributed/pipeline_parallel.py _generate_llm_fqn_per_model_part splits them;
 activation_checkpoint null / FullAC / SelectiveAC (distributed/activation_checkpoint.py);
-model_spec.flavor of llama3 (models/llama3/__init__.py).
+model_spec.flavor of llama3, qwen3, deepseek_v3 and gpt_oss (models/*/__init__.py). Refused
+in one line, as meshplan does not price them yet: float8 / MXFP8 / NVFP4 converters
+(components/quantization), context parallelism, a compiled model (compile.components holding
+"model"), multi-token prediction (deepseek_v3/mtp.py), component overrides (config/override.py).
 """
 from __future__ import annotations
 
 import json
 import math
+import shlex
+from pathlib import Path
 from dataclasses import replace
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import parse_json, shown
-from planner.interop.base import ExportFolder, Imported, SplitError, source_text, uniform_mode, whole
+from planner.interop.base import ExportFolder, Imported, SplitError, number, source_text, uniform_mode, whole
 
 OPEN = ()   # the config fixes every plan flag
 FILES = ("job_config.json", "meshplan_torchtitan.py", "launch.sh")
@@ -45,46 +63,36 @@ PARALLELISM = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree"
 # Settings meshplan does not model: accepted at these values only.
 AT_DEFAULT = {"training": ("dtype", "mixed_precision_reduce"),
               "parallelism": ("enable_fsdp_symm_mem", "module_fqns_per_model_part", "pipeline_parallel_schedule_csv",
-                              "context_parallel_degree", "expert_parallel_degree")}
+                              "context_parallel_degree")}
 AC_BASE = {"preserve_rng_state", "determinism_check", "debug"}
 SECTIONS = {"model_spec", "hf_assets_path", "dump_folder", "profiler", "metrics", "tokenizer", "dataloader",
             "optimizer", "lr_scheduler", "training", "parallelism", "checkpoint", "activation_checkpoint", "compile",
             "comm", "validator", "debug", "override", "loss"}
 SCHEDULES = {"1F1B": "1f1b", "GPipe": "gpipe", "Interleaved1F1B": "interleaved"}
-# llama3 flavors (torchtitan/models/llama3/__init__.py): layers, dim, heads, kv heads, vocab,
-# (multiple_of, ffn_dim_multiplier) of compute_ffn_hidden_dim, and meshplan's preset if any.
-FLAVORS = {"debugmodel": (6, 256, 16, 16, 2048, (256, None), None), "1B": (16, 2048, 32, 8, 128256, (1024, 1.5), None),
-           "3B": (28, 3072, 24, 8, 128256, (1024, 1.0), None), "8B": (32, 4096, 32, 8, 128256, (1024, 1.3), "llama3-8b"),
-           "70B": (80, 8192, 64, 8, 128256, (4096, 1.3), "llama3-70b"),
-           "405B": (126, 16384, 128, 8, 128256, (4096, 1.2), "llama3-405b")}
+# The recipes, model flavors and command-line options of torchtitan b5bcd76, read from its
+# source by tools/make_torchtitan_recipes.py (never typed by hand).
+TABLE = json.loads((Path(__file__).parent / "data" / "torchtitan_recipes.json").read_text())
+MODELS = TABLE["models"]               # {module: {flavor: ModelConfig fields (+ "differs")}}
+FLAVORS = MODELS["llama3"]             # what the export writes: llama3's flavors only
 RECIPES = {"debugmodel": "llama3_debugmodel", "70B": "llama3_70b", "405B": "llama3_405b"}   # else llama3_8b
+# meshplan's presets that are a torchtitan flavor: the import names the model as meshplan does.
+PRESET_OF = {("llama3", "8B"): "llama3-8b", ("llama3", "70B"): "llama3-70b", ("llama3", "405B"): "llama3-405b"}
 
 
-def ffn_dim(dim: int, multiple_of: int, multiplier) -> int:
-    """torchtitan/models/common/feed_forward.py compute_ffn_hidden_dim."""
-    hidden = int(2 * 4 * dim / 3)
-    if multiplier is not None:
-        hidden = int(multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def flavor_config(flavor: str, seq: int):
-    """meshplan's ModelConfig of a llama3 flavor (its preset where there is one)."""
+def flavor_config(flavor: str, seq: int, module: str = "llama3"):
+    """meshplan's ModelConfig of a torchtitan flavor (its preset where there is one)."""
     from planner.models import ModelConfig
     from planner.zoo import PRESETS
-    layers, dim, heads, kv, vocab, (multiple, mult), preset = FLAVORS[flavor]
-    if preset:
-        config = PRESETS[preset]
-    else:
-        config = ModelConfig("llama", layers, dim, heads, vocab, kv_heads=kv, ffn=ffn_dim(dim, multiple, mult),
-                             max_seq=8192, tie_embeddings=False, rope_theta=500000.0, name=f"torchtitan-llama3-{flavor}")
+    fields = {k: v for k, v in MODELS[module][flavor].items() if k != "differs"}
+    preset = PRESET_OF.get((module, flavor))
+    config = PRESETS[preset] if preset else ModelConfig(**fields, max_seq=8192, name=f"torchtitan-{module}-{flavor}")
     return replace(config, max_seq=max(config.max_seq, seq))   # its RoPE runs to 131072 tokens
 
 
 def _flavor_of(config) -> str | None:
-    for name, (layers, dim, heads, kv, vocab, (multiple, mult), _) in FLAVORS.items():
-        if (config.arch, config.layers, config.hidden, config.heads, config.kv_heads, config.vocab, config.ffn,
-                config.tie_embeddings) == ("llama", layers, dim, heads, kv, vocab, ffn_dim(dim, multiple, mult), False):
+    for name in FLAVORS:
+        known = flavor_config(name, config.max_seq)
+        if replace(known, name=config.name, max_seq=config.max_seq) == config:
             return name
     return None
 
@@ -108,21 +116,41 @@ def _section(config: dict, name: str, defaults: dict | None, where: str) -> dict
 
 
 def read(source: str, world: int, model=None, flags: dict | None = None) -> Imported:
-    """The job a torchtitan config JSON describes, on `world` GPUs."""
+    """The job a torchtitan config JSON or launch line describes, on `world` GPUs."""
     text, where = source_text(source, "torchtitan config")
-    config = parse_json(text, where)
-    if not isinstance(config, dict):
-        raise MeshplanError(f"{where} must be a JSON object (Trainer.Config.to_dict())")
+    if text.lstrip().startswith("{"):
+        config = parse_json(text, where)
+        if not isinstance(config, dict):
+            raise MeshplanError(f"{where} must be a JSON object (Trainer.Config.to_dict())")
+        notes = []
+    else:
+        config, notes = launch_config(text, where.replace("torchtitan config", "torchtitan launch line"))
+    return from_config(config, world, model, where, notes)
+
+
+def from_config(config: dict, world: int, model, where: str, notes: list) -> Imported:
+    """The mapping both forms share: Trainer.Config.to_dict()'s sections onto a Plan."""
     unknown = sorted(map(str, set(config) - SECTIONS))
     if unknown:
         raise MeshplanError(f"{where}: unknown section(s) {unknown}; torchtitan's: {', '.join(sorted(SECTIONS))}")
     training = _section(config, "training", TRAINING, where)
     par = _section(config, "parallelism", PARALLELISM, where)
-    if (config.get("compile") or {}).get("enable"):
-        raise MeshplanError(f"{where}: compile.enable (torch.compile) is not modelled by meshplan: set it false")
+    compiled = config.get("compile") or {}
+    # CompileConfig.components defaults to ["model", "loss"] (config/configs.py). Compiling only
+    # the loss (deepseek_v3's recipes) leaves every block's kernels as meshplan prices them.
+    if compiled.get("enable") and "model" in compiled.get("components", ["model", "loss"]):
+        raise MeshplanError(f"{where}: compile.enable with the model compiled (torch.compile) is not modelled by "
+                            f"meshplan: set compile.enable false or compile.components to loss")
+    if (config.get("override") or {}).get("imports"):
+        raise MeshplanError(f"{where}: override.imports swaps torchtitan components for other kernels, which "
+                            f"meshplan does not model: drop them")
     seq = whole(training["max_context_length"], f"{where}: training.max_context_length")
     spec = _model(config, model, seq, where)
-    tp, pp = (whole(par[k], f"{where}: parallelism.{k}") for k in ("tensor_parallel_degree", "pipeline_parallel_degree"))
+    named = config.get("model_spec")
+    if isinstance(named, dict) and "differs" in MODELS[named["name"]][named["flavor"]]:
+        notes.append(f"{named['name']} {named['flavor']}: {MODELS[named['name']][named['flavor']]['differs']}")
+    tp, pp, ep = (whole(par[k], f"{where}: parallelism.{k}")
+                  for k in ("tensor_parallel_degree", "pipeline_parallel_degree", "expert_parallel_degree"))
     replicate = whole(par["data_parallel_replicate_degree"], f"{where}: parallelism.data_parallel_replicate_degree")
     shard = par["data_parallel_shard_degree"]
     if shard == -1:                      # "leftover ranks" (configs.py)
@@ -144,7 +172,12 @@ def read(source: str, world: int, model=None, flags: dict | None = None) -> Impo
     precision = {"bfloat16": "bf16", "float32": "fp32"}.get(training["mixed_precision_param"])
     if precision is None:
         raise MeshplanError(f"{where}: training.mixed_precision_param takes bfloat16 or float32")
-    fields = dict(dp=dp, tp=tp, pp=pp, zero=zero, precision=precision, seq=seq,
+    if ep > 1 and not spec.config.is_moe:
+        raise MeshplanError(f"{where}: parallelism.expert_parallel_degree {ep} needs a Mixture-of-Experts model; "
+                            f"{spec.name} has no experts: set it to 1")
+    # torchtitan borrows the expert-parallel ranks from data_parallel_shard x cp
+    # (distributed/parallel_dims.py), as Plan.ep splits groups of ep data-parallel ranks.
+    fields = dict(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=precision, seq=seq,
                   sequence_parallel=tp > 1 and bool(par["enable_sequence_parallel"]),
                   offload_optimizer=bool(training["enable_cpu_offload"]))
     fields.update(_batch(training, par, dp, pp, seq, where))
@@ -153,9 +186,152 @@ def read(source: str, world: int, model=None, flags: dict | None = None) -> Impo
     fields["checkpoint"] = [_recompute(config, where)] * layers
     if fields["checkpoint"][0] == "none":
         fields["checkpoint"] = []
-    pinned = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
+    pinned = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
               "offload_optimizer", "precision")
-    return Imported("torchtitan", {}, fields, spec, [], pinned)
+    return Imported("torchtitan", {}, fields, spec, notes, pinned)
+
+
+# Launch lines: `torchrun ... -m torchtitan.train --module M --config C [--section.key value ...]`
+# (torchtitan/config/manager.py ConfigManager: --module/--config pick a config_registry
+# function; every other flag is a tyro override of that Trainer.Config, `--a.b v`, `--a.b=v`,
+# hyphens or underscores, a bool as `--a.b` / `--a.no-b`). run_train.sh takes MODULE= and
+# CONFIG= from the environment instead.
+LAUNCHERS = ("torchtitan.train", "run_train.sh", "./run_train.sh")
+CLI_OPTIONS = frozenset(TABLE["cli_options"])
+COMPILE = {"enable": False, "enable_async_tensor_parallel": False, "components": ["model", "loss"],
+           "backend": "inductor"}                                  # CompileConfig (config/configs.py)
+# Options a run takes that change nothing meshplan prices (data, logging, checkpoint files,
+# optimizer hyper-parameters, timeouts, seeds): read and left out, as the JSON form's sections are.
+NO_COST = ("checkpoint.", "comm.", "dataloader.", "debug.", "hf_assets_path", "dump_folder", "loss.",
+           "lr_scheduler.", "metrics.", "optimizer.", "profiler.", "tokenizer.", "validator.",
+           "activation_checkpoint.preserve_rng_state", "activation_checkpoint.determinism_check",
+           "activation_checkpoint.debug")
+# model_registry(...) options that change which kernels run where meshplan prices the standard ones.
+KERNEL_NOTES = {"moe_comm_backend": "its MoE all-to-all backend {v!r} is priced as the standard all-to-all",
+                "tp_gemm_backend": "its tensor-parallel GEMM backend {v!r} (async TP) is priced as plain TP"}
+
+
+def launch_config(text: str, where: str) -> tuple[dict, list]:
+    """(Trainer.Config.to_dict()'s sections, notes) of a torchtitan launch line."""
+    try:
+        tokens = shlex.split(text.replace("\\\n", " "), comments=True)
+    except ValueError as exc:
+        raise MeshplanError(f"{where}: cannot split the launch line ({exc}): check its quotes") from None
+    env = {}
+    start = None
+    for i, token in enumerate(tokens):
+        if start is None and "=" in token and not token.startswith("-") and token.split("=")[0].isidentifier():
+            key, value = token.split("=", 1)
+            env[key] = value                               # MODULE=llama3 CONFIG=... ./run_train.sh
+        if token in LAUNCHERS or token.endswith("/run_train.sh"):
+            start = i + 1
+            break
+    if start is None:
+        first = [i for i, t in enumerate(tokens) if t.split("=")[0] in ("--module", "--config")]
+        if not first:
+            raise MeshplanError(f"{where}: no --module and --config (torchtitan's launch line: torchrun ... -m "
+                                f"torchtitan.train --module llama3 --config llama3_8b)")
+        start = first[0]
+    module, name = env.get("MODULE"), env.get("CONFIG")
+    overrides = []
+    args = tokens[start:]
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise MeshplanError(f"{where}: {token!r} is no torchtitan option (each is --section.key value)")
+        key, eq, value = token[2:].partition("=")
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        elif not eq:
+            value = None                                   # a bool flag
+        i += 1
+        if key in ("module", "config"):
+            if not value:
+                raise MeshplanError(f"{where}: --{key} needs a value")
+            module, name = (value, name) if key == "module" else (module, value)
+            continue
+        overrides.append((key, value))
+    if not module or not name:
+        raise MeshplanError(f"{where}: give both --module and --config (e.g. --module llama3 --config llama3_8b)")
+    config, notes = recipe_config(module, name, where)
+    for key, value in overrides:
+        _override(config, key, value, where)
+    return config, notes
+
+
+def recipe_config(module: str, name: str, where: str) -> tuple[dict, list]:
+    """The sections a config_registry recipe sets, with Trainer.Config's defaults under them."""
+    recipes = TABLE["recipes"]
+    if module.startswith("torchtitan.models."):                # the fully qualified form
+        module = module.removeprefix("torchtitan.models.").removesuffix(".config_registry")
+    if module not in recipes:
+        raise MeshplanError(f"{where}: --module {module} is not one meshplan reads; it reads "
+                            f"{', '.join(recipes)} (torchtitan b5bcd76)")
+    recipe = recipes[module].get(name)
+    if recipe is None:
+        raise MeshplanError(f"{where}: --config {name} is not a {module} recipe of torchtitan b5bcd76; known: "
+                            f"{', '.join(recipes[module])}")
+    if recipe["unreadable"]:
+        raise MeshplanError(f"{where}: recipe {name} does what meshplan does not model ({recipe['unreadable'][0]})")
+    model = recipe["model"]
+    quantized = [c for c in model["converters"] if c.startswith(("Float8", "MXFP8", "NVFP4"))]
+    if quantized:
+        bits = "fp4" if quantized[0].startswith("NVFP4") else "fp8"
+        raise MeshplanError(f"{where}: recipe {name} trains in {bits} ({quantized[0]}); meshplan does not price "
+                            f"precision {bits} yet: use a bf16 recipe")
+    if model["converters"]:
+        raise MeshplanError(f"{where}: recipe {name}'s {model['converters'][0]} is not modelled by meshplan")
+    if model["options"].get("num_mtp_layers"):
+        raise MeshplanError(f"{where}: recipe {name}'s multi-token-prediction layers are not modelled by meshplan")
+    notes = [KERNEL_NOTES[k].format(v=v) for k, v in model["options"].items()
+             if k in KERNEL_NOTES and v not in ("standard", "default")]
+    ac = {None: None, "full": {}, "selective": {"force_recompute_mm_shapes_by_fqns": ["moe.router.gate"]}}
+    config = {"model_spec": {"name": module, "flavor": model["flavor"]},
+              "training": dict(recipe["training"]), "parallelism": dict(recipe["parallelism"]),
+              "activation_checkpoint": ac[recipe["activation_checkpoint"]],
+              "compile": {**COMPILE, **recipe["compile"]}}
+    return config, notes
+
+
+def _override(config: dict, key: str, value, where: str) -> None:
+    """One `--section.key value` applied as tyro would, or one line saying why not."""
+    key = key.replace("-", "_")
+    section, _, leaf = key.rpartition(".")
+    negated = leaf.startswith("no_") and f"{section}.{leaf[3:]}" in CLI_OPTIONS and key not in CLI_OPTIONS
+    if negated:
+        key, leaf = f"{section}.{leaf[3:]}", leaf[3:]
+    if key not in CLI_OPTIONS:
+        raise MeshplanError(f"{where}: --{key} is not a torchtitan b5bcd76 command-line option")
+    if key.startswith(NO_COST):
+        return
+    defaults = {"training": TRAINING, "parallelism": PARALLELISM, "compile": COMPILE}.get(section)
+    if defaults is None or leaf not in defaults:
+        raise MeshplanError(f"{where}: --{key} is not mapped by meshplan's import: set it in the recipe and "
+                            f"import its JSON dump (debug.save_config_file) instead")
+    default = defaults[leaf]
+    flag = f"--{key}"
+    if isinstance(default, bool):
+        if value is None:
+            parsed = not negated
+        elif str(value).lower() in ("true", "false") and not negated:
+            parsed = str(value).lower() == "true"
+        else:
+            raise MeshplanError(f"{where}: {flag} is a switch (--{key} or --{section}.no-{leaf}), got {value!r}")
+    elif value is None:
+        raise MeshplanError(f"{where}: {flag} needs a value")
+    elif isinstance(default, list):
+        parsed = [v for v in value.split(",") if v]
+    elif isinstance(default, float):
+        parsed = number(value, flag)
+    elif isinstance(default, int) or leaf == "pipeline_parallel_layers_per_stage":
+        parsed = whole(value, flag, low=-1)
+    else:
+        parsed = value
+    target = config.setdefault(section, {})
+    if target is None:
+        target = config[section] = {}
+    target[leaf] = parsed
 
 
 def _model(config: dict, model, seq: int, where: str):
@@ -167,17 +343,18 @@ def _model(config: dict, model, seq: int, where: str):
         if model.config is None:
             raise MeshplanError("torchtitan trains its own model definitions: give a preset or JSON model")
         return model
-    if not isinstance(spec, dict) or spec.get("name") != "llama3" or spec.get("flavor") not in FLAVORS:
-        name = spec.get("name") if isinstance(spec, dict) else spec
-        flavor = spec.get("flavor") if isinstance(spec, dict) else None
-        raise MeshplanError(f"{where}: model_spec {name} {flavor} is not one meshplan knows: it reads llama3 "
-                            f"flavors ({', '.join(FLAVORS)}); drop model_spec and give --model")
+    name = spec.get("name") if isinstance(spec, dict) else spec
+    flavor = spec.get("flavor") if isinstance(spec, dict) else None
+    if name not in MODELS or flavor not in MODELS[name]:
+        known = "; ".join(f"{m}: {', '.join(MODELS[m])}" for m in MODELS)
+        raise MeshplanError(f"{where}: model_spec {name} {flavor} is not one meshplan knows ({known}); drop "
+                            f"model_spec and give --model")
     if model is not None:
-        raise MeshplanError(f"{where} names the model (llama3 {spec['flavor']}): drop --model")
+        raise MeshplanError(f"{where} names the model ({name} {flavor}): drop --model")
     quantized = [k for k in ("float8", "mxfp8", "nvfp4") if k in json.dumps(spec.get("model", {})).lower()]
     if quantized:
         raise MeshplanError(f"{where}: the model's {quantized[0]} linears are not modelled by meshplan")
-    config = flavor_config(spec["flavor"], seq)
+    config = flavor_config(flavor, seq, name)
     return ModelSpec(config.name, config)
 
 
@@ -266,7 +443,7 @@ def job_config(plan, flavor: str) -> dict:
                tensor_parallel_degree=plan.tp, enable_sequence_parallel=plan.sequence_parallel or plan.tp == 1,
                pipeline_parallel_degree=plan.pp)
     if plan.pp > 1:
-        layers = FLAVORS[flavor][0]
+        layers = FLAVORS[flavor]["layers"]
         inverse = {v: k for k, v in SCHEDULES.items()}
         par.update(pipeline_parallel_schedule=inverse[plan.schedule], num_pp_microbatches=plan.grad_accum)
         if (plan.interleave > 1) != (plan.schedule == "interleaved"):

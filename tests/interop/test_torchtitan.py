@@ -1,5 +1,8 @@
 """`--from torchtitan` and `--export torchtitan`: the JSON torchtitan writes of its config
-(Trainer.Config.to_dict(), b5bcd76) read with its defaults and rules; the export's keys
+(Trainer.Config.to_dict(), b5bcd76) read with its defaults and rules; its launch lines
+(`--module M --config C` recipes of torchtitan/models/M/config_registry.py, `--a.b v`
+overrides) read through the same mapping, the expected values below read from that source by
+hand, not from planner/interop/data/torchtitan_recipes.json; the export's keys
 checked against the field names read from torchtitan's source
 (tests/fixtures/interop/engine_config_keys.json); export -> import -> the same plan and step."""
 import json
@@ -8,7 +11,11 @@ from dataclasses import replace
 import pytest
 
 from cost_models import MeshplanError, parse_cluster
-from helpers import FIXTURES, assert_user_error
+import os
+import subprocess
+import sys
+
+from helpers import FIXTURES, REPO, assert_user_error
 from planner.interop import export_plan, import_job
 from planner.interop.base import SplitError
 from planner.interop.torchtitan import flavor_config, split_stages
@@ -65,7 +72,9 @@ def test_split_matches_torchtitans_example():
     ({"parallelism": {"context_parallel_degree": 2}}, "context_parallel_degree"),
     ({"compile": {"enable": True}}, "torch.compile"),
     ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "ZBVZeroBubble"}}, "ZBVZeroBubble"),
-    ({"model_spec": {"name": "deepseek_v3", "flavor": "16B"}}, "llama3 flavors"),
+    ({"model_spec": {"name": "flux", "flavor": "flux-dev"}}, "not one meshplan knows"),
+    ({"compile": {"enable": True, "components": ["model"]}}, "compile.components to loss"),
+    ({"override": {"imports": ["torchtitan.overrides.fused_swiglu.fused_swiglu"]}}, "override.imports"),
     ({"training": {"num_tokens_per_microbatch_per_dp_rank": 3000}}, "whole number of max_context_length"),
 ])
 def test_bad_configs_get_one_line(cli, tmp_path, config, fragment):
@@ -116,3 +125,125 @@ def test_export_refuses_a_model_torchtitan_has_not(tmp_path):
     best = search("gpt3-125m", cluster, 32, 512, top_k=1, engine="torchtitan")[0]
     with pytest.raises(MeshplanError, match="named flavors"):
         export_plan("torchtitan", best, load_model("gpt3-125m"), cluster, str(tmp_path))
+
+
+def _line(line, world=16):
+    return import_job("torchtitan", line, world)
+
+
+def test_llama3_8b_recipe():
+    """torchtitan/models/llama3/config_registry.py llama3_8b: model_registry("8B"),
+    TrainingConfig(num_tokens_per_microbatch_per_dp_rank=1 * 8192, max_context_length=8192),
+    no ParallelismConfig (data_parallel_shard_degree -1: every rank FSDP), SelectiveAC.
+    models/llama3/__init__.py _8b: dim 4096, 32 layers, 32 heads, 8 kv heads, vocab 128256,
+    compute_ffn_hidden_dim(4096, multiple_of=1024, ffn_dim_multiplier=1.3) = 14336."""
+    job = _line("torchrun --nnodes 2 --nproc_per_node 8 -m torchtitan.train --module llama3 --config llama3_8b")
+    f = job.fields
+    assert (f["dp"], f["tp"], f["pp"], f["ep"], f["zero"]) == (16, 1, 1, 1, 3)
+    assert (f["micro_batch"], f["global_batch"], f["seq"], f["precision"]) == (1, 16, 8192, "bf16")
+    assert f["checkpoint"] == ["selective"] * 32
+    c = job.model.config
+    assert (c.layers, c.hidden, c.heads, c.kv_heads, c.vocab, c.ffn, c.tie_embeddings) == \
+        (32, 4096, 32, 8, 128256, 14336, False)
+    assert job.model.name == "llama3-8b" and job.notes == []
+
+
+def test_moe_recipe_maps_expert_parallelism():
+    """deepseek_v3/config_registry.py deepseek_v3_16b: model_registry("16B"), 4 * 4096 tokens
+    per micro-batch at max_context_length 4096, ParallelismConfig(expert_parallel_degree=8,
+    pipeline_parallel_schedule="Interleaved1F1B"), SelectiveAC, CompileConfig(enable=True,
+    components=["loss"]) (the model is not compiled). deepseek_v3/__init__.py _16b: dim 2048,
+    27 layers, vocab 102400, 16 heads (MLA, q_lora_rank 0, v_head_dim 128), 64 experts,
+    router_top_k 6, softmax, route_norm False (build_mla_moe_layers' default), moe_hidden_dim
+    1408, 2 shared experts built as one FFN of 2 x 1408, 1 dense layer of 10944."""
+    job = _line("NGPU=16 MODULE=deepseek_v3 CONFIG=deepseek_v3_16b ./run_train.sh")
+    f = job.fields
+    assert (f["dp"], f["ep"], f["tp"], f["pp"], f["zero"]) == (16, 8, 1, 1, 3)
+    assert (f["micro_batch"], f["global_batch"], f["seq"]) == (4, 64, 4096)
+    assert f["checkpoint"] == ["selective"] * 27
+    c = job.model.config
+    assert (c.arch, c.layers, c.hidden, c.heads, c.head_dim, c.vocab) == ("moe", 27, 2048, 16, 128, 102400)
+    assert (c.experts, c.top_k, c.expert_ffn, c.shared_experts, c.shared_expert_ffn) == (64, 6, 1408, 1, 2816)
+    assert (c.dense_layers, c.dense_ffn, c.router, c.router_normalize) == (1, 10944, "softmax", False)
+    assert any("latent attention" in n for n in job.notes)          # the stand-in is said
+    plan = job.plan(job.model.name, "dgx-h100:2")
+    assert plan.ep == 8
+
+
+def test_moe_shapes_of_qwen3_and_gpt_oss():
+    """qwen3/__init__.py _30b_a3b: dim 2048, 48 layers, 32 heads, 4 kv heads, head_dim 128,
+    vocab 151936, 128 experts, top_k 8, moe_hidden_dim 768, rope theta 1e6; its recipe
+    qwen3_30b_a3b: 2 * 4096 tokens, seq 4096, FullAC. gpt_oss/__init__.py _20b: dim 2880, 24
+    layers, vocab 201088, 32 experts, top_k 4, hidden_dim 2880, attention helper defaults 64
+    heads of 64, 8 kv heads, biased wqkv and wo; its recipe gpt_oss_20b: 8192 tokens, FullAC."""
+    qwen = _line("--module qwen3 --config qwen3_30b_a3b", 8)
+    c = qwen.model.config
+    assert (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.vocab) == (48, 2048, 32, 4, 128, 151936)
+    assert (c.experts, c.top_k, c.expert_ffn, c.rope_theta) == (128, 8, 768, 1e6)
+    assert (qwen.fields["micro_batch"], qwen.fields["seq"], qwen.fields["checkpoint"][0]) == (2, 4096, "full")
+    oss = _line("--module gpt_oss --config gpt_oss_20b", 8)
+    c = oss.model.config
+    assert (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.vocab) == (24, 2880, 64, 8, 64, 201088)
+    assert (c.experts, c.top_k, c.expert_ffn, c.qkv_bias, c.out_bias) == (32, 4, 2880, True, True)
+    assert (oss.fields["micro_batch"], oss.fields["seq"], oss.fields["checkpoint"][0]) == (1, 8192, "full")
+
+
+def test_deepseek_671b_is_the_published_runs_model():
+    """The import prices the same stand-in model as benchmarks/data/moe_runs.json's
+    deepseek-v3-gqa (both from deepseek_v3/__init__.py _671b)."""
+    published = json.loads((REPO / "benchmarks" / "data" / "moe_runs.json").read_text())
+    expected = published["models"]["deepseek-v3-gqa"]["config"]
+    got = flavor_config("671B", 4096, "deepseek_v3").to_dict()
+    assert {k: got[k] for k in expected if k not in ("name", "max_seq")} == \
+        {k: v for k, v in expected.items() if k not in ("name", "max_seq")}
+
+
+def test_overrides_apply():
+    """tyro's forms: `--a.b v`, `--a.b=v`, hyphens, a bool switch and its `no-` form; options
+    that change nothing priced (training.steps, metrics) are read past."""
+    job = _line("torchrun -m torchtitan.train --module llama3 --config llama3_8b "
+                "--parallelism.tensor_parallel_degree 2 --parallelism.pipeline-parallel-degree=2 "
+                "--parallelism.num_pp_microbatches 4 --training.num_tokens_per_microbatch_per_dp_rank 16384 "
+                "--training.max_context_length 4096 --training.mixed_precision_param float32 "
+                "--parallelism.no-enable-sequence-parallel --training.steps 10 --metrics.log_freq 1 "
+                "--compile.no-enable")
+    f = job.fields
+    assert (f["dp"], f["tp"], f["pp"], f["zero"]) == (4, 2, 2, 2)   # "default" reshard with pp: ZeRO-2
+    assert (f["micro_batch"], f["global_batch"], f["seq"], f["precision"]) == (4, 64, 4096, "fp32")
+    assert f["sequence_parallel"] is False and len(f["stages"]) == 2
+    moe = _line("--module qwen3 --config qwen3_moe_debug --parallelism.expert_parallel_degree 4", 8)
+    assert (moe.fields["dp"], moe.fields["ep"]) == (8, 4)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("--module llama3 --config llama3_9b", "known: llama3_405b, llama3_70b, llama3_8b,"),
+    ("--module mixtral --config mixtral_8x7b", "it reads deepseek_v3, gpt_oss, llama3, qwen3"),
+    ("--module llama3 --config llama3_8b --training.seq_len 2048", "--training.seq_len is not a torchtitan"),
+    ("--module llama3 --config llama3_8b --override.imports my.kernel", "not mapped"),
+    ("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 2", "context_parallel_degree"),
+    ("--module llama3 --config llama3_8b_mxfp8", "precision fp8"),
+    ("--module deepseek_v3 --config deepseek_v3_671b_float8", "precision fp8"),
+    ("--module deepseek_v3 --config deepseek_v3_debugmodel_mtp", "multi-token-prediction"),
+    ("--module llama3 --config llama3_8b --compile.enable", "torch.compile"),
+    ("--module llama3 --config llama3_8b --parallelism.expert_parallel_degree 2", "Mixture-of-Experts"),
+    ("torchrun -m torchtitan.train --config llama3_8b", "give both --module and --config"),
+])
+def test_bad_launch_lines_get_one_line(cli, line, fragment):
+    assert_user_error(cli("simulate", "--from", "torchtitan", line, "--cluster", "h100-sxm-80gb:2x8"), fragment)
+
+
+@pytest.mark.skipif(not os.environ.get("TORCHTITAN_GIT_DIR"), reason="set TORCHTITAN_GIT_DIR to a torchtitan clone")
+def test_recipe_table_is_what_the_generator_writes():
+    """planner/interop/data/torchtitan_recipes.json is tools/make_torchtitan_recipes.py's output."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "make_torchtitan_recipes.py"),
+                          os.environ["TORCHTITAN_GIT_DIR"]], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == json.loads((REPO / "planner" / "interop" / "data" / "torchtitan_recipes.json").read_text())
+
+
+def test_readme_launch_line_example(cli):
+    """The README's torchtitan import: the launch line in examples/engines/torchtitan_launch.sh
+    (a backslash-continued torchrun line with comments) prints the line the README shows."""
+    proc = cli("simulate", "--from", "torchtitan", "examples/engines/torchtitan_launch.sh", "--cluster", "dgx-h100:2")
+    assert proc.returncode == 0, proc.stderr
+    shown = (REPO / "README.md").read_text().split("torchtitan_launch.sh --cluster dgx-h100:2\n", 1)[1]
+    assert proc.stdout.splitlines()[0] == shown.splitlines()[0]
