@@ -1,6 +1,7 @@
 """Regenerate planner/interop/data/torchtitan_recipes.json from torchtitan's own source.
 
     python3 tools/make_torchtitan_recipes.py TORCHTITAN_GIT_DIR > planner/interop/data/torchtitan_recipes.json
+    python3 tools/make_torchtitan_recipes.py TORCHTITAN_GIT_DIR --check    # is the shipped table current?
 
 TORCHTITAN_GIT_DIR is a clone (bare is fine) of pytorch/torchtitan; the files are read at
 COMMIT with `git show`, never imported (torchtitan needs a CUDA torch and tyro to import).
@@ -30,6 +31,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 COMMIT = "b5bcd76c66d0acb1a08b176d9639425bc55e0b2a"
 MODULES = ("llama3", "qwen3", "deepseek_v3", "gpt_oss")
@@ -427,7 +429,15 @@ def main(git_dir: str) -> dict:
     }
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "planner" / "interop" / "data" / "torchtitan_recipes.json"
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--check"]
+    if len(args) != 1:
         raise SystemExit(__doc__.split("\n\n")[1])
-    print(json.dumps(main(sys.argv[1]), indent=1, sort_keys=True))
+    table = main(args[0])
+    if "--check" in sys.argv:   # the shipped table is this script's output (a maintainer's check; needs the clone)
+        same = table == json.loads(SHIPPED.read_text())
+        print(f"{SHIPPED}: {'matches' if same else 'DIFFERS FROM'} the source at {COMMIT}")
+        raise SystemExit(0 if same else 1)
+    print(json.dumps(table, indent=1, sort_keys=True))
