@@ -11,7 +11,7 @@ A file.py:factory model is built from the seed the same way, cut into stages by
 torch.fx and split over tp on the linears its layout names (runtime.modules, runtime.split);
 it trains on its example_inputs and backpropagates the loss its forward returns.
 
-Order per part: tensor parallel -> activation checkpointing -> autocast (pipeline
+Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel -> activation checkpointing -> autocast (pipeline
 stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
 
 A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
@@ -38,6 +38,7 @@ from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
+from runtime import expert_parallel
 from runtime import optim as optim_mod
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
@@ -52,6 +53,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
+    expert_parallel.check(spec.config, plan)
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
         check_schedule(plan)
@@ -102,6 +104,8 @@ class Engine:
         for v, part in parts.items():
             part.to(self.device)
             blocks = self.factory.blocks(part) if self.factory else {int(k): b for k, b in part.blocks.items()}
+            if plan.ep > 1:
+                expert_parallel.apply_expert_parallel(part, rt.expert_mesh)
             if layout is not None:
                 tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
             elif self.factory and plan.tp > 1:
