@@ -95,7 +95,8 @@ class ExpertSlice(Experts):
     grad_scale = 1.0
 
     def forward(self, tokens, counts: list[int]):
-        w = [_ScaleGrad.apply(_local(p), self.grad_scale) for p in (self.w_gate, self.w_up, self.w_down)]
+        # in the tokens' dtype: FSDP casts the weights it manages (edp > 1), not these when edp is 1
+        w = [_ScaleGrad.apply(_local(p), self.grad_scale).to(tokens.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
         return Experts.forward(SimpleNamespace(w_gate=w[0], w_up=w[1], w_down=w[2], act=self.act), tokens, counts)
 
 

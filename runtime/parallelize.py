@@ -224,7 +224,13 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
     module}, default a Decoder part's) and the part's root; returns the module to call."""
     dp = plan.dp
     blocks = part.blocks if blocks is None else blocks
+    # an expert slice is data-parallel over the edp ranks holding the same one
+    # (runtime.expert_parallel, which also scales its gradient so that averaging over edp
+    # divides by dp); with edp 1 nothing is left to reduce, and FSDP and replicate would
+    # still run their collectives on a one-rank group, so the slices stay out of them
     experts = expert_modules(part) if plan.ep > 1 else []
+    wrapped = experts if plan.dp // plan.ep > 1 else []
+    ignored = {"ignored_params": {p for m in experts for p in m.parameters()}} if experts and not wrapped else {}
     if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         dtype = PRECISION_DTYPES[plan.precision]
@@ -236,22 +242,20 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
             for norm in [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
                 fully_shard(norm, **{**kw, "mp_policy": fp32})
-        # an expert slice over the edp ranks holding the same one (runtime.expert_parallel, which
-        # also scales its gradient so that averaging over edp divides by dp)
-        for module in experts:
+        for module in wrapped:
             fully_shard(module, **{**kw, "mesh": rt.expert_mesh["edp"]})
         for block in blocks.values():
-            fully_shard(block, **kw)
-        fully_shard(part, **kw)
+            fully_shard(block, **kw, **ignored)
+        fully_shard(part, **kw, **ignored)
         return part
     if dp == 1:
         return part
     replicate = fsdp_replicate()
-    for module in experts:
+    for module in wrapped:
         replicate(module, mesh=rt.expert_mesh["edp"])
     for block in blocks.values():
-        replicate(block, mesh=rt.submesh("dp"))
-    replicate(part, mesh=rt.submesh("dp"))
+        replicate(block, mesh=rt.submesh("dp"), **ignored)
+    replicate(part, mesh=rt.submesh("dp"), **ignored)
     return part
 
 def uses_fsdp_precision(plan: Plan) -> bool:
