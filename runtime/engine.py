@@ -53,13 +53,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
-    expert_parallel.check(spec.config, plan)
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
         check_schedule(plan)
-        FactoryModel(spec, plan, "meta").check()
+        factory = FactoryModel(spec, plan, "meta")
+        factory.check()
+        expert_parallel.check(spec.name, factory.module, plan)
         return
     cfg = spec.config
+    if plan.ep > 1:
+        expert_parallel.check(spec.name, spec.build("meta"), plan)
     plan.check_fits(cfg.layers)
     if plan.seq > cfg.max_seq:
         raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")

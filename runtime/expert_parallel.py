@@ -62,18 +62,19 @@ def expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, tuple(sizes[d] for d in dims), mesh_dim_names=tuple(dims))
 
 
-def check(cfg, plan: Plan):
-    """What an ep plan needs of the model, checked before any process group starts."""
+def check(name: str, module: nn.Module, plan: Plan):
+    """What an ep plan needs of the model (`module`, on the meta device will do), checked
+    before any process group starts: MoE layers (planner.arch.moe.MoE, in a zoo model or
+    inside a file.py:factory one), each with a number of experts ep divides."""
     if plan.ep == 1:
         return
-    if cfg is None:
-        raise MeshplanError("expert parallelism (ep > 1) runs the zoo's and config files' MoE models, not a "
-                            "file.py:factory model: use ep 1")
-    if not cfg.is_moe:
-        raise MeshplanError(f"ep {plan.ep} needs a Mixture-of-Experts model ({cfg.name or cfg.arch} has no "
-                            f"experts): use ep 1")
-    if cfg.experts % plan.ep:
-        raise MeshplanError(f"ep {plan.ep} must divide the model's {cfg.experts} experts: change ep")
+    layers = moe_layers(module)
+    if not layers:
+        raise MeshplanError(f"ep {plan.ep} needs a Mixture-of-Experts model ({name} has no "
+                            f"planner.arch.moe.MoE layers): use ep 1")
+    for moe in layers:
+        if moe.num_experts % plan.ep:
+            raise MeshplanError(f"ep {plan.ep} must divide the model's {moe.num_experts} experts: change ep")
 
 
 class ExpertSlice(Experts):

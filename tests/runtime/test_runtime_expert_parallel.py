@@ -11,7 +11,10 @@ so each expert slice reduces over edp divided by dp, not edp; and the loss and t
 gradient norm to the equivalence tests' 1e-5. Clipping is off, so the gradients are raw.
 
 A checkpoint of an ep plan resumes under the same plan bit for bit, and under ep4 and
-ep 1 (DCP reshards the (E, ...) expert tensors) to the same step-3 loss.
+ep 1 (DCP reshards the (E, ...) expert tensors) to the same step-3 loss. A file.py:factory
+model made of planner.arch.moe blocks trains under ep2 x pp2 - cut by runtime.split - as in
+one process (on torch < 2.13, whose pipelines cannot pass its integer targets, under ep2 x
+dp4).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import pytest
 import torch
 
 from cost_models.errors import MeshplanError
+from helpers import FIXTURES, REPO
 from planner.plan import Plan
+from planner.torch_compat import pipeline_passes_integer_tensors
 from planner.zoo import load_model
 from runtime_helpers import drop_checkpoints_after, read_jsonl, run_ranks, train_many, write_plan
 
@@ -71,27 +76,39 @@ def _one_step(rank: int, cases: dict, out_dir: str):
             torch.distributed.barrier()
 
 
-def _train_args(plan, log, extra=()):
-    return ["--model", "moe-tiny", "--plan", str(plan), "--steps", "3", "--log-json", str(log), "--quiet",
-            "--device", "cpu", "--seed", "3", "--lr", "1e-2", *extra]
+def _one_step_then_train(rank: int, cases: dict, out_dir: str, runs: list):
+    _one_step(rank, cases, out_dir)
+    train_many(rank, runs)
+
+
+def _train_args(plan, log, extra=(), model="moe-tiny"):
+    return ["--model", model, "--plan", str(plan), "--steps", "3", "--log-json", str(log), "--quiet",
+            "--device", "cpu", "--seed", "3", "--lr", "1e-2", *map(str, extra)]
+
+
+FACTORY = f"{FIXTURES}/moe_factory.py:factory"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("expert_parallel")
-    run_ranks(1, _one_step, {"reference": REFERENCE}, str(d), timeout=120)
+    alone = write_plan(d / "factory-1.json", micro_batch=2, **BASE)
+    run_ranks(1, _one_step_then_train, {"reference": REFERENCE}, str(d),
+              [_train_args(alone, d / "factory-1.jsonl", model=FACTORY)], timeout=120)
+    split = dict(pp=2, dp=2, ep=2, schedule="1f1b") if pipeline_passes_integer_tensors() else dict(dp=4, ep=2)
+    factory = write_plan(d / "factory-ep.json", micro_batch=1, **split, **BASE)
     # Checkpoints: ep2 x dp4 ZeRO 2 saves at step 2; steps 3 again from it under the same plan,
     # under ep4 ZeRO 3 and under plain dp4 (ep 1).
     saving = write_plan(d / "ep2-zero2.json", dp=4, ep=2, zero=2, micro_batch=1, **BASE)
     resumes = {"same": saving, "ep4-zero3": write_plan(d / "ep4-zero3.json", dp=4, ep=4, zero=3, micro_batch=2, **BASE),
                "ep1": write_plan(d / "dp4.json", dp=4, micro_batch=1, **BASE)}
     ckpt = d / "ckpt"
-    jobs = [_train_args(saving, d / "straight.jsonl", ("--checkpoint-dir", ckpt, "--checkpoint-every", "2"))]
+    jobs = [_train_args(factory, d / "factory-ep.jsonl", model=FACTORY),
+            _train_args(saving, d / "straight.jsonl", ("--checkpoint-dir", ckpt, "--checkpoint-every", "2"))]
     for name, plan in resumes.items():
         jobs += [functools.partial(drop_checkpoints_after, ckpt, 2),
                  _train_args(plan, d / f"resume-{name}.jsonl", ("--checkpoint-dir", ckpt, "--resume"))]
-    run_ranks(4, _one_step, CASES, str(d), timeout=300)
-    run_ranks(4, train_many, [[str(a) for a in j] if isinstance(j, list) else j for j in jobs], timeout=300)
+    run_ranks(4, _one_step_then_train, CASES, str(d), jobs, timeout=300)
     return d
 
 
@@ -124,12 +141,20 @@ def test_ep_checkpoint_resumes_under_any_ep(runs):
         assert resumed["grad_norm"] == pytest.approx(straight[2]["grad_norm"], rel=BOUND), name
 
 
+def test_a_factory_moe_model_trains_under_ep_as_in_one_process(runs):
+    alone, split = read_jsonl(runs / "factory-1.jsonl"), read_jsonl(runs / "factory-ep.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3]
+    for a, b in zip(split, alone):
+        assert a["loss"] == pytest.approx(b["loss"], rel=BOUND) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=BOUND)
+
+
 @pytest.mark.parametrize("model, fields, words", [
     ("gpt-tiny", dict(dp=4, ep=2), "needs a Mixture-of-Experts model"),
+    (f"{REPO}/examples/mlp.py:factory", dict(dp=4, ep=2, seq=1), "needs a Mixture-of-Experts model"),
     ("moe-tiny", dict(dp=8, ep=8), "must divide the model's 4 experts"),
 ])
 def test_ep_plans_the_runtime_cannot_run_are_refused_in_one_line(model, fields, words):
     from runtime.engine import check_plan
     with pytest.raises(MeshplanError, match=words) as info:
-        check_plan(load_model(model), Plan(**BASE, micro_batch=1, **fields))
+        check_plan(load_model(model), Plan(**{**BASE, "micro_batch": 1, **fields}))
     assert "\n" not in str(info.value)
