@@ -41,7 +41,7 @@ from planner.arch import TOP_ROLES, get_arch
 from planner.arch.layout import megatron_layout, resolve_layout, vocab_dim  # noqa: F401  (the engine's and tests')
 from planner.models import ModelConfig
 from planner.plan import PRECISION_DTYPES, Plan
-from planner.torch_compat import fsdp_replicate
+from planner.torch_compat import fsdp_replicate, selective_checkpoint_ignores_profiler_ranges
 from runtime.expert_parallel import expert_modules
 
 def _style(role: str, style: str, sp: bool):
@@ -192,6 +192,7 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in selective_save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 def _selective_context():
+    selective_checkpoint_ignores_profiler_ranges()
     return create_selective_checkpoint_contexts(_selective_policy)
 
 def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None):

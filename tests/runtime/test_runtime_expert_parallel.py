@@ -3,8 +3,8 @@
 moe-tiny (a dense first block, then 4 routed experts top-2 and a shared one per block)
 takes one step on the same global batch in one process and under 4-rank ep plans - ep
 folded into dp 4 (ep2 x edp2, ep4) and into dp 2 under a 2-stage pipeline, under ZeRO 0,
-2 and 3 and a full recompute, whose backward runs the all-to-alls again. Every parameter's
-gradient (gathered whole: an expert slice is a DTensor over (edp, ep)) must equal the single
+2 and 3, with a full and a selective recompute (whose backward runs the all-to-alls
+again). Every parameter's gradient (gathered whole: an expert slice is a DTensor over (edp, ep)) must equal the single
 process's to the tolerance of the tensor-parallel check (tests/parity/test_tp_collectives.py:
 rtol 1e-5, atol 1e-6; measured on gloo, 2.10 and 2.13: <= 6e-7 of the largest gradient),
 so each expert slice reduces over edp divided by dp, not edp; and the loss and the global
@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs t
 BASE = dict(seq=32, global_batch=8, precision="fp32")
 REFERENCE = dict(micro_batch=2)
 CASES = {
-    "ep2xdp4-zero0": dict(dp=4, ep=2, micro_batch=1),
+    # selective recompute: the experts' replicate hooks inside the checkpointed block (torch_compat)
+    "ep2xdp4-zero0-selective": dict(dp=4, ep=2, micro_batch=1, checkpoint=["selective"] * 4),
     "ep2xdp4-zero2-full-recompute": dict(dp=4, ep=2, zero=2, micro_batch=1, checkpoint=["full"] * 4),
     "ep4-zero3": dict(dp=4, ep=4, zero=3, micro_batch=2),
     "ep2xpp2-1f1b": dict(pp=2, dp=2, ep=2, micro_batch=1, schedule="1f1b"),
