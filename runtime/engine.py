@@ -11,8 +11,9 @@ A file.py:factory model is built from the seed the same way, cut into stages by
 torch.fx and split over tp on the linears its layout names (runtime.modules, runtime.split);
 it trains on its example_inputs and backpropagates the loss its forward returns.
 
-Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel -> activation checkpointing -> autocast (pipeline
-stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
+Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel ->
+activation checkpointing -> autocast (pipeline stages) -> data parallel (FSDP2 /
+replicate / DDP), as TorchTitan does.
 
 A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
 a pipeline each micro-batch's loss / grad_accum is back-propagated (gradient sync only

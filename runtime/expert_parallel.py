@@ -97,7 +97,8 @@ class ExpertSlice(Experts):
 
     def forward(self, tokens, counts: list[int]):
         # in the tokens' dtype: FSDP casts the weights it manages (edp > 1), not these when edp is 1
-        w = [_ScaleGrad.apply(_local(p), self.grad_scale).to(tokens.dtype) for p in (self.w_gate, self.w_up, self.w_down)]
+        w = [_ScaleGrad.apply(_local(p), self.grad_scale).to(tokens.dtype)
+             for p in (self.w_gate, self.w_up, self.w_down)]
         return Experts.forward(SimpleNamespace(w_gate=w[0], w_up=w[1], w_down=w[2], act=self.act), tokens, counts)
 
 
@@ -124,7 +125,7 @@ def _slice(experts: Experts, ep_mesh: DeviceMesh) -> ExpertSlice:
     total = experts.w_gate.shape[0]
     per = total // ep
     hidden, ffn = experts.w_gate.shape[1], experts.w_gate.shape[2]
-    mine = ExpertSlice(per, hidden, ffn, "silu", device=experts.w_gate.device)
+    mine = ExpertSlice(per, hidden, ffn, "silu", device=experts.w_gate.device)   # act: the model's, below
     mine.act, mine.init_std, mine.grad_scale = experts.act, experts.init_std, 1.0 / ep
     for name in ("w_gate", "w_up", "w_down"):
         full = getattr(experts, name)
