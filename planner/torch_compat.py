@@ -113,6 +113,21 @@ def fsdp_replicate():
     return replicate
 
 
+def selective_checkpoint_ignores_profiler_ranges():
+    """Make selective activation checkpointing ignore the profiler's record_function ops, as
+    it ignores metadata ops (torch/utils/checkpoint.py, SAC_IGNORED_OPS; private, the same
+    set on 2.10 and 2.13). An expert slice data-parallel over edp (runtime.expert_parallel)
+    is an FSDP2 / replicate unit inside its block, so its hooks run inside the block's
+    checkpointed region; 2.13 dispatches their profiler ranges through the checkpoint's
+    modes, and under ZeRO 0 and 1 the recompute opens more of them than the forward did:
+    "profiler._record_function_enter_new.default invocation index 2 encountered during
+    backward but not found in storage" (measured; 2.10 runs it). A profiler range computes
+    nothing, so nothing is lost by not caching or counting it. Idempotent."""
+    from torch.utils import checkpoint
+    checkpoint.SAC_IGNORED_OPS |= {torch.ops.profiler._record_function_enter_new.default,
+                                   torch.ops.profiler._record_function_exit._RecordFunction}
+
+
 def pipeline_first_stage_input(t: torch.Tensor) -> torch.Tensor:
     """A batch as torch's pipeline schedule may take it on its first stage: contiguous.
     2.10 and 2.11 record the first stage's input metadata from `x.to("meta")` of the first

@@ -11,8 +11,9 @@ A file.py:factory model is built from the seed the same way, cut into stages by
 torch.fx and split over tp on the linears its layout names (runtime.modules, runtime.split);
 it trains on its example_inputs and backpropagates the loss its forward returns.
 
-Order per part: tensor parallel -> activation checkpointing -> autocast (pipeline
-stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
+Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel ->
+activation checkpointing -> autocast (pipeline stages) -> data parallel (FSDP2 /
+replicate / DDP), as TorchTitan does.
 
 A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
 a pipeline each micro-batch's loss / grad_accum is back-propagated (gradient sync only
@@ -38,6 +39,7 @@ from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
+from runtime import expert_parallel
 from runtime import optim as optim_mod
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
@@ -55,9 +57,13 @@ def check_plan(spec, plan: Plan):
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
         check_schedule(plan)
-        FactoryModel(spec, plan, "meta").check()
+        factory = FactoryModel(spec, plan, "meta")
+        factory.check()
+        expert_parallel.check(spec.name, factory.module, plan)
         return
     cfg = spec.config
+    if plan.ep > 1:
+        expert_parallel.check(spec.name, spec.build("meta"), plan)
     plan.check_fits(cfg.layers)
     if plan.seq > cfg.max_seq:
         raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
@@ -102,6 +108,8 @@ class Engine:
         for v, part in parts.items():
             part.to(self.device)
             blocks = self.factory.blocks(part) if self.factory else {int(k): b for k, b in part.blocks.items()}
+            if plan.ep > 1:
+                expert_parallel.apply_expert_parallel(part, rt.expert_mesh)
             if layout is not None:
                 tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
             elif self.factory and plan.tp > 1:

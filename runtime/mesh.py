@@ -6,6 +6,10 @@ one process. The mesh is `init_device_mesh` with the plan's named dimensions in
 `plan.rank_order` (outermost first), so global rank r sits at the row-major position of
 r in that shape - the layout the simulator assumes (default pp, dp, tp: tensor-parallel
 ranks adjacent, pipeline stages outermost).
+
+A plan with expert parallelism (ep > 1) gets a second mesh over the same ranks, with dp
+unflattened into (edp, ep) (runtime.expert_parallel.expert_mesh), and its coordinates
+"edp" and "ep" beside the plan's.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Runtime:
     mesh: DeviceMesh | None                   # None in a single process without a process group
     coords: dict = field(default_factory=lambda: {d: 0 for d in MESH_DIMS})
     owns_process_group: bool = False          # we called init_process_group, so we destroy it
+    expert_mesh: DeviceMesh | None = None     # ep > 1: (..., edp, ep, ...) for the experts
 
     @property
     def distributed(self) -> bool:
@@ -131,7 +136,12 @@ def setup(plan: Plan, device_choice: str = "auto", timeout_s: float = 600.0) -> 
     shape = tuple(getattr(plan, d) for d in order)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
     coords = {d: mesh.get_local_rank(d) for d in order}
-    return Runtime(rank, world, local_rank, device, mesh, coords, owns)
+    emesh = None
+    if plan.ep > 1:
+        from runtime.expert_parallel import EXPERT_DIMS, expert_mesh
+        emesh = expert_mesh(plan, device.type)
+        coords.update({d: emesh.get_local_rank(d) for d in EXPERT_DIMS})
+    return Runtime(rank, world, local_rank, device, mesh, coords, owns, emesh)
 
 
 def teardown(rt: Runtime, completed: bool = True):
@@ -168,6 +178,7 @@ def _release_mesh_groups(rt: Runtime):
     """Forget the groups our device mesh holds: torch keeps meshes alive in caches (e.g. the
     lru_cache of DTensor's MeshTopoInfo.build_from_mesh), and a root mesh - ours is one -
     keeps its groups and its sub-meshes' in _pg_registry."""
-    if rt.mesh is not None:
-        getattr(rt.mesh, "_pg_registry", {}).clear()
-        rt.mesh = None
+    for m in (rt.mesh, rt.expert_mesh):
+        if m is not None:
+            getattr(m, "_pg_registry", {}).clear()
+    rt.mesh = rt.expert_mesh = None

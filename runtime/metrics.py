@@ -4,7 +4,9 @@ Model FLOPs per token (the PaLM convention, Chowdhery et al. 2022, appendix B):
     6 * N  +  12 * layers * hidden * seq
 where N counts the parameters that do matrix work - every parameter except the
 position table and, for untied models, the token-embedding table (a lookup, no
-multiply-add); a tied embedding counts once, as the output head's matmul. The second
+multiply-add); a tied embedding counts once, as the output head's matmul. Of a
+Mixture-of-Experts layer's routed experts only the top_k a token is sent to count (the
+active parameters). The second
 term is attention's QK^T and AV (forward + backward), without a causal discount.
 Recomputation is not counted (model FLOPs, not hardware FLOPs).
 MFU = FLOPs per token x tokens per second / (peak FLOP/s per device x devices), with the
@@ -59,6 +61,9 @@ def flops_per_token(cfg: ModelConfig, params: int, seq: int) -> float:
     matmul_params = params - (cfg.max_seq * cfg.hidden if get_arch(cfg.arch).learned_positions else 0)
     if not cfg.tie_embeddings:
         matmul_params -= cfg.vocab * cfg.hidden
+    if cfg.is_moe:   # a token runs top_k of the routed experts (planner.arch.moe): their weights only
+        idle = cfg.experts - cfg.top_k
+        matmul_params -= (cfg.layers - cfg.dense_layers) * idle * 3 * cfg.hidden * cfg.expert_ffn
     # PaLM's 6N + 12 L H Q T (Chowdhery et al. 2022, App. B): H heads of size Q, which need not
     # make up hidden (Gemma, Qwen3)
     return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.heads * cfg.head_dim * seq

@@ -9,9 +9,10 @@
   decay to `min_lr` at the last step (`LambdaLR`, so its state is checkpointed).
 - Gradient norm: the L2 norm over every parameter of the model, each counted once,
   whatever the layout. PyTorch's `clip_grad_norm_` cannot do this across pipeline
-  stages and across DTensors on different meshes (FSDP-only vs FSDP x TP), so each rank
-  adds the squares of the gradient shards it owns - a shard is owned along a dp/tp mesh
-  dimension if it is sharded along it, or else by coordinate 0 there - and one
+  stages and across DTensors on different meshes (FSDP-only vs FSDP x TP, experts over
+  (edp, ep)), so each rank adds the squares of the gradient shards it owns - a shard is
+  owned along a dp/tp (edp/ep) mesh dimension if it is sharded along it, or else by
+  coordinate 0 there - and one
   all-reduce over the world sums them. Clipping then scales the local shards.
 - fp16: `torch.amp.GradScaler` in one process; `ShardedGradScaler` (found-inf
   all-reduced over all ranks, so every rank skips the same steps) when distributed.
@@ -70,15 +71,29 @@ def owned_square_sum(params, coords: dict, device, skip=frozenset()) -> torch.Te
         g = p.grad
         if g is None or id(p) in skip:
             continue
-        sharded = set()
-        if isinstance(g, DTensor):
-            names = g.device_mesh.mesh_dim_names
-            # Shard or _StridedShard (FSDP over TP); gradients are never Partial here
-            sharded = {names[i] for i, pl in enumerate(g.placements) if not pl.is_replicate()}
-            g = g.to_local()
-        if all(coords.get(d, 0) == 0 for d in ("dp", "tp") if d not in sharded):
-            total += g.detach().float().pow(2).sum().to(device)
+        if all(coords.get(d, 0) == 0 for d in _copies(g)):
+            total += _local(g).detach().float().pow(2).sum().to(device)
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _copies(g: torch.Tensor) -> set:
+    """The mesh dimensions along which other ranks hold copies of this rank's shard of `g`:
+    dp and tp, less those its DTensor mesh shards it along. An expert's mesh (edp, ep)
+    stands for dp (runtime.expert_parallel); a plain or dp-mesh gradient is a copy on each
+    edp/ep coordinate only through dp."""
+    if not isinstance(g, DTensor):
+        return {"dp", "tp"}
+    names = set(g.device_mesh.mesh_dim_names)
+    # Shard or _StridedShard (FSDP over TP or over ep); gradients are never Partial here
+    sharded = {n for n, pl in zip(g.device_mesh.mesh_dim_names, g.placements) if not pl.is_replicate()}
+    outside = {"dp", "tp"} - names
+    if names & {"edp", "ep"}:
+        outside = (outside - {"dp"}) | ({"edp", "ep"} - names)
+    return (names - sharded) | outside
 
 
 def clip_gradients(params, max_norm: float, coords: dict, device, distributed: bool, skip=frozenset()) -> float:

@@ -41,7 +41,8 @@ from planner.arch import TOP_ROLES, get_arch
 from planner.arch.layout import megatron_layout, resolve_layout, vocab_dim  # noqa: F401  (the engine's and tests')
 from planner.models import ModelConfig
 from planner.plan import PRECISION_DTYPES, Plan
-from planner.torch_compat import fsdp_replicate
+from planner.torch_compat import fsdp_replicate, selective_checkpoint_ignores_profiler_ranges
+from runtime.expert_parallel import expert_modules
 
 def _style(role: str, style: str, sp: bool):
     """The DTensor ParallelStyle for one module (None: leave it a plain module)."""
@@ -75,7 +76,6 @@ def _style(role: str, style: str, sp: bool):
         return PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True) if sp else None
     raise AssertionError(role)
 
-
 def vocab_parallel_loss(layout: dict | None) -> bool:
     """Whether the head's logits stay a DTensor split over the vocabulary, so the loss must run
     (forward and backward) under `torch.distributed.tensor.parallel.loss_parallel`: each rank
@@ -84,10 +84,8 @@ def vocab_parallel_loss(layout: dict | None) -> bool:
     (b x s x vocab) onto every rank of the TP group. The simulator prices the head this way."""
     return layout is not None and _head_splits_vocab(layout.get("head", "replicate"))
 
-
 def _head_splits_vocab(style: str) -> bool:
     return vocab_dim(style, "head") == 0
-
 
 def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, plan: Plan,
                     first_stage: bool, last_stage: bool):
@@ -136,7 +134,6 @@ def tensor_parallel(part: nn.Module, tp_mesh, layout: dict, cfg: ModelConfig, pl
                 output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True))
     retie(part, cfg)
 
-
 def _head_norm_style(projection_style: str):
     """A norm over each head of a column-parallel projection's output (Qwen3's q_norm, k_norm;
     planner.arch.base.Architecture.head_norms) sees this rank's heads, dimension 2 of its
@@ -146,7 +143,6 @@ def _head_norm_style(projection_style: str):
     does; transformers' configuration_qwen3.py plan calls it "replicated_with_grad_allreduce").
     Over unsplit heads it stays a plain module."""
     return SequenceParallel(sequence_dim=2, use_local_output=True) if projection_style == "colwise" else None
-
 
 def _shared_regions(index: int, layout: dict, cfg: ModelConfig, sp: bool) -> list:
     """The regions of block `index` whose norm hands its column-parallel input projections one
@@ -165,7 +161,6 @@ def _shared_regions(index: int, layout: dict, cfg: ModelConfig, sp: bool) -> lis
             regions.append((region, ins, out))
     return regions
 
-
 def retie(part: nn.Module, cfg: ModelConfig):
     """Sharding replaces parameters; tie head to tok again where both live in this part."""
     if cfg.tie_embeddings and part.tok is not None and part.head is not None \
@@ -176,10 +171,8 @@ def retie(part: nn.Module, cfg: ModelConfig):
             raise MeshplanError("tied tok/head weights ended up split differently; give them matching tp_layout styles")
         part.head.weight = a
 
-
 # ---------------------------------------------------------------------------- checkpointing
 _SELECTIVE_SAVE_OPS = None
-
 
 def selective_save_ops():
     global _SELECTIVE_SAVE_OPS
@@ -195,14 +188,12 @@ def selective_save_ops():
         _SELECTIVE_SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     return _SELECTIVE_SAVE_OPS
 
-
 def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in selective_save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
-
 def _selective_context():
+    selective_checkpoint_ignores_profiler_ranges()
     return create_selective_checkpoint_contexts(_selective_policy)
-
 
 def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None):
     """Recompute each block as the plan says (planner.plan.CHECKPOINT_MODES).
@@ -228,13 +219,19 @@ def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None)
 
         block.forward = functools.update_wrapper(forward, inner)
 
-
 # ---------------------------------------------------------------------------- data parallel
 def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -> nn.Module:
     """Wrap a part for the plan's ZeRO stage over the dp mesh, each block (`blocks`: {number:
     module}, default a Decoder part's) and the part's root; returns the module to call."""
     dp = plan.dp
     blocks = part.blocks if blocks is None else blocks
+    # an expert slice is data-parallel over the edp ranks holding the same one
+    # (runtime.expert_parallel, which also scales its gradient so that averaging over edp
+    # divides by dp); with edp 1 nothing is left to reduce, and FSDP and replicate would
+    # still run their collectives on a one-rank group, so the slices stay out of them
+    experts = expert_modules(part) if plan.ep > 1 else []
+    wrapped = experts if plan.dp // plan.ep > 1 else []
+    ignored = {"ignored_params": {p for m in experts for p in m.parameters()}} if experts and not wrapped else {}
     if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         dtype = PRECISION_DTYPES[plan.precision]
@@ -246,29 +243,30 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
             for norm in [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
                 fully_shard(norm, **{**kw, "mp_policy": fp32})
+        for module in wrapped:
+            fully_shard(module, **{**kw, "mesh": rt.expert_mesh["edp"]})
         for block in blocks.values():
-            fully_shard(block, **kw)
-        fully_shard(part, **kw)
+            fully_shard(block, **kw, **ignored)
+        fully_shard(part, **kw, **ignored)
         return part
     if dp == 1:
         return part
     replicate = fsdp_replicate()
+    for module in wrapped:
+        replicate(module, mesh=rt.expert_mesh["edp"])
     for block in blocks.values():
-        replicate(block, mesh=rt.submesh("dp"))
-    replicate(part, mesh=rt.submesh("dp"))
+        replicate(block, mesh=rt.submesh("dp"), **ignored)
+    replicate(part, mesh=rt.submesh("dp"), **ignored)
     return part
-
 
 def uses_fsdp_precision(plan: Plan) -> bool:
     """FSDP's MixedPrecisionPolicy casts for us (ZeRO 1-3); otherwise autocast does."""
     return plan.cast == "params"
 
-
 def autocast_context(plan: Plan, device: torch.device):
     dtype = PRECISION_DTYPES[plan.precision]
     enabled = dtype != torch.float32 and not uses_fsdp_precision(plan)
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
 
 def with_autocast(part: nn.Module, plan: Plan, device: torch.device):
     """Run a pipeline stage's forward under autocast (the schedule calls it, not us)."""

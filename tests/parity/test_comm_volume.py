@@ -8,7 +8,8 @@ equal `SimResult.comm_bytes` of the same plan: tensor-parallel collectives (func
 collectives, from DTensor, including those it issues inside its own dispatch such as
 loss_parallel's per-token statistics), the data-parallel all-reduce / all-gather / reduce-scatter of
 replicate (ZeRO 0) and FSDP2 (ZeRO 1-3), pipeline sends, and the all-reduce that keeps a tied
-embedding equal on the first and last stage. Scalars the runtime reduces for gradient
+embedding equal on the first and last stage, and expert parallelism's all-to-alls (the
+tokens' and the per-expert counts') and its experts' reductions over edp. Scalars the runtime reduces for gradient
 clipping, loss logging and fp16 overflow checks (a few bytes each) are not part of a plan's
 cost and are left out, under SMALL_BYTES.
 """
@@ -50,7 +51,20 @@ PLANS = {
     "pp2xdp2-zero3": ("gpt-tiny", dict(pp=2, dp=2, zero=3, micro_batch=1, precision="fp32")),
     "pp2xdp2-zero3-interleaved-bf16": ("gpt-tiny", dict(pp=2, dp=2, zero=3, micro_batch=1, schedule="interleaved",
                                                          interleave=2)),
+    # expert parallelism (runtime.expert_parallel): per MoE block and micro-batch an all-to-all
+    # of the E counts, then the tokens' dispatch and combine, each again backward (and
+    # forward again under a full recompute); the experts' reductions over edp (none at edp 1)
+    "moe-ep2xdp4-zero0": ("moe-tiny", dict(dp=4, ep=2, micro_batch=1, precision="fp32")),
+    "moe-ep2xdp4-zero3-bf16": ("moe-tiny", dict(dp=4, ep=2, zero=3, micro_batch=1)),
+    "moe-ep4-zero2-full-ckpt": ("moe-tiny", dict(dp=4, ep=4, zero=2, micro_batch=2, precision="fp32",
+                                                 checkpoint=["full"] * 4)),
+    "moe-ep2xpp2": ("moe-tiny", dict(pp=2, dp=2, ep=2, micro_batch=1, precision="fp32")),
 }
+# An all-to-all's send buffer (what nccl-tests counts) is this rank's tokens going out in the
+# dispatch, but in the combine the rows its experts received - as many as the router sent
+# them, data-dependent. Summed over the ranks of a pipeline stage both are the balanced
+# volume the simulator charges each rank, so "ep/all_to_all" is compared as that sum.
+ROUTED = "ep/all_to_all"
 
 
 # c10d op -> (group, collective, which argument is the nccl-tests buffer). A c10d all-reduce
@@ -66,14 +80,28 @@ def _nbytes(value) -> int:
     return value.numel() * value.element_size()
 
 
+def _group_name(args) -> str | None:
+    """The name of the process group among a c10d op's arguments (a boxed ProcessGroup)."""
+    from torch.distributed import ProcessGroup
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return ProcessGroup.unbox(a).group_name
+            except RuntimeError:    # another boxed object (a ReduceOp)
+                continue
+    return None
+
+
 class CollectiveRecorder(TorchDispatchMode):
     """{"group/collective": bytes} of the collectives dispatched while active. Functional
-    collectives are DTensor's (tensor parallelism); c10d ops are replicate's, FSDP2's,
-    the pipeline's and the runtime's own."""
+    collectives are DTensor's (tensor parallelism) and expert parallelism's all-to-alls;
+    c10d ops are replicate's, FSDP2's, the pipeline's and the runtime's own. `labels`:
+    {process group name: group} for c10d groups named apart (the experts' "edp")."""
 
-    def __init__(self):
+    def __init__(self, labels: dict | None = None):
         super().__init__()
         self.bytes = Counter()
+        self.labels = labels or {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(issubclass(t, DTensor) for t in types):
@@ -89,8 +117,15 @@ class CollectiveRecorder(TorchDispatchMode):
                 entry = ("tp", "all_gather", _nbytes(args[0]) * int(args[1]))
             elif op == "reduce_scatter_tensor":
                 entry = ("tp", "reduce_scatter", _nbytes(args[0]))
+            elif op == "all_to_all_single":   # (input, output splits, input splits, group name)
+                counts = not args[0].is_floating_point()   # the E per-expert counts: a plan's cost, however small
+                entry = ("ep", "all_to_all_counts" if counts else "all_to_all", _nbytes(args[0]))
+                if counts:
+                    self.bytes["/".join(entry[:2])] += entry[2]
+                    entry = None
         elif namespace == "c10d" and op in C10D_OPS:
             group, kind, position = C10D_OPS[op]
+            group = self.labels.get(_group_name(args), group)
             entry = (group, kind, _nbytes(args[position]))
         if entry is not None and entry[2] >= SMALL_BYTES:
             self.bytes[f"{entry[0]}/{entry[1]}"] += entry[2]
@@ -111,7 +146,8 @@ def _record_rank(rank: int, out_dir: str):
         generator = torch.Generator().manual_seed(rt.coords["dp"])
         inputs, targets = (torch.randint(0, 256, (rows, plan.seq), generator=generator) for _ in range(2))
         engine.step(inputs, targets, plan.micro_batch)   # the first step builds lazy state (FSDP, ZeRO)
-        recorder = CollectiveRecorder()
+        labels = {rt.expert_mesh.get_group("edp").group_name: "edp"} if plan.ep > 1 and plan.dp > plan.ep else {}
+        recorder = CollectiveRecorder(labels)
         with recorder:
             engine.step(inputs, targets, plan.micro_batch)
         record = dict(pp=rt.coords["pp"], bytes=dict(recorder.bytes))
@@ -142,10 +178,17 @@ def recorded(tmp_path_factory):
 def test_simulated_communication_is_what_the_runtime_sends(recorded, name):
     model, fields = PLANS[name]
     plan = Plan(**BASE, **fields)
+    routed, routed_expected = Counter(), Counter()
     for rank in range(WORLD):
         got = json.loads((recorded / f"{name}-{rank}.json").read_text())
         expected = simulated(model, plan, got["pp"])
         assert set(got["bytes"]) == set(expected), (rank, got["bytes"], expected)
         for key, nbytes in got["bytes"].items():
+            if key == ROUTED:
+                routed[got["pp"]] += nbytes
+                routed_expected[got["pp"]] += expected[key]
+                continue
             assert nbytes == pytest.approx(expected[key], rel=1e-9), \
                 (rank, key, got["bytes"], expected)
+    for stage, nbytes in routed.items():
+        assert nbytes == pytest.approx(routed_expected[stage], rel=1e-9), (stage, dict(routed), dict(routed_expected))

@@ -1,6 +1,6 @@
 """The simulator's model-state bytes are what a runtime rank holds.
 
-Each plan trains gpt-tiny on 4 gloo ranks. In the second step every rank adds up the
+Each plan trains gpt-tiny (moe-tiny under expert parallelism) on 4 gloo ranks. In the second step every rank adds up the
 storages it really holds - its parameters (FSDP: the sharded ones), FSDP's unsharded
 parameters, every gradient buffer (`.grad`, FSDP's unsharded and accumulated ones) and
 the optimizer's state - at the end of its last backward: just before a pipeline stage's
@@ -37,7 +37,16 @@ PLANS = {
     "pp2xdp2-zero2-bf16": dict(pp=2, dp=2, zero=2),
     "pp2xdp2-zero3": dict(pp=2, dp=2, zero=3, precision="fp32"),
     "pp2xdp2-zero3-interleaved": dict(pp=2, dp=2, zero=3, schedule="interleaved", interleave=2, precision="fp32"),
+    # expert parallelism: each rank holds E/ep experts, sharded further over edp by ZeRO
+    "moe-ep2xdp4-zero0": dict(dp=4, ep=2, precision="fp32"),
+    "moe-ep2xdp4-zero3": dict(dp=4, ep=2, zero=3, precision="fp32"),
+    "moe-ep4-zero1-bf16": dict(dp=4, ep=4, zero=1),
+    "moe-ep2xpp2-zero2": dict(pp=2, dp=2, ep=2, zero=2, precision="fp32"),
 }
+
+
+def _model(name: str) -> str:
+    return "moe-tiny" if name.startswith("moe-") else "gpt-tiny"
 
 
 class StateBytes:
@@ -112,7 +121,7 @@ def _measure_rank(rank: int, out_dir: str):
     for name, fields in PLANS.items():
         plan = Plan(**BASE, **fields)
         rt = mesh.setup(plan, "cpu")
-        engine = Engine(load_model("gpt-tiny"), plan, rt, TrainingConfig(seed=0, lr=1e-3, weight_decay=0.0,
+        engine = Engine(load_model(_model(name)), plan, rt, TrainingConfig(seed=0, lr=1e-3, weight_decay=0.0,
                                                                          warmup=0, steps=2, min_lr=1e-4, clip=1.0))
         rows = plan.global_batch // plan.dp
         inputs, targets = (torch.randint(0, 256, (rows, plan.seq)) for _ in range(2))
@@ -134,7 +143,7 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("name", PLANS)
 def test_simulated_model_states_are_what_each_rank_holds(measured, name):
     plan = Plan(**BASE, **PLANS[name])
-    sim = prepare(plan, "gpt-tiny", f"cpu:1x{WORLD}")
+    sim = prepare(plan, _model(name), f"cpu:1x{WORLD}")
     stages = sim.stage_layers()
     for rank in range(WORLD):
         got = json.loads((measured / f"{name}-{rank}.json").read_text())

@@ -134,6 +134,18 @@ def test_flops_per_token_palm_convention():
     assert gpu_for_device(torch.device("cpu")) == "cpu"
 
 
+def test_flops_per_token_counts_the_active_experts():
+    """An MoE token multiplies by top_k of the routed experts' weights: counted from the
+    built module, each expert stack at top_k / experts, the untied embedding not at all."""
+    spec = load_model("moe-tiny")
+    cfg, model = spec.config, spec.build("meta")
+    active = sum(p.numel() * (cfg.top_k / cfg.experts if ".experts." in name else 1.0)
+                 for name, p in model.named_parameters() if not name.startswith("tok."))
+    params = sum(p.numel() for p in model.parameters())
+    expected = 6 * active + 12 * cfg.layers * cfg.heads * cfg.head_dim * 32
+    assert flops_per_token(cfg, params, 32) == pytest.approx(expected, rel=1e-12)
+
+
 def test_progress_line_has_the_numbers():
     line = progress_line(dict(step=3, loss=2.5, lr=1e-4, grad_norm=0.5, tokens_per_s=12345.0, mfu=0.41,
                               peak_mem_bytes=3 * 2**30), 10)
