@@ -61,9 +61,10 @@ def flops_per_token(cfg: ModelConfig, params: int, seq: int) -> float:
     matmul_params = params - (cfg.max_seq * cfg.hidden if get_arch(cfg.arch).learned_positions else 0)
     if not cfg.tie_embeddings:
         matmul_params -= cfg.vocab * cfg.hidden
-    if cfg.is_moe:   # a token runs top_k of the routed experts (planner.arch.moe): their weights only
-        idle = cfg.experts - cfg.top_k
-        matmul_params -= (cfg.layers - cfg.dense_layers) * idle * 3 * cfg.hidden * cfg.expert_ffn
+    if cfg.is_moe:   # a token runs top_k of the routed experts: planner.models.active_parameters
+        from planner.models import Decoder, active_parameters, count_parameters
+        model = Decoder(cfg, device="meta")
+        matmul_params -= count_parameters(model) - active_parameters(model)
     # PaLM's 6N + 12 L H Q T (Chowdhery et al. 2022, App. B): H heads of size Q, which need not
     # make up hidden (Gemma, Qwen3)
     return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.heads * cfg.head_dim * seq
