@@ -105,7 +105,7 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
             grid_kg_per_kwh: float | None = None, pue: float | None = None, engine: str = "meshplan",
             engine_options: dict | None = None, spot_prices: dict | None = None,
             preemption_rates: dict | None = None, failure_rate_per_gpu_hour: float | None = None,
-            on_cluster=None, **pinned) -> list[ClusterChoice]:
+            on_cluster=None, moe_imbalance: float = 1.0, **pinned) -> list[ClusterChoice]:
     """Best plan and run cost per cluster, fastest time-to-train first (non-fitting last).
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
@@ -125,7 +125,8 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
     _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned)
     runner = get_engine(engine)
     check_pins_for_engine(pinned, runner)
-    pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options)}
+    pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options),
+              "moe_imbalance": moe_imbalance}   # the busiest expert-parallel rank's load (planner.search.plan)
     specs = _parse_clusters(clusters)
     specs = _apply_prices(specs, prices or {})
     specs = _apply_reliability(specs, spot_prices or {}, preemption_rates or {}, failure_rate_per_gpu_hour)
