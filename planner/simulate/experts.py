@@ -79,32 +79,67 @@ def collectives(ops, experts: int) -> tuple[tuple, tuple]:
 
 
 def expert_parallel_ops(ops: list, experts: int, ep: int, imbalance: float = 1.0) -> list:
-    """The block's ops as the busiest rank of an ep group runs them: E/ep local experts, each
-    on ep * imbalance times the rows the trace gave it, their parameters 1/ep of the stack,
-    plus the permutation of the received rows to expert-major order and back."""
-    if ep == 1 or not experts:
+    """The block's ops as the busiest rank of an ep group runs them: E/ep local experts, one
+    GEMM per expert and projection on ep * imbalance times the rows the trace gave it, their
+    parameters 1/ep of the stack, plus (ep > 1) the permutation of the received rows to
+    expert-major order and back. The trace's batched expert products (planner.simulate.traces
+    .batched_experts) become the per-expert ops planner.arch.moe.Experts' loop launches."""
+    if not experts or not has_experts(ops):
         return list(ops)
-    expert_ops = [op for op in ops if is_expert_op(op)]
+    scale = ep * imbalance if ep > 1 else 1.0
     combined = _expert_output(ops)
-    per_expert = (len(expert_ops) - (combined is not None)) // experts
-    keep = per_expert * (experts // ep)
-    scale = ep * imbalance
-    out, seen = [], 0
+    body = [op for op in ops if is_expert_op(op) and op is not combined]
+    batched = bool(body) and all(_stacked(op) == experts for op in body)
+    if not batched and ep == 1:
+        return list(ops)
+    local = experts // ep
+    groups = [[_one_expert(op, scale, ep, first=e == 0) for op in body] for e in range(local)] if batched \
+        else _loop_groups(body, experts, local, scale, ep)
+    out = []
     for op in ops:
         if not is_expert_op(op):
             out.append(op)
-            continue
-        if op is combined:
-            rows = replace(op, bytes_read=op.bytes_read * imbalance, bytes_written=op.bytes_written * imbalance)
+        elif op is body[0]:
+            out += [o for group in groups for o in group]
+        elif op is combined:
+            rows = replace(op, bytes_read=op.bytes_read * scale / ep, bytes_written=op.bytes_written * scale / ep)
             out.append(rows)
-            permute = replace(rows, target=PERMUTE, name=PERMUTE, bytes_read=rows.bytes_written, params=())
-            out += [permute, permute]   # before the experts and after them (torchtitan _permute / _unpermute)
-            continue
-        seen += 1
-        if seen > keep:
-            continue
-        out.append(_taller(op, scale, ep))
+            if ep > 1:   # into expert-major order and back (torchtitan _permute / _unpermute)
+                permute = replace(rows, target=PERMUTE, name=PERMUTE, bytes_read=rows.bytes_written, params=())
+                out += [permute, permute]
     return out
+
+
+def _stacked(op: OpInfo) -> int:
+    """The experts a batched op runs at once (the leading dimension of its product or output)."""
+    if op.gemm is not None:
+        return op.gemm[0] if len(op.gemm) == 4 else 0
+    return int(op.output_shape[0]) if len(op.output_shape) == 3 else 0
+
+
+def _one_expert(op: OpInfo, scale: float, ep: int, first: bool) -> OpInfo:
+    """One expert's share of a batched expert op, on `scale` times its rows."""
+    stacked = _stacked(op)
+    params = dict(param_count=op.param_count // ep if first else 0,
+                  param_bytes=op.param_bytes // ep if first else 0, params=op.params if first else ())
+    if op.gemm is not None:
+        _, m, k, n = op.gemm
+        rows = max(1, round(m * scale))
+        element = op.bytes_read / max(1, stacked * (m * k + k * n))
+        return replace(op, gemm=(rows, k, n), output_shape=(rows, n), fwd_flops=op.fwd_flops / stacked * rows / max(m, 1),
+                       bwd_flops=op.bwd_flops / stacked * rows / max(m, 1),
+                       bytes_read=element * (rows * k + k * n), bytes_written=op.bytes_written / stacked * rows / max(m, 1),
+                       **params)
+    m = int(op.output_shape[1])
+    rows = max(1, round(m * scale))
+    return replace(op, output_shape=(rows, *op.output_shape[2:]), bytes_read=op.bytes_read / stacked * rows / max(m, 1),
+                   bytes_written=op.bytes_written / stacked * rows / max(m, 1), **params)
+
+
+def _loop_groups(body: list, experts: int, local: int, scale: float, ep: int) -> list:
+    """The first `local` experts' ops of a traced loop (uneven rows), each on `scale` times its rows."""
+    per_expert = len(body) // experts
+    return [[_taller(op, scale, ep) for op in body[e * per_expert:(e + 1) * per_expert]] for e in range(local)]
 
 
 def _taller(op: OpInfo, scale: float, ep: int) -> OpInfo:
@@ -113,9 +148,8 @@ def _taller(op: OpInfo, scale: float, ep: int) -> OpInfo:
     if op.gemm is not None and len(op.gemm) == 3:
         m, k, n = op.gemm
         rows = max(1, round(m * scale))
-        weight = k * n * (op.bytes_read // max(1, m * k + k * n) if m * k + k * n else 0)
+        element = op.bytes_read / max(1, m * k + k * n)
         return replace(op, gemm=(rows, k, n), fwd_flops=op.fwd_flops * rows / max(m, 1),
-                       bwd_flops=op.bwd_flops * rows / max(m, 1),
-                       bytes_read=(op.bytes_read - weight) * scale + weight,
-                       bytes_written=op.bytes_written * scale, **params)
+                       bwd_flops=op.bwd_flops * rows / max(m, 1), bytes_read=element * (rows * k + k * n),
+                       bytes_written=op.bytes_written * rows / max(m, 1), **params)
     return replace(op, bytes_read=op.bytes_read * scale, bytes_written=op.bytes_written * scale, **params)
