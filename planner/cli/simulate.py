@@ -60,7 +60,8 @@ def _check_flags(args) -> None:
     if args.from_ and (args.batch or args.plan):
         raise MeshplanError(f"--from cannot be combined with {'--batch' if args.batch else '--plan'}: give one")
     if args.batch:
-        ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration", "moe_imbalance")
+        ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration",
+                                     "moe_imbalance")
                    if getattr(args, k) is not None]
         if ignored:
             raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --batch: each case line carries "

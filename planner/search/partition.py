@@ -141,7 +141,8 @@ class StageCosts:
         plan = self.sim.plan
         if plan.zero != 3 or self.sim.keeps_every_layer_gathered:   # else counted in each layer's states
             return 0.0
-        return gathered_param_bytes(3, plan.precision, [self.sim.timing(typical_block(self.sim.traced)).params_per_gpu] * 2)
+        params = self.sim.timing(typical_block(self.sim.traced)).params_per_gpu
+        return gathered_param_bytes(3, plan.precision, [params] * 2)
 
 
 def typical_block(traced) -> int:

@@ -41,7 +41,6 @@ from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ, check_tokens_per_step, finite_number,
                                 shown, whole_number)
-from cost_models.memory import model_state_bytes
 from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
@@ -50,7 +49,7 @@ from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
 from planner.search.space import SearchSpace, check_expert_pins
 from planner.search.tp_ilp import layouts_for
-from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare_unchecked, trace_cached
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, prepare_unchecked
 from planner.simulate.costing import top_level_layout
 from planner.simulate.schedule import in_flight_counts
 from planner.torch_compat import traces_attention_core
@@ -264,45 +263,6 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
     def execution(self, plan: Plan):
         """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
         return self.engine.execution_for(self.engine_options, plan.zero)
-
-    def states_floor_bytes(self, plan: Plan) -> float:
-        """Model states of an even 1/(tp*pp) share of the parameters (the routed experts': 1/(ep*pp),
-        sharded over dp/ep under ZeRO): no rank holds less."""
-        states = self._floor_states(plan)
-        return (states.params_bytes + states.grads_bytes + states.optimizer_bytes) * ALLOCATOR_RESERVED_RATIO
-
-    def _floor_states(self, plan: Plan):
-        expert = self.expert_param_count() if plan.ep > 1 else 0.0
-        dense = model_state_bytes((self.param_count() - expert) / (plan.tp * plan.pp), plan.precision, plan.zero,
-                                  plan.dp, plan.offload_optimizer)
-        if not expert:
-            return dense
-        experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.dp // plan.ep,
-                                    plan.offload_optimizer)
-        return type(dense)(*(a + b for a, b in zip(
-            (dense.params_bytes, dense.grads_bytes, dense.optimizer_bytes, dense.host_bytes),
-            (experts.params_bytes, experts.grads_bytes, experts.optimizer_bytes, experts.host_bytes))))
-
-    def host_floor_bytes(self, plan: Plan) -> float:
-        if not plan.offload_optimizer:
-            return 0.0
-        return self._floor_states(plan).host_bytes
-
-    def expert_param_count(self) -> float:
-        """The routed experts' parameters of the whole model (0 for a dense model)."""
-        if not hasattr(self, "_expert_param_count"):
-            from planner.simulate.experts import expert_param_count
-            precision = self.values("precision", ("bf16",))[0]
-            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
-            self._expert_param_count = sum(expert_param_count(traced.cost_of(i).ops) for i in traced.blocks)
-        return self._expert_param_count
-
-    def param_count(self) -> float:
-        if not hasattr(self, "_param_count"):
-            precision = self.values("precision", ("bf16",))[0]
-            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
-            self._param_count = float(traced.param_count)
-        return self._param_count
 
     def checkpointed_need_bytes(self, plan: Plan) -> float:
         """Peak reserved bytes (partition model) of the candidate with every block fully checkpointed."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import MAX_MICRO_BATCHES, finite_number
+from cost_models.memory import model_state_bytes
 from planner.plan import Plan
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, model_key, trace_cached
 
 INTERLEAVE_CHOICES = (2, 4)
 
@@ -30,7 +32,8 @@ def check_expert_pins(pinned: dict, spec, cluster, engine, moe_imbalance: float 
         raise MeshplanError(f"ep {ep} exceeds {cluster.name}'s {cluster.world_size} GPUs (ep divides the "
                             f"data-parallel ranks): pin ep <= {cluster.world_size}")
     if experts % ep:
-        raise MeshplanError(f"ep {ep} does not divide {spec.name}'s {experts} experts: pin an ep that divides {experts}")
+        raise MeshplanError(f"ep {ep} does not divide {spec.name}'s {experts} experts: pin an ep that divides "
+                            f"{experts}")
     if "dp" in pinned and pinned["dp"] % ep:
         raise MeshplanError(f"ep {ep} must divide the pinned dp {pinned['dp']}: change --ep or --dp")
     if pinned.get("tp", 1) > 1:
@@ -90,6 +93,45 @@ class SearchSpace:
         if not out:
             raise MeshplanError(self._no_family_message())
         return out
+
+    def states_floor_bytes(self, plan: Plan) -> float:
+        """Model states of an even 1/(tp*pp) share of the parameters (the routed experts': 1/(ep*pp),
+        sharded over dp/ep under ZeRO): no rank holds less."""
+        states = self._floor_states(plan)
+        return (states.params_bytes + states.grads_bytes + states.optimizer_bytes) * ALLOCATOR_RESERVED_RATIO
+
+    def _floor_states(self, plan: Plan):
+        expert = self.expert_param_count() if plan.ep > 1 else 0.0
+        dense = model_state_bytes((self.param_count() - expert) / (plan.tp * plan.pp), plan.precision, plan.zero,
+                                  plan.dp, plan.offload_optimizer)
+        if not expert:
+            return dense
+        experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.dp // plan.ep,
+                                    plan.offload_optimizer)
+        return type(dense)(*(a + b for a, b in zip(
+            (dense.params_bytes, dense.grads_bytes, dense.optimizer_bytes, dense.host_bytes),
+            (experts.params_bytes, experts.grads_bytes, experts.optimizer_bytes, experts.host_bytes))))
+
+    def host_floor_bytes(self, plan: Plan) -> float:
+        if not plan.offload_optimizer:
+            return 0.0
+        return self._floor_states(plan).host_bytes
+
+    def expert_param_count(self) -> float:
+        """The routed experts' parameters of the whole model (0 for a dense model)."""
+        if not hasattr(self, "_expert_param_count"):
+            from planner.simulate.experts import expert_param_count
+            precision = self.values("precision", ("bf16",))[0]
+            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
+            self._expert_param_count = sum(expert_param_count(traced.cost_of(i).ops) for i in traced.blocks)
+        return self._expert_param_count
+
+    def param_count(self) -> float:
+        if not hasattr(self, "_param_count"):
+            precision = self.values("precision", ("bf16",))[0]
+            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
+            self._param_count = float(traced.param_count)
+        return self._param_count
 
     def unfit(self, degree: str, why: str):
         """Note a degree the model cannot take, and why (for the nothing-left message)."""

@@ -298,6 +298,7 @@ class LayerCoster:
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
         ep_fwd, ep_bwd = moe.collectives(ops, self.experts) if ep > 1 else ((), ())
+        skewed = moe.imbalance_saved_bytes(ops, self.experts, ep, imbalance)   # the busiest rank's extra rows
         ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
         scores = score_shapes(ops)
         for op in ops:
@@ -324,10 +325,10 @@ class LayerCoster:
         return LayerTiming(
             fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, attention_core_fwd_s=core,
             tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
-            params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share,
+            params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share + skewed,
             saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
-            saved_bytes_selective=cost.saved_bytes_selective * act_share,
-            saved_bytes_attention=cost.saved_bytes_attention * act_share,
+            saved_bytes_selective=cost.saved_bytes_selective * act_share + skewed,
+            saved_bytes_attention=cost.saved_bytes_attention * act_share + skewed,
             param_copy_bytes=cost.saved_param_copy_bytes / tp if tp > 1 and not split else cost.saved_param_copy_bytes,
             boundary_bytes=cost.output_bytes * boundary_share,
             # with ep 1 the experts are data-parallel over dp like the rest: nothing to tell apart

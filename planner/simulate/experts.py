@@ -110,6 +110,24 @@ def expert_parallel_ops(ops: list, experts: int, ep: int, imbalance: float = 1.0
     return out
 
 
+def imbalance_saved_bytes(ops, experts: int, ep: int, imbalance: float) -> float:
+    """The activations the busiest rank's experts save beyond a balanced rank's: (F - 1) x the
+    routed rows x what a SwiGLU expert keeps per row - its input (h) and the gate output, its
+    activation, the up output and their product (4 x f), in the experts' dtype. An estimate
+    from the SwiGLU's saved tensors, not a measurement; 0 when balanced."""
+    if ep == 1 or imbalance == 1.0 or not experts:
+        return 0.0
+    gemms = [op for op in ops if is_expert_op(op) and op.gemm is not None]
+    if not gemms:
+        return 0.0
+    first = gemms[0]
+    _, h, f = first.gemm[-3:]
+    rows = sum(op.gemm[-3] * (op.gemm[0] if len(op.gemm) == 4 else 1) for op in gemms[:1]) if len(first.gemm) == 4 \
+        else sum(op.gemm[0] for op in gemms[::3])
+    element = first.bytes_written / max(1, (first.gemm[0] if len(first.gemm) == 4 else 1) * first.gemm[-3] * f)
+    return (imbalance - 1.0) * rows * (h + 4 * f) * element
+
+
 def _stacked(op: OpInfo) -> int:
     """The experts a batched op runs at once (the leading dimension of its product or output)."""
     if op.gemm is not None:
@@ -126,10 +144,10 @@ def _one_expert(op: OpInfo, scale: float, ep: int, first: bool) -> OpInfo:
         _, m, k, n = op.gemm
         rows = max(1, round(m * scale))
         element = op.bytes_read / max(1, stacked * (m * k + k * n))
-        return replace(op, gemm=(rows, k, n), output_shape=(rows, n), fwd_flops=op.fwd_flops / stacked * rows / max(m, 1),
-                       bwd_flops=op.bwd_flops / stacked * rows / max(m, 1),
-                       bytes_read=element * (rows * k + k * n), bytes_written=op.bytes_written / stacked * rows / max(m, 1),
-                       **params)
+        share = rows / max(m, 1) / stacked   # of the batched op's activations and FLOPs
+        return replace(op, gemm=(rows, k, n), output_shape=(rows, n), fwd_flops=op.fwd_flops * share,
+                       bwd_flops=op.bwd_flops * share, bytes_read=element * (rows * k + k * n),
+                       bytes_written=op.bytes_written * share, **params)
     m = int(op.output_shape[1])
     rows = max(1, round(m * scale))
     return replace(op, output_shape=(rows, *op.output_shape[2:]), bytes_read=op.bytes_read / stacked * rows / max(m, 1),

@@ -117,6 +117,9 @@ def test_imbalance_scales_the_busiest_ranks_all_to_alls_and_experts():
     gemms = [op for op in balanced.coster.traced.cost_of(block).ops if op.module_path.endswith(".experts")]
     assert gemms   # the routed experts' ops
     assert b.fwd_s > a.fwd_s   # taller expert GEMMs on the busiest rank
+    # and twice the rows' SwiGLU activations: input (h) and four f-wide tensors, fp32
+    rows = plan.micro_batch * plan.seq * TINY.top_k
+    assert b.saved_bytes - a.saved_bytes == pytest.approx(rows * (TINY.hidden + 4 * TINY.expert_ffn) * 4)
     ra, rb = balanced.run(), skewed.run()
     assert rb.phases["exposed_ep_comm_s"] > ra.phases["exposed_ep_comm_s"]
     assert rb.step_time_s > ra.step_time_s
