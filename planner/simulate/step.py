@@ -389,7 +389,8 @@ class _Simulation(CommMixin, MemoryMixin):
             "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["ep_comm_s"] - fsdp_exposed_s,
             "recompute_s": per_step["recompute_s"],   # part of compute_s
             "exposed_tp_comm_s": per_step["tp_comm_s"],
-            **({"exposed_ep_comm_s": per_step["ep_comm_s"]} if plan.ep > 1 else {}),
+            # an MoE model's plans all report it (0 without ep), so any two of them compare phase by phase
+            **({"exposed_ep_comm_s": per_step["ep_comm_s"]} if self.coster.experts else {}),
             "exposed_dp_comm_s": fsdp_exposed_s + dp_exposed[slowest],
             "pipeline_bubble_s": timeline.bubble_s(slowest),
             "optimizer_s": optimizer[slowest],

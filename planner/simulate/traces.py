@@ -117,7 +117,18 @@ def expand_blocks(traced: TracedModel, *runs: int) -> TracedModel:
 _SPECS: dict = {}
 
 
+_CONFIG_TEXT: dict = {}   # id(config) -> (config, its repr): a search asks thousands of times
+
+
 def model_key(spec: ModelSpec) -> str:
-    key = spec.name + (repr(spec.config.to_dict()) if spec.config else f"@{id(spec.factory)}")
+    if spec.config is None:
+        key = spec.name + f"@{id(spec.factory)}"
+    else:
+        known = _CONFIG_TEXT.get(id(spec.config))
+        if known is None or known[0] is not spec.config or known[2] != spec.config:
+            if len(_CONFIG_TEXT) > 1024:
+                _CONFIG_TEXT.clear()
+            known = _CONFIG_TEXT[id(spec.config)] = (spec.config, repr(spec.config.to_dict()), replace(spec.config))
+        key = spec.name + known[1]
     _SPECS[key] = spec
     return key
