@@ -204,6 +204,9 @@ def test_cli_flags_and_batch_cases(cli, tmp_path):
     table = cli("plan", *common, "--top", "1", "--wide").stdout
     header = next(line for line in table.splitlines() if line.lstrip().startswith("#"))
     assert header.split()[1:5] == ["dp", "tp", "pp", "ep"] and "grouped GEMMs: the dense GEMM fit" in table
+    compared = cli("compare", "--model", "moe-tiny", "--clusters", "cpu:1x4", "--tokens", "1e6", *common[4:],
+                   "--ep", "4", "--json")
+    assert json.loads(compared.stdout)["clusters"][0]["plan"]["ep"] == 4, compared.stderr
     dense = cli("plan", "--model", "gpt-tiny", *common[2:], "--top", "1", "--wide").stdout
     assert " ep " not in dense and "grouped GEMMs" not in dense
 
