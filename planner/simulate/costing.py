@@ -301,8 +301,12 @@ class LayerCoster:
         skewed = moe.imbalance_saved_bytes(ops, self.experts, ep, imbalance)   # the busiest rank's extra rows
         ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
         scores = score_shapes(ops)
+        priced = {}   # an op object listed again (a routed expert's, planner.simulate.experts) is priced once
         for op in ops:
-            f, b, share = self._op_time(op, tp, sp, layout, precision, scores, *(split.place(op) if split else ()))
+            if id(op) not in priced or split:
+                priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
+                                               *(split.place(op) if split else ()))
+            f, b, share = priced[id(op)]
             fwd, bwd = fwd + f, bwd + b
             if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
                 streaming += f   # selective recomputes all but weight products and fused attention

@@ -93,8 +93,11 @@ def expert_parallel_ops(ops: list, experts: int, ep: int, imbalance: float = 1.0
     if not batched and ep == 1:
         return list(ops)
     local = experts // ep
-    groups = [[_one_expert(op, scale, ep, first=e == 0) for op in body] for e in range(local)] if batched \
-        else _loop_groups(body, experts, local, scale, ep)
+    if batched:   # the first expert's ops carry the stack's parameters; the others repeat one object each
+        first, rest = ([_one_expert(op, scale, ep, first=is_first) for op in body] for is_first in (True, False))
+        groups = [first] + [rest] * (local - 1)
+    else:
+        groups = _loop_groups(body, experts, local, scale, ep)
     out = []
     for op in ops:
         if not is_expert_op(op):
