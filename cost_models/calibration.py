@@ -328,9 +328,16 @@ def default_calibration(gpu: GPUSpec) -> Calibration:
     return reference.transferred_to(gpu)
 
 
-def calibration_line(calibration: Calibration) -> str:
-    """'calibration: GPU, source': where a report's compute numbers come from."""
-    return f"calibration: {calibration.gpu}, {calibration.source}"
+# Mixture-of-Experts GEMMs (one per expert, or one grouped kernel in Megatron-Core's
+# TEGroupedMLP and torchtitan's GroupedExperts) are priced per expert at the dense GEMM fit of
+# their shape: no grouped-GEMM kernel has been measured yet.
+GROUPED_GEMM_NOTE = "grouped GEMMs: the dense GEMM fit, transferred"
+
+
+def calibration_line(calibration: Calibration, experts: bool = False) -> str:
+    """'calibration: GPU, source': where a report's compute numbers come from; for a model
+    with routed experts (`experts`), how their GEMMs are priced too."""
+    return f"calibration: {calibration.gpu}, {calibration.source}" + (f"; {GROUPED_GEMM_NOTE}" if experts else "")
 
 
 def training_constants_like(calibration: Calibration, reference: Calibration) -> Calibration:

@@ -107,7 +107,7 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
             grid_kg_per_kwh: float | None = None, pue: float | None = None, engine: str = "meshplan",
             engine_options: dict | None = None, spot_prices: dict | None = None,
             preemption_rates: dict | None = None, failure_rate_per_gpu_hour: float | None = None,
-            on_cluster=None, **pinned) -> list[ClusterChoice]:
+            on_cluster=None, moe_imbalance: float = 1.0, **pinned) -> list[ClusterChoice]:
     """Best plan and run cost per cluster, fastest time-to-train first (non-fitting last).
 
     `clusters`: cluster strings or ClusterSpecs. `prices`: GPU name or alias -> USD per
@@ -127,7 +127,8 @@ def compare(model, clusters, tokens: float, global_batch: int, seq: int, prices:
     _check_run_inputs(tokens, global_batch, seq, grid_kg_per_kwh, pue, pinned)
     runner = get_engine(engine)
     check_pins_for_engine(pinned, runner)
-    pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options)}
+    pinned = {**pinned, "engine": runner.name, "engine_options": runner.checked_options(engine_options),
+              "moe_imbalance": moe_imbalance}   # the busiest expert-parallel rank's load (planner.search.plan)
     specs = _parse_clusters(clusters)
     specs = _apply_prices(specs, prices or {})
     specs = _apply_reliability(specs, spot_prices or {}, preemption_rates or {}, failure_rate_per_gpu_hour)
@@ -258,7 +259,8 @@ def _choose(spec, cluster: ClusterSpec, tokens, global_batch, seq, pue, grid, pi
     from planner.search import plan
     calibration = default_calibration(cluster.gpu)
     choice = ClusterChoice(cluster.name, cluster.gpu.name, cluster.world_size, cluster.price_usd_per_gpu_hour,
-                           calibration=calibration_line(calibration), measured=calibration.measured)
+                           calibration=calibration_line(calibration, bool(getattr(spec.config, "experts", 0))),
+                           measured=calibration.measured)
     pins = dict(pinned)
     precision = pins.pop("precision", "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16")
     try:

@@ -10,15 +10,14 @@ import json
 
 from cost_models import MeshplanError
 from cost_models.energy import DEFAULT_GRID_KG_PER_KWH, DEFAULT_PUE
-from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_plan_flags, check_distinct,
-                               check_image_path,
-                               engine_args, pinned as pinned_flags)
+from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, add_moe_flags, add_plan_flags,
+                               check_distinct, check_image_path, engine_args, moe_imbalance, pinned as pinned_flags)
 from planner.cli import outputs
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column, text_column
 from planner.compare import TRANSFERRED_UNCERTAINTY, ClusterChoice, compare
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
-PIN_FLAGS = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule")
+PIN_FLAGS = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
                    PIN_FLAGS)
     add_engine_flags(p)
+    add_moe_flags(p)
     outputs.add_html_flag(p)
     add_wide_flag(p)
 
@@ -57,6 +57,7 @@ def run(args) -> int:
     outputs.check_html(args)
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
     pinned = pinned_flags(args, PIN_FLAGS)
+    imbalance = moe_imbalance(args)
     with outputs.progress(f"planning {args.model} on {len(clusters)} clusters") as update:
         choices = compare(args.model, clusters, args.tokens, args.global_batch, args.seq,
                           prices=parse_prices(args.price), grid_kg_per_kwh=args.grid_kg_per_kwh, pue=args.pue,
@@ -65,7 +66,7 @@ def run(args) -> int:
                                                         "RATE_PER_NODE_HOUR"),
                           failure_rate_per_gpu_hour=args.failure_rate,
                           on_cluster=lambda i, n, name: update(f"planning {args.model} on {name} ({i} of {n})"),
-                          **engine_args(args), **pinned)
+                          moe_imbalance=imbalance, **engine_args(args), **pinned)
     if args.plot:
         from planner.cli.plots import compare_png
         compare_png(choices, args.plot, title=f"{args.model}, {args.tokens / 1e9:,.4g} B tokens: the best plan "
@@ -97,7 +98,7 @@ def parse_prices(items: list[str], flag: str = "--price", unit: str = "USD_PER_H
 
 
 def _plan_summary(plan) -> str:
-    return f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero}"
+    return f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" ep{plan.ep}" if plan.ep > 1 else "") + f" zero{plan.zero}"
 
 
 def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: bool = False) -> None:

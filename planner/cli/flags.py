@@ -116,6 +116,22 @@ def add_plan_flags(parser, names, defaults: bool = False, help: dict | None = No
         parser.add_argument(flag(name), **kw)
 
 
+MOE_IMBALANCE_HELP = ("Mixture-of-Experts load imbalance: the busiest expert-parallel rank receives this many times "
+                      "the average routed tokens (>= 1; default 1, balanced); its experts' GEMMs and all-to-all "
+                      "volume scale by it")
+
+
+def add_moe_flags(parser) -> None:
+    """`--moe-imbalance F` (planner.simulate.experts)."""
+    parser.add_argument("--moe-imbalance", type=float, default=None, metavar="F", help=MOE_IMBALANCE_HELP)
+
+
+def moe_imbalance(args) -> float:
+    """--moe-imbalance, checked (a finite number >= 1; 1 when not given)."""
+    value = 1.0 if getattr(args, "moe_imbalance", None) is None else args.moe_imbalance
+    return finite_number(value, "--moe-imbalance", low=1)
+
+
 def add_engine_flags(parser) -> None:
     """`--engine NAME` and repeatable `--engine-option KEY=VALUE` (planner.engines)."""
     from planner.engines import DEFAULT_ENGINE, ENGINES

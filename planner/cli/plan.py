@@ -8,8 +8,8 @@ from cost_models import parse_cluster
 from cost_models.inputs import whole_number
 from cost_models.units import GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, MODEL_HELP, add_batch_flags, add_engine_flags,
-                               add_plan_flags, check_distinct, check_image_path, memory_bytes,
-                               pinned as pinned_flags)
+                               add_moe_flags, add_plan_flags, check_distinct, check_image_path, memory_bytes,
+                               moe_imbalance, pinned as pinned_flags)
 from planner.cli import outputs
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column, text_column
 from planner.interop.cli import add_export_flag, add_from_flag
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=5, help="how many plans to list (default 5)")
     add_plan_flags(p.add_argument_group("pin a dimension (the search fills in the rest)"), PINNABLE, help=PIN_HELP)
     add_engine_flags(p)
+    add_moe_flags(p)
     p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor parallelism to span nodes")
     p.add_argument("--reserve", metavar="GIB", help="GiB of each GPU kept free beyond the CUDA context "
                                                     "(default 3%% of the GPU's memory); 3.2GB for decimal GB")
@@ -50,6 +51,7 @@ def run(args) -> int:
     from planner.interop import cli as interop
     from planner.search import plan
     _check_outputs(args)
+    imbalance = moe_imbalance(args)
     cluster = parse_cluster(args.cluster)
     job = interop.plan_job(args, cluster)   # --model/--global-batch/--seq, or --from; the engine (--export)
     spec = job.spec
@@ -62,7 +64,8 @@ def run(args) -> int:
     reserve = None if args.reserve is None else memory_bytes(args.reserve, "--reserve")
     with outputs.progress(f"searching plans for {spec.name} on {cluster.name}"):
         plans = plan(spec, cluster, job.global_batch, job.seq, top_k=args.top, compute=compute, comm=comm,
-                     reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, **job.engine, **pinned)
+                     reserve_bytes=reserve, tp_across_nodes=args.tp_across_nodes, moe_imbalance=imbalance,
+                     **job.engine, **pinned)
     if args.out and not args.export:
         best = plans[0]
         best.save(args.out, overwrite=args.force)
@@ -79,7 +82,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(plans_json(plans)))
     else:
-        _print_table(plans, spec.name, cluster, args.wide).print(calibration_line(calibration), highlight=False)
+        experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
+        _print_table(plans, spec.name, cluster, args.wide, experts).print(
+            calibration_line(calibration, experts), highlight=False)
     if args.explain and not args.json:
         from planner.search.explain import explain
         console = console_for(wide=args.wide)
@@ -130,7 +135,8 @@ def _split_words(sizes: list[int]) -> str:
     return "/".join(map(str, sizes)) if len(sizes) <= 4 else f"{min(sizes)}-{max(sizes)} over {len(sizes)}"
 
 
-def _print_table(plans, model_name: str, cluster, wide: bool = False):
+def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: bool = False):
+    """The ranked plans; an MoE model's (`experts`) with an ep column."""
     table = new_table(f"{model_name} on {cluster.name}: best {len(plans)} plans "
                       f"(memory budget {plans.budget_bytes / GIB:.1f} GiB per GPU)")
     rows = []
@@ -139,11 +145,11 @@ def _print_table(plans, model_name: str, cluster, wide: bool = False):
         schedule = p.schedule + (f" x{p.interleave}" if p.interleave > 1 else "")
         schedule += " +sp" if p.sequence_parallel else ""
         schedule += " +offload" if p.offload_optimizer else ""
-        rows.append((str(i), str(p.dp), str(p.tp), str(p.pp), str(p.zero), f"{p.micro_batch} x {p.grad_accum}",
-                     schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),
+        rows.append((str(i), str(p.dp), str(p.tp), str(p.pp), *((str(p.ep),) if experts else ()), str(p.zero),
+                     f"{p.micro_batch} x {p.grad_accum}", schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),
                      f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}%",
                      f"{r.worst_stage.peak_reserved_bytes / GIB:.1f}/{r.capacity_bytes / GIB:.1f}"))
-    headers = ("#", "dp", "tp", "pp", "zero", "mb x acc", "schedule", "blocks per stage", "checkpointed",
+    headers = ("#", "dp", "tp", "pp", *(("ep",) if experts else ()), "zero", "mb x acc", "schedule", "blocks per stage", "checkpointed",
                "step s", "tokens/s", "MFU", "peak GiB")
     for n, col in enumerate(headers):
         if col in ("schedule", "blocks per stage", "checkpointed"):   # text: wraps onto more lines

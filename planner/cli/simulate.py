@@ -13,8 +13,8 @@ from cost_models import MeshplanError, parse_cluster
 from cost_models.inputs import parse_json
 from cost_models.units import GIB
 from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, DEFAULT_SEQ, JSON_HELP, MODEL_HELP, add_batch_flags,
-                               add_engine_flags, add_plan_flags, check_distinct, check_image_path, engine_args, flag,
-                               pinned, with_defaults)
+                               add_engine_flags, add_moe_flags, add_plan_flags, check_distinct, check_image_path,
+                               engine_args, flag, moe_imbalance, pinned, with_defaults)
 from planner.cli import outputs
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column
 from planner.interop.cli import add_from_flag
@@ -24,7 +24,7 @@ from planner.plan import Plan
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
-PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "zero", "checkpoint", "precision", "schedule", "interleave",
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
                "sequence_parallel")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_batch_flags(p, required=False, seq_default=None)
     add_plan_flags(p, PLAN_FIELDS, defaults=True, help=FIELD_HELP)
     add_engine_flags(p)
+    add_moe_flags(p)
     p.add_argument("--trace", help="write the pipeline timeline as Chrome/Perfetto trace JSON")
     p.add_argument("--timeline", help="write a Gantt chart of the pipeline timeline (.png)")
     p.add_argument("--memory-plot", help="write per-stage memory bars against capacity (.png)")
@@ -60,7 +61,8 @@ def _check_flags(args) -> None:
         raise MeshplanError(f"--from cannot be combined with {'--batch' if args.batch else '--plan'}: give one")
     if args.batch:
         # --html is the batch's one output: a page of every case (planner.report.pages.batch_report)
-        ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration")
+        ignored = [flag(k) for k in ("model", "cluster", "plan", *_JOB_FIELDS, *_OUTPUTS, "calibration",
+                                     "moe_imbalance")
                    if getattr(args, k) is not None and k != "html"]
         if ignored:
             raise MeshplanError(f"{', '.join(ignored)} cannot be combined with --batch: each case line carries "
@@ -102,14 +104,14 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
     return replace(plan, checkpoint=[mode] * spec.config.layers)
 
 
-_CASE_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+_CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
               "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
 
 
 def _simulate_one(case: dict):
     from cost_models.cluster import cluster_from_dict
     from planner.simulate import simulate
-    unknown = sorted(map(str, set(case) - _CASE_KEYS - {"model", "cluster", "checkpoint"}))
+    unknown = sorted(map(str, set(case) - _CASE_KEYS - {"model", "cluster", "checkpoint", "moe_imbalance"}))
     if unknown:
         raise MeshplanError(f"unknown key(s) {unknown}")
     for key in ("model", "cluster"):
@@ -122,13 +124,15 @@ def _simulate_one(case: dict):
     cluster = cluster_from_dict(cluster, "the case's cluster") if isinstance(cluster, dict) else parse_cluster(cluster)
     plan = Plan(**{k: v for k, v in case.items() if k in _CASE_KEYS})
     plan = _with_layers(plan, spec, case.get("checkpoint"))
-    return spec, cluster, plan, simulate(plan, spec, cluster)
+    imbalance = case.get("moe_imbalance", 1.0)
+    return spec, cluster, plan, simulate(plan, spec, cluster, moe_imbalance=1.0 if imbalance is None else imbalance)
 
 
 def run(args) -> int:
     _check_flags(args)
     if args.batch:
         return _simulate_batch(args)
+    imbalance = moe_imbalance(args)
     if args.from_:
         from planner.interop.cli import simulate_job
         plan, imported_spec = simulate_job(args)
@@ -147,13 +151,14 @@ def run(args) -> int:
     from cost_models.models_for import cost_models_for
     compute, comm, calibration = cost_models_for(cluster, args.calibration)
     with outputs.progress(f"simulating {spec.name} on {cluster.name}"):
-        result = simulate(plan, spec, cluster, compute=compute, comm=comm)
+        result = simulate(plan, spec, cluster, compute=compute, comm=comm, moe_imbalance=imbalance)
     from planner.cli.simulate_outputs import write_outputs
-    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration))
+    experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
+    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration, experts))
     if args.json:
         print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
-    _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration), highlight=False)
+    _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration, experts), highlight=False)
     return 0
 
 
@@ -176,7 +181,8 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
             m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
     console = console_for(table, wide=wide)
-    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}[/bold] zero={plan.zero} "
+    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
+                  + f"[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
                   f"{plan.schedule}, run by {plan.engine}"
                   + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))

@@ -67,6 +67,11 @@ class Engine:
     """The optimizer step on the host (planner.plan.Plan.offload_optimizer)."""
     searched_tp_layout: bool = True
     """Applies any tensor-parallel layout the TP-layout ILP picks; else Megatron's fixed layout only."""
+    expert_zero: tuple = (0, 1, 2, 3)
+    """The ZeRO stages it runs expert parallelism (ep > 1) with; () = no expert parallelism
+    that meshplan models (planner.simulate.experts)."""
+    expert_refusal: str = ""
+    """Why it gets no expert parallelism, when `expert_zero` is empty (its source says)."""
     micro_batch_per_stage: bool = True
     """Its 1F1B needs at least pp micro-batches per step (torch.distributed.pipelining's does;
     Megatron-LM's warm-up takes min(pp - rank - 1, micro-batches) and runs with fewer)."""
@@ -128,6 +133,10 @@ class Engine:
             return f"{self.name} has no sequence parallelism"
         if plan.offload_optimizer and not self.offload_optimizer:
             return f"{self.name} does not offload the optimizer in meshplan's sense (FSDP2's CPUOffloadPolicy)"
+        if plan.ep > 1 and plan.zero not in self.expert_zero:
+            if not self.expert_zero:
+                return f"{self.name} has no expert parallelism meshplan models ({self.expert_refusal}): use ep 1"
+            return f"{self.name} runs expert parallelism with ZeRO {_stages(self.expert_zero)}, not {plan.zero}"
         if plan.tp_layout and not self.searched_tp_layout:
             return f"{self.name} applies Megatron-LM's tensor-parallel layout only: drop the plan's tp_layout"
         return None

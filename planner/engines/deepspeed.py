@@ -13,6 +13,11 @@ as a ds_config.json configures it:
 - tensor parallelism is Megatron's layout (Megatron-DeepSpeed's mpu or AutoTP), no sequence
   parallelism in Megatron's sense; optimizer offload is `offload_optimizer` (ZeRO-Offload).
 The model is the user's PyTorch code, so its kernels are eager PyTorch's (no Megatron fusions).
+DeepSpeed-MoE's expert parallelism (deepspeed/moe/sharded_moe.py) is GShard's: top-1/top-2
+gating into capacity-padded (experts x capacity) buffers by einsum, with an all-to-all of the
+padded buffers (`_AllToAll`) and, without token dropping, an all-reduce of the largest
+expert load first; meshplan prices the dropless dispatch of torchtitan and Megatron-Core,
+not that, so plans with ep > 1 are refused for this engine.
 """
 from planner.engines.base import Engine, EngineOption, register
 from planner.engines.execution import Execution
@@ -27,5 +32,6 @@ DEEPSPEED = register(Engine(
         "overlap_dp_comm", {False: False, True: True}, False,
         "zero_optimization.overlap_comm: reduce gradients during backward (DeepSpeed turns it on for stage 3)")},
     zero_defaults={3: {"overlap_comm": True}}, pipeline_zero=(0, 1), schedules=("1f1b",), recompute=("full",), sequence_parallel=False,
-    searched_tp_layout=False, micro_batch_per_stage=False))
+    searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(),
+    expert_refusal="DeepSpeed-MoE's capacity-padded GShard dispatch, deepspeed/moe/sharded_moe.py"))
 

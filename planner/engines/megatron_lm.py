@@ -21,6 +21,12 @@ sends 1/tp of each pipeline boundary per TP rank with an all-gather after (scatt
 Narayanan et al. 2021 Sec. 4.1), which Megatron-Core's p2p_communication.py no longer does;
 Megatron-Core runs Transformer Engine's fused (flash) attention by default
 (TransformerConfig.attention_backend = auto in megatron/core/transformer/transformer_config.py).
+Expert parallelism is Megatron-Core's (`--expert-model-parallel-size`, folded into the
+data-parallel ranks: megatron/core/parallel_state.py expert groups) with the all-to-all
+token dispatcher (megatron/core/transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher)
+and its default `moe_shared_expert_overlap = False` (shared experts not hidden behind the
+all-to-alls); its small all-to-all of the routing probabilities (4 bytes a routed row beside
+the tokens' 2 x hidden) is not priced. The 2021 code has no expert parallelism.
 """
 from planner.engines.base import Engine, EngineOption, register
 from planner.engines.execution import Execution
@@ -73,7 +79,7 @@ MEGATRON_LM = register(Engine(
             "auto", "--attention-backend: Transformer Engine's fused kernels (auto, flash, fused) or the unfused "
                     "core attention (unfused, local)")},
     zero=(0, 1), pipeline_zero=(0, 1), schedules=("1f1b", "interleaved"), recompute=("attention", "full"),
-    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False))
+    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1)))
 MEGATRON_LM_2021 = register(Engine(
     name="megatron-lm@2021", describes="Megatron-LM v2 as SC21's examples/sc21 and vTrain's runs used it",
     execution=MEGATRON_2021,
@@ -81,4 +87,5 @@ MEGATRON_LM_2021 = register(Engine(
                                       "--DDP-impl: local (all-reduce after backward) or torch (DDP's buckets "
                                       "overlap backward)")},
     zero=(0,), pipeline_zero=(0,), schedules=("1f1b", "interleaved"), recompute=("full",),
-    sequence_parallel=False, offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False))
+    sequence_parallel=False, offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False,
+    expert_zero=(), expert_refusal="Megatron-LM v2 of 2021 has no Mixture-of-Experts layers"))

@@ -8,7 +8,11 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - activation checkpointing is none, selective (op-level: SelectiveAC) or full (FullAC)
   (torchtitan/distributed/activation_checkpoint.py); no attention-core mode;
 - each model's parallelize.py applies a fixed Megatron-style TP plan, not a searched layout;
-- `training.enable_cpu_offload` is FSDP2's CPUOffloadPolicy (meshplan's offload_optimizer).
+- `training.enable_cpu_offload` is FSDP2's CPUOffloadPolicy (meshplan's offload_optimizer);
+- expert parallelism (`parallelism.expert_parallel_degree`) is carved out of the FSDP ranks
+  (torchtitan/distributed/parallel_dims.py: ep must divide dp_shard * cp * tp; the experts are
+  fully_shard-ed over "efsdp"), so it needs ZeRO 2 or 3, not pure replication; the tokens move
+  by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py).
 """
 from planner.engines.base import Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME
@@ -16,4 +20,4 @@ from planner.engines.execution import MESHPLAN_RUNTIME
 TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
     zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16"),
-    searched_tp_layout=False))
+    searched_tp_layout=False, expert_zero=(2, 3)))

@@ -87,7 +87,7 @@ class StageCosts:
         self.pp, self.v = plan.pp, plan.interleave
         self.blocks = sim.traced.blocks
         self.k = np.array([k / self.v for k in in_flight], dtype=float)
-        self.block = self._block_costs(self.blocks[0])
+        self.block = self._block_costs(typical_block(sim.traced))
         self.f = np.zeros(self.pp)
         self.g = np.zeros(self.pp)
         first, last = self.blocks[0], self.blocks[-1]
@@ -100,11 +100,11 @@ class StageCosts:
             times = sim.layer_times(layer.index, "none")
             t = sim.timing(layer.index)
             self.f[rank] += times.fwd_s + times.bwd_s
-            self.g[rank] += self._states(t.params_per_gpu) + self.k[rank] * (t.saved_bytes + t.param_copy_bytes)
+            self.g[rank] += self._states(t) + self.k[rank] * (t.saved_bytes + t.param_copy_bytes)
         self.g += self._working_bytes() + self._gathered_bytes()
 
-    def _states(self, params: float) -> float:
-        return self.sim.layer_state_bytes(params)
+    def _states(self, t) -> float:
+        return self.sim.layer_state_bytes(t.params_per_gpu, t.expert_params_per_gpu)
 
     def _block_costs(self, index: int) -> _BlockCosts:
         sim = self.sim
@@ -116,7 +116,7 @@ class StageCosts:
             time_s[mode] = times.fwd_s + times.bwd_s
             copies = 0.0 if fsdp_mixed or mode == "full" else t.param_copy_bytes
             act[mode] = t.saved_for(mode) + copies
-        return _BlockCosts(time_s, act, self._states(t.params_per_gpu))
+        return _BlockCosts(time_s, act, self._states(t))
 
     def _working_bytes(self) -> np.ndarray:
         """The worst moment of a backward walk, beyond the activations still held: a layer's
@@ -125,9 +125,11 @@ class StageCosts:
         their backward first and last, when the blocks' recomputation is not live."""
         sim, tp = self.sim, max(1, self.sim.plan.tp)
         first, last = self.blocks[0], self.blocks[-1]
-        t = sim.timing(first)
-        block_op = max((op.bytes_written for op in sim.traced.cost_of(first).ops), default=0)
-        working = np.full(self.pp, 2 * block_op / tp + (t.saved_bytes - t.saved_bytes_full))
+        typical = typical_block(sim.traced)
+        t = sim.timing(typical)
+        block_op = max((op.bytes_written for op in sim.traced.cost_of(typical).ops), default=0)
+        working = np.full(self.pp, 2 * block_op / tp + (t.saved_bytes - t.saved_bytes_full)
+                          + sim.dispatch_buffer_bytes([t]))
         for layer in sim.traced.layers:
             if layer.kind != "block":
                 rank = 0 if layer.index < first else self.pp - 1 if layer.index > last else 0
@@ -139,7 +141,17 @@ class StageCosts:
         plan = self.sim.plan
         if plan.zero != 3 or self.sim.keeps_every_layer_gathered:   # else counted in each layer's states
             return 0.0
-        return gathered_param_bytes(3, plan.precision, [self.sim.timing(self.blocks[0]).params_per_gpu] * 2)
+        params = self.sim.timing(typical_block(self.sim.traced)).params_per_gpu
+        return gathered_param_bytes(3, plan.precision, [params] * 2)
+
+
+def typical_block(traced) -> int:
+    """The block the partition prices every block by: the first of the most common kind (an
+    MoE model's leading dense blocks are the few; every zoo model's blocks are otherwise alike)."""
+    counts = {}
+    for index in traced.blocks:
+        counts.setdefault(traced.layers[index].signature, []).append(index)
+    return max(counts.values(), key=len)[0]
 
 
 def _checkpoint_cost(costs: StageCosts, n: np.ndarray, budget: np.ndarray, pinned: str | None):

@@ -3,7 +3,9 @@
 The search, in order of cost:
 1. Families: every dp x tp x pp that multiplies to the cluster size, tp inside a node
    (unless allowed across nodes) and dividing the model's heads and widths, pp at most
-   the model's blocks, dp dividing the global batch; then ZeRO 0-3 (ZeRO-1 is Megatron's
+   the model's blocks, dp dividing the global batch; then, for a Mixture-of-Experts model,
+   every expert-parallel degree ep dividing dp and the experts (tp 1; ep folded into dp,
+   planner.plan); then ZeRO 0-3 (ZeRO-1 is Megatron's
    distributed optimizer on FSDP2, with any tp and pp), CPU optimizer offload (ZeRO 2/3),
    every micro-batch size dividing a rank's share of the batch, sequence parallelism with tp,
    schedules (1F1B, interleaved with v chunks; GPipe has 1F1B's bubble and more
@@ -39,16 +41,15 @@ from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ, check_tokens_per_step, finite_number,
                                 shown, whole_number)
-from cost_models.memory import model_state_bytes
 from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
 from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
-from planner.search.space import SearchSpace
+from planner.search.space import SearchSpace, check_expert_pins
 from planner.search.tp_ilp import layouts_for
-from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, model_key, prepare_unchecked, trace_cached
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, prepare_unchecked
 from planner.simulate.costing import top_level_layout
 from planner.simulate.schedule import in_flight_counts
 from planner.torch_compat import traces_attention_core
@@ -119,12 +120,13 @@ class _Candidate:
 def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "bf16", top_k: int = 5,
          compute: ComputeModel | None = None, comm: CommModel | None = None,
          reserve_bytes: float | None = None, tp_across_nodes: bool = False, engine: str = DEFAULT_ENGINE,
-         engine_options: dict | None = None, **pinned) -> RankedPlans:
+         engine_options: dict | None = None, moe_imbalance: float = 1.0, **pinned) -> RankedPlans:
     """The `top_k` best plans (each with `.result`), best first.
 
     Any of PINNABLE may be given to fix that dimension (`precision=None` searches it).
     `engine` (planner.engines) runs the plans: only plans it can run are proposed, priced as
-    it runs them (with `engine_options`). Raises MeshplanError when nothing fits, naming the
+    it runs them (with `engine_options`). `moe_imbalance`: the busiest expert-parallel rank's
+    routed tokens over the average (planner.simulate.experts). Raises MeshplanError when nothing fits, naming the
     memory the leanest plan needs and how many GPUs would hold it.
     """
     start = time.perf_counter()
@@ -136,8 +138,10 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     runner = get_engine(engine)
     options = runner.checked_options(engine_options)
     check_pins_for_engine(pinned, runner)
+    check_expert_pins(pinned, spec, cluster, runner, moe_imbalance)
     search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                      runner, options)
+    search.moe_imbalance = moe_imbalance
     plans = search.run(top_k)
     search.stats.search_s = time.perf_counter() - start
     return RankedPlans(plans, search.stats, search.rejections, search.budget_bytes,
@@ -157,7 +161,8 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
     whole_number(global_batch, "global_batch", high=MAX_GLOBAL_BATCH)
     whole_number(seq, "seq", high=MAX_SEQ)
     check_tokens_per_step(global_batch, seq)
-    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("micro_batch", MAX_GLOBAL_BATCH),
+    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("ep", MAX_GPUS),
+                       ("micro_batch", MAX_GLOBAL_BATCH),
                        ("interleave", MAX_LAYERS)):
         if name in pinned:
             whole_number(pinned[name], name, high=high)
@@ -216,6 +221,8 @@ def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
 
 
 class _Search(SearchSpace, FactorySearch, Diagnosis):
+    moe_imbalance = 1.0   # the busiest expert-parallel rank's routed tokens over the average (plan())
+
     def __init__(self, spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                  engine=None, engine_options=None):
         self.spec, self.cluster = spec, cluster
@@ -242,7 +249,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
     # -- pricing -------------------------------------------------------------------------------
     def simulation(self, plan: Plan):
         started = time.perf_counter()
-        sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm, self.execution(plan))
+        sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm, self.execution(plan),
+                                self.moe_imbalance)
         self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
         self._sims[(plan.micro_batch, plan.precision)] = True
         return sim
@@ -255,25 +263,6 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
     def execution(self, plan: Plan):
         """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
         return self.engine.execution_for(self.engine_options, plan.zero)
-
-    def states_floor_bytes(self, plan: Plan) -> float:
-        """Model states of an even 1/(tp*pp) share of the parameters: no rank holds less."""
-        params = self.param_count() / (plan.tp * plan.pp)
-        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
-        return (states.params_bytes + states.grads_bytes + states.optimizer_bytes) * ALLOCATOR_RESERVED_RATIO
-
-    def host_floor_bytes(self, plan: Plan) -> float:
-        if not plan.offload_optimizer:
-            return 0.0
-        params = self.param_count() / (plan.tp * plan.pp)
-        return model_state_bytes(params, plan.precision, plan.zero, plan.dp, True).host_bytes
-
-    def param_count(self) -> float:
-        if not hasattr(self, "_param_count"):
-            precision = self.values("precision", ("bf16",))[0]
-            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
-            self._param_count = float(traced.param_count)
-        return self._param_count
 
     def checkpointed_need_bytes(self, plan: Plan) -> float:
         """Peak reserved bytes (partition model) of the candidate with every block fully checkpointed."""
@@ -412,7 +401,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         for _ in range(REFIT_ROUNDS + 1):
             plan = self._with_layout(cand.plan)
             result = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm,
-                                       self.execution(plan)).run()
+                                       self.execution(plan), self.moe_imbalance).run()
             self.stats.simulated += 1
             over = [s.peak_reserved_bytes - self.budget_bytes for s in result.stages]
             if max(over) <= 0 and result.fits:
@@ -485,7 +474,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
 
 
 def describe_family(plan: Plan) -> str:
-    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
+    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" ep{plan.ep}" if plan.ep > 1 else "") \
+        + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
     if plan.interleave > 1:
         text += f"x{plan.interleave}"
     if plan.sequence_parallel:

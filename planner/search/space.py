@@ -1,10 +1,13 @@
 """The search space: every dp x tp x pp family of the cluster and every candidate plan of a
-family (ZeRO, offload, micro-batch, sequence parallelism, schedule, precision), under the pins."""
+family (expert parallelism, ZeRO, offload, micro-batch, sequence parallelism, schedule,
+precision), under the pins."""
 from __future__ import annotations
 
 from cost_models.errors import MeshplanError
-from cost_models.inputs import MAX_MICRO_BATCHES
+from cost_models.inputs import MAX_MICRO_BATCHES, finite_number
+from cost_models.memory import model_state_bytes
 from planner.plan import Plan
+from planner.simulate import ALLOCATOR_RESERVED_RATIO, model_key, trace_cached
 
 INTERLEAVE_CHOICES = (2, 4)
 
@@ -13,6 +16,35 @@ def divisors(n: int) -> list[int]:
     """Every divisor of n, ascending (O(sqrt n): n may be a batch of millions)."""
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def check_expert_pins(pinned: dict, spec, cluster, engine, moe_imbalance: float = 1.0) -> None:
+    """A pinned ep the model, the cluster or the engine cannot take, in one line before any search."""
+    finite_number(moe_imbalance, "the MoE load imbalance (--moe-imbalance)", low=1)
+    ep = pinned.get("ep", 1)
+    if ep == 1:
+        return
+    experts = getattr(spec.config, "experts", 0) if spec.config is not None else 0
+    if not experts:
+        raise MeshplanError(f"ep {ep} needs a Mixture-of-Experts model (arch moe); {spec.name} has no experts: "
+                            f"drop --ep")
+    if ep > cluster.world_size:
+        raise MeshplanError(f"ep {ep} exceeds {cluster.name}'s {cluster.world_size} GPUs (ep divides the "
+                            f"data-parallel ranks): pin ep <= {cluster.world_size}")
+    if experts % ep:
+        raise MeshplanError(f"ep {ep} does not divide {spec.name}'s {experts} experts: pin an ep that divides "
+                            f"{experts}")
+    if "dp" in pinned and pinned["dp"] % ep:
+        raise MeshplanError(f"ep {ep} must divide the pinned dp {pinned['dp']}: change --ep or --dp")
+    if pinned.get("tp", 1) > 1:
+        raise MeshplanError(f"ep {ep} with tp {pinned['tp']} is not supported (experts would need expert tensor "
+                            f"parallelism): pin tp 1 or ep 1")
+    if not engine.expert_zero:
+        raise MeshplanError(f"{engine.name} has no expert parallelism meshplan models ({engine.expert_refusal}): "
+                            f"drop --ep or change --engine")
+    if "zero" in pinned and pinned["zero"] not in engine.expert_zero:
+        raise MeshplanError(f"{engine.name} runs expert parallelism with ZeRO "
+                            f"{', '.join(map(str, engine.expert_zero))}, not {pinned['zero']}: change --zero or --ep")
 
 
 class SearchSpace:
@@ -39,6 +71,9 @@ class SearchSpace:
             if why:
                 self.unfit(f"tp {tp}", why)
                 continue
+            if tp > 1 and self.pinned.get("ep", 1) > 1:
+                self.unfit(f"tp {tp}", f"cannot take the pinned ep {self.pinned['ep']} (ep > 1 needs tp 1)")
+                continue
             for pp in self.values("pp", divisors(world // tp)):
                 if (world // tp) % pp:
                     continue
@@ -49,13 +84,54 @@ class SearchSpace:
                 dp = world // (tp * pp)
                 if "dp" in self.pinned and dp != self.pinned["dp"]:
                     continue
-                if self.global_batch % dp == 0:
+                if dp % self.pinned.get("ep", 1):
+                    self.unfit(f"dp {dp}", f"is not a multiple of the pinned ep {self.pinned['ep']}")
+                elif self.global_batch % dp == 0:
                     out.append((dp, tp, pp))
                 else:
                     self.unfit(f"dp {dp}", f"does not divide global batch {self.global_batch}")
         if not out:
             raise MeshplanError(self._no_family_message())
         return out
+
+    def states_floor_bytes(self, plan: Plan) -> float:
+        """Model states of an even 1/(tp*pp) share of the parameters (the routed experts': 1/(ep*pp),
+        sharded over dp/ep under ZeRO): no rank holds less."""
+        states = self._floor_states(plan)
+        return (states.params_bytes + states.grads_bytes + states.optimizer_bytes) * ALLOCATOR_RESERVED_RATIO
+
+    def _floor_states(self, plan: Plan):
+        expert = self.expert_param_count() if plan.ep > 1 else 0.0
+        dense = model_state_bytes((self.param_count() - expert) / (plan.tp * plan.pp), plan.precision, plan.zero,
+                                  plan.dp, plan.offload_optimizer)
+        if not expert:
+            return dense
+        experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.dp // plan.ep,
+                                    plan.offload_optimizer)
+        return type(dense)(*(a + b for a, b in zip(
+            (dense.params_bytes, dense.grads_bytes, dense.optimizer_bytes, dense.host_bytes),
+            (experts.params_bytes, experts.grads_bytes, experts.optimizer_bytes, experts.host_bytes))))
+
+    def host_floor_bytes(self, plan: Plan) -> float:
+        if not plan.offload_optimizer:
+            return 0.0
+        return self._floor_states(plan).host_bytes
+
+    def expert_param_count(self) -> float:
+        """The routed experts' parameters of the whole model (0 for a dense model)."""
+        if not hasattr(self, "_expert_param_count"):
+            from planner.simulate.experts import expert_param_count
+            precision = self.values("precision", ("bf16",))[0]
+            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
+            self._expert_param_count = sum(expert_param_count(traced.cost_of(i).ops) for i in traced.blocks)
+        return self._expert_param_count
+
+    def param_count(self) -> float:
+        if not hasattr(self, "_param_count"):
+            precision = self.values("precision", ("bf16",))[0]
+            traced = trace_cached(model_key(self.spec), 1, self.seq, precision, "autocast")
+            self._param_count = float(traced.param_count)
+        return self._param_count
 
     def unfit(self, degree: str, why: str):
         """Note a degree the model cannot take, and why (for the nothing-left message)."""
@@ -89,7 +165,21 @@ class SearchSpace:
                 + ": choose degrees whose product is the cluster size, tp dividing what it splits (inside a "
                 "node), pp at most the model's blocks, and dp dividing the global batch")
 
+    def expert_parallel_degrees(self, dp: int, tp: int) -> list[int]:
+        """ep of an MoE model: each divisor of dp that divides its experts (ep > 1 with tp 1
+        only, and with an engine that runs it); a dense model keeps ep 1."""
+        experts = getattr(self.spec.config, "experts", 0) if self.spec.config is not None else 0
+        if not experts or tp > 1 or not self.engine.expert_zero:
+            return [1]
+        return [ep for ep in divisors(dp) if experts % ep == 0]
+
     def candidates(self, dp, tp, pp) -> list[Plan]:
+        out = []
+        for ep in self.values("ep", self.expert_parallel_degrees(dp, tp)):
+            out += self._candidates(dp, tp, pp, ep)
+        return out
+
+    def _candidates(self, dp, tp, pp, ep) -> list[Plan]:
         per_rank = self.global_batch // dp
         out = []
         for precision in self.values("precision", ("bf16",)):
@@ -101,7 +191,7 @@ class SearchSpace:
                 m = per_rank // mb
                 zeros = self.engine.pipeline_zero if pp > 1 else self.engine.zero
                 for zero in self.values("zero", zeros if dp > 1 else (0,)):
-                    if zero not in zeros:
+                    if zero not in zeros or (ep > 1 and zero not in self.engine.expert_zero):
                         continue
                     offloads = (False, True) if zero >= 2 and self.engine.offload_optimizer else (False,)
                     for offload in self.values("offload_optimizer", offloads):
@@ -111,7 +201,7 @@ class SearchSpace:
                             if sp and (tp < 2 or self.seq % tp):
                                 continue   # the runtime shards the sequence evenly over tp >= 2
                             for schedule, v in self._schedules(pp, m):
-                                out.append(Plan(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=mb,
+                                out.append(Plan(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
                                                 schedule=schedule, interleave=v, sequence_parallel=sp,
                                                 offload_optimizer=offload, model=self.spec.name,

@@ -1,6 +1,8 @@
 """Communication of a simulated plan: the exposed time and the bytes of its TP collectives,
-FSDP's gathers and reductions, DDP's all-reduce, the tied embedding's and the sequence-
-parallel norms' gradient reductions, and the pipeline's boundary transfers."""
+expert parallelism's all-to-alls, FSDP's gathers and reductions, DDP's all-reduce, the tied
+embedding's and the sequence-parallel norms' gradient reductions, and the pipeline's
+boundary transfers. A routed expert's parameters are data-parallel over the dp/ep ranks that
+hold the same experts (the "edp" group), everything else over dp (torchtitan's apply_fsdp)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -22,6 +24,13 @@ class CommMixin:
     def recomputed_collectives(self, t: LayerTiming) -> tuple:
         """The forward collectives a full recomputation of the layer issues again."""
         return t.tp_comm_fwd[:-1] if self.execution.recompute_stops_early else t.tp_comm_fwd
+
+    def ep_comm_s(self, collectives) -> float:
+        """Expert-parallel all-to-alls ((kind, what, bytes), ...) on the ep group, each waited
+        on before the next kernel (planner.simulate.experts); the busiest rank's token volume
+        is the load imbalance times the balanced one."""
+        return sum(self.comm.time_s(kind, nbytes * (self.moe_imbalance if what == "tokens" else 1.0), self.ep_group)
+                   for kind, what, nbytes in collectives)
 
     def tp_comm_s(self, collectives) -> float:
         """TP collectives ((kind, bytes), ...) in a row on the TP group: inside a layer they sit
@@ -49,11 +58,10 @@ class CommMixin:
         """A layer's FSDP collectives, each hidden behind the compute of the pass it serves
         (FSDP2 issues the next all-gather while this layer computes)."""
         t = self.timing(index)
-        gather_bytes, scatter_bytes = self.fsdp_bytes(t)
-        gather = self.comm.all_gather_s(gather_bytes, self.dp_group)
+        gather, scatter = self.fsdp_layer_s(t)
         if self.plan.offload_optimizer:   # the fp32 shard comes from the host before each gather
-            gather += t.params_per_gpu / self.plan.dp * 4 / self.cluster.gpu.host_link_bw_bytes_per_s
-        scatter = self.comm.reduce_scatter_s(scatter_bytes, self.dp_group)
+            gather += self.sharded_params(t.params_per_gpu, t.expert_params_per_gpu) * 4 \
+                / self.cluster.gpu.host_link_bw_bytes_per_s
         return FsdpExposure(max(0.0, gather - base.fwd_s), max(0.0, gather - base.bwd_s),
                             max(0.0, scatter - base.bwd_s), max(0.0, gather + scatter - base.bwd_s))
 
@@ -90,39 +98,61 @@ class CommMixin:
             traffic = self.fsdp_traffic(stage)
             if traffic is None or not traffic.reduce_after_last:
                 continue
-            scatter = sum(self.comm.reduce_scatter_s(self.fsdp_bytes(self.timing(i))[1], self.dp_group)
-                          for i in stages[stage])
+            scatter = sum(self.fsdp_layer_s(self.timing(i))[1] for i in stages[stage])
             stream_free = max(stream_free, end) + scatter
         return max(0.0, stream_free - timeline.finish_s[rank])
 
-    def fsdp_bytes(self, t: LayerTiming) -> tuple[float, float]:
+    def fsdp_bytes(self, t: LayerTiming, experts: bool = False) -> tuple[float, float]:
         """(all-gather, reduce-scatter) buffer bytes of one layer under FSDP2: parameters
-        gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype)."""
-        return t.params_per_gpu * self.act_bytes, t.params_per_gpu * 4
+        gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype); the
+        routed experts' (`experts`, over edp) or the rest's (over dp)."""
+        params = t.expert_params_per_gpu if experts else t.params_per_gpu - t.expert_params_per_gpu
+        return params * self.act_bytes, params * 4
+
+    def fsdp_layer_s(self, t: LayerTiming) -> tuple[float, float]:
+        """(all-gather s, reduce-scatter s) of one layer: the dp group's, then the experts' on edp."""
+        gather = scatter = 0.0
+        for experts, group in ((False, self.dp_group), (True, self.edp_group)):
+            gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
+            gather += self.comm.all_gather_s(gather_bytes, group)
+            scatter += self.comm.reduce_scatter_s(scatter_bytes, group)
+        return gather, scatter
 
     def comm_bytes(self, rank: int, stages) -> dict:
         """What one step makes pipeline rank `rank` communicate: {group: {collective: bytes}}
         over the TP group ("tp"), the DP group ("dp"), to the next and previous pipeline stage
         ("pp": what it sends) and, with a tied embedding split over stages, to its other
         copy ("tied"). Bytes are each collective's full buffer on one rank (nccl-tests'
-        convention, as CommModel prices them), summed over the step's micro-batches."""
+        convention, as CommModel prices them), summed over the step's micro-batches.
+        Expert parallelism adds "ep": the all-to-alls of the tokens ("all_to_all", their
+        send buffers under balanced routing) and of the per-expert counts
+        ("all_to_all_counts"); the routed experts' data-parallel reductions go to "edp"."""
         plan, n = self.plan, self.plan.grad_accum
-        volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter()}
+        volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter(), "ep": Counter(),
+                  "edp": Counter()}
         chunks = [c * plan.pp + rank for c in range(plan.interleave)]
-        params = 0.0
+        params = expert = 0.0
         for index, stage in ((i, v) for v in chunks for i in stages[v]):
             t = self.timing(index)
             params += t.params_per_gpu
+            expert += t.expert_params_per_gpu
             again = self.recomputed_collectives(t) if self.checkpoint_mode(index) == "full" else ()
             for kind, nbytes in t.tp_comm_fwd + t.tp_comm_bwd + again:
                 volume["tp"][kind] += n * nbytes
+            ep_again = t.ep_comm_fwd if self.checkpoint_mode(index) == "full" else ()
+            for kind, what, nbytes in t.ep_comm_fwd + t.ep_comm_bwd + ep_again:
+                volume["ep"][kind + ("_counts" if what == "counts" else "")] += n * nbytes
             traffic = self.fsdp_traffic(stage)
             if traffic is not None:
-                gather_bytes, scatter_bytes = self.fsdp_bytes(t)
-                volume["dp"]["all_gather"] += traffic.gathers_per_step * gather_bytes
-                volume["dp"]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
+                for experts, group in ((False, "dp"), (True, "edp")):
+                    gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
+                    if not experts or (gather_bytes and plan.dp // plan.ep > 1):
+                        volume[group]["all_gather"] += traffic.gathers_per_step * gather_bytes
+                        volume[group]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
         if plan.dp > 1 and plan.zero == 0:
-            volume["dp"]["all_reduce"] += self.dp_tail_bytes(params)
+            volume["dp"]["all_reduce"] += self.dp_tail_bytes(params - expert)
+            if plan.dp // plan.ep > 1 and expert:
+                volume["edp"]["all_reduce"] += self.dp_tail_bytes(expert)
         if self.holds_tied_copy(rank):
             volume["tied"]["all_reduce"] += self.tied_grad_bytes()
         norm_grads = self.norm_grad_bytes(rank, stages)
@@ -149,15 +179,16 @@ class CommMixin:
             return [("pp", "send", boundary_bytes)]
         return [("pp", "send", boundary_bytes / plan.tp), ("tp", "all_gather", boundary_bytes)]
 
-    def dp_tail_s(self, params: float, last_bwd_s: float) -> float:
+    def dp_tail_s(self, params: float, last_bwd_s: float, expert: float = 0.0) -> float:
         """ZeRO 0's gradient all-reduce, in buckets during the last backward (DDP,
         replicate) or after it; ZeRO 1-3's reduce-scatters are FSDP's (fsdp_extra_s,
-        fsdp_tail_s)."""
+        fsdp_tail_s). The routed experts' gradients (`expert` of `params`) reduce over edp."""
         plan = self.plan
         if plan.dp == 1 or plan.zero >= 1:
             return 0.0
-        grad_bytes = self.dp_tail_bytes(params)
-        all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group)
+        grad_bytes = self.dp_tail_bytes(params - expert)
+        all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group) \
+            + self.comm.all_reduce_s(self.dp_tail_bytes(expert), self.edp_group)
         last_bucket = self.comm.all_reduce_s(min(grad_bytes, DDP_BUCKET_BYTES), self.dp_group)
         return max(all_reduce - last_bwd_s, last_bucket) if self.execution.overlap_dp_comm else all_reduce
 

@@ -36,6 +36,7 @@ from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel
+from planner.simulate import experts as moe
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
@@ -106,6 +107,9 @@ class LayerTiming:
     saved_bytes_attention: float
     param_copy_bytes: float
     boundary_bytes: float           # the layer's output: what a pipeline stage boundary sends
+    expert_params_per_gpu: float = 0.0   # the routed experts' share of params_per_gpu (split over ep)
+    ep_comm_fwd: tuple = ()         # expert-parallel all-to-alls: ((kind, "counts"|"tokens", bytes), ...)
+    ep_comm_bwd: tuple = ()         # balanced volumes (planner.simulate.experts.collectives)
 
     def recompute_s(self, mode: str) -> float:
         return {"none": 0.0, "attention": self.attention_core_fwd_s, "selective": self.streaming_fwd_s,
@@ -247,24 +251,27 @@ def _run_before(kernels: list, index: int, matches) -> list:
 class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
-    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None):
+    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None, experts: int = 0):
         self.traced = traced
         self.compute = compute
         self.hidden = hidden
+        self.experts = experts   # routed experts per MoE block (0: a dense model)
         self.residual_numel = traced.micro_batch * traced.seq * hidden if hidden else None
         self._cache = {}
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
                tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
-               megatron_kernels: bool = False) -> LayerTiming:
-        """`extra_host_ops`: (forward, backward) launches the framework issues with this layer
+               megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0) -> LayerTiming:
+        """`ep`, `imbalance`: expert parallelism and the busiest ep rank's load over the average
+        (planner.simulate.experts; only an MoE block's routed experts change).
+        `extra_host_ops`: (forward, backward) launches the framework issues with this layer
         beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
         `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
         several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels)."""
         layer = self.traced.layers[layer_index]
         factory = tp > 1 and self.hidden is None   # a file.py:factory model: planner.simulate.factory_tp
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               megatron_kernels, layer.name if factory else None)
+               megatron_kernels, layer.name if factory else None, ep, imbalance)
         if key not in self._cache:
             split = None
             if factory:
@@ -274,7 +281,7 @@ class LayerCoster:
                 split = FactorySplit(self.traced.cost_of(layer), layer_prefix(self.traced, layer_index), layer.name,
                                      tp_layout or {}, layer.kind == "block")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops, megatron_kernels, split)
+                                            extra_host_ops, megatron_kernels, split, ep, imbalance)
         return self._cache[key]
 
     def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
@@ -284,15 +291,22 @@ class LayerCoster:
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
-                split: FactorySplit | None = None) -> LayerTiming:
+                split: FactorySplit | None = None, ep: int = 1, imbalance: float = 1.0) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = core = 0.0
         comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
+        ep_fwd, ep_bwd = moe.collectives(ops, self.experts) if ep > 1 else ((), ())
+        skewed = moe.imbalance_saved_bytes(ops, self.experts, ep, imbalance)   # the busiest rank's extra rows
+        ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
         scores = score_shapes(ops)
+        priced = {}   # an op object listed again (a routed expert's, planner.simulate.experts) is priced once
         for op in ops:
-            f, b, share = self._op_time(op, tp, sp, layout, precision, scores, *(split.place(op) if split else ()))
+            if id(op) not in priced or split:
+                priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
+                                               *(split.place(op) if split else ()))
+            f, b, share = priced[id(op)]
             fwd, bwd = fwd + f, bwd + b
             if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
                 streaming += f   # selective recomputes all but weight products and fused attention
@@ -315,12 +329,15 @@ class LayerCoster:
         return LayerTiming(
             fwd_s=fwd, bwd_s=bwd, streaming_fwd_s=streaming, attention_core_fwd_s=core,
             tp_comm_fwd=tuple(comm_fwd), tp_comm_bwd=tuple(comm_bwd),
-            params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share,
+            params_per_gpu=params, saved_bytes=cost.saved_bytes * act_share + skewed,
             saved_bytes_full=cost.saved_bytes_full_ckpt * boundary_share,
-            saved_bytes_selective=cost.saved_bytes_selective * act_share,
-            saved_bytes_attention=cost.saved_bytes_attention * act_share,
+            saved_bytes_selective=cost.saved_bytes_selective * act_share + skewed,
+            saved_bytes_attention=cost.saved_bytes_attention * act_share + skewed,
             param_copy_bytes=cost.saved_param_copy_bytes / tp if tp > 1 and not split else cost.saved_param_copy_bytes,
-            boundary_bytes=cost.output_bytes * boundary_share)
+            boundary_bytes=cost.output_bytes * boundary_share,
+            # with ep 1 the experts are data-parallel over dp like the rest: nothing to tell apart
+            expert_params_per_gpu=moe.expert_param_count(ops) if ep > 1 else 0.0, ep_comm_fwd=ep_fwd,
+            ep_comm_bwd=ep_bwd)
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
         """(forward, backward) collectives over the TP group that `op` causes, as

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cost_models.memory import DTYPE_BYTES, gathered_param_bytes, model_state_bytes
+from cost_models.memory import DTYPE_BYTES, ModelStates, gathered_param_bytes, model_state_bytes
 from planner.simulate.schedule import in_flight_counts
 
 # PyTorch's caching allocator keeps freed blocks and rounds allocations up. Empirical:
@@ -53,7 +53,8 @@ class MemoryMixin:
         layers = self.rank_layers(rank, stages)
         timings = [self.timing(i) for i in layers]
         params = sum(t.params_per_gpu for t in timings)
-        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        expert = sum(t.expert_params_per_gpu for t in timings)
+        states = self.model_states(params, expert)
         in_flight = (in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave)[rank]
                      / plan.interleave)  # in units of the whole rank's layers
         fsdp_mixed = self.traced.cast == "params"
@@ -67,6 +68,7 @@ class MemoryMixin:
         # gradients appear during backward as activations go: the walk finds the worst moment,
         # and the breakdown reports each part as it is at that moment (so the parts add up)
         grads, released, working = self.backward_peak(layers, timings, self.held_grad_bytes(params, states))
+        working += self.dispatch_buffer_bytes(timings)
         activations_at_peak = max(activations - released, 0.0)
         transient = working + gathered
         allocated = states.params_bytes + states.optimizer_bytes + grads + activations_at_peak + transient
@@ -81,7 +83,7 @@ class MemoryMixin:
         plan = self.plan
         layers = self.rank_layers(rank, stages)
         params = [self.timing(i).params_per_gpu for i in layers]
-        states = model_state_bytes(sum(params), plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        states = self.model_states(sum(params), sum(self.timing(i).expert_params_per_gpu for i in layers))
         if self.holds_unsharded:
             unsharded = self.gathered_bytes(params)
         elif self.fsdp_drive is not None and plan.grad_accum > 1:
@@ -94,6 +96,29 @@ class MemoryMixin:
             unsharded = 0.0
         return HeldStates(states.params_bytes, unsharded, self.held_grad_bytes(sum(params), states),
                           states.optimizer_bytes)
+
+    def model_states(self, params: float, expert: float = 0.0) -> ModelStates:
+        """Model states of `params` on one GPU, `expert` of them routed experts' (already 1/ep
+        of the experts): ZeRO shards those over the dp/ep ranks holding the same experts (edp,
+        torchtitan's apply_fsdp) and the rest over dp."""
+        plan = self.plan
+        dense = model_state_bytes(params - expert, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        if not expert:
+            return dense
+        experts = model_state_bytes(expert, plan.precision, plan.zero, plan.dp // plan.ep, plan.offload_optimizer)
+        return ModelStates(*(getattr(dense, k) + getattr(experts, k) for k in
+                             ("params_bytes", "grads_bytes", "optimizer_bytes", "host_bytes")))
+
+    def dispatch_buffer_bytes(self, timings) -> float:
+        """Expert parallelism's forward buffers beside what the trace holds: the rows a rank
+        receives and their expert-major copy (the send buffer is the trace's routed rows;
+        none of them is saved for backward: all_to_all_single's backward needs only the
+        splits, the permutation only its indices). The busiest rank receives the imbalance
+        times the balanced rows; one block's buffers are alive at a time."""
+        if self.plan.ep == 1:
+            return 0.0
+        sends = [nbytes for t in timings for _, what, nbytes in t.ep_comm_fwd if what == "tokens"]
+        return 2 * self.moe_imbalance * max(sends, default=0.0)
 
     @property
     def holds_unsharded(self) -> bool:
@@ -129,12 +154,11 @@ class MemoryMixin:
         gradients, or FSDP's unsharded fp32 ones under a pipeline (its reduce dtype)."""
         return params * 4 if self.holds_unsharded else states.grads_bytes
 
-    def layer_state_bytes(self, params: float) -> float:
+    def layer_state_bytes(self, params: float, expert: float = 0.0) -> float:
         """A layer's model states at the stage's peak, for the partition's estimate: its
         parameters, gradients and optimizer state by ZeRO stage, plus what FSDP keeps
         unsharded from forward to backward (ZeRO-2) or across micro-batches (a pipeline)."""
-        plan = self.plan
-        states = model_state_bytes(params, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        states = self.model_states(params, expert)
         held = states.params_bytes + self.held_grad_bytes(params, states) + states.optimizer_bytes
         if self.keeps_every_layer_gathered:
             held += self.gathered_bytes([params])
@@ -153,7 +177,7 @@ class MemoryMixin:
         plan = self.plan
         accumulating = plan.grad_accum > 1   # earlier micro-batches' gradients are held
         grads_so_far = grads_bytes if accumulating else 0.0
-        shard = plan.dp if plan.zero >= 1 and not self.holds_unsharded else 1
+        sharded = plan.zero >= 1 and not self.holds_unsharded
         released = 0.0
         worst, at_worst = None, (0.0, 0.0, 0.0)
         for index, t in zip(reversed(layers), reversed(timings)):
@@ -165,7 +189,8 @@ class MemoryMixin:
             if worst is None or value > worst:
                 worst, at_worst = value, (grads_so_far, released, working)
             if not accumulating and not plan.offload_optimizer:   # offloaded grads go to the host
-                grads_so_far += t.params_per_gpu * 4 / shard
+                grads_so_far += 4 * (self.sharded_params(t.params_per_gpu, t.expert_params_per_gpu) if sharded
+                                     else t.params_per_gpu)
             released += t.saved_for(mode)
         if worst is None or grads_so_far - released > worst:
             at_worst = (grads_so_far, released, 0.0)

@@ -18,7 +18,7 @@ from cost_models.cluster import parse_cluster
 from cost_models.comm import CommModel
 from cost_models.compute import ComputeModel
 from cost_models.errors import MeshplanError
-from cost_models.inputs import shown
+from cost_models.inputs import finite_number, shown
 from cost_models.memory import DTYPE_BYTES
 from planner.arch.layout import check_runnable
 from planner.ir import TracedModel
@@ -77,18 +77,21 @@ class SimResult:
 
 
 def simulate(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-             comm: CommModel | None = None, execution: Execution | None = None) -> SimResult:
+             comm: CommModel | None = None, execution: Execution | None = None,
+             moe_imbalance: float = 1.0) -> SimResult:
     """Simulate one training step of `plan` as its engine runs it (`plan.engine`, with
     `plan.engine_options`; planner.engines); `execution` overrides the engine's profile.
+    `moe_imbalance` (>= 1): the busiest expert-parallel rank receives that many times the
+    average routed tokens (planner.simulate.experts); 1 is balanced routing.
 
     Raises MeshplanError on bad arguments, on a plan the engine cannot run, and on a plan
     that could not run on the model (planner.arch.layout.check_runnable); a plan that does
     not fit memory is priced, with `fits` False."""
-    return prepare(plan, model, cluster, compute, comm, execution).run()
+    return prepare(plan, model, cluster, compute, comm, execution, moe_imbalance).run()
 
 
 def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, comm: CommModel | None = None,
-            execution: Execution | None = None) -> "_Simulation":
+            execution: Execution | None = None, moe_imbalance: float = 1.0) -> "_Simulation":
     """The simulation of `plan`, ready to `run()`, its arguments checked as simulate() checks them.
 
     Traces and per-layer costs are cached per (model, micro-batch, seq, precision) and per
@@ -101,6 +104,7 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
         if value is not None and not isinstance(value, kind):
             raise MeshplanError(f"{name} must be a {kind.__name__} or None, got {shown(value)}")
     spec, cluster = load_model(model), parse_cluster(cluster)
+    check_expert_parallel(plan, spec.config, moe_imbalance)
     engine = get_engine(plan.engine)
     if execution is None:
         engine.check(plan)
@@ -109,14 +113,29 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
             check_runnable(plan, spec.config, engine.micro_batch_per_stage)
     elif spec.config is not None and execution == MESHPLAN_RUNTIME:
         check_runnable(plan, spec.config)
-    sim = prepare_unchecked(plan, spec, cluster, compute, comm, execution)
+    sim = prepare_unchecked(plan, spec, cluster, compute, comm, execution, moe_imbalance)
     if spec.config is None and execution == MESHPLAN_RUNTIME:   # what meshplan's runtime applies to a factory
         check_factory_plan(plan, sim.traced, spec.name)
     return sim
 
 
+def check_expert_parallel(plan: Plan, config, moe_imbalance: float = 1.0) -> None:
+    """ep only on an MoE model whose experts it divides; the imbalance a finite number >= 1."""
+    finite_number(moe_imbalance, "the MoE load imbalance (--moe-imbalance)", low=1)
+    if plan.ep == 1:
+        return
+    experts = getattr(config, "experts", 0) if config is not None else 0
+    if not experts:
+        raise MeshplanError(f"ep {plan.ep} needs a Mixture-of-Experts model (arch moe); this model has no "
+                            f"experts: use ep 1")
+    if experts % plan.ep:
+        raise MeshplanError(f"ep {plan.ep} does not divide the model's {experts} experts: use an ep that divides "
+                            f"{experts} (and dp {plan.dp})")
+
+
 def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None = None,
-                      comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME) -> "_Simulation":
+                      comm: CommModel | None = None, execution: Execution = MESHPLAN_RUNTIME,
+                      moe_imbalance: float = 1.0) -> "_Simulation":
     """prepare() for the search, whose candidates are Plans it built runnable."""
     spec, cluster = with_engine_kernels(load_model(model), execution), parse_cluster(cluster)
     if plan.seq > (spec.config.max_seq if spec.config else plan.seq):
@@ -132,20 +151,21 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     plan.check_fits(len(traced.blocks) or None, cluster.world_size)
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
-    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None)
-    return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config)
+    coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None,
+                            getattr(spec.config, "experts", 0) if spec.config else 0)
+    return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config, moe_imbalance)
 
 
 _COSTERS: dict = {}
 
 
-def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerCoster:
-    key = (id(traced), id(compute), hidden)
+def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, experts: int = 0) -> LayerCoster:
+    key = (id(traced), id(compute), hidden, experts)
     entry = _COSTERS.get(key)
     if entry is None or entry[0] is not traced or entry[1] is not compute:
         if len(_COSTERS) > 256:
             _COSTERS.clear()
-        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden))
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, experts))
     return entry[2]
 
 
@@ -153,6 +173,7 @@ def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden) -> LayerC
 # step time (recompute_s is the part of compute_s spent recomputing), in words for people.
 PHASE_WORDS = {"compute_s": "compute", "recompute_s": "recomputation",
                "exposed_tp_comm_s": "exposed tensor-parallel communication",
+               "exposed_ep_comm_s": "expert-parallel all-to-all",
                "exposed_dp_comm_s": "exposed data-parallel communication",
                "pipeline_bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
 
@@ -168,8 +189,11 @@ def with_engine_kernels(spec: ModelSpec, execution: Execution) -> ModelSpec:
 class _Simulation(CommMixin, MemoryMixin):
     """One plan on one cluster, ready to `run()`; the planner reads its per-layer costs too."""
 
-    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME, config=None):
+    def __init__(self, plan, traced, cluster, compute, comm, coster, execution=MESHPLAN_RUNTIME, config=None,
+                 moe_imbalance: float = 1.0):
         self.execution = execution
+        # the busiest expert-parallel rank's load over the average (1 without expert parallelism)
+        self.moe_imbalance = float(moe_imbalance) if plan.ep > 1 else 1.0
         # an empty tp_layout is Megatron's, with the embedding and head replicated where tp does
         # not divide the vocabulary, as the runtime does it (runtime.parallelize.megatron_layout)
         self.tp_layout = plan.tp_layout or (top_level_layout(config, plan) if config and plan.tp > 1 else {})
@@ -183,6 +207,11 @@ class _Simulation(CommMixin, MemoryMixin):
         order = tuple(plan.rank_order)
         self.tp_group = comm.group(degrees, "tp", order)
         self.dp_group = comm.group(degrees, "dp", order)
+        # expert parallelism splits dp into edp x ep, ep innermost (consecutive dp ranks, planner.plan)
+        expert_degrees = {"pp": plan.pp, "edp": plan.dp // plan.ep, "ep": plan.ep, "tp": plan.tp}
+        expert_order = tuple(d for dim in order for d in (("edp", "ep") if dim == "dp" else (dim,)))
+        self.ep_group = comm.group(expert_degrees, "ep", expert_order)
+        self.edp_group = comm.group(expert_degrees, "edp", expert_order)
         self.pp_cross_node = comm.group(degrees, "pp", order).crosses_nodes
         self.act_bytes = DTYPE_BYTES[plan.precision]
         # DDP all-reduces each .grad in its parameter's dtype: fp32 for our runtime's
@@ -223,7 +252,7 @@ class _Simulation(CommMixin, MemoryMixin):
         head = self.traced.layers[index].kind == "head"
         extra = self.execution.loss_host_ops if head else (0, 0)
         timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
-                                    self.execution.megatron_kernels)
+                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance)
         if head and self.tied_params and self.plan.pp == 1:
             # the head's weight is the embedding's, held once where both live on one rank (the
             # trace lists it under both ops); with pipeline stages the last stage keeps a copy
@@ -269,13 +298,17 @@ class _Simulation(CommMixin, MemoryMixin):
         tp_fwd, tp_bwd = self.tp_comm_s(t.tp_comm_fwd), self.tp_comm_s(t.tp_comm_bwd)
         if mode == "full":   # the recomputed forward issues its collectives again
             tp_bwd += self.tp_comm_s(self.recomputed_collectives(t))
+        ep_fwd, ep_bwd = self.ep_comm_s(t.ep_comm_fwd), self.ep_comm_s(t.ep_comm_bwd)
+        if mode == "full":   # the recomputed forward dispatches and combines again
+            ep_bwd += ep_fwd
         recompute = t.recompute_s(mode)
-        return LayerTimes(t.fwd_s + tp_fwd, t.bwd_s + recompute + tp_bwd, recompute, tp_fwd + tp_bwd, 0.0)
+        return LayerTimes(t.fwd_s + tp_fwd + ep_fwd, t.bwd_s + recompute + tp_bwd + ep_bwd, recompute,
+                          tp_fwd + tp_bwd, 0.0, ep_fwd + ep_bwd)
 
     def run(self) -> SimResult:
         plan = self.plan
         stages = self.stage_layers()
-        fwd, bwd, parts, stage_params, exposure = [], [], [], [], []
+        fwd, bwd, parts, stage_params, stage_experts, exposure = [], [], [], [], [], []
         batch_s = self.execution.batch_host_ops * self.compute.host_s_per_op
         for v, layers in enumerate(stages):
             base = [self.base_layer_times(i) for i in layers]
@@ -283,20 +316,22 @@ class _Simulation(CommMixin, MemoryMixin):
             exposures = [self.fsdp_exposure(i, b) for i, b in zip(layers, base)] if self.fsdp_traffic(v) else []
             exposure.append(FsdpExposure(*(sum(e[k] for e in exposures) for k in range(len(FsdpExposure._fields)))))
             stage_params.append(sum(self.timing(i).params_per_gpu for i in layers))
+            stage_experts.append(sum(self.timing(i).expert_params_per_gpu for i in layers))
             fwd.append(batch_s + parts[-1].fwd_s)
-            bwd.append(parts[-1].bwd_s + self.grad_accumulation_s(stage_params[-1]))
+            bwd.append(parts[-1].bwd_s + self.grad_accumulation_s(stage_params[-1], stage_experts[-1]))
         boundary = max((self.timing(s[-1]).boundary_bytes for s in stages if s), default=0.0)
         extra = self.fsdp_extra_s(exposure)
         timeline = simulate_pipeline(self.actions, fwd, bwd, self.p2p_s(boundary), self.execution.blocking_p2p, extra)
         tails, dp_exposed, optimizer, fsdp_exposed = [], [], [], []
         for rank in range(plan.pp):
             params = sum(stage_params[c * plan.pp + rank] for c in range(plan.interleave))
+            expert = sum(stage_experts[c * plan.pp + rank] for c in range(plan.interleave))
             last_bwd = sum(bwd[c * plan.pp + rank] for c in range(plan.interleave))
             fsdp_exposed.append(sum(s for (_, _, stage), s in extra.items() if stage % plan.pp == rank))
-            dp_exposed.append(self.dp_tail_s(params, last_bwd) + self.fsdp_tail_s(rank, stages, timeline)
+            dp_exposed.append(self.dp_tail_s(params, last_bwd, expert) + self.fsdp_tail_s(rank, stages, timeline)
                               + self.tied_grad_s(rank)
                               + self.comm.all_reduce_s(self.norm_grad_bytes(rank, stages), self.tp_group))
-            optimizer.append(self.optimizer_s(params))
+            optimizer.append(self.optimizer_s(params, expert))
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
         slowest = tails.index(step)
@@ -306,7 +341,7 @@ class _Simulation(CommMixin, MemoryMixin):
         result.rank_tails_s = list(zip(dp_exposed, optimizer))
         return result
 
-    def grad_accumulation_s(self, params: float) -> float:
+    def grad_accumulation_s(self, params: float, expert: float = 0.0) -> float:
         """Per backward: adding a micro-batch's weight gradients into the ones accumulated so far
         (autograd's AccumulateGrad, Megatron's main_grad.add_: read both, write the sum, in the
         gradients' dtype). Every micro-batch but the first adds; spread evenly over them.
@@ -316,13 +351,19 @@ class _Simulation(CommMixin, MemoryMixin):
         if n <= 1 or not params:
             return 0.0
         if self.fsdp_drive is not None and self.plan.zero >= 1:
-            added_bytes = 3 * params * 4 / (1 if self.holds_unsharded else self.plan.dp)
+            added_bytes = 3 * 4 * (params if self.holds_unsharded else self.sharded_params(params, expert))
         else:
             added_bytes = 3 * params * self.grad_dtype_bytes
         return (n - 1) / n * self.compute.memory_bound_time_s(added_bytes)
 
-    def optimizer_s(self, params: float) -> float:
-        local = params / self.plan.dp if self.plan.zero >= 1 else params
+    def sharded_params(self, params: float, expert: float = 0.0) -> float:
+        """One rank's ZeRO shard of `params` (of which `expert` are routed experts' parameters,
+        already 1/ep of the experts): the rest over dp, the experts over the dp/ep ranks holding
+        the same slice (edp), as torchtitan's apply_fsdp shards them."""
+        return (params - expert) / self.plan.dp + expert * self.plan.ep / self.plan.dp
+
+    def optimizer_s(self, params: float, expert: float = 0.0) -> float:
+        local = self.sharded_params(params, expert) if self.plan.zero >= 1 else params
         if self.plan.offload_optimizer:
             return self.compute.offloaded_optimizer_step_time_s(local)
         return self.compute.optimizer_step_time_s(local)
@@ -345,9 +386,11 @@ class _Simulation(CommMixin, MemoryMixin):
         mine = [parts[c * plan.pp + slowest] for c in range(plan.interleave)]
         per_step = {name: plan.grad_accum * sum(getattr(p, name) for p in mine) for name in LayerTimes._fields}
         phases = {
-            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - fsdp_exposed_s,
+            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["ep_comm_s"] - fsdp_exposed_s,
             "recompute_s": per_step["recompute_s"],   # part of compute_s
             "exposed_tp_comm_s": per_step["tp_comm_s"],
+            # an MoE model's plans all report it (0 without ep), so any two of them compare phase by phase
+            **({"exposed_ep_comm_s": per_step["ep_comm_s"]} if self.coster.experts else {}),
             "exposed_dp_comm_s": fsdp_exposed_s + dp_exposed[slowest],
             "pipeline_bubble_s": timeline.bubble_s(slowest),
             "optimizer_s": optimizer[slowest],

@@ -8,13 +8,14 @@ from typing import NamedTuple
 class LayerTimes(NamedTuple):
     """One micro-batch through a layer (or summed over a stage's layers): forward and
     backward as the schedule runs them, and the parts of them that are recomputation and
-    exposed TP and FSDP communication (what the phases report)."""
+    exposed TP, FSDP and expert-parallel communication (what the phases report)."""
 
     fwd_s: float
     bwd_s: float
     recompute_s: float
     tp_comm_s: float
     fsdp_comm_s: float
+    ep_comm_s: float = 0.0
 
 
 class FsdpExposure(NamedTuple):
