@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from cost_models.errors import MeshplanError
+from planner.arch.moe import check_tensor_parallel
 from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
@@ -60,8 +61,12 @@ def check_plan(spec, plan: Plan):
         factory = FactoryModel(spec, plan, "meta")
         factory.check()
         expert_parallel.check(spec.name, factory.module, plan)
+        if expert_parallel.moe_layers(factory.module):
+            check_tensor_parallel(plan.tp)
         return
     cfg = spec.config
+    if cfg.is_moe:
+        check_tensor_parallel(plan.tp)
     if plan.ep > 1:
         expert_parallel.check(spec.name, spec.build("meta"), plan)
     plan.check_fits(cfg.layers)

@@ -39,12 +39,22 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 
+from cost_models.errors import MeshplanError
 from planner.arch.base import Architecture, register
 from planner.arch.layers import ACTIVATIONS, attention_core, dropped
 from planner.arch.llama import LLAMA, RotaryBlock
 from planner.arch.qwen3 import HeadRMSNorm, normed_heads
 
 ROUTERS = ("softmax", "sigmoid")
+# Why an MoE model trains with tp 1 (planner.search.space, planner.simulate.step, runtime.engine)
+TP_REFUSAL = ("MoE models run with tp 1 for now: tensor parallelism would split the router like an MLP's "
+              "gate and run every expert on every TP rank (expert tensor parallelism is not built); "
+              "use ep and dp instead")
+
+
+def check_tensor_parallel(tp: int) -> None:
+    if tp > 1:
+        raise MeshplanError(f"tp {tp}: {TP_REFUSAL}")
 
 
 def balanced_counts(pairs: int, experts: int) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from cost_models.errors import MeshplanError
 from cost_models.inputs import MAX_MICRO_BATCHES, finite_number
 from cost_models.memory import model_state_bytes
+from planner.arch.moe import check_tensor_parallel
 from planner.plan import Plan
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, model_key, trace_cached
 
@@ -22,9 +23,11 @@ def check_expert_pins(pinned: dict, spec, cluster, engine, moe_imbalance: float 
     """A pinned ep the model, the cluster or the engine cannot take, in one line before any search."""
     finite_number(moe_imbalance, "the MoE load imbalance (--moe-imbalance)", low=1)
     ep = pinned.get("ep", 1)
+    experts = getattr(spec.config, "experts", 0) if spec.config is not None else 0
+    if experts:
+        check_tensor_parallel(pinned.get("tp", 1))
     if ep == 1:
         return
-    experts = getattr(spec.config, "experts", 0) if spec.config is not None else 0
     if not experts:
         raise MeshplanError(f"ep {ep} needs a Mixture-of-Experts model (arch moe); {spec.name} has no experts: "
                             f"drop --ep")
@@ -143,6 +146,8 @@ class SearchSpace:
             return f"{self.engine.name} splits only Megatron-style models, not a factory's layers"
         if cfg is None:
             return self.factory_tp_unfit(tp)
+        if tp > 1 and cfg.is_moe:
+            return "is not offered for MoE models (tp 1: expert tensor parallelism is not built)"
         for what in ("heads", "kv_heads", "ffn", "hidden"):
             if getattr(cfg, what) % tp:
                 return f"does not divide the model's {what} ({getattr(cfg, what)})"

@@ -85,7 +85,10 @@ class MemoryMixin:
         params = [self.timing(i).params_per_gpu for i in layers]
         states = self.model_states(sum(params), sum(self.timing(i).expert_params_per_gpu for i in layers))
         if self.holds_unsharded:
-            unsharded = self.gathered_bytes(params)
+            gathered = params
+            if plan.ep == plan.dp:   # one-rank edp groups: the runtime keeps the experts out of FSDP
+                gathered = [p - self.timing(i).expert_params_per_gpu for i, p in zip(layers, params)]
+            unsharded = self.gathered_bytes(gathered)
         elif self.fsdp_drive is not None and plan.grad_accum > 1:
             # FSDP2 leaves the part's root group (embedding, final norm, head: the layers
             # outside the blocks) gathered from one micro-batch's backward to the next forward

@@ -21,6 +21,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import finite_number, shown
 from cost_models.memory import DTYPE_BYTES
 from planner.arch.layout import check_runnable
+from planner.arch.moe import check_tensor_parallel
 from planner.ir import TracedModel
 from planner.plan import Plan, even_stages
 from planner.simulate import fsdp
@@ -122,9 +123,11 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
 def check_expert_parallel(plan: Plan, config, moe_imbalance: float = 1.0) -> None:
     """ep only on an MoE model whose experts it divides; the imbalance a finite number >= 1."""
     finite_number(moe_imbalance, "the MoE load imbalance (--moe-imbalance)", low=1)
+    experts = getattr(config, "experts", 0) if config is not None else 0
+    if experts:
+        check_tensor_parallel(plan.tp)
     if plan.ep == 1:
         return
-    experts = getattr(config, "experts", 0) if config is not None else 0
     if not experts:
         raise MeshplanError(f"ep {plan.ep} needs a Mixture-of-Experts model (arch moe); this model has no "
                             f"experts: use ep 1")
