@@ -25,24 +25,24 @@ def overflow_bytes(result) -> float:
 
 
 def _variants(plan, layers: int | None):
-    """(flags, changed plan) for each one-field change that saves memory."""
+    """(flags, the fields changed) for each one-field change that saves memory."""
     if layers and any(mode != "full" for mode in (plan.checkpoint or ["none"] * layers)):
-        yield "--checkpoint full", replace(plan, checkpoint=["full"] * layers)
+        yield "--checkpoint full", dict(checkpoint=["full"] * layers)
     if plan.dp > 1:
         for zero in range(plan.zero + 1, 4):
-            yield f"--zero {zero}", replace(plan, zero=zero)
+            yield f"--zero {zero}", dict(zero=zero)
     if plan.micro_batch > 1:
         smaller = plan.micro_batch // 2
-        yield f"--micro-batch {smaller}", replace(plan, micro_batch=smaller)
+        yield f"--micro-batch {smaller}", dict(micro_batch=smaller)
     if not plan.offload_optimizer:
         zero = max(plan.zero, 2)
         yield "--offload-optimizer" + (f" --zero {zero}" if zero != plan.zero else ""), \
-            replace(plan, offload_optimizer=True, zero=zero)
+            dict(offload_optimizer=True, zero=zero)
     if plan.tp > 1 and not plan.sequence_parallel:
-        yield "--sequence-parallel", replace(plan, sequence_parallel=True)
+        yield "--sequence-parallel", dict(sequence_parallel=True)
     if plan.dp % 2 == 0:
-        yield f"--tp {plan.tp * 2} --dp {plan.dp // 2}", replace(plan, tp=plan.tp * 2, dp=plan.dp // 2, stages=[])
-        yield f"--pp {plan.pp * 2} --dp {plan.dp // 2}", replace(plan, pp=plan.pp * 2, dp=plan.dp // 2, stages=[])
+        yield f"--tp {plan.tp * 2} --dp {plan.dp // 2}", dict(tp=plan.tp * 2, dp=plan.dp // 2, stages=[])
+        yield f"--pp {plan.pp * 2} --dp {plan.dp // 2}", dict(pp=plan.pp * 2, dp=plan.dp // 2, stages=[])
 
 
 def nearest_fits(plan, model, cluster, compute=None, comm=None, limit: int = 3) -> list[Change]:
@@ -52,10 +52,11 @@ def nearest_fits(plan, model, cluster, compute=None, comm=None, limit: int = 3) 
     spec = load_model(model)
     layers = spec.config.layers if spec.config is not None else None
     fits, seen = [], set()
-    for flags, changed in _variants(plan, layers):
+    for flags, fields in _variants(plan, layers):
         try:
+            changed = replace(plan, **fields)
             result = simulate(changed, spec, cluster, compute=compute, comm=comm)
-        except MeshplanError:   # a change the model, the engine or the batch cannot take
+        except MeshplanError:   # a change the plan (ep must divide dp), model, engine or batch cannot take
             continue
         # the same step and memory as a smaller change already found (ZeRO 2 where 1 fits): not nearer
         outcome = (round(result.step_time_s, 6), round(result.worst_stage.peak_reserved_bytes))

@@ -223,7 +223,18 @@ def test_cli_flags_and_batch_cases(cli, tmp_path):
     (("plan", "--model", "moe-tiny", "--cluster", "cpu:1x4", "--moe-imbalance", "inf"), ("--moe-imbalance",)),
     (("compare", "--model", "moe-tiny", "--clusters", "cpu:1x4", "--tokens", "1e6", "--moe-imbalance", "nan"),
      ("--moe-imbalance",)),
-    (("plan", "--model", "moe-tiny", "--cluster", "cpu:1x4", "--ep", "2", "--tp", "2"), ("tp 1 or ep 1",)),
+    (("plan", "--model", "moe-tiny", "--cluster", "cpu:1x4", "--ep", "2", "--tp", "2"), ("tp 2", "MoE models run with tp 1")),
+    (("simulate", "--model", "moe-tiny", "--cluster", "cpu:1x4", "--dp", "2", "--tp", "2"),
+     ("tp 2", "MoE models run with tp 1")),
 ])
 def test_bad_expert_parallel_input_is_one_line(cli, args, fragments):
     assert_user_error(cli(*args, "--global-batch", "8", "--seq", "32"), *fragments)
+
+
+def test_nearest_fitting_changes_skip_those_ep_cannot_take():
+    """Halving dp (the --tp/--pp x2 suggestions) leaves an ep that no longer divides it: such a
+    change is not suggested, and the advice for a plan that does not fit still comes."""
+    from planner.simulate.fit import nearest_fits
+    changes = nearest_fits(Plan(dp=2, ep=2, **BASE), "moe-tiny", "cpu:1x2")
+    assert changes and all(c.plan.dp % c.plan.ep == 0 for c in changes)
+    assert not any("--dp 1" in c.flags for c in changes)
