@@ -134,6 +134,12 @@ class Calibration:
     # file's `reliability: checkpoint_write_GBps_per_gpu` takes (cost_models.failures). 0 = not
     # measured.
     checkpoint_write_bytes_per_s: float = 0.0
+    # Routed experts' GEMMs as an MoE layer launches them (one per expert, on the rows each
+    # received: planner.arch.moe.Experts) against the dense GEMM fit of the same shapes: their
+    # time is this factor times the fit's (measured by `meshplan profile`, the median over its
+    # grouped cases). None = not measured: the dense fit is used, and the calibration line
+    # says it is transferred.
+    grouped_gemm_factor: float | None = None
     source: str = ""
     device_name: str = ""
     measurements: dict = field(default_factory=dict)         # raw rows, for refits and provenance
@@ -183,6 +189,7 @@ class Calibration:
             "host_adamw_bytes_per_s": self.host_adamw_bytes_per_s,
             "score_bandwidth_fraction": self.score_bandwidth_fraction,
             "checkpoint_write_bytes_per_s": self.checkpoint_write_bytes_per_s,
+            "grouped_gemm_factor": self.grouped_gemm_factor,
             "fit_quality": self.fit_quality, "measurements": self.measurements,
         })
 
@@ -222,6 +229,8 @@ class Calibration:
                                                             "score_bandwidth_fraction"),
                 checkpoint_write_bytes_per_s=_positive(data.get("checkpoint_write_bytes_per_s", 0.0),
                                                        "checkpoint_write_bytes_per_s", zero_ok=True),
+                grouped_gemm_factor=(None if data.get("grouped_gemm_factor") is None else
+                                     _positive(data["grouped_gemm_factor"], "grouped_gemm_factor")),
                 source=_text(data.get("source", ""), "source"),
                 device_name=_text(data.get("device_name", ""), "device_name"),
                 measurements=_mapping(data.get("measurements", {}), "measurements"),
@@ -332,12 +341,15 @@ def default_calibration(gpu: GPUSpec) -> Calibration:
 # TEGroupedMLP and torchtitan's GroupedExperts) are priced per expert at the dense GEMM fit of
 # their shape: no grouped-GEMM kernel has been measured yet.
 GROUPED_GEMM_NOTE = "grouped GEMMs: the dense GEMM fit, transferred"
+GROUPED_GEMM_MEASURED = "grouped GEMMs: measured, {factor:.2f} x the dense GEMM fit"
 
 
 def calibration_line(calibration: Calibration, experts: bool = False) -> str:
     """'calibration: GPU, source': where a report's compute numbers come from; for a model
     with routed experts (`experts`), how their GEMMs are priced too."""
-    return f"calibration: {calibration.gpu}, {calibration.source}" + (f"; {GROUPED_GEMM_NOTE}" if experts else "")
+    grouped = (GROUPED_GEMM_MEASURED.format(factor=calibration.grouped_gemm_factor)
+               if calibration.grouped_gemm_factor else GROUPED_GEMM_NOTE)
+    return f"calibration: {calibration.gpu}, {calibration.source}" + (f"; {grouped}" if experts else "")
 
 
 def training_constants_like(calibration: Calibration, reference: Calibration) -> Calibration:

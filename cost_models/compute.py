@@ -148,6 +148,11 @@ class ComputeModel:
         return self.calibration.kernel_overhead_s
 
     @property
+    def grouped_gemm_factor(self) -> float:
+        """Routed experts' GEMM time over the dense fit's (Calibration.grouped_gemm_factor; 1 unmeasured)."""
+        return self.calibration.grouped_gemm_factor or 1.0
+
+    @property
     def host_s_per_op(self) -> float:
         """Host (Python dispatch + launch) time per eager aten op (empirical, per calibration)."""
         return self.calibration.host_s_per_op

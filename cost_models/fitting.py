@@ -142,7 +142,20 @@ def build_calibration(gpu: GPUSpec, measurements: dict, source: str, device_name
         score_bandwidth_fraction=fit_score_fraction(measurements.get("score_kernels", []), copy_bps),
         checkpoint_write_bytes_per_s=fit_checkpoint_write(measurements.get("checkpoint_save", [])),
         source=source, device_name=device_name, measurements=measurements)
+    calibration = replace(calibration, grouped_gemm_factor=fit_grouped_gemm(
+        calibration, gpu, measurements.get("grouped_gemm", [])))
     return replace(calibration, fit_quality=fit_quality(calibration, gpu))
+
+
+def fit_grouped_gemm(calibration: Calibration, gpu: GPUSpec, rows: list) -> float | None:
+    """The median over the grouped cases of measured time / the dense fit's time for the same
+    per-expert GEMMs (None when none was measured)."""
+    if not rows:
+        return None
+    model = ComputeModel(gpu, calibration.at_burst())
+    ratios = sorted(r["seconds"] / (r["experts"] * model.matmul_time_s(r["m"], r["k"], r["n"], r["precision"]))
+                    for r in rows)
+    return ratios[len(ratios) // 2]
 
 
 def fit_checkpoint_write(rows: list) -> float:

@@ -35,6 +35,12 @@ QUICK_SCORES = ((96, 2048),)
 CPU_SCORES = ((8, 512), (4, 1024))
 CPU_QUICK_SCORES = ((4, 256),)
 SCORE_DROPOUT = 0.1   # Megatron-LM's attention dropout
+# Routed experts' GEMMs, (experts on a rank, rows each, hidden, expert ffn): Mixtral-, Qwen3-
+# and DeepSeek-shaped layers at the rows ep gives each expert, down to a few hundred.
+FULL_GROUPED = ((8, 2048, 4096, 14336), (16, 1024, 4096, 1536), (32, 512, 7168, 2048), (64, 256, 2048, 768))
+QUICK_GROUPED = ((16, 1024, 4096, 1536), (64, 256, 2048, 768))
+CPU_GROUPED = ((8, 256, 512, 512), (16, 64, 512, 256))
+CPU_QUICK_GROUPED = ((4, 64, 256, 128), (8, 32, 256, 128))
 COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 16, 2 ** 20, 2 ** 24, 2 ** 27)
 QUICK_COLLECTIVE_SIZES_BYTES = (2 ** 12, 2 ** 20, 2 ** 23)
 # (parameters, tensors) of the host AdamW measurement: 64M parameters (1 GB of fp32
@@ -152,6 +158,24 @@ def measure_checkpoint_save(device: str, size_bytes: int, directory, repeats: in
             if rank() == 0:
                 shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def measure_grouped_gemms(device: str, precision: str, cases, min_time_s: float) -> list:
+    """Routed experts' forward GEMMs as planner.arch.moe.Experts runs them: the rows sorted by
+    expert, split, and one torch.mm per expert against its slice of the stacked weight.
+    `cases`: (experts, rows per expert, hidden, ffn)."""
+    torch = _torch()
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[precision])
+    rows_out = []
+    for experts, rows, k, n in cases:
+        x = torch.randn(experts * rows, k, device=device, dtype=dtype)
+        w = torch.randn(experts, k, n, device=device, dtype=dtype)
+
+        def run(x=x, w=w, rows=rows):
+            return [torch.mm(part, w[e]) for e, part in enumerate(x.split(rows))]
+        seconds = seconds_per_call(run, _sync_fn(device), min_time_s)
+        rows_out.append(dict(experts=experts, m=rows, k=k, n=n, precision=precision, seconds=seconds))
+    return rows_out
 
 
 def measure_host_adamw(param_count: int, tensors: int, min_time_s: float) -> list:
@@ -337,6 +361,8 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False, save_dir=".")
         "attention": measure_attention(device, attention_precision, attention, min_time_s),
         "score_kernels": measure_score_kernels(device, attention_precision, scores, min_time_s),
         "host_adamw": measure_host_adamw(*(QUICK_HOST_ADAMW if quick else HOST_ADAMW), min_time_s),
+        "grouped_gemm": measure_grouped_gemms(device, attention_precision, (CPU_QUICK_GROUPED if quick else CPU_GROUPED)
+                                              if cpu else (QUICK_GROUPED if quick else FULL_GROUPED), min_time_s),
         "checkpoint_save": measure_checkpoint_save(device, (16 if quick else 256 if cpu else 1024) * 2 ** 20,
                                                    save_dir),
     }
@@ -402,6 +428,9 @@ def summary_lines(calibration: Calibration) -> list:
     if calibration.host_adamw_bytes_per_s:
         lines.append(f"  host AdamW (optimizer offload): {calibration.host_adamw_bytes_per_s / GB:.1f} GB/s "
                      f"of its traffic per GPU")
+    if calibration.grouped_gemm_factor:
+        lines.append(f"  grouped GEMMs (routed experts, one launch per expert): {calibration.grouped_gemm_factor:.2f} x "
+                     f"the dense GEMM fit's time")
     if calibration.checkpoint_write_bytes_per_s:
         rate = calibration.checkpoint_write_bytes_per_s / 1e9
         lines.append(f"  checkpoint save (torch.distributed.checkpoint): {rate:.2f} GB/s per rank; a cluster file "

@@ -306,6 +306,10 @@ class LayerCoster:
             if id(op) not in priced or split:
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
                                                *(split.place(op) if split else ()))
+                if op.gemm is not None and moe.is_expert_op(op):   # a routed expert's GEMM: as measured
+                    f, b, share = priced[id(op)]
+                    factor = self.compute.grouped_gemm_factor
+                    priced[id(op)] = (f * factor, b * factor, share)
             f, b, share = priced[id(op)]
             fwd, bwd = fwd + f, bwd + b
             if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):

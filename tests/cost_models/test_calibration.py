@@ -62,6 +62,13 @@ def test_cpu_profile_measures_and_writes_a_loadable_calibration(cpu_profile):
         adamw["params"] * 28 / adamw["seconds"])          # fp32 AdamW moves 28 bytes a parameter
     assert loaded.copy_bytes_per_s > 0 and loaded.kernel_overhead_s >= 0
     assert set(loaded.fit_quality) == {"matmul_mape_pct", "attention_fwd_mape_pct", "attention_bwd_mape_pct"}
+    grouped = loaded.measurements["grouped_gemm"]      # routed experts' GEMMs, one torch.mm per expert
+    assert [(r["experts"], r["m"]) for r in grouped] == [(4, 64), (8, 32)] and all(r["seconds"] > 0 for r in grouped)
+    model = ComputeModel(get_gpu("cpu"), loaded.at_burst())
+    ratios = sorted(r["seconds"] / (r["experts"] * model.matmul_time_s(r["m"], r["k"], r["n"], r["precision"]))
+                    for r in grouped)
+    assert loaded.grouped_gemm_factor == pytest.approx(ratios[1])
+    assert any("grouped GEMMs (routed experts" in x for x in summary_lines(loaded))
     saves = loaded.measurements["checkpoint_save"]      # a real DCP save, timed beside --out, then removed
     assert len(saves) == 3 and all(r["bytes"] == 16 * 2 ** 20 and r["seconds"] > 0 for r in saves)
     assert loaded.checkpoint_write_bytes_per_s == pytest.approx(

@@ -238,3 +238,26 @@ def test_nearest_fitting_changes_skip_those_ep_cannot_take():
     changes = nearest_fits(Plan(dp=2, ep=2, **BASE), "moe-tiny", "cpu:1x2")
     assert changes and all(c.plan.dp % c.plan.ep == 0 for c in changes)
     assert not any("--dp 1" in c.flags for c in changes)
+
+
+def test_a_measured_grouped_gemm_factor_prices_only_the_routed_experts():
+    """Calibration.grouped_gemm_factor (meshplan profile's grouped cases) scales the routed
+    experts' GEMMs and nothing else; the calibration line says it was measured."""
+    from dataclasses import replace
+    from cost_models import get_gpu, parse_cluster
+    from cost_models.calibration import calibration_line, default_calibration
+    from cost_models.compute import ComputeModel
+    cluster = parse_cluster("h100-sxm-80gb:1x8")
+    base = default_calibration(get_gpu("h100-sxm-80gb"))
+    slow = replace(base, grouped_gemm_factor=3.0)
+    plan = Plan(dp=8, ep=2, global_batch=16, seq=128, micro_batch=2, precision="bf16")
+    dense = Plan(dp=8, global_batch=16, seq=128, micro_batch=2, precision="bf16")
+    times = {}
+    for name, calibration in (("base", base), ("slow", slow)):
+        compute = ComputeModel(cluster.gpu, calibration)
+        times[name] = (simulate(plan, "moe-tiny", cluster, compute=compute).phases["compute_s"],
+                       simulate(dense, "llama-tiny", cluster, compute=compute).step_time_s)
+    assert times["slow"][0] > times["base"][0]          # the experts' GEMMs took 3x
+    assert times["slow"][1] == times["base"][1]         # a dense model does not change
+    assert "grouped GEMMs: measured, 3.00 x the dense GEMM fit" in calibration_line(slow, experts=True)
+    assert "grouped GEMMs: the dense GEMM fit, transferred" in calibration_line(base, experts=True)
