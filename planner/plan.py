@@ -118,6 +118,12 @@ class Plan:
         return self.dp * self.tp * self.pp
 
     @property
+    def edp(self) -> int:
+        """Data-parallel ranks holding the same experts (dp / ep): what ZeRO shards the routed
+        experts' states over and their gradients are reduced across (1: none)."""
+        return self.dp // self.ep
+
+    @property
     def grad_accum(self) -> int:
         """Micro-batches per data-parallel rank per step (= pipeline micro-batches)."""
         return self.global_batch // (self.micro_batch * self.dp)

@@ -230,7 +230,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
     # divides by dp); with edp 1 nothing is left to reduce, and FSDP and replicate would
     # still run their collectives on a one-rank group, so the slices stay out of them
     experts = expert_modules(part) if plan.ep > 1 else []
-    wrapped = experts if plan.dp // plan.ep > 1 else []
+    wrapped = experts if plan.edp > 1 else []
     ignored = {"ignored_params": {p for m in experts for p in m.parameters()}} if experts and not wrapped else {}
     if plan.zero >= 1:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard

@@ -109,7 +109,7 @@ class SearchSpace:
                                   plan.dp, plan.offload_optimizer)
         if not expert:
             return dense
-        experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.dp // plan.ep,
+        experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.edp,
                                     plan.offload_optimizer)
         return type(dense)(*(a + b for a, b in zip(
             (dense.params_bytes, dense.grads_bytes, dense.optimizer_bytes, dense.host_bytes),

@@ -146,12 +146,12 @@ class CommMixin:
             if traffic is not None:
                 for experts, group in ((False, "dp"), (True, "edp")):
                     gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
-                    if not experts or (gather_bytes and plan.dp // plan.ep > 1):
+                    if not experts or (gather_bytes and plan.edp > 1):
                         volume[group]["all_gather"] += traffic.gathers_per_step * gather_bytes
                         volume[group]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
         if plan.dp > 1 and plan.zero == 0:
             volume["dp"]["all_reduce"] += self.dp_tail_bytes(params - expert)
-            if plan.dp // plan.ep > 1 and expert:
+            if plan.edp > 1 and expert:
                 volume["edp"]["all_reduce"] += self.dp_tail_bytes(expert)
         if self.holds_tied_copy(rank):
             volume["tied"]["all_reduce"] += self.tied_grad_bytes()

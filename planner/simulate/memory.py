@@ -86,7 +86,7 @@ class MemoryMixin:
         states = self.model_states(sum(params), sum(self.timing(i).expert_params_per_gpu for i in layers))
         if self.holds_unsharded:
             gathered = params
-            if plan.ep == plan.dp:   # one-rank edp groups: the runtime keeps the experts out of FSDP
+            if plan.edp == 1:   # one-rank edp groups: the runtime keeps the experts out of FSDP
                 gathered = [p - self.timing(i).expert_params_per_gpu for i, p in zip(layers, params)]
             unsharded = self.gathered_bytes(gathered)
         elif self.fsdp_drive is not None and plan.grad_accum > 1:
@@ -108,7 +108,7 @@ class MemoryMixin:
         dense = model_state_bytes(params - expert, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
         if not expert:
             return dense
-        experts = model_state_bytes(expert, plan.precision, plan.zero, plan.dp // plan.ep, plan.offload_optimizer)
+        experts = model_state_bytes(expert, plan.precision, plan.zero, plan.edp, plan.offload_optimizer)
         return ModelStates(*(getattr(dense, k) + getattr(experts, k) for k in
                              ("params_bytes", "grads_bytes", "optimizer_bytes", "host_bytes")))
 

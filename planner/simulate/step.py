@@ -211,7 +211,7 @@ class _Simulation(CommMixin, MemoryMixin):
         self.tp_group = comm.group(degrees, "tp", order)
         self.dp_group = comm.group(degrees, "dp", order)
         # expert parallelism splits dp into edp x ep, ep innermost (consecutive dp ranks, planner.plan)
-        expert_degrees = {"pp": plan.pp, "edp": plan.dp // plan.ep, "ep": plan.ep, "tp": plan.tp}
+        expert_degrees = {"pp": plan.pp, "edp": plan.edp, "ep": plan.ep, "tp": plan.tp}
         expert_order = tuple(d for dim in order for d in (("edp", "ep") if dim == "dp" else (dim,)))
         self.ep_group = comm.group(expert_degrees, "ep", expert_order)
         self.edp_group = comm.group(expert_degrees, "edp", expert_order)
