@@ -306,10 +306,6 @@ class LayerCoster:
             if id(op) not in priced or split:
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
                                                *(split.place(op) if split else ()))
-                if op.gemm is not None and moe.is_expert_op(op):   # a routed expert's GEMM: as measured
-                    f, b, share = priced[id(op)]
-                    factor = self.compute.grouped_gemm_factor
-                    priced[id(op)] = (f * factor, b * factor, share)
             f, b, share = priced[id(op)]
             fwd, bwd = fwd + f, bwd + b
             if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
@@ -404,10 +400,12 @@ class LayerCoster:
         kind = _COMPUTE_KINDS.get(op.kind, op.kind)
         if kind == "view":
             return 0.0, 0.0, 1.0
-        if kind == "linear" and op.gemm is not None:
-            return self._linear_time(op, tp, layout, precision, style if split is not None else None)
-        if kind == "matmul" and op.gemm is not None:
-            return self._activation_matmul_time(op, tp, sp, precision)
+        if kind in ("linear", "matmul") and op.gemm is not None:
+            fwd, bwd, share = (self._linear_time(op, tp, layout, precision, style if split is not None else None)
+                               if kind == "linear" else self._activation_matmul_time(op, tp, sp, precision))
+            # a routed expert's GEMM runs at the profiled grouped rate (Calibration.grouped_gemm_factor)
+            factor = self.compute.grouped_gemm_factor if moe.is_expert_op(op) else 1.0
+            return fwd * factor, bwd * factor, share
         if kind == "attention" and op.attention is not None:
             b, h, sq, skv, d, causal = op.attention
             heads = max(1, h // tp)
