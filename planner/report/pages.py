@@ -19,7 +19,8 @@ def _footer(command: str, calibration: list[str]) -> str:
 
 
 def _plan_words(plan) -> str:
-    text = (f"dp={plan.dp} tp={plan.tp} pp={plan.pp} zero={plan.zero}, micro-batch {plan.micro_batch} x "
+    text = (f"dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
+            + f" zero={plan.zero}, micro-batch {plan.micro_batch} x "
             f"{plan.grad_accum} accumulation, {plan.precision}, {plan.schedule}")
     if plan.interleave > 1:
         text += f" x{plan.interleave}"
