@@ -261,3 +261,9 @@ def test_a_measured_grouped_gemm_factor_prices_only_the_routed_experts():
     assert times["slow"][1] == times["base"][1]         # a dense model does not change
     assert "grouped GEMMs: measured, 3.00 x the dense GEMM fit" in calibration_line(slow, experts=True)
     assert "grouped GEMMs: the dense GEMM fit, transferred" in calibration_line(base, experts=True)
+
+
+def test_report_plan_words_name_ep_only_when_experts_are_split():
+    from planner.report.pages import _plan_words
+    assert _plan_words(Plan(dp=4, ep=2, **BASE)).startswith("dp=4 tp=1 pp=1 ep=2 zero=0,")
+    assert _plan_words(Plan(dp=4, **BASE)).startswith("dp=4 tp=1 pp=1 zero=0,")
