@@ -11,7 +11,8 @@ a node), data-parallel next, pipeline stages outermost - Megatron-LM's layout, w
 both the simulator and the runtime's DeviceMesh follow.
 
 This module is also the plan vocabulary every other module reads: PRECISIONS and their
-torch dtypes, SCHEDULES, CHECKPOINT_MODES / RECOMPUTE_MODES, CASTS and the PINNABLE fields.
+torch dtypes, SCHEDULES, CHECKPOINT_MODES / RECOMPUTE_MODES, CASTS, FP8_RECIPES and the PINNABLE
+fields.
 """
 from __future__ import annotations
 
@@ -29,9 +30,15 @@ from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_MICR
 from planner.engines import DEFAULT_ENGINE, get_engine
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "bf16", "fp16")
+# "fp8" is bf16 mixed precision whose linear layers' GEMMs run in float8 (torchao's float8
+# training, as torchtitan and Megatron-LM's --fp8 run it): everything else computes in bf16.
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 # precision -> the torch dtype it trains in (one map, cost_models.hardware.TORCH_DTYPE_NAMES)
-PRECISION_DTYPES = {p: getattr(torch, TORCH_DTYPE_NAMES[p]) for p in PRECISIONS}
+PRECISION_DTYPES = {p: getattr(torch, TORCH_DTYPE_NAMES["bf16" if p == "fp8" else p]) for p in PRECISIONS}
+# How float8 GEMMs scale their inputs (torchao.float8.Float8LinearConfig.from_recipe_name):
+# "tensorwise" one scale per tensor (FSDP2 can all-gather the weights in float8), "rowwise"
+# one per row (more accurate, slower casts).
+FP8_RECIPES = ("tensorwise", "rowwise")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # Activation recomputation per block:
 #   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
@@ -48,14 +55,16 @@ RECOMPUTE_MODES = tuple(m for m in CHECKPOINT_MODES if m != "none")
 # optimizer): no per-op casts, and norms and the residual stream run in the low precision.
 CASTS = ("autocast", "params")
 TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
-MESH_DIMS = ("pp", "dp", "tp")
+# cp sits just outside tp, as in torchtitan's mesh (pp, dp, cp, tp) and Megatron-LM's "tp-cp-ep-dp-pp"
+MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
 PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
             "sequence_parallel", "offload_optimizer", "precision")
 
 
 # The most each whole-number field may be (cost_models.inputs: what can exist).
-_NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "ep": MAX_GPUS, "micro_batch": MAX_GLOBAL_BATCH,
+_NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "cp": MAX_GPUS, "ep": MAX_GPUS,
+                  "micro_batch": MAX_GLOBAL_BATCH,
                   "global_batch": MAX_GLOBAL_BATCH, "seq": MAX_SEQ, "interleave": MAX_LAYERS}
 
 
@@ -85,6 +94,9 @@ class Plan:
     engine: str = DEFAULT_ENGINE      # the training engine that runs the plan (planner.engines)
     engine_options: dict = field(default_factory=dict)   # its options that change cost (non-defaults)
     ep: int = 1          # expert parallelism (MoE): each group of ep data-parallel ranks splits the experts
+    cp: int = 1          # context parallelism: each sequence is split over cp ranks (load-balanced causal chunks)
+    fp8_recipe: str = "tensorwise"   # with precision fp8: how its GEMM inputs are scaled (FP8_RECIPES)
+    compile: bool = False            # torch.compile each block (as torchtitan compiles per block)
     model: str | None = None      # what the plan was made for (informational defaults for the CLI)
     cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -111,11 +123,17 @@ class Plan:
         self._check_tensor_parallel()
         self._check_memory_options()
         self._check_expert_parallel()
+        self._check_context_parallel()
 
     # -- derived quantities -------------------------------------------------
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of each sequence one context-parallel rank holds (seq / cp)."""
+        return self.seq // self.cp
 
     @property
     def edp(self) -> int:
@@ -150,7 +168,7 @@ class Plan:
             raise MeshplanError(f"plan zero must be 0, 1, 2 or 3, got {shown(self.zero)}")
         check_tokens_per_step(self.global_batch, self.seq)
         if self.world_size > MAX_GPUS:
-            raise MeshplanError(f"plan dp x tp x pp = {self.world_size:,} GPUs; meshplan plans at most {MAX_GPUS:,}")
+            raise MeshplanError(f"plan dp x cp x tp x pp = {self.world_size:,} GPUs; meshplan plans at most {MAX_GPUS:,}")
         for name in ("model", "cluster"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise MeshplanError(f"plan {name} must be text or null, got {shown(getattr(self, name))}")
@@ -172,7 +190,7 @@ class Plan:
             if not isinstance(getattr(self, name), kind):
                 raise MeshplanError(f"plan {name} must be a {'JSON object' if kind is dict else 'list'}, "
                                     f"got {shown(getattr(self, name))}")
-        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES)):
+        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("fp8_recipe", FP8_RECIPES)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise MeshplanError(f"plan {name} {shown(getattr(self, name))} is unknown; "
                                     f"use one of {', '.join(allowed)}")
@@ -180,11 +198,18 @@ class Plan:
         if bad:
             raise MeshplanError(f"plan checkpoint has {', '.join(bad)}; each layer takes one of "
                                f"{', '.join(CHECKPOINT_MODES)}")
+        if "cp" not in self.rank_order and sorted(map(str, self.rank_order)) == sorted(set(MESH_DIMS) - {"cp"}):
+            # plans written before context parallelism: cp sits just outside tp
+            at = self.rank_order.index("tp")
+            self.rank_order = [*self.rank_order[:at], "cp", *self.rank_order[at:]]
         if sorted(map(str, self.rank_order)) != sorted(MESH_DIMS):
             raise MeshplanError(f"plan rank_order {self.rank_order!r} must order exactly {list(MESH_DIMS)}")
-        for flag in ("sequence_parallel", "offload_optimizer"):
+        for flag in ("sequence_parallel", "offload_optimizer", "compile"):
             if not isinstance(getattr(self, flag), bool):
                 raise MeshplanError(f"plan {flag} must be true or false, got {shown(getattr(self, flag))}")
+        if self.fp8_recipe != "tensorwise" and self.precision != "fp8":
+            raise MeshplanError(f"fp8_recipe {self.fp8_recipe!r} applies to precision fp8 only: set precision "
+                                f"fp8 or drop fp8_recipe")
         self.engine = get_engine(self.engine).name
         get_engine(self.engine).checked_options(self.engine_options)
 
@@ -243,13 +268,28 @@ class Plan:
             raise MeshplanError("ep > 1 with tp > 1 is not supported yet (experts would need expert tensor "
                                 "parallelism): use tp 1 or ep 1")
 
+    def _check_context_parallel(self):
+        """Each sequence splits into 2 x cp chunks, rank i taking chunks i and 2cp-1-i so every
+        rank gets the same share of causal attention (torch's context_parallel load balancer,
+        torch/distributed/tensor/experimental/_context_parallel; Megatron-LM's
+        get_batch_on_this_cp_rank)."""
+        if self.cp == 1:
+            return
+        if self.seq % (2 * self.cp):
+            raise MeshplanError(f"cp {self.cp} needs seq divisible by 2 x cp = {2 * self.cp} (each sequence is "
+                                f"cut into 2 x cp load-balanced chunks), got seq {self.seq}: change seq or cp")
+        if self.ep > 1:
+            raise MeshplanError("cp > 1 with ep > 1 is not supported yet: use cp 1 or ep 1")
+
     # -- against a model and a cluster -------------------------------------
     def check_fits(self, num_layers: int | None = None, world_size: int | None = None,
                    gpus_per_node: int | None = None):
         """Consistency with a model's block count and a cluster's size."""
         if world_size is not None and self.world_size != world_size:
-            raise MeshplanError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} "
-                                f"but the cluster has {world_size} devices: make the product {world_size}")
+            cp = f" x {self.cp}" if self.cp > 1 else ""
+            raise MeshplanError(f"dp x {'cp x ' if cp else ''}tp x pp = {self.dp}{cp} x {self.tp} x {self.pp} = "
+                                f"{self.world_size} but the cluster has {world_size} devices: make the product "
+                                f"{world_size}")
         if gpus_per_node is not None and self.tp > gpus_per_node:
             raise MeshplanError(f"tp {self.tp} spans more than one node ({gpus_per_node} devices per node): "
                                 f"use tp <= {gpus_per_node}")

@@ -56,6 +56,11 @@ def test_save_refuses_to_overwrite(tmp_path):
     (dict(tp_layout={"fc1": "colwise"}), "tp is 1"),
     (dict(offload_optimizer=True, zero=1), "zero to 2 or 3"),
     (dict(rank_order=["dp", "tp"]), "rank_order"),
+    (dict(cp=3, seq=1024), "divisible by 2 x cp = 6"),
+    (dict(cp=2, dp=2, ep=2, global_batch=2), "cp > 1 with ep > 1"),
+    (dict(fp8_recipe="rowwise"), "applies to precision fp8"),
+    (dict(precision="fp8", fp8_recipe="blockwise"), "fp8_recipe"),
+    (dict(compile="yes"), "compile must be true or false"),
     (dict(schema_version=99), "schema_version"),
 ])
 def test_inconsistencies_say_what_to_change(kwargs, fragment):
@@ -100,3 +105,15 @@ def test_even_stages():
     assert even_stages(10, 4) == [[0, 3], [3, 6], [6, 8], [8, 10]]
     with pytest.raises(MeshplanError):
         even_stages(2, 3)
+
+
+def test_context_parallel_counts_in_the_world_and_old_rank_orders_gain_cp():
+    plan = Plan(dp=2, cp=4, tp=2, pp=2, global_batch=8, seq=4096)
+    assert plan.world_size == 32 and plan.local_seq == 1024
+    with pytest.raises(MeshplanError, match=r"dp x cp x tp x pp = 2 x 4 x 2 x 2 = 32 but the cluster has 16"):
+        plan.check_fits(world_size=16)
+    # plans written before cp existed: cp goes just outside tp, whatever the order
+    assert Plan(rank_order=["pp", "dp", "tp"]).rank_order == ["pp", "dp", "cp", "tp"]
+    assert Plan(rank_order=["tp", "dp", "pp"]).rank_order == ["cp", "tp", "dp", "pp"]
+    assert Plan.from_json(Plan(cp=2, seq=64, precision="fp8", fp8_recipe="rowwise", compile=True).to_json()) \
+        == Plan(cp=2, seq=64, precision="fp8", fp8_recipe="rowwise", compile=True)

@@ -73,7 +73,7 @@ REFERENCES = {
     "gpt-fp16": ("gpt-tiny", dict(micro_batch=2, precision="fp16")),
     "llama-fp32": ("llama-tiny", dict(micro_batch=2, precision="fp32")),
 }
-RANK_ORDERS = [["pp", "dp", "tp"], ["tp", "dp", "pp"]]
+RANK_ORDERS = [["pp", "dp", "cp", "tp"], ["tp", "cp", "dp", "pp"]]
 
 
 def _args(model, plan, log, steps=STEPS, extra=()):
@@ -138,7 +138,7 @@ def test_resume_inside_a_pipeline_tensor_parallel_job(runs):
 
 def test_rank_layout_follows_rank_order(runs):
     for i, order in enumerate(RANK_ORDERS):
-        sizes = dict(dp=2, tp=2, pp=1)
+        sizes = dict(dp=2, tp=2, pp=1, cp=1)
         for rank in range(4):
             coords = json.loads((runs / f"coords-{i}-{rank}.json").read_text())
             # row-major over rank_order, outermost first
