@@ -58,7 +58,7 @@ TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 # cp sits just outside tp, as in torchtitan's mesh (pp, dp, cp, tp) and Megatron-LM's "tp-cp-ep-dp-pp"
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
-PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
+PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
             "sequence_parallel", "offload_optimizer", "precision")
 
 

@@ -72,6 +72,9 @@ class Engine:
     that meshplan models (planner.simulate.experts)."""
     expert_refusal: str = ""
     """Why it gets no expert parallelism, when `expert_zero` is empty (its source says)."""
+    context_refusal: str = ""
+    """Why it gets no context parallelism (cp > 1) that meshplan models; "" = it has it
+    (planner.simulate.context)."""
     micro_batch_per_stage: bool = True
     """Its 1F1B needs at least pp micro-batches per step (torch.distributed.pipelining's does;
     Megatron-LM's warm-up takes min(pp - rank - 1, micro-batches) and runs with fewer)."""
@@ -137,6 +140,8 @@ class Engine:
             if not self.expert_zero:
                 return f"{self.name} has no expert parallelism meshplan models ({self.expert_refusal}): use ep 1"
             return f"{self.name} runs expert parallelism with ZeRO {_stages(self.expert_zero)}, not {plan.zero}"
+        if plan.cp > 1 and self.context_refusal:
+            return f"{self.name} has no context parallelism meshplan models ({self.context_refusal}): use cp 1"
         if plan.tp_layout and not self.searched_tp_layout:
             return f"{self.name} applies Megatron-LM's tensor-parallel layout only: drop the plan's tp_layout"
         return None

@@ -12,7 +12,11 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - expert parallelism (`parallelism.expert_parallel_degree`) is carved out of the FSDP ranks
   (torchtitan/distributed/parallel_dims.py: ep must divide dp_shard * cp * tp; the experts are
   fully_shard-ed over "efsdp"), so it needs ZeRO 2 or 3, not pure replication; the tokens move
-  by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py).
+  by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py);
+- context parallelism (`parallelism.context_parallel_degree`, head-tail load balancing,
+  torchtitan/distributed/context_parallel/api.py) runs torch's context_parallel on SDPA, whose
+  default rotate method all-gathers K and V (exposed, as in meshplan's runtime); FSDP shards
+  over dp_shard x cp (torchtitan/distributed/parallel_dims.py).
 """
 from planner.engines.base import Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME

@@ -47,7 +47,7 @@ from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
 from planner.search.diagnosis import Diagnosis
 from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
-from planner.search.space import SearchSpace, check_expert_pins
+from planner.search.space import SearchSpace, check_context_pins, check_expert_pins
 from planner.search.tp_ilp import layouts_for
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, prepare_unchecked
 from planner.simulate.costing import top_level_layout
@@ -70,7 +70,7 @@ from planner.plan import PINNABLE  # noqa: E402,F401  (re-exported: planner.sear
 
 @dataclass
 class SearchStats:
-    families: int = 0                 # dp x tp x pp
+    families: int = 0                 # dp x cp x tp x pp
     candidates: int = 0               # full configurations enumerated
     pruned_model_states: int = 0      # model states alone overflow
     pruned_dominated: int = 0         # gpipe (1F1B is as fast with less memory)
@@ -139,6 +139,7 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     options = runner.checked_options(engine_options)
     check_pins_for_engine(pinned, runner)
     check_expert_pins(pinned, spec, cluster, runner, moe_imbalance)
+    check_context_pins(pinned, spec, cluster, runner, options, seq)
     search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                      runner, options)
     search.moe_imbalance = moe_imbalance
@@ -161,7 +162,7 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
     whole_number(global_batch, "global_batch", high=MAX_GLOBAL_BATCH)
     whole_number(seq, "seq", high=MAX_SEQ)
     check_tokens_per_step(global_batch, seq)
-    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("ep", MAX_GPUS),
+    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("cp", MAX_GPUS), ("ep", MAX_GPUS),
                        ("micro_batch", MAX_GLOBAL_BATCH),
                        ("interleave", MAX_LAYERS)):
         if name in pinned:
@@ -318,8 +319,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         families = self.families()
         self.stats.families = len(families)
         pool = []
-        for dp, tp, pp in families:
-            for p in self.candidates(dp, tp, pp):
+        for dp, cp, tp, pp in families:
+            for p in self.candidates(dp, cp, tp, pp):
                 self.stats.candidates += 1
                 if tp > 1 and self.spec.config is None:
                     p = self.factory_layout(p)
@@ -474,7 +475,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
 
 
 def describe_family(plan: Plan) -> str:
-    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" ep{plan.ep}" if plan.ep > 1 else "") \
+    text = f"dp{plan.dp}" + (f" cp{plan.cp}" if plan.cp > 1 else "") + f" tp{plan.tp} pp{plan.pp}" \
+        + (f" ep{plan.ep}" if plan.ep > 1 else "") \
         + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
     if plan.interleave > 1:
         text += f"x{plan.interleave}"
