@@ -341,6 +341,14 @@ class Plan:
         tmp.replace(path)
 
 
+def degree_words(plan: Plan, eq: str = "=") -> str:
+    """The plan's degrees as people read them: "dp=8 cp=16 tp=8 pp=16" (cp and ep only when
+    above 1); `eq=""` writes "dp8 cp16 tp8 pp16"."""
+    shown_dims = [("dp", plan.dp), ("cp", plan.cp if plan.cp > 1 else None), ("tp", plan.tp), ("pp", plan.pp),
+                  ("ep", plan.ep if plan.ep > 1 else None)]
+    return " ".join(f"{name}{eq}{value}" for name, value in shown_dims if value is not None)
+
+
 def check_schedule(plan: Plan) -> None:
     """torch.distributed.pipelining's 1F1B needs a micro-batch per stage (GPipe does not)."""
     if plan.pp > 1 and plan.schedule == "1f1b" and plan.grad_accum < plan.pp:

@@ -20,11 +20,11 @@ from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_co
 from planner.interop.cli import add_from_flag
 from cost_models.inputs import check_output_path
 from planner.engines.base import option_text
-from planner.plan import Plan
+from planner.plan import Plan, degree_words
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
-PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "cp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
                "sequence_parallel")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
@@ -104,7 +104,7 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
     return replace(plan, checkpoint=[mode] * spec.config.layers)
 
 
-_CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+_CASE_KEYS = {"dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
               "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
 
 
@@ -181,13 +181,14 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
             m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
     console = console_for(table, wide=wide)
-    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
-                  + f"[/bold] zero={plan.zero} "
+    console.print(f"[bold]{degree_words(plan)}[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
                   f"{plan.schedule}, run by {plan.engine}"
                   + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
+                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%"
+                  + (f" ({100 * result.mfu_causal:.1f}% with attention FLOPs over the causal half, as Megatron counts)"
+                     if result.mfu - result.mfu_causal >= 0.005 else ""))
     console.print("phases: " + format_phases(result.phases))
     console.print(table)
     console.print("fits" if result.fits else f"[red]{misfit or 'does not fit'}[/red]", highlight=False)

@@ -43,7 +43,7 @@ from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ,
                                 shown, whole_number)
 from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
+from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan, degree_words
 from planner.search.diagnosis import Diagnosis
 from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
@@ -139,7 +139,7 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     options = runner.checked_options(engine_options)
     check_pins_for_engine(pinned, runner)
     check_expert_pins(pinned, spec, cluster, runner, moe_imbalance)
-    check_context_pins(pinned, spec, cluster, runner, options, seq)
+    check_context_pins(pinned, spec, cluster, runner, options)
     search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                      runner, options)
     search.moe_imbalance = moe_imbalance
@@ -177,6 +177,10 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
         if name in pinned and (isinstance(value, bool) or not isinstance(value, (str, int)) or value not in allowed):
             raise MeshplanError(f"{name} {shown(value)} is unknown; use one of {', '.join(map(str, allowed))}")
     _check_pins_agree(pinned, global_batch)
+    cp = pinned.get("cp", 1)
+    if cp > 1 and seq % (2 * cp):
+        raise MeshplanError(f"cp {cp} needs seq divisible by 2 x cp = {2 * cp} (each sequence is cut into 2 x cp "
+                            f"load-balanced chunks), got seq {seq}: change --seq or --cp")
 
 
 def _check_pins_agree(pinned: dict, global_batch: int):
@@ -475,9 +479,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
 
 
 def describe_family(plan: Plan) -> str:
-    text = f"dp{plan.dp}" + (f" cp{plan.cp}" if plan.cp > 1 else "") + f" tp{plan.tp} pp{plan.pp}" \
-        + (f" ep{plan.ep}" if plan.ep > 1 else "") \
-        + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
+    text = degree_words(plan, eq="") + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
     if plan.interleave > 1:
         text += f"x{plan.interleave}"
     if plan.sequence_parallel:

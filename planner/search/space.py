@@ -58,15 +58,13 @@ def check_expert_pins(pinned: dict, spec, cluster, engine, moe_imbalance: float 
                             f"{', '.join(map(str, engine.expert_zero))}, not {pinned['zero']}: change --zero or --ep")
 
 
-def check_context_pins(pinned: dict, spec, cluster, engine, engine_options: dict, seq: int) -> None:
-    """A pinned cp the sequence, the model, the cluster or the engine cannot take, in one line."""
+def check_context_pins(pinned: dict, spec, cluster, engine, engine_options: dict) -> None:
+    """A pinned cp the model, the cluster or the engine cannot take, in one line (the
+    sequence: planner.search.ranking.check_pinned)."""
     from planner.simulate.context import check_context_parallel
     cp = pinned.get("cp", 1)
     if cp == 1:
         return
-    if seq % (2 * cp):
-        raise MeshplanError(f"cp {cp} needs seq divisible by 2 x cp = {2 * cp} (each sequence is cut into 2 x cp "
-                            f"load-balanced chunks), got seq {seq}: change --seq or --cp")
     if cp > cluster.world_size:
         raise MeshplanError(f"cp {cp} exceeds {cluster.name}'s {cluster.world_size} GPUs: pin cp <= "
                             f"{cluster.world_size}")

@@ -58,6 +58,11 @@ class SimResult:
     # per pipeline rank, what follows its last backward: (exposed data-parallel communication s,
     # optimizer step s); what the Chrome trace and the HTML report draw after the pipeline
     rank_tails_s: list = field(default_factory=list)
+    # MFU with attention's FLOPs counted over the causal mask's pairs only (Megatron-LM's
+    # num_floating_point_operations halves core attention for the mask); `mfu` counts the full
+    # seq x seq square (PaLM's 12 L H Q T, torchtitan's and FlopCounterMode's): at long
+    # sequences, where attention is most of the work, the two differ by up to 2x
+    mfu_causal: float = 0.0
 
     @property
     def worst_stage(self) -> StageMemory:
@@ -67,7 +72,8 @@ class SimResult:
         worst = self.worst_stage
         return {
             "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
-            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "hfu": self.hfu, "fits": self.fits,
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "mfu_causal": self.mfu_causal,
+            "hfu": self.hfu, "fits": self.fits,
             "capacity_bytes": self.capacity_bytes, "phases": self.phases,
             "memory": {
                 "peak_allocated_bytes": worst.peak_allocated_bytes,
@@ -387,13 +393,11 @@ class _Simulation(CommMixin, MemoryMixin):
         the attention core's part of them) as traced: at seq / cp tokens under context
         parallelism (planner.simulate.context.full_sequence_flops scales them back)."""
         fwd, bwd = self.traced.flop_counter_flops()
-        if self.plan.cp == 1:
-            return fwd + bwd, 0.0
         core = sum(self._core_flops(self.traced.layers[i].signature)[1] for i in range(len(self.traced.layers)))
         return fwd + bwd, core
 
     def core_fwd_flops(self, index: int) -> float:
-        """The attention core's forward FLOPs of layer `index` (0 without cp: unused)."""
+        """The attention core's forward FLOPs of layer `index` (0 without cp: not needed)."""
         return self._core_flops(self.traced.layers[index].signature)[0] if self.plan.cp > 1 else 0.0
 
     def _core_flops(self, signature: str) -> tuple[float, float]:
@@ -417,6 +421,8 @@ class _Simulation(CommMixin, MemoryMixin):
         recompute_flops = micro_batches * sum(
             context.full_sequence_flops(self.traced.cost_of(i).recompute_fwd_flops(self.checkpoint_mode(i)),
                                         self.core_fwd_flops(i), plan.cp) for i in self.traced.blocks)
+        # the core's share the causal mask leaves out: 1 - (S + 1) / 2S of the S x S pairs
+        masked_flops = micro_batches * plan.cp ** 2 * core * (plan.seq - 1) / (2 * plan.seq)
         world = cluster.world_size
         peak = cluster.gpu.peak_flops_for(plan.precision)
         capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
@@ -440,4 +446,5 @@ class _Simulation(CommMixin, MemoryMixin):
                    for m in memory)
         return SimResult(step, tokens / step, model_flops / step / world / 1e12,
                          model_flops / step / world / peak, (model_flops + recompute_flops) / step / world / peak,
-                         fits, capacity, phases, memory, timeline)
+                         fits, capacity, phases, memory, timeline,
+                         mfu_causal=(model_flops - masked_flops) / step / world / peak)
