@@ -156,7 +156,7 @@ def run(args) -> int:
     experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
     misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration, experts))
     if args.json:
-        print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
+        print(json.dumps({**result.to_dict(), "plan": plan.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
     _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration, experts), highlight=False)
     return 0
@@ -221,7 +221,7 @@ def _simulate_batch(args) -> int:
                 if not isinstance(case, dict):
                     raise MeshplanError("a case must be a JSON object")
                 spec, cluster, plan, result = _simulate_one(case)
-                out = result.to_dict()
+                out = {**result.to_dict(), "plan": plan.to_dict()}
                 rows.append((number, spec.name, cluster.name, plan, result, None))
             except UnicodeDecodeError as exc:
                 out = {"error": f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"}

@@ -256,8 +256,9 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         started = time.perf_counter()
         sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm, self.execution(plan),
                                 self.moe_imbalance)
-        self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
-        self._sims[(plan.micro_batch, plan.precision)] = True
+        traced = (plan.micro_batch, plan.precision, plan.local_seq)
+        self.stats.trace_s += time.perf_counter() - started if traced not in self._sims else 0
+        self._sims[traced] = True
         return sim
 
     def recompute_modes(self) -> tuple:
