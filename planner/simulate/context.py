@@ -71,6 +71,16 @@ def collectives(ops, tp: int, cp: int, element_bytes: float) -> tuple[tuple, tup
     return tuple(forward), tuple(backward)
 
 
+def exchange(ops, tp: int, cp: int, element_bytes) -> dict:
+    """LayerTiming's cp_comm_fwd / cp_comm_bwd of a layer ({} without cp or attention), in its
+    K and V's dtype (`element_bytes(op)`: bytes per element of an attention kernel's inputs)."""
+    calls = attention_calls(ops)
+    if cp == 1 or not calls:
+        return {}
+    forward, backward = collectives(ops, tp, cp, element_bytes(calls[0]))
+    return {"cp_comm_fwd": forward, "cp_comm_bwd": backward}
+
+
 def buffer_bytes(collectives_bwd) -> float:
     """The exchange buffers alive at once in one backward: the gathered K, V and the
     unreduced dK, dV of its largest attention call (its collectives' buffers)."""

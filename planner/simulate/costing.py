@@ -347,17 +347,8 @@ class LayerCoster:
             boundary_bytes=cost.output_bytes * boundary_share,
             # with ep 1 the experts are data-parallel over dp like the rest: nothing to tell apart
             expert_params_per_gpu=moe.expert_param_count(ops) if ep > 1 else 0.0, ep_comm_fwd=ep_fwd,
-            ep_comm_bwd=ep_bwd, **self._context_parallel(ops, tp, cp, precision), attention_kernel_s=tuple(kernel))
-
-    @staticmethod
-    def _context_parallel(ops, tp: int, cp: int, precision: str) -> dict:
-        """The K/V exchange of a layer under context parallelism, in its K and V's dtype."""
-        calls = context.attention_calls(ops)
-        if cp == 1 or not calls:
-            return {}
-        element = DTYPE_BYTES[_precision_of(calls[0], precision)]
-        forward, backward = context.collectives(ops, tp, cp, element)
-        return {"cp_comm_fwd": forward, "cp_comm_bwd": backward}
+            ep_comm_bwd=ep_bwd, attention_kernel_s=tuple(kernel),
+            **context.exchange(ops, tp, cp, lambda op: DTYPE_BYTES[_precision_of(op, precision)]))
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
         """(forward, backward) collectives over the TP group that `op` causes, as
