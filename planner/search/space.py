@@ -241,7 +241,7 @@ class SearchSpace:
 
     def candidates(self, dp, cp, tp, pp) -> list[Plan]:
         out = []
-        for ep in self.values("ep", self.expert_parallel_degrees(dp, tp)):
+        for ep in self.values("ep", self.expert_parallel_degrees(dp, tp) if cp == 1 else [1]):   # cp > 1: ep 1
             out += self._candidates(dp, cp, tp, pp, ep)
         return out
 
