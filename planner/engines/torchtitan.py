@@ -16,7 +16,7 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - context parallelism (`parallelism.context_parallel_degree`, head-tail load balancing,
   torchtitan/distributed/context_parallel/api.py) runs torch's context_parallel on SDPA, whose
   default rotate method all-gathers K and V (exposed, as in meshplan's runtime); FSDP shards
-  over dp_shard x cp (torchtitan/distributed/parallel_dims.py).
+  over dp_shard x cp whenever cp > 1 (torchtitan/distributed/parallel_dims.py), so ZeRO 2 or 3.
 """
 from planner.engines.base import Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME
@@ -24,4 +24,4 @@ from planner.engines.execution import MESHPLAN_RUNTIME
 TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
     zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16"),
-    searched_tp_layout=False, expert_zero=(2, 3)))
+    searched_tp_layout=False, expert_zero=(2, 3), context_zero=(2, 3)))

@@ -73,6 +73,9 @@ def check_context_pins(pinned: dict, spec, cluster, engine, engine_options: dict
                             f"drop --cp or change --engine")
     if pinned.get("ep", 1) > 1:
         raise MeshplanError("cp > 1 with ep > 1 is not supported yet: drop --cp or --ep")
+    if "zero" in pinned and pinned["zero"] not in engine.context_zero:
+        raise MeshplanError(f"{engine.name} runs context parallelism with ZeRO "
+                            f"{', '.join(map(str, engine.context_zero))}, not {pinned['zero']}: change --zero or --cp")
     check_context_parallel(type("Pinned", (), {"cp": cp})(), spec.config,
                            engine.execution_for(engine_options).attention)
 
@@ -257,7 +260,8 @@ class SearchSpace:
                 m = per_rank // mb
                 zeros = self.engine.pipeline_zero if pp > 1 else self.engine.zero
                 for zero in self.values("zero", zeros if dp * cp > 1 else (0,)):
-                    if zero not in zeros or (ep > 1 and zero not in self.engine.expert_zero):
+                    if zero not in zeros or (ep > 1 and zero not in self.engine.expert_zero) \
+                            or (cp > 1 and zero not in self.engine.context_zero):
                         continue
                     offloads = (False, True) if zero >= 2 and self.engine.offload_optimizer else (False,)
                     for offload in self.values("offload_optimizer", offloads):

@@ -100,7 +100,7 @@ def test_megatron_ring_hides_the_exchange_under_attention():
     """Megatron-LM's TE p2p ring overlaps the exchange with the attention kernels: only what
     exceeds them is exposed; torchtitan's all-gathers are all exposed."""
     plan = Plan(dp=1, cp=4, **{**BASE, "seq": 128, "global_batch": 2})
-    titan = prepare(replace(plan, engine="torchtitan"), "llama-tiny", "h100-sxm-80gb:1x4")
+    titan = prepare(replace(plan, engine="torchtitan", zero=3), "llama-tiny", "h100-sxm-80gb:1x4")
     megatron = prepare(replace(plan, engine="megatron-lm"), "llama-tiny", "h100-sxm-80gb:1x4")
     block = titan.traced.blocks[0]
     t = megatron.timing(block)
@@ -114,6 +114,12 @@ def test_megatron_ring_hides_the_exchange_under_attention():
 def test_engines_without_context_parallelism_refuse(engine, fragment):
     with pytest.raises(MeshplanError, match=fragment):
         simulate(Plan(dp=2, cp=2, engine=engine, **BASE), "llama-tiny", "cpu:1x4")
+
+
+def test_torchtitan_shards_over_dp_x_cp():
+    """torchtitan applies FSDP whenever cp > 1 (distributed/parallel_dims.py): no ZeRO 0."""
+    with pytest.raises(MeshplanError, match="ZeRO 2 or 3, not 0"):
+        simulate(Plan(dp=2, cp=2, engine="torchtitan", **BASE), "llama-tiny", "cpu:1x4")
 
 
 def test_cp_needs_the_fused_attention_kernel():
@@ -173,6 +179,8 @@ def test_cli_cp_flag_cases_and_json(cli, tmp_path):
     (("compare", "--model", "llama-tiny", "--clusters", "cpu:1x4", "--tokens", "1e6", "--seq", "64", "--cp", "3"),
      ("2 x cp = 6",)),
     (("plan", "--model", "moe-tiny", "--cluster", "cpu:1x4", "--seq", "64", "--cp", "2", "--ep", "2"), ("ep",)),
+    (("plan", "--model", "llama-tiny", "--cluster", "cpu:1x4", "--seq", "64", "--cp", "2", "--zero", "0",
+      "--engine", "torchtitan"), ("ZeRO 2, 3", "not 0")),
 ])
 def test_bad_context_parallel_input_is_one_line(cli, args, fragments):
     assert_user_error(cli(*args, "--global-batch", "8"), *fragments)
