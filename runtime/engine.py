@@ -12,8 +12,8 @@ torch.fx and split over tp on the linears its layout names (runtime.modules, run
 it trains on its example_inputs and backpropagates the loss its forward returns.
 
 Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel ->
-activation checkpointing -> autocast (pipeline stages) -> data parallel (FSDP2 /
-replicate / DDP), as TorchTitan does.
+activation checkpointing -> torch.compile per block (plan.compile: runtime.compiling) ->
+autocast (pipeline stages) -> data parallel (FSDP2 / replicate / DDP), as TorchTitan does.
 
 A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
 a pipeline each micro-batch's loss / grad_accum is back-propagated (gradient sync only
@@ -42,6 +42,7 @@ from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
 from runtime import expert_parallel
 from runtime import optim as optim_mod
+from runtime.compiling import compile_blocks
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
@@ -120,6 +121,8 @@ class Engine:
             elif self.factory and plan.tp > 1:
                 self.factory.tensor_parallel(part, rt.submesh("tp"))
             apply_checkpointing(part, plan, blocks)
+            if plan.compile:        # after TP and AC, before FSDP (torchtitan's apply_compile)
+                compile_blocks(blocks)
             if plan.pp > 1:
                 with_autocast(part, plan, self.device)
             self.parts[v] = part
