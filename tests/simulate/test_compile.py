@@ -112,3 +112,14 @@ def test_simulate_cli_compile_flag_and_batch_case(tmp_path):
     assert lines[1]["step_time_s"] < lines[0]["step_time_s"]
     assert "compile must be true or false" in lines[2]["error"]
     assert_user_error(run_cli_in_process(*args, "--compile", "--engine", "megatron-lm"), "drop compile")
+
+
+def test_plan_pins_compile():
+    args = ["plan", "--model", "gpt3-350m", "--cluster", CLUSTER, "--global-batch", "16", "--seq", "2048",
+            "--top", "1", "--json"]
+    eager, compiled = run_cli_in_process(*args), run_cli_in_process(*args, "--compile")
+    assert eager.returncode == compiled.returncode == 0, compiled.stderr
+    best_eager, best_compiled = (json.loads(out.stdout)["plans"][0] for out in (eager, compiled))
+    assert best_compiled["compile"] is True and best_eager["compile"] is False
+    assert best_compiled["result"]["step_time_s"] < best_eager["result"]["step_time_s"]
+    assert_user_error(run_cli_in_process(*args, "--compile", "--engine", "deepspeed"), "drop --compile")
