@@ -145,6 +145,7 @@ def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: b
         schedule = p.schedule + (f" x{p.interleave}" if p.interleave > 1 else "")
         schedule += " +sp" if p.sequence_parallel else ""
         schedule += " +offload" if p.offload_optimizer else ""
+        schedule += " +compile" if p.compile else ""
         rows.append((str(i), str(p.dp), str(p.tp), str(p.pp), *((str(p.ep),) if experts else ()), str(p.zero),
                      f"{p.micro_batch} x {p.grad_accum}", schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),
                      f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}%",
