@@ -11,7 +11,8 @@ How it composes:
   (runtime.parallelize.apply_checkpointing); dynamo traces torch.utils.checkpoint as a
   higher-order op, and a selective policy is honoured inside the compiled graph;
 - DTensor tensor parallelism: the block's DTensor parameters and its ParallelStyle hooks are
-  traced (the hooks are part of the module call dynamo compiles);
+  traced (the hooks are part of the module call dynamo compiles); with selective
+  recomputation, not with full or attention-core recomputation, which `check_plan` refuses;
 - FSDP2 / replicate: applied after compile; their hooks are skipped by dynamo
   (torch._dynamo.config.skip_fsdp_hooks) and run eagerly around the compiled block;
 - pipelining: a stage runs its blocks, compiled, as it runs any module.
@@ -45,6 +46,20 @@ def check_compiler(device_type: str) -> None:
         tried = ", ".join(n for n in names if n) or "none"
         raise MeshplanError(f"--compile on CPU needs a C++ compiler for inductor's kernels (tried {tried}): "
                             f"install g++ or set CXX, or drop --compile")
+
+
+def check_plan(plan) -> None:
+    """Refuse a compiled plan that cannot train. Tensor parallelism with full or attention-core
+    recomputation (a plain torch.utils.checkpoint region inside the compiled block): torch's
+    AOTAutograd saves the DTensor's DeviceMesh among the checkpointed tensors and fails the
+    first forward ("expected all tensors_saved_with_vc_check to be Tensors"; torch 2.13 on
+    gloo, tp 2). Selective recomputation (a context_fn policy) trains, with sequence parallelism
+    too, to eager's losses."""
+    modes = sorted({mode for mode in plan.checkpoint if mode in ("full", "attention")})
+    if plan.compile and plan.tp > 1 and modes:
+        raise MeshplanError(f"--compile with tp {plan.tp} and {' and '.join(modes)} recomputation fails in torch "
+                            f"{torch.__version__}'s AOTAutograd (a DTensor's mesh saved with the checkpointed "
+                            f"tensors): use selective recomputation, or drop --compile or tp")
 
 
 def compile_blocks(blocks: dict) -> None:

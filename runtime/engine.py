@@ -42,6 +42,7 @@ from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
 from runtime import expert_parallel
 from runtime import optim as optim_mod
+from runtime import compiling
 from runtime.compiling import compile_blocks
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
@@ -56,6 +57,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
+    compiling.check_plan(plan)
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
         check_schedule(plan)

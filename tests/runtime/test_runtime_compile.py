@@ -47,15 +47,21 @@ def test_compiled_blocks_train_to_eager_losses(tmp_path, monkeypatch):
     assert [r["grad_norm"] for r in compiled_run] == pytest.approx([r["grad_norm"] for r in eager], rel=1e-4)
 
 
-def test_compile_without_a_compiler_is_one_line_before_any_process_group(tmp_path, monkeypatch, capsys):
+def test_compile_refusals_are_one_line_before_any_process_group(tmp_path, monkeypatch, capsys):
     import shutil
 
     import torch.distributed as dist
     import torch.utils._triton
     plan = write_plan(tmp_path / "plan.json", micro_batch=2, global_batch=4, seq=32, precision="fp32")
     base = ["--model", "gpt-tiny", "--steps", "1"]
-    monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("a process group started"))
+    # tensor parallelism with recomputation: torch's AOTAutograd fails on it (runtime.compiling.check_plan)
+    tp_ckpt = write_plan(tmp_path / "tp.json", micro_batch=2, global_batch=4, seq=32, precision="fp32", tp=2,
+                         checkpoint=["full"] * LAYERS)
+    assert main([*base, "--plan", str(tp_ckpt), "--device", "cpu", "--compile"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "--compile with tp 2 and full recomputation fails" in line and "use selective" in line
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert main([*base, "--plan", str(plan), "--device", "cpu", "--compile"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "--compile on CPU needs a C++ compiler" in line and "install g++ or set CXX" in line
