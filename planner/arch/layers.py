@@ -16,7 +16,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 ATTENTION_KINDS = ("sdpa", "unfused")
 # ModelConfig.activation -> the function, one kernel each. "gelu_tanh" is GELU's tanh
@@ -30,6 +30,26 @@ ACTIVATIONS = {
 # The key of the fx node annotation (node.meta["custom"]) marking the attention core's ops:
 # planner.trace reads it to price attention-core recomputation.
 ATTENTION_CORE = "attention_core"
+
+
+def every_other_product_policy(saves, counts):
+    """Op-level selective checkpointing as torchtitan runs it (torchtitan/distributed/
+    activation_checkpoint.py, SelectiveAC `_get_custom_policy`): keep the outputs of the ops
+    `saves(op, args)` names (the linear layers' products, the fused attention kernels),
+    except every second product `counts(op, args)` names, which reruns with everything else
+    (norms, activations, casts). The count starts afresh for each block's forward and again
+    for its recomputation, so both pass the same ops the same way. A new policy per block
+    call: use it as `context_fn=lambda: create_selective_checkpoint_contexts(policy())`."""
+    seen = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if counts(op, args):
+            seen[ctx.is_recompute] += 1
+            if seen[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if saves(op, args) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def dropped(x, p: float, training: bool):
