@@ -66,6 +66,14 @@ PLANS = {
     "bf16-zero3-dp2xtp2": ("gpt-tiny", "gpt-bf16", dict(dp=2, tp=2, zero=3, micro_batch=1, precision="bf16")),
     "bf16-pp2xdp2": ("gpt-tiny", "gpt-bf16", dict(pp=2, dp=2, micro_batch=1, precision="bf16")),
     "fp16-zero2-dp4": ("gpt-tiny", "gpt-fp16", dict(dp=4, zero=2, micro_batch=1, precision="fp16")),
+    # context parallelism (runtime.context_parallel): learned positions (gpt) and rotary (llama)
+    # at the kept chunks' real positions, grouped-query K/V gathered over cp, FSDP over dp x cp
+    "cp2xdp2": ("gpt-tiny", "gpt-fp32", dict(cp=2, dp=2, micro_batch=1)),
+    "cp2xtp2": ("gpt-tiny", "gpt-fp32", dict(cp=2, tp=2, micro_batch=2)),
+    "llama-cp2xtp2-sp-attention": ("llama-tiny", "llama-fp32", dict(
+        cp=2, tp=2, sequence_parallel=True, micro_batch=2, checkpoint=["attention"] * 4)),
+    "llama-cp2xdp2-zero3": ("llama-tiny", "llama-fp32", dict(cp=2, dp=2, zero=3, micro_batch=1)),
+    "pp2xcp2": ("gpt-tiny", "gpt-fp32", dict(pp=2, cp=2, micro_batch=1, schedule="1f1b")),
 }
 REFERENCES = {
     "gpt-fp32": ("gpt-tiny", dict(micro_batch=2, precision="fp32")),
