@@ -168,7 +168,10 @@ class ContextShard(SequenceLayout):
 
 
 def apply(part: nn.Module, shard: ContextShard):
-    """Point every module of `part` that has a sequence layout (the Decoder, its blocks) at `shard`."""
+    """Point the part's sequence layouts at `shard`: the Decoder's, every block's (also a
+    registered family's block that declares none: attention_core reads it) and any other
+    module's that has one."""
+    blocks = set(part.blocks.values())
     for module in part.modules():
-        if isinstance(getattr(module, "sequence", None), SequenceLayout):
+        if module in blocks or isinstance(getattr(module, "sequence", None), SequenceLayout):
             module.sequence = shard

@@ -76,7 +76,7 @@ def attention_core(block: nn.Module, q, k, v):
     # a block without its own attention dropout drops out with its residual branches' p
     args = (q, k, v, block.attention, getattr(block, "attention_dropout", block.dropout), block.training,
             getattr(block, "attention_softcap", None))
-    attend = block.sequence.attend
+    attend = getattr(block, "sequence", WHOLE_SEQUENCE).attend   # a family's block may not declare one
     if block.recompute_attention and torch.is_grad_enabled():
         return checkpoint(attend, *args, use_reentrant=False, preserve_rng_state=True)
     return attend(*args)
