@@ -2,16 +2,16 @@
 
 Layout (planner.plan `_check_context_parallel`): every sequence of the step is cut into
 2 x cp chunks and cp rank i keeps chunks i and 2cp-1-i, so each rank holds as much of the
-causal triangle as any other (Megatron-LM's get_batch_on_this_cp_rank, megatron/training/
-utils.py; torchtitan's _context_parallel load balancer). Tokens and labels are cut alike
+causal triangle as any other (Megatron-LM's get_batch_on_this_cp_rank, megatron/core/
+utils.py; torchtitan's default "headtail" balancer, torchtitan/distributed/context_parallel/
+api.py, torch's _HeadTailLoadBalancer). Tokens and labels are cut alike
 (`ContextShard.shard`); the rotary and learned position embeddings read the kept tokens'
 real positions through the one hook every family's block and the Decoder have,
 `module.sequence` (planner.arch.layers.SequenceLayout), which `apply` sets to this rank's
 ContextShard.
 
-Attention, the "allgather" method of torch's context parallel (torch/distributed/tensor/
-experimental/_context_parallel/_attention.py, _AllGatherRotater; torchtitan's default,
-torchtitan/distributed/utils.py create_context_parallel_ctx): per attention layer and
+Attention, the "allgather" rotate method of torch's context parallel (torch/distributed/
+tensor/experimental/_context_parallel/_attention.py, _AllGatherRotater): per attention layer and
 micro-batch the keys and values are all-gathered over the cp group (each rank sends its
 two chunks), the local queries attend to all of them under the causal mask of their real
 positions, and backward reduce-scatters dK and dV to their owners. The gathered copy is not
@@ -20,12 +20,13 @@ rank's own and gathered again when backward unpacks them (saved-tensor hooks), a
 ring backward gathers again. (Under activation recomputation the checkpoint already drops
 them and its rerun gathers again; the bytes are the same.) torch's own API only replaces
 the CUDA SDPA kernels (flash, efficient, cudnn), not the CPU kernel nor the unfused core,
-so meshplan runs its own exchange: c10d all-gather and reduce-scatter (all_gather_single, reduce_scatter_single),
-the same on gloo and NCCL. Grouped-query heads fold into query rows (each kv head's g
+so meshplan runs its own exchange: c10d all-gather and reduce-scatter, the same on gloo
+and NCCL. Grouped-query heads fold into query rows (each kv head's g
 query heads as g x Tq rows), so no copy of the gathered K and V is made per query head.
 
 Gradients are reduced over dp x cp (each cp rank holds a whole replica of its stage), FSDP2
-/ replicate over the flattened ("dp", "cp") mesh (torchtitan's dp_shard_cp); every cp
+/ replicate over the flattened ("dp", "cp") mesh (runtime.mesh; torchtitan's "fsdp" mesh
+dimension, dp_shard x cp flattened: torchtitan/distributed/parallel_dims.py); every cp
 rank's loss is the mean over an equal number of tokens, so averaging over dp x cp gives
 the mean over all tokens of the step, as one process computes it.
 """

@@ -9,7 +9,8 @@ ranks adjacent, pipeline stages outermost).
 
 A plan with context parallelism (cp > 1) also gets its ("dp", "cp") dimensions flattened
 into one "dp_cp" mesh, over which data parallelism reduces the gradients (torchtitan's
-dp_shard_cp, torchtitan/distributed/parallel_dims.py); `data_mesh` is that mesh, or "dp".
+"fsdp" dimension, dp_shard x cp flattened: torchtitan/distributed/parallel_dims.py);
+`Runtime.data_mesh` is that mesh, or "dp".
 
 A plan with expert parallelism (ep > 1) gets a second mesh over the same ranks, with dp
 unflattened into (edp, ep) (runtime.expert_parallel.expert_mesh), and its coordinates

@@ -10,7 +10,8 @@ loss_parallel's per-token statistics), the data-parallel all-reduce / all-gather
 replicate (ZeRO 0) and FSDP2 (ZeRO 1-3), pipeline sends, and the all-reduce that keeps a tied
 embedding equal on the first and last stage, expert parallelism's all-to-alls (the
 tokens' and the per-expert counts') and its experts' reductions over edp, and context
-parallelism's K/V all-gathers and dK/dV reduce-scatters over cp (runtime.context_parallel). Scalars the runtime reduces for gradient
+parallelism's K/V all-gathers and dK/dV reduce-scatters over cp (runtime.context_parallel).
+Scalars the runtime reduces for gradient
 clipping, loss logging and fp16 overflow checks (a few bytes each) are not part of a plan's
 cost and are left out, under SMALL_BYTES.
 """
