@@ -11,12 +11,15 @@ fused and the unfused core, grouped-query heads, and a softcapped unfused core.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from runtime_helpers import run_ranks, write_plan
+from runtime_helpers import read_jsonl, run_ranks, write_plan
 
 pytestmark = [pytest.mark.runtime, pytest.mark.distributed]
 
@@ -96,3 +99,21 @@ def test_cp_plans_pass_the_launch_check_and_mistakes_are_one_line(tmp_path, caps
     mlp = str(Path(__file__).resolve().parents[2] / "examples" / "mlp.py") + ":factory"
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert "file.py:factory model" in error("--model", mlp, "--steps", "1", "--plan", factory)
+
+
+@pytest.mark.slow   # torchrun and two fresh interpreters: 50 s on 2 busy cores; the launch check above is CI's
+def test_meshplan_train_runs_a_cp_plan(tmp_path):
+    """`meshplan train --nproc-per-node 2` as a user runs it: cp 2 under torchrun."""
+    plan = write_plan(tmp_path / "cp2.json", cp=2, global_batch=2, micro_batch=1, seq=32, precision="fp32")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "MESHPLAN_CHECK_ONLY"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "planner.cli", "train", "--nproc-per-node", "2", "--model", "llama-tiny",
+           "--plan", str(plan), "--steps", "2", "--device", "cpu", "--log-json", str(tmp_path / "m.jsonl")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cp 2" in r.stdout, r.stdout
+    records = read_jsonl(tmp_path / "m.jsonl")
+    assert [rec["step"] for rec in records] == [1, 2]
+    # tokens counted once per dp rank: the global batch's 2 x 32 a step, not per cp rank
+    assert all(rec["tokens_per_s"] * rec["step_time_s"] == pytest.approx(2 * 32) for rec in records)
