@@ -231,7 +231,7 @@ def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None)
 
 # ---------------------------------------------------------------------------- data parallel
 def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -> nn.Module:
-    """Wrap a part for the plan's ZeRO stage over the dp mesh, each block (`blocks`: {number:
+    """Wrap a part for the plan's ZeRO stage over the dp (x cp) mesh, each block (`blocks`: {number:
     module}, default a Decoder part's) and the part's root; returns the module to call."""
     dp = plan.dp
     blocks = part.blocks if blocks is None else blocks
@@ -248,7 +248,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if plan.offload_optimizer else OffloadPolicy()
-        kw = dict(mesh=rt.submesh("dp"), reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
+        kw = dict(mesh=rt.data_mesh, reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
         if dtype != torch.float32:   # BatchNorm in fp32, its output in 16 bits (planner.trace.fake.batch_norm_in_fp32)
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
             for norm in [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
@@ -259,14 +259,14 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
             fully_shard(block, **kw, **ignored)
         fully_shard(part, **kw, **ignored)
         return part
-    if dp == 1:
+    if dp * plan.cp == 1:
         return part
     replicate = fsdp_replicate()
     for module in wrapped:
         replicate(module, mesh=rt.expert_mesh["edp"])
     for block in blocks.values():
-        replicate(block, mesh=rt.submesh("dp"), **ignored)
-    replicate(part, mesh=rt.submesh("dp"), **ignored)
+        replicate(block, mesh=rt.data_mesh, **ignored)
+    replicate(part, mesh=rt.data_mesh, **ignored)
     return part
 
 def uses_fsdp_precision(plan: Plan) -> bool:
