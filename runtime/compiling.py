@@ -15,7 +15,9 @@ How it composes:
   recomputation, not with full or attention-core recomputation, which `check_plan` refuses;
 - FSDP2 / replicate: applied after compile; their hooks are skipped by dynamo
   (torch._dynamo.config.skip_fsdp_hooks) and run eagerly around the compiled block;
-- pipelining: a stage runs its blocks, compiled, as it runs any module.
+- pipelining: a stage runs its blocks, compiled, as it runs any module;
+- context parallelism: refused (`check_plan`): its attention's saved-tensor hooks break the
+  full graph.
 
 `check_compiler` refuses a compile that cannot work, before any process group starts:
 inductor on CPU writes C++ and needs a compiler (torch._inductor.config.cpp.cxx, or $CXX);
@@ -55,6 +57,12 @@ def check_plan(plan) -> None:
     first forward ("expected all tensors_saved_with_vc_check to be Tensors"; torch 2.13 on
     gloo, tp 2). Selective recomputation (a context_fn policy) trains, with sequence parallelism
     too, to eager's losses."""
+    if plan.compile and plan.cp > 1:
+        # runtime.context_parallel's attention reads the saved-tensor hooks in force
+        # (torch._C._autograd._top_saved_tensors_default_hooks), a C function dynamo skips:
+        # under fullgraph the block cannot compile (torch 2.13, gloo, cp 2)
+        raise MeshplanError(f"--compile with cp {plan.cp} is not supported: the context-parallel attention's "
+                            f"saved-tensor hooks break torch.compile's full graph; drop --compile or cp")
     modes = sorted({mode for mode in plan.checkpoint if mode in ("full", "attention")})
     if plan.compile and plan.tp > 1 and modes:
         raise MeshplanError(f"--compile with tp {plan.tp} and {' and '.join(modes)} recomputation fails in torch "

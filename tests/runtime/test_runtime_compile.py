@@ -61,6 +61,10 @@ def test_compile_refusals_are_one_line_before_any_process_group(tmp_path, monkey
     assert main([*base, "--plan", str(tp_ckpt), "--device", "cpu", "--compile"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "--compile with tp 2 and full recomputation fails" in line and "use selective" in line
+    cp = write_plan(tmp_path / "cp.json", micro_batch=2, global_batch=4, seq=32, precision="fp32", cp=2)
+    assert main([*base, "--plan", str(cp), "--device", "cpu", "--compile"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "--compile with cp 2 is not supported" in line
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert main([*base, "--plan", str(plan), "--device", "cpu", "--compile"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()

@@ -72,7 +72,7 @@ def test_gemm_time_unchanged_memory_bound_time_and_launches_fall(llama_block):
     assert device_s(compiled_kernels, False) < 0.7 * device_s(eager_ops, False)   # the fused rest
     eager, compiled = coster.timing(index), coster.timing(index, compiled=True)
     assert compiled.fwd_s < eager.fwd_s and compiled.bwd_s < eager.bwd_s
-    assert compiled.streaming_fwd_s < 0.7 * eager.streaming_fwd_s
+    assert compiled.streaming_fwd_s < eager.streaming_fwd_s     # what selective reruns: fused there too
     assert compiled.saved_bytes == eager.saved_bytes      # activation memory left as eager measures it
     assert compiled.params_per_gpu == eager.params_per_gpu
 
