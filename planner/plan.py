@@ -60,7 +60,7 @@ TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
 PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
-            "sequence_parallel", "offload_optimizer", "precision")
+            "sequence_parallel", "offload_optimizer", "precision", "compile")
 
 
 # The most each whole-number field may be (cost_models.inputs: what can exist).

@@ -13,9 +13,9 @@ it trains on its example_inputs and backpropagates the loss its forward returns.
 
 Order per part: context parallel (cp > 1: runtime.context_parallel points the part's
 positions and attention at this rank's sequence chunks) -> expert parallel (ep > 1:
-runtime.expert_parallel) -> tensor parallel ->
-activation checkpointing -> autocast (pipeline stages) -> data parallel (FSDP2 /
-replicate / DDP), as TorchTitan does.
+runtime.expert_parallel) -> tensor parallel -> activation checkpointing -> torch.compile
+per block (plan.compile: runtime.compiling) -> autocast (pipeline stages) -> data parallel
+(FSDP2 / replicate / DDP), as TorchTitan does.
 
 A step: this dp rank's rows of the global batch (under cp, this rank's two chunks of each
 of them) as `grad_accum` micro-batches; without
@@ -45,6 +45,8 @@ from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
 from runtime import context_parallel, expert_parallel
 from runtime import optim as optim_mod
+from runtime import compiling
+from runtime.compiling import compile_blocks
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
@@ -58,6 +60,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
+    compiling.check_plan(plan)
     context_parallel.check(spec, plan)
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
@@ -129,6 +132,8 @@ class Engine:
             elif self.factory and plan.tp > 1:
                 self.factory.tensor_parallel(part, rt.submesh("tp"))
             apply_checkpointing(part, plan, blocks)
+            if plan.compile:        # after TP and AC, before FSDP (torchtitan's apply_compile)
+                compile_blocks(blocks)
             if plan.pp > 1:
                 with_autocast(part, plan, self.device)
             self.parts[v] = part

@@ -79,6 +79,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--gpu", help="catalogue GPU for MFU's peak FLOP/s (default: detected; 'cpu' on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block, as torchtitan does (a plan's \"compile\": true does too)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --log-json file (checkpoints are never replaced: use --resume or "
                         "another --checkpoint-dir)")
@@ -117,6 +119,11 @@ def validate(argv=None):
     config = TrainingConfig.from_args(args)
     _check_args(args)
     plan = Plan.load(args.plan)
+    plan.compile = plan.compile or args.compile
+    if plan.compile:
+        from runtime.compiling import check_compiler
+        check_compiler("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
     spec = load_model(args.model)
     from runtime.engine import check_plan
     check_plan(spec, plan)
@@ -297,7 +304,8 @@ def _train(args, config, plan, spec, rt, sink, records, stop):
     ep = f" (ep {plan.ep})" if plan.ep > 1 else ""
     cp = f" cp {plan.cp}" if plan.cp > 1 else ""
     sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp}{ep}{cp} tp {plan.tp} pp {plan.pp} "
-              f"zero {plan.zero} {plan.precision} | {plan.grad_accum} micro-batch(es) of {plan.micro_batch} "
+              f"zero {plan.zero} {plan.precision}{' compiled' if plan.compile else ''} | {plan.grad_accum} "
+              f"micro-batch(es) of {plan.micro_batch} "
               f"x {plan.seq} tokens per dp rank per step | {rt.world_size} process(es) on {rt.device.type}")
     meta = dict(model=spec.name, model_config=_model_config(spec), plan=plan.to_dict(), world_size=rt.world_size,
                 zero=plan.zero, seed=config.seed, global_batch=plan.global_batch, training=config.to_dict())

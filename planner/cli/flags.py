@@ -30,9 +30,10 @@ FIELD_WORDS = {"dp": "data-parallel degree", "tp": "tensor-parallel degree", "pp
                "precision": "training precision", "schedule": "pipeline schedule",
                "interleave": "model chunks per pipeline rank (interleaved schedule)",
                "sequence_parallel": "Megatron sequence parallelism over the tensor-parallel group",
-               "offload_optimizer": "optimizer state and step on the CPU (ZeRO >= 1)"}
+               "offload_optimizer": "optimizer state and step on the CPU (ZeRO >= 1)",
+               "compile": "torch.compile each block (fused elementwise kernels, fewer launches)"}
 _CHOICES = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS}
-_SWITCHES = ("sequence_parallel", "offload_optimizer")
+_SWITCHES = ("sequence_parallel", "offload_optimizer", "compile")
 # A flag's default where the plan is given, not searched: Plan's own, every layer un-checkpointed.
 _PLAN_DEFAULTS = {**{f.name: f.default for f in fields(Plan)}, "checkpoint": "none"}
 

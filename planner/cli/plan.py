@@ -20,7 +20,8 @@ from planner.search.ranking import MAX_TOP
 HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
         "for a model on a cluster")
 PIN_HELP = {"checkpoint": "the same mode for every layer (default: chosen per layer)",
-            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster"}
+            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster",
+            "compile": "default: off (not searched)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,6 +146,7 @@ def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: b
         schedule = p.schedule + (f" x{p.interleave}" if p.interleave > 1 else "")
         schedule += " +sp" if p.sequence_parallel else ""
         schedule += " +offload" if p.offload_optimizer else ""
+        schedule += " +compile" if p.compile else ""
         rows.append((str(i), str(p.dp), str(p.tp), str(p.pp), *((str(p.ep),) if experts else ()), str(p.zero),
                      f"{p.micro_batch} x {p.grad_accum}", schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),
                      f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}%",

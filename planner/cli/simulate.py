@@ -25,7 +25,7 @@ from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
 PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
-               "sequence_parallel")
+               "sequence_parallel", "compile")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
                             "selective (op-level, torchtitan-like) or full"}
@@ -105,7 +105,7 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
 
 
 _CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
-              "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
+              "interleave", "sequence_parallel", "offload_optimizer", "compile", "engine", "engine_options"}
 
 
 def _simulate_one(case: dict):
@@ -184,7 +184,7 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
     console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
                   + f"[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
-                  f"{plan.schedule}, run by {plan.engine}"
+                  f"{plan.schedule}{', compiled' if plan.compile else ''}, run by {plan.engine}"
                   + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")

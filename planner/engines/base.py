@@ -72,6 +72,8 @@ class Engine:
     that meshplan models (planner.simulate.experts)."""
     expert_refusal: str = ""
     """Why it gets no expert parallelism, when `expert_zero` is empty (its source says)."""
+    compile_refusal: str = ""
+    """Why it does not run a plan's `compile` (torch.compile per block); "" = it does."""
     micro_batch_per_stage: bool = True
     """Its 1F1B needs at least pp micro-batches per step (torch.distributed.pipelining's does;
     Megatron-LM's warm-up takes min(pp - rank - 1, micro-batches) and runs with fewer)."""
@@ -137,6 +139,8 @@ class Engine:
             if not self.expert_zero:
                 return f"{self.name} has no expert parallelism meshplan models ({self.expert_refusal}): use ep 1"
             return f"{self.name} runs expert parallelism with ZeRO {_stages(self.expert_zero)}, not {plan.zero}"
+        if plan.compile and self.compile_refusal:
+            return f"{self.name} does not compile each block ({self.compile_refusal}): drop compile"
         if plan.tp_layout and not self.searched_tp_layout:
             return f"{self.name} applies Megatron-LM's tensor-parallel layout only: drop the plan's tp_layout"
         return None

@@ -18,6 +18,8 @@ gating into capacity-padded (experts x capacity) buffers by einsum, with an all-
 padded buffers (`_AllToAll`) and, without token dropping, an all-reduce of the largest
 expert load first; meshplan prices the dropless dispatch of torchtitan and Megatron-Core,
 not that, so plans with ep > 1 are refused for this engine.
+Its `engine.compile()` (deepspeed/runtime/engine.py) compiles the whole module, with graph
+breaks at its ZeRO hooks, not each block: a plan's compile is refused for it.
 """
 from planner.engines.base import Engine, EngineOption, register
 from planner.engines.execution import Execution
@@ -33,5 +35,6 @@ DEEPSPEED = register(Engine(
         "zero_optimization.overlap_comm: reduce gradients during backward (DeepSpeed turns it on for stage 3)")},
     zero_defaults={3: {"overlap_comm": True}}, pipeline_zero=(0, 1), schedules=("1f1b",), recompute=("full",), sequence_parallel=False,
     searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(),
-    expert_refusal="DeepSpeed-MoE's capacity-padded GShard dispatch, deepspeed/moe/sharded_moe.py"))
+    expert_refusal="DeepSpeed-MoE's capacity-padded GShard dispatch, deepspeed/moe/sharded_moe.py",
+    compile_refusal="engine.compile() compiles the whole module, deepspeed/runtime/engine.py"))
 

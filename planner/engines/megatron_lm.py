@@ -67,6 +67,10 @@ MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=Tru
                           attention="unfused")
 
 _OVERLAP = {False: False, True: True}
+# Megatron-LM torch.compiles only its small fused functions (megatron/core/jit.py: jit_fuser =
+# torch.compile on bias_gelu, bias_dropout_add, swiglu), which megatron_kernels prices; it never
+# compiles a whole block, so a plan's compile is refused.
+MEGATRON_COMPILE = "it compiles only its own fused functions, megatron/core/jit.py jit_fuser, priced as its kernels"
 MEGATRON_LM = register(Engine(
     name="megatron-lm", describes="Megatron-Core training (NVIDIA/Megatron-LM d98e8a6, 2026-08)",
     execution=MEGATRON_EXECUTION,
@@ -79,7 +83,8 @@ MEGATRON_LM = register(Engine(
             "auto", "--attention-backend: Transformer Engine's fused kernels (auto, flash, fused) or the unfused "
                     "core attention (unfused, local)")},
     zero=(0, 1), pipeline_zero=(0, 1), schedules=("1f1b", "interleaved"), recompute=("attention", "full"),
-    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1)))
+    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1),
+    compile_refusal=MEGATRON_COMPILE))
 MEGATRON_LM_2021 = register(Engine(
     name="megatron-lm@2021", describes="Megatron-LM v2 as SC21's examples/sc21 and vTrain's runs used it",
     execution=MEGATRON_2021,
@@ -88,4 +93,5 @@ MEGATRON_LM_2021 = register(Engine(
                                       "overlap backward)")},
     zero=(0,), pipeline_zero=(0,), schedules=("1f1b", "interleaved"), recompute=("full",),
     sequence_parallel=False, offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False,
-    expert_zero=(), expert_refusal="Megatron-LM v2 of 2021 has no Mixture-of-Experts layers"))
+    expert_zero=(), expert_refusal="Megatron-LM v2 of 2021 has no Mixture-of-Experts layers",
+    compile_refusal=MEGATRON_COMPILE))

@@ -12,7 +12,11 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - expert parallelism (`parallelism.expert_parallel_degree`) is carved out of the FSDP ranks
   (torchtitan/distributed/parallel_dims.py: ep must divide dp_shard * cp * tp; the experts are
   fully_shard-ed over "efsdp"), so it needs ZeRO 2 or 3, not pure replication; the tokens move
-  by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py).
+  by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py);
+- `compile.enable` with "model" in compile.components compiles each TransformerBlock after
+  TP and AC, before FSDP (torchtitan/distributed/compile.py apply_compile), as meshplan's runtime
+  does (Plan.compile; planner.simulate.fusion). Its default components also compile the loss,
+  which meshplan leaves eager (the head is priced as eager PyTorch runs it).
 """
 from planner.engines.base import Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME

@@ -31,8 +31,10 @@ distributed/pipeline_parallel.py _generate_llm_fqn_per_model_part splits them;
 activation_checkpoint null / FullAC / SelectiveAC (distributed/activation_checkpoint.py);
 model_spec.flavor of llama3, qwen3, deepseek_v3 and gpt_oss (models/*/__init__.py). Refused
 in one line, as meshplan does not price them yet: float8 / MXFP8 / NVFP4 converters
-(components/quantization), context parallelism, a compiled model (compile.components holding
-"model"), multi-token prediction (deepseek_v3/mtp.py), component overrides (config/override.py).
+(components/quantization), context parallelism, multi-token prediction (deepseek_v3/mtp.py),
+component overrides (config/override.py). compile.enable with "model" in compile.components
+is the plan's compile (each block compiled, distributed/compile.py apply_compile); a compiled
+loss is priced eager.
 """
 from __future__ import annotations
 
@@ -136,11 +138,9 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     training = _section(config, "training", TRAINING, where)
     par = _section(config, "parallelism", PARALLELISM, where)
     compiled = config.get("compile") or {}
-    # CompileConfig.components defaults to ["model", "loss"] (config/configs.py). Compiling only
-    # the loss (deepseek_v3's recipes) leaves every block's kernels as meshplan prices them.
-    if compiled.get("enable") and "model" in compiled.get("components", ["model", "loss"]):
-        raise MeshplanError(f"{where}: compile.enable with the model compiled (torch.compile) is not modelled by "
-                            f"meshplan: set compile.enable false or compile.components to loss")
+    # CompileConfig.components defaults to ["model", "loss"] (config/configs.py): "model" compiles
+    # each block (the plan's compile); the loss alone (deepseek_v3's recipes) leaves the blocks eager.
+    compiled_blocks = bool(compiled.get("enable")) and "model" in compiled.get("components", ["model", "loss"])
     if (config.get("override") or {}).get("imports"):
         raise MeshplanError(f"{where}: override.imports swaps torchtitan components for other kernels, which "
                             f"meshplan does not model: drop them")
@@ -179,7 +179,7 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     # (distributed/parallel_dims.py), as Plan.ep splits groups of ep data-parallel ranks.
     fields = dict(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=precision, seq=seq,
                   sequence_parallel=tp > 1 and bool(par["enable_sequence_parallel"]),
-                  offload_optimizer=bool(training["enable_cpu_offload"]))
+                  offload_optimizer=bool(training["enable_cpu_offload"]), compile=compiled_blocks)
     fields.update(_batch(training, par, dp, pp, seq, where))
     layers = spec.config.layers
     fields.update(_pipeline(par, layers, pp, where))
@@ -461,7 +461,7 @@ def job_config(plan, flavor: str) -> dict:
                     mixed_precision_param="bfloat16" if plan.precision == "bf16" else "float32",
                     enable_cpu_offload=plan.offload_optimizer)
     return {"model_spec": {"name": "llama3", "flavor": flavor}, "training": training, "parallelism": par,
-            "activation_checkpoint": ac, "compile": {"enable": False}}
+            "activation_checkpoint": ac, "compile": {"enable": plan.compile, "components": ["model"]}}
 
 
 def _stage_weights(plan, layers: int) -> dict | None:
@@ -526,7 +526,8 @@ def meshplan_plan() -> Trainer.Config:
         {kwargs},
     )
     config.activation_checkpoint = {ac_line}
-    config.compile.enable = False
+    config.compile.enable = {plan.compile}
+    config.compile.components = ["model"]
     return config
 ''')
     nodes = max(1, plan.world_size // cluster.gpus_per_node)

@@ -166,7 +166,7 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
                        ("interleave", MAX_LAYERS)):
         if name in pinned:
             whole_number(pinned[name], name, high=high)
-    for name in ("sequence_parallel", "offload_optimizer"):
+    for name in ("sequence_parallel", "offload_optimizer", "compile"):
         if name in pinned and not isinstance(pinned[name], bool):
             raise MeshplanError(f"{name} must be true or false, got {shown(pinned[name])}")
     choices = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
@@ -208,6 +208,9 @@ def check_pins_for_engine(pinned: dict, engine) -> None:
         if pinned.get(name) and not getattr(engine, name):
             raise MeshplanError(f"{engine.name} has no {name.replace('_', ' ')}: drop --{name.replace('_', '-')} "
                                 f"or change --engine")
+    if pinned.get("compile") and engine.compile_refusal:
+        raise MeshplanError(f"{engine.name} does not compile each block ({engine.compile_refusal}): drop --compile "
+                            f"or change --engine")
 
 
 def _check_options(compute, comm, reserve_bytes, tp_across_nodes):

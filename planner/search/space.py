@@ -209,7 +209,8 @@ class SearchSpace:
                                 out.append(Plan(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
                                                 schedule=schedule, interleave=v, sequence_parallel=sp,
-                                                offload_optimizer=offload, model=self.spec.name,
+                                                offload_optimizer=offload, compile=self.pinned.get("compile", False),
+                                                model=self.spec.name,
                                                 cluster=self.cluster.name, engine=self.engine.name,
                                                 engine_options=dict(self.engine_options)))
         return out

@@ -38,6 +38,7 @@ from cost_models.memory import DTYPE_BYTES
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel, selective_reruns
 from planner.simulate import experts as moe
+from planner.simulate.fusion import FusedKernel, compiled_ops
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
@@ -262,17 +263,19 @@ class LayerCoster:
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
                tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
-               megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0) -> LayerTiming:
+               megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0,
+               compiled: bool = False) -> LayerTiming:
         """`ep`, `imbalance`: expert parallelism and the busiest ep rank's load over the average
         (planner.simulate.experts; only an MoE block's routed experts change).
         `extra_host_ops`: (forward, backward) launches the framework issues with this layer
         beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
         `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
-        several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels)."""
+        several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels).
+        `compiled`: the block runs as torch.compile's kernels (planner.simulate.fusion)."""
         layer = self.traced.layers[layer_index]
         factory = tp > 1 and self.hidden is None   # a file.py:factory model: planner.simulate.factory_tp
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               megatron_kernels, layer.name if factory else None, ep, imbalance)
+               megatron_kernels, layer.name if factory else None, ep, imbalance, compiled)
         if key not in self._cache:
             split = None
             if factory:
@@ -282,7 +285,7 @@ class LayerCoster:
                 split = FactorySplit(self.traced.cost_of(layer), layer_prefix(self.traced, layer_index), layer.name,
                                      tp_layout or {}, layer.kind == "block")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops, megatron_kernels, split, ep, imbalance)
+                                            extra_host_ops, megatron_kernels, split, ep, imbalance, compiled)
         return self._cache[key]
 
     def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
@@ -292,12 +295,15 @@ class LayerCoster:
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
-                split: FactorySplit | None = None, ep: int = 1, imbalance: float = 1.0) -> LayerTiming:
+                split: FactorySplit | None = None, ep: int = 1, imbalance: float = 1.0,
+                compiled: bool = False) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = core = 0.0
         comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
+        if compiled:
+            ops = compiled_ops(cost, self._bwd_traffic_ratio)
         ep_fwd, ep_bwd = moe.collectives(ops, self.experts) if ep > 1 else ((), ())
         skewed = moe.imbalance_saved_bytes(ops, self.experts, ep, imbalance)   # the busiest rank's extra rows
         ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
@@ -431,6 +437,8 @@ class LayerCoster:
         return fwd, bwd, share
 
     def _bwd_traffic_ratio(self, op: OpInfo) -> float:
+        if isinstance(op, FusedKernel):
+            return op.bwd_traffic_ratio
         if op.target == FUSED_DROPOUT_ADD:   # forward: x, residual, sum, mask; backward: gradient, mask, gradient
             element = DTYPE_BYTES[_precision_of(op, self.traced.precision)]
             return (2 * element + MASK_BYTES_PER_ELEMENT) / (3 * element + MASK_BYTES_PER_ELEMENT)

@@ -254,8 +254,9 @@ class _Simulation(CommMixin, MemoryMixin):
     def timing(self, index: int) -> LayerTiming:
         head = self.traced.layers[index].kind == "head"
         extra = self.execution.loss_host_ops if head else (0, 0)
+        compiled = self.plan.compile and self.traced.layers[index].kind == "block"   # per block, as torchtitan
         timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
-                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance)
+                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance, compiled)
         if head and self.tied_params and self.plan.pp == 1:
             # the head's weight is the embedding's, held once where both live on one rank (the
             # trace lists it under both ops); with pipeline stages the last stage keeps a copy

@@ -67,10 +67,8 @@ def test_split_matches_torchtitans_example():
     ({"job": {}}, "unknown section(s) ['job']"),
     ({"parallelism": {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 8}}, "HSDP"),
     ({"parallelism": {"context_parallel_degree": 2}}, "context_parallel_degree"),
-    ({"compile": {"enable": True}}, "torch.compile"),
     ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "ZBVZeroBubble"}}, "ZBVZeroBubble"),
     ({"model_spec": {"name": "flux", "flavor": "flux-dev"}}, "not one meshplan knows"),
-    ({"compile": {"enable": True, "components": ["model"]}}, "compile.components to loss"),
     ({"override": {"imports": ["torchtitan.overrides.fused_swiglu.fused_swiglu"]}}, "override.imports"),
     ({"training": {"num_tokens_per_microbatch_per_dp_rank": 3000}}, "whole number of max_context_length"),
 ])
@@ -143,6 +141,26 @@ def test_llama3_8b_recipe():
     assert (c.layers, c.hidden, c.heads, c.kv_heads, c.vocab, c.ffn, c.tie_embeddings) == \
         (32, 4096, 32, 8, 128256, 14336, False)
     assert job.model.name == "llama3-8b" and job.notes == []
+
+
+def test_compiled_model_is_the_plans_compile(tmp_path):
+    """compile.enable with "model" in compile.components (its default ["model", "loss"]) is
+    apply_compile per block: the plan's compile; the loss alone leaves the blocks eager. The
+    export writes it back, the model's blocks only (meshplan prices the loss eager)."""
+    line = "--module llama3 --config llama3_8b"
+    assert _line(line).fields["compile"] is False
+    job = _line(line + " --compile.enable")
+    assert job.fields["compile"] is True
+    assert _line(line + " --compile.enable --compile.components loss").fields["compile"] is False
+    cluster = parse_cluster("h100-sxm-80gb:2x8")
+    compiled = job.plan(job.model.name, cluster.name)
+    eager = replace(compiled, compile=False)
+    assert simulate(compiled, job.model, cluster).step_time_s < simulate(eager, job.model, cluster).step_time_s
+    export_plan("torchtitan", replace(compiled, stages=[]), job.model, cluster, str(tmp_path))
+    assert json.loads((tmp_path / "job_config.json").read_text())["compile"] == {"enable": True,
+                                                                                 "components": ["model"]}
+    assert "config.compile.enable = True" in (tmp_path / "meshplan_torchtitan.py").read_text()
+    assert import_job("torchtitan", str(tmp_path / "job_config.json"), 16).fields["compile"] is True
 
 
 def test_moe_recipe_maps_expert_parallelism():
@@ -221,7 +239,6 @@ def test_overrides_apply():
     ("--module llama3 --config llama3_8b_mxfp8", "precision fp8"),
     ("--module deepseek_v3 --config deepseek_v3_671b_float8", "precision fp8"),
     ("--module deepseek_v3 --config deepseek_v3_debugmodel_mtp", "multi-token-prediction"),
-    ("--module llama3 --config llama3_8b --compile.enable", "torch.compile"),
     ("--module llama3 --config llama3_8b --parallelism.expert_parallel_degree 2", "Mixture-of-Experts"),
     ("torchrun -m torchtitan.train --config llama3_8b", "give both --module and --config"),
 ])
