@@ -193,6 +193,15 @@ class ComputeModel:
             return 0.0
         return self._gemm_s(gemm_flops(m, k, n, batch), gemm_bytes(m, k, n, precision, batch), precision)
 
+    def scaled_matmul_time_s(self, m: int, k: int, n: int, batch: int = 1) -> float:
+        """A float8 GEMM (torch._scaled_mm, as torchao's float8 training runs it): float8
+        operands and a 16-bit output, at the fp8 peak times the fp8 GEMM fit (the 16-bit fit,
+        transferred, until a profile measures float8: Calibration.gemm_fit)."""
+        if _check_sizes(m=m, k=k, n=n, batch=batch):
+            return 0.0
+        moved = batch * (dtype_bytes("fp8") * (m * k + k * n) + dtype_bytes("bf16") * m * n)
+        return self._gemm_s(gemm_flops(m, k, n, batch), float(moved), "fp8")
+
     def attention_time_s(self, batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int,
                          precision: str, causal: bool = True, backward: bool = False) -> float:
         """Flash-attention (fused SDPA) forward, or backward when `backward`."""

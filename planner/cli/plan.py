@@ -20,7 +20,9 @@ from planner.search.ranking import MAX_TOP
 HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
         "for a model on a cluster")
 PIN_HELP = {"checkpoint": "the same mode for every layer (default: chosen per layer)",
-            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster"}
+            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster; fp8 only when "
+                         "given (its numerics are the user's choice)",
+            "fp8_recipe": "default tensorwise"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

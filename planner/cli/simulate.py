@@ -24,8 +24,8 @@ from planner.plan import Plan
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
-PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
-               "sequence_parallel")
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "fp8_recipe", "schedule",
+               "interleave", "sequence_parallel")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
                             "selective (op-level, torchtitan-like) or full"}
@@ -104,7 +104,7 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
     return replace(plan, checkpoint=[mode] * spec.config.layers)
 
 
-_CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+_CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "fp8_recipe", "schedule",
               "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
 
 
