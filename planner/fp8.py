@@ -40,10 +40,17 @@ def check_gpu(gpu, precision: str) -> None:
                             f"use bf16, or a GPU with FP8 ({', '.join(fp8_gpus())})")
 
 
-def fsdp_float8_all_gather(plan) -> bool:
+def fsdp_float8_all_gather(plan, execution=None) -> bool:
     """FSDP2 gathers the converted weights in float8: tensorwise under ZeRO 1-3 (FSDP2 wraps
-    the blocks) in meshplan's runtime (runtime.fp8); rowwise gathers bf16."""
-    return plan.precision == "fp8" and plan.fp8_recipe == "tensorwise" and plan.zero >= 1
+    the blocks) in meshplan's runtime (runtime.fp8), or an engine whose Execution says it
+    gathers fp8 parameters; rowwise gathers bf16."""
+    gathers = execution is None or execution.fp8_param_gather
+    return plan.precision == "fp8" and plan.fp8_recipe == "tensorwise" and plan.zero >= 1 and gathers
+
+
+def precision_words(plan) -> str:
+    """"bf16", or "fp8 tensorwise" naming the scaling: how reports name a plan's precision."""
+    return f"fp8 {plan.fp8_recipe}" if plan.precision == "fp8" else plan.precision
 
 
 def torchao_missing_message() -> str:

@@ -110,7 +110,7 @@ class CommMixin:
         gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype); the
         routed experts' (`experts`, over edp) or the rest's (over dp)."""
         params = t.expert_params_per_gpu if experts else t.params_per_gpu - t.expert_params_per_gpu
-        if experts or not fsdp_float8_all_gather(self.plan):
+        if experts or not fsdp_float8_all_gather(self.plan, self.execution):
             return params * self.act_bytes, params * 4
         # tensorwise float8 all-gather: the float8 linears' weights travel as 1 byte each
         fp8 = t.fp8_params_per_gpu
@@ -122,7 +122,7 @@ class CommMixin:
         for experts, group in ((False, self.dp_group), (True, self.edp_group)):
             gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
             gather += self.comm.all_gather_s(gather_bytes, group)
-            if not experts and fsdp_float8_all_gather(self.plan):   # the shard's cast to float8 first
+            if not experts and fsdp_float8_all_gather(self.plan, self.execution):   # the shard's cast to float8 first
                 gather += pre_gather_cast_s(self.compute, t.fp8_params_per_gpu / self.plan.dp)
             scatter += self.comm.reduce_scatter_s(scatter_bytes, group)
         return gather, scatter

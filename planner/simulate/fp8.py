@@ -48,11 +48,13 @@ class Float8:
     weight_gathered: bool = False    # FSDP2 float8 all-gather (planner.fp8.fsdp_float8_all_gather)
 
     @classmethod
-    def of(cls, plan) -> "Float8 | None":
+    def of(cls, plan, execution) -> "Float8 | None":
+        """How `plan` runs its float8 linears on an engine (`execution`), None without fp8."""
         from planner.fp8 import fsdp_float8_all_gather
         if plan.precision != "fp8":
             return None
-        return cls(plan.fp8_recipe, bool(plan.compile), fsdp_float8_all_gather(plan))
+        return cls(plan.fp8_recipe, bool(plan.compile) or execution.fp8_fused_casts,
+                   fsdp_float8_all_gather(plan, execution))
 
     def cast_s(self, compute: ComputeModel, elements: float) -> float:
         """One bf16 -> float8 cast of `elements` values (memory-bound kernels)."""

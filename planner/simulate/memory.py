@@ -148,7 +148,7 @@ class MemoryMixin:
     def gathered_params(self, t) -> float:
         """A layer's parameters as FSDP gathers them, counted in the gather dtype's elements:
         with the float8 all-gather (planner.fp8) its float8 weights take 1 byte, not 2."""
-        if not fsdp_float8_all_gather(self.plan) or not t.fp8_params_per_gpu:
+        if not fsdp_float8_all_gather(self.plan, self.execution) or not t.fp8_params_per_gpu:
             return t.params_per_gpu
         width = DTYPE_BYTES[self.gather_precision]
         return t.params_per_gpu - t.fp8_params_per_gpu * (1 - DTYPE_BYTES["fp8"] / width)

@@ -159,7 +159,7 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None,
-                            getattr(spec.config, "experts", 0) if spec.config else 0, Float8.of(plan))
+                            getattr(spec.config, "experts", 0) if spec.config else 0, Float8.of(plan, execution))
     return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config, moe_imbalance)
 
 
@@ -380,7 +380,7 @@ class _Simulation(CommMixin, MemoryMixin):
             step = self.compute.offloaded_optimizer_step_time_s(local)
         else:
             step = self.compute.optimizer_step_time_s(local)
-        if fsdp_float8_all_gather(self.plan):
+        if fsdp_float8_all_gather(self.plan, self.execution):
             step += precompute_scales_s(self.compute, self.comm, fp8_params / self.plan.dp, fp8_linears,
                                         self.dp_group)
         return step
