@@ -62,6 +62,11 @@ def gemm_bytes(m: int, k: int, n: int, precision: str, batch: int = 1) -> float:
     return float(dtype_bytes(precision) * batch * (m * k + k * n + m * n))
 
 
+def scaled_gemm_bytes(m: int, k: int, n: int, batch: int = 1) -> float:
+    """Minimum DRAM traffic of a float8 GEMM (torch._scaled_mm): float8 A and B, a bf16 C."""
+    return float(batch * (dtype_bytes("fp8") * (m * k + k * n) + dtype_bytes("bf16") * m * n))
+
+
 def causal_fraction(seq_q: int, seq_kv: int) -> float:
     """Fraction of the seq_q x seq_kv score matrix a causal mask keeps.
 
@@ -199,8 +204,7 @@ class ComputeModel:
         transferred, until a profile measures float8: Calibration.gemm_fit)."""
         if _check_sizes(m=m, k=k, n=n, batch=batch):
             return 0.0
-        moved = batch * (dtype_bytes("fp8") * (m * k + k * n) + dtype_bytes("bf16") * m * n)
-        return self._gemm_s(gemm_flops(m, k, n, batch), float(moved), "fp8")
+        return self._gemm_s(gemm_flops(m, k, n, batch), scaled_gemm_bytes(m, k, n, batch), "fp8")
 
     def attention_time_s(self, batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int,
                          precision: str, causal: bool = True, backward: bool = False) -> float:
