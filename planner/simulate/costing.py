@@ -306,10 +306,11 @@ class LayerCoster:
                                             self.fp8 if layer.kind == "block" else None)
         return self._cache[key]
 
-    def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
+    def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset(), in_block: bool = False) -> float:
         """One traced op's forward time on this GPU under tensor-parallel degree `tp`;
-        `scores`: its layer's score_shapes."""
-        return self._op_time(op, tp, False, {}, self.traced.precision, scores)[0]
+        `scores`: its layer's score_shapes; `in_block`: a block's op (a float8 linear under fp8)."""
+        fp8 = self.fp8 if in_block and _runs_in_fp8(op) else None
+        return self._op_time(op, tp, False, {}, self.traced.precision, scores, fp8=fp8)[0]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
