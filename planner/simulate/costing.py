@@ -347,6 +347,10 @@ class LayerCoster:
                 op_fwd, op_bwd = split.collectives(op) if split else self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
                 comm_bwd += op_bwd
+                if fp8 is not None and _runs_in_fp8(op) and linear_style(op, layout) in ("colwise", "rowwise"):
+                    amax_fwd, amax_bwd = fp8.tp_amax_collectives(*gemm_dims(op.gemm)[1:3])
+                    comm_fwd += amax_fwd
+                    comm_bwd += amax_bwd
             params += op.param_count * share
         launched = sum(1 for op in ops if op.kind != "view")
         host_fwd = (launched + extra_host_ops[0] + fp8_ops[0]) * self.compute.host_s_per_op

@@ -39,6 +39,15 @@ SCALE_OPS_EAGER = 4       # amax_to_scale: .to(float64), clamp, division, .to(fl
 FORWARD_CASTS, BACKWARD_CASTS = ("input", "weight"), ("grad_output", "grad_output", "weight", "input")
 
 
+# Under tensor parallelism the casts of DTensor-sharded operands reduce their amax over the TP
+# group (torch.max(abs(x)) of a sharded DTensor is a partial, then an all-reduce: float8_utils
+# tensor_to_amax). Counted per float8 linear and micro-batch (forward, backward) with
+# torch's CommDebugMode on a tp2 Llama (4 blocks x 7 linears): tensorwise +112 all-reduces
+# (4 a linear: the weight each way, the row-parallel input, the column-parallel output
+# gradient), rowwise +56 (2 a linear: the weight scaled along its sharded side).
+TP_AMAX_ALL_REDUCES = {"tensorwise": (2, 2), "rowwise": (1, 1)}
+
+
 @dataclass(frozen=True)
 class Float8:
     """How a plan's block linears run in float8 (planner.fp8)."""
@@ -55,6 +64,14 @@ class Float8:
             return None
         return cls(plan.fp8_recipe, bool(plan.compile) or execution.fp8_fused_casts,
                    fsdp_float8_all_gather(plan, execution))
+
+    def tp_amax_collectives(self, k: int, n: int) -> tuple[list, list]:
+        """(forward, backward) amax all-reduces over the TP group of one float8 linear with
+        weight k x n (unsharded): one fp32 a tensor (tensorwise), one a row of the weight's
+        unsharded side (rowwise)."""
+        nbytes = 4 if self.recipe == "tensorwise" else 4 * max(k, n)
+        fwd, bwd = TP_AMAX_ALL_REDUCES[self.recipe]
+        return [("all_reduce", nbytes)] * fwd, [("all_reduce", nbytes)] * bwd
 
     def cast_s(self, compute: ComputeModel, elements: float) -> float:
         """One bf16 -> float8 cast of `elements` values (memory-bound kernels)."""

@@ -63,6 +63,7 @@ def _inspect_then_train(rank: int, plans: dict, out_dir: str, runs: list):
     from runtime import mesh
     from runtime.config import TrainingConfig
     from runtime.engine import Engine
+    from torch.distributed.tensor.debug import CommDebugMode
     for name, path in plans.items():
         plan = Plan.load(path)
         rt = mesh.setup(plan, "cpu")
@@ -71,8 +72,15 @@ def _inspect_then_train(rank: int, plans: dict, out_dir: str, runs: list):
                  if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
         gathered = [type(p.to_local() if hasattr(p, "to_local") else p).__name__
                     for part in engine.parts.values() for n, p in part.named_parameters() if n.endswith("q.weight")]
+        counts = {}
+        if plan.tp > 1:   # the collectives one step issues (CommDebugMode's module tracker: TP plans only)
+            # one micro-batch (the tracker loses its module stack across several backwards)
+            rows = torch.randint(0, 256, (plan.micro_batch, plan.seq + 1), generator=torch.Generator().manual_seed(0))
+            with CommDebugMode() as comm:
+                engine.step(rows[:, :-1], rows[:, 1:], plan.micro_batch)
+            counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
         with open(f"{out_dir}/{name}-{rank}.json", "w") as f:
-            json.dump(dict(kinds=kinds, linears=engine.fp8_linears, weights=gathered), f)
+            json.dump(dict(kinds=kinds, linears=engine.fp8_linears, weights=gathered, comm=counts), f)
     train_many(rank, runs)
 
 
@@ -81,9 +89,11 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fp8")
     ref = write_plan(d / "bf16.json", micro_batch=2, precision="bf16", **BASE)
     paths = {name: write_plan(d / f"{name}.json", **fields, **BASE) for name, (_, fields) in PLANS.items()}
+    paths["bf16-tp2"] = write_plan(d / "bf16-tp2.json", tp=2, micro_batch=2, precision="bf16", **BASE)
     for world in (1, 2):
-        names = [n for n, (ranks, _) in PLANS.items() if ranks == world]
-        jobs = ([_args(ref, d / "bf16.jsonl")] if world == 1 else []) + [_args(paths[n], d / f"{n}.jsonl") for n in names]
+        names = [n for n, (ranks, _) in PLANS.items() if ranks == world] + (["bf16-tp2"] if world == 2 else [])
+        jobs = ([_args(ref, d / "bf16.jsonl")] if world == 1 else []) + [_args(paths[n], d / f"{n}.jsonl")
+                                                                          for n in names if n in PLANS]
         run_ranks(world, _inspect_then_train, {n: str(paths[n]) for n in names}, str(d), jobs, timeout=300)
     return d
 
@@ -116,3 +126,12 @@ def test_block_linears_are_float8_and_the_rest_is_not(runs, name):
         assert seen["linears"] == len(blocks) == 4 * LINEARS_PER_BLOCK
         if name.startswith("tensorwise-zero"):   # FSDP2 gathers these weights in float8
             assert set(seen["weights"]) == {"WeightWithDynamicFloat8CastTensor"}
+
+
+def test_tensor_parallel_amax_all_reduces_are_the_simulators(runs):
+    """The all-reduces a tp2 float8 micro-batch adds over bf16's are the simulator's amax
+    reductions (planner.simulate.fp8.TP_AMAX_ALL_REDUCES) for its 28 float8 linears."""
+    from planner.simulate.fp8 import TP_AMAX_ALL_REDUCES
+    seen = {n: json.loads((runs / f"{n}-0.json").read_text())["comm"] for n in ("tensorwise-tp2", "bf16-tp2")}
+    extra = seen["tensorwise-tp2"]["all_reduce"] - seen["bf16-tp2"]["all_reduce"]
+    assert extra == sum(TP_AMAX_ALL_REDUCES["tensorwise"]) * 4 * LINEARS_PER_BLOCK

@@ -201,3 +201,17 @@ def test_batch_cases_take_precision_and_recipe(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     steps = [r["step_time_s"] for r in rows]
     assert len(set(steps)) == 3
+
+
+def test_tensor_parallel_casts_reduce_their_amax_over_tp():
+    """4 all-reduces per float8 linear and micro-batch under tensorwise, 2 under rowwise, as
+    torch's CommDebugMode counted them on a tp2 Llama (planner.simulate.fp8.TP_AMAX_ALL_REDUCES)."""
+    plans = {name: Plan(**{**BASE, "dp": 4, "tp": 2}, **fields) for name, fields in (
+        ("bf16", {}), ("tensorwise", dict(precision="fp8")), ("rowwise", dict(precision="fp8", fp8_recipe="rowwise")))}
+    counts = {}
+    for name, plan in plans.items():
+        sim = prepare(plan, MODEL, H100)
+        t = sim.timing(sim.traced.blocks[0])
+        counts[name] = sum(1 for kind, _ in (*t.tp_comm_fwd, *t.tp_comm_bwd) if kind == "all_reduce")
+    assert counts["tensorwise"] - counts["bf16"] == 4 * 7
+    assert counts["rowwise"] - counts["bf16"] == 2 * 7
