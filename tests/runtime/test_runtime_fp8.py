@@ -12,6 +12,7 @@ letting a bf16-sized error (or a broken cast) pass unnoticed: the losses must di
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -135,3 +136,20 @@ def test_tensor_parallel_amax_all_reduces_are_the_simulators(runs):
     seen = {n: json.loads((runs / f"{n}-0.json").read_text())["comm"] for n in ("tensorwise-tp2", "bf16-tp2")}
     extra = seen["tensorwise-tp2"]["all_reduce"] - seen["bf16-tp2"]["all_reduce"]
     assert extra == sum(TP_AMAX_ALL_REDUCES["tensorwise"]) * 4 * LINEARS_PER_BLOCK
+
+
+def test_train_refuses_fp8_without_torchao_or_on_a_gpu_without_it(tmp_path, capsys, monkeypatch):
+    """One line, exit 2, before any process group: torchao missing (`pip install 'meshplan[fp8]'`),
+    or --gpu naming a GPU without float8 tensor cores."""
+    from runtime.train import main
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plan = write_plan(tmp_path / "fp8.json", micro_batch=2, precision="fp8", **BASE)
+    args = ["--model", MODEL, "--plan", str(plan), "--steps", "1", "--quiet"]
+    for argv, fragment in (([*args, "--gpu", "a100"], "no float8 tensor cores"),
+                           (args, "torchao")):
+        if fragment == "torchao":
+            monkeypatch.setitem(sys.modules, "torchao.float8", None)   # import torchao.float8 -> ImportError
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("meshplan: error: ") and fragment in err[0], err
