@@ -44,20 +44,37 @@ def test_float8_gemm_runs_at_the_fp8_peak_times_the_transferred_fit():
 def test_casts_are_priced_as_memory_bound_passes():
     compute = ComputeModel(get_gpu("h100"))
     m, k, n = 4096, 4096, 4096
+    overhead, bandwidth = compute.kernel_overhead_s, compute.memory_bw_bytes_per_s
     for compiled, per_element, kernels in ((True, CAST_BYTES_COMPILED, CAST_KERNELS_COMPILED),
-                                           (False, CAST_BYTES_EAGER, CAST_KERNELS_EAGER)):
-        f8 = Float8(compiled=compiled)
-        fwd, bwd, ops_fwd, ops_bwd = f8.linear_s(compute, m, k, n)
+                                           (False, CAST_BYTES_EAGER, 2 * CAST_KERNELS_EAGER)):
+        fwd, bwd, ops_fwd, ops_bwd = Float8(compiled=compiled).linear_s(compute, m, k, n)
         casts_fwd = fwd - compute.scaled_matmul_time_s(m, k, n)
         moved = per_element * (m * k + k * n)                   # the input and the weight
-        launches = 2 * kernels * compute.kernel_overhead_s
-        assert casts_fwd == pytest.approx(moved / compute.memory_bw_bytes_per_s + launches, rel=1e-6)
+        assert casts_fwd == pytest.approx(moved / bandwidth + kernels * overhead, rel=1e-6)
         casts_bwd = bwd - 2 * compute.scaled_matmul_time_s(m, n, k)
-        assert casts_bwd == pytest.approx(per_element * (2 * m * n + k * n + m * k) / compute.memory_bw_bytes_per_s
-                                          + 2 * launches, rel=1e-6)
-        assert ops_bwd == 2 * ops_fwd > 0
+        moved = per_element * (2 * m * n + k * n + m * k)       # grad_output twice, weight, input
+        assert casts_bwd == pytest.approx(moved / bandwidth + (kernels if compiled else 2 * kernels) * overhead,
+                                          rel=1e-6)
+        assert ops_bwd == (ops_fwd if compiled else 2 * ops_fwd) > 0
     gathered = Float8(compiled=True, weight_gathered=True).linear_s(compute, m, k, n)
     assert gathered[0] < Float8(compiled=True).linear_s(compute, m, k, n)[0]   # the weight arrives in float8
+
+
+def test_linear_speedup_follows_torchaos_microbenchmark():
+    """torchao/float8/README.md "Performance" (H100, compiled): M, K, N = 1024, 2048, 1024 runs
+    float8 at 0.80x of bf16, 4096, 8192, 16384 at 1.39x. Its model is layer norm => linear =>
+    sigmoid, whose bf16 ops (the same on both sides, fused with the casts when compiled) pull
+    the ratio towards 1; the linear alone must be slower for the small shape and within 15 %
+    of the measured gain for the large one."""
+    compute = ComputeModel(get_gpu("h100"))
+
+    def speedup(m, k, n):
+        bf16 = sum(compute.matmul_time_s(*dims, "bf16") for dims in ((m, k, n), (m, n, k), (k, m, n)))
+        fwd, bwd, _, _ = Float8(compiled=True).linear_s(compute, m, k, n)
+        return bf16 / (fwd + bwd)
+
+    assert speedup(1024, 2048, 1024) < 0.80
+    assert speedup(4096, 8192, 16384) == pytest.approx(1.39, rel=0.15)
 
 
 def test_fp8_speeds_a_compiled_llama_step_as_torchtitan_measured():
