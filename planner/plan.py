@@ -44,8 +44,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
 #                only the attention core (QK^T, softmax, dropout, x V or the fused kernel)
 #                reruns in backward; everything else is kept (planner.arch.layers.attention_core);
-#   "selective"  op-level selective checkpointing, close to torchtitan's policy: the linear
-#                layers' and fused attention kernels' outputs are kept, all else reruns;
+#   "selective"  op-level selective checkpointing as torchtitan's SelectiveAC runs it: the fused
+#                attention kernels' outputs and every other linear layer's are kept, all else
+#                reruns (planner.arch.layers.every_other_product_policy);
 #   "full"       the block's forward reruns (only its input is kept).
 CHECKPOINT_MODES = ("none", "attention", "selective", "full")
 RECOMPUTE_MODES = tuple(m for m in CHECKPOINT_MODES if m != "none")

@@ -302,7 +302,8 @@ def _train(args, config, plan, spec, rt, sink, records, stop):
             sink.note(f"resumed from {where} (step {start})")
         sink.drop_after(start)
     ep = f" (ep {plan.ep})" if plan.ep > 1 else ""
-    sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp}{ep} tp {plan.tp} pp {plan.pp} "
+    cp = f" cp {plan.cp}" if plan.cp > 1 else ""
+    sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp}{ep}{cp} tp {plan.tp} pp {plan.pp} "
               f"zero {plan.zero} {plan.precision} | {plan.grad_accum} micro-batch(es) of {plan.micro_batch} "
               f"x {plan.seq} tokens per dp rank per step | {rt.world_size} process(es) on {rt.device.type}")
     meta = dict(model=spec.name, model_config=_model_config(spec), plan=plan.to_dict(), world_size=rt.world_size,

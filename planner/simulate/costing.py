@@ -8,8 +8,9 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
 - any other op is divided by tp unless it produces a residual-stream tensor (batch x
   seq x hidden elements), which tensor parallelism replicates - and sequence
   parallelism splits along the sequence, so with it every op is divided by tp;
-- selective checkpointing (as the runtime applies it) keeps matmul and attention outputs
-  and recomputes the streaming ops (norms, activations, casts) in backward; attention-core
+- selective checkpointing (as the runtime applies it, torchtitan's op-level policy) keeps the
+  fused attention outputs and every other weight product's, and recomputes the other
+  products and the streaming ops (norms, activations, casts) in backward; attention-core
   recomputation reruns the ops the trace labels `attention_core` (the fused kernel, or
   QK^T, mask, softmax, dropout and the product with V) and keeps everything else;
 - each row-parallel linear ends in one all-reduce of the residual stream in forward
@@ -36,7 +37,7 @@ from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.fp8 import converts
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
-from planner.ir import LayerCost, OpInfo, TracedModel
+from planner.ir import LayerCost, OpInfo, TracedModel, selective_reruns
 from planner.simulate import experts as moe
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
 from planner.simulate.fp8 import Float8
@@ -98,7 +99,7 @@ class LayerTiming:
 
     fwd_s: float
     bwd_s: float
-    streaming_fwd_s: float          # all but weight products and fused attention: what selective repeats
+    streaming_fwd_s: float          # what selective repeats (planner.ir.selective_reruns)
     attention_core_fwd_s: float     # the attention core's ops: what attention-core recomputation repeats
     tp_comm_fwd: tuple              # TP collectives of one forward: ((kind, bytes), ...)
     tp_comm_bwd: tuple              # ... and of one backward (a full recomputation repeats the forward's)
@@ -306,11 +307,10 @@ class LayerCoster:
                                             self.fp8 if layer.kind == "block" else None)
         return self._cache[key]
 
-    def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset(), in_block: bool = False) -> float:
+    def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
         """One traced op's forward time on this GPU under tensor-parallel degree `tp`;
-        `scores`: its layer's score_shapes; `in_block`: a block's op (a float8 linear under fp8)."""
-        fp8 = self.fp8 if in_block and _runs_in_fp8(op) else None
-        return self._op_time(op, tp, False, {}, self.traced.precision, scores, fp8=fp8)[0]
+        `scores`: its layer's score_shapes."""
+        return self._op_time(op, tp, False, {}, self.traced.precision, scores)[0]
 
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
@@ -327,7 +327,8 @@ class LayerCoster:
         ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
         scores = score_shapes(ops)
         priced = {}   # an op object listed again (a routed expert's, planner.simulate.experts) is priced once
-        for op in ops:
+        reruns = selective_reruns(ops)
+        for op, rerun in zip(ops, reruns):
             if id(op) not in priced or split:
                 in_fp8 = fp8 if fp8 is not None and _runs_in_fp8(op) else None
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
@@ -339,8 +340,8 @@ class LayerCoster:
                     fp8_ops[1] += priced[id(op)][3][1]
             f, b, share = priced[id(op)][:3]
             fwd, bwd = fwd + f, bwd + b
-            if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
-                streaming += f   # selective recomputes all but weight products and fused attention
+            if rerun:   # what selective checkpointing repeats (planner.ir.selective_reruns)
+                streaming += f
             if op.attention_core:
                 core += f
             if tp > 1:

@@ -74,7 +74,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from cost_models.errors import MeshplanError
 from planner import hf
-from planner.ir import LayerCost, TracedModel
+from planner.ir import LayerCost, TracedModel, selective_reruns
 from planner.plan import CASTS, compute_precision, low_precision_dtype
 from planner.trace.fake import autocast, batch_norm_in_fp32, make_state, module_stack
 from planner.trace.inputs import (TensorSpec, backward_from, check_step, primary_output,
@@ -198,7 +198,6 @@ def _cost_program(signature: str, program: Program, precision: str, model: nn.Mo
         output_bytes=sum(s.nbytes for s in program.output_specs),
         attn_fwd_flops=sum(op.fwd_flops for op in attention),
         attn_causal_fwd_flops=sum(op.causal_fwd_flops for op in attention),
-        recompute_fwd_flops_selective=sum(op.fwd_flops for op in ops if not (
-            op.kind in ("linear", "conv") and op.params or op.kind == "attention")),
+        recompute_fwd_flops_selective=sum(op.fwd_flops for op, rerun in zip(ops, selective_reruns(ops)) if rerun),
         recompute_fwd_flops_attention=sum(op.fwd_flops for op in ops if op.attention_core),
         ops=ops, graph=graph)
