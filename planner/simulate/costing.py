@@ -35,12 +35,11 @@ from dataclasses import dataclass, replace
 from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
-from planner.fp8 import converts
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel, selective_reruns
 from planner.simulate import experts as moe
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
-from planner.simulate.fp8 import Float8
+from planner.simulate.fp8 import Float8, runs_in_fp8, weight_count
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
 # name, from every family's roles (planner.arch; Hugging Face names included).
@@ -171,21 +170,6 @@ def _aten_name(op: OpInfo) -> str:
 
 def _precision_of(op: OpInfo, default: str) -> str:
     return _DTYPE_TO_PRECISION.get(str(op.dtype).replace("torch.", ""), default)
-
-
-def _runs_in_fp8(op: OpInfo) -> bool:
-    """A block's nn.Linear that torchao converts (planner.fp8.converts: dims divisible by 16);
-    a routed expert's batched product is no nn.Linear and stays bf16."""
-    if op.kind != "linear" or op.gemm is None or not op.param_count or moe.is_expert_op(op):
-        return False
-    _, k, n, _ = gemm_dims(op.gemm)
-    return converts(k, n)
-
-
-def _weight_count(op: OpInfo) -> float:
-    """A linear's weight elements (its bias, if any, is not cast)."""
-    _, k, n, _ = gemm_dims(op.gemm)
-    return float(min(op.param_count, k * n))
 
 
 def _numel(shape) -> int:
@@ -330,12 +314,12 @@ class LayerCoster:
         reruns = selective_reruns(ops)
         for op, rerun in zip(ops, reruns):
             if id(op) not in priced or split:
-                in_fp8 = fp8 if fp8 is not None and _runs_in_fp8(op) else None
+                in_fp8 = fp8 if fp8 is not None and runs_in_fp8(op) else None
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
                                                *(split.place(op) if split else (None, None)), fp8=in_fp8)
                 if in_fp8 is not None:
                     fp8_linears += 1
-                    fp8_params += _weight_count(op) * priced[id(op)][2]
+                    fp8_params += weight_count(op) * priced[id(op)][2]
                     fp8_ops[0] += priced[id(op)][3][0]
                     fp8_ops[1] += priced[id(op)][3][1]
             f, b, share = priced[id(op)][:3]
@@ -348,7 +332,7 @@ class LayerCoster:
                 op_fwd, op_bwd = split.collectives(op) if split else self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
                 comm_bwd += op_bwd
-                if fp8 is not None and _runs_in_fp8(op) and linear_style(op, layout) in ("colwise", "rowwise"):
+                if fp8 is not None and runs_in_fp8(op) and linear_style(op, layout) in ("colwise", "rowwise"):
                     amax_fwd, amax_bwd = fp8.tp_amax_collectives(*gemm_dims(op.gemm)[1:3])
                     comm_fwd += amax_fwd
                     comm_bwd += amax_bwd

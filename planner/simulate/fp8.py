@@ -33,7 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cost_models.compute import ComputeModel
+from cost_models.compute import ComputeModel, gemm_dims
+from planner.fp8 import converts
+from planner.simulate.experts import is_expert_op
 
 CAST_BYTES_COMPILED = 2 + 2 + 1
 CAST_KERNELS_COMPILED = 2
@@ -128,3 +130,18 @@ def pre_gather_cast_s(compute: ComputeModel, fp8_params_local: float) -> float:
     """Casting a layer's fp32 weight shards to float8 before FSDP2 gathers them
     (WeightWithDynamicFloat8CastTensor.fsdp_pre_all_gather): read 4 bytes, write 1."""
     return compute.memory_bound_time_s(5 * fp8_params_local) if fp8_params_local else 0.0
+
+
+def runs_in_fp8(op) -> bool:
+    """A traced op that is an nn.Linear torchao converts (planner.fp8.converts: sides divisible
+    by 16), when its layer is a block; a routed expert's batched product is no nn.Linear."""
+    if op.kind != "linear" or op.gemm is None or not op.param_count or is_expert_op(op):
+        return False
+    _, k, n, _ = gemm_dims(op.gemm)
+    return converts(k, n)
+
+
+def weight_count(op) -> float:
+    """A linear's weight elements (its bias, if any, is not cast)."""
+    _, k, n, _ = gemm_dims(op.gemm)
+    return float(min(op.param_count, k * n))
