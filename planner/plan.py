@@ -60,13 +60,18 @@ TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
 PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
-            "sequence_parallel", "offload_optimizer", "precision", "compile")
+            "sequence_parallel", "offload_optimizer", "precision", "fp8_recipe", "compile")
 
 
 # The most each whole-number field may be (cost_models.inputs: what can exist).
 _NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "cp": MAX_GPUS, "ep": MAX_GPUS,
                   "micro_batch": MAX_GLOBAL_BATCH,
                   "global_batch": MAX_GLOBAL_BATCH, "seq": MAX_SEQ, "interleave": MAX_LAYERS}
+
+
+def compute_precision(precision: str) -> str:
+    """The precision everything but float8 GEMMs computes and stores in: bf16 for "fp8"."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def low_precision_dtype(precision: str) -> torch.dtype | None:

@@ -43,7 +43,7 @@ from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
-from runtime import context_parallel, expert_parallel
+from runtime import context_parallel, expert_parallel, fp8
 from runtime import optim as optim_mod
 from runtime import compiling
 from runtime.compiling import compile_blocks
@@ -120,6 +120,9 @@ class Engine:
         self.context = None
         if plan.cp > 1:
             self.context = context_parallel.ContextShard(rt.group("cp"), rt.coords["cp"], plan.cp)
+        if plan.precision == "fp8":
+            fp8.check_device(self.device)
+        self.fp8_linears = 0   # block linears converted to torchao's Float8Linear (runtime.fp8)
         for v, part in parts.items():
             part.to(self.device)
             if self.context is not None:
@@ -127,6 +130,8 @@ class Engine:
             blocks = self.factory.blocks(part) if self.factory else {int(k): b for k, b in part.blocks.items()}
             if plan.ep > 1:
                 expert_parallel.apply_expert_parallel(part, rt.expert_mesh)
+            if plan.precision == "fp8":   # before TP and FSDP wrap them, as torchtitan converts
+                self.fp8_linears += fp8.convert_blocks(blocks, plan)
             if layout is not None:
                 tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
             elif self.factory and plan.tp > 1:
@@ -280,6 +285,7 @@ class Engine:
         else:
             for opt in self.optimizers:
                 opt.step()
+        fp8.after_optimizer_step(self.modules.values(), plan)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         for sched in self.schedulers:

@@ -41,7 +41,7 @@ import torch  # noqa: E402  (after the lifeline, on purpose)
 
 from cost_models.errors import MeshplanError
 from planner.cli.flags import Parser
-from planner.plan import Plan
+from planner.plan import Plan, compute_precision
 from planner.zoo import load_model
 from runtime.config import TrainingConfig
 
@@ -128,7 +128,13 @@ def validate(argv=None):
     from runtime.engine import check_plan
     check_plan(spec, plan)
     if args.gpu:
+        from cost_models.hardware import get_gpu
+        from planner.fp8 import check_gpu
+        check_gpu(get_gpu(args.gpu), plan.precision)   # fp8 on a GPU without it -> one line naming those with it
         peak_flops(args.gpu, plan.precision)     # unknown GPU or precision -> MeshplanError
+    if plan.precision == "fp8":
+        from runtime.fp8 import require_torchao
+        require_torchao()                        # torchao missing -> one line, exit 2
     if args.data != "synthetic":
         if spec.config is None:
             raise MeshplanError(f"{spec.name} trains on its example_inputs: drop --data (it takes token files "
@@ -263,7 +269,8 @@ def _train(args, config, plan, spec, rt, sink, records, stop):
     from runtime.preemption import Preempted
     engine = Engine(spec, plan, rt, config)
     gpu = args.gpu or gpu_for_device(rt.device)
-    peak = peak_flops(gpu, plan.precision, strict=bool(args.gpu))
+    # MFU against the 16-bit peak under fp8 too, as the simulator and torchtitan report it
+    peak = peak_flops(gpu, compute_precision(plan.precision), strict=bool(args.gpu))
     if spec.config is None:
         from runtime.modules import ExampleSource
         loader = ExampleSource(engine.factory.maker, spec.name, plan.global_batch, plan.seq, config.seed, plan.dp,

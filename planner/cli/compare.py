@@ -17,7 +17,8 @@ from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_co
 from planner.compare import TRANSFERRED_UNCERTAINTY, ClusterChoice, compare
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
-PIN_FLAGS = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "compile")
+PIN_FLAGS = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "precision", "fp8_recipe",
+             "compile")
 PIN_HELP = {"compile": "default: off (not searched)"}
 
 

@@ -61,6 +61,8 @@ class Engine:
     """Activation-recompute modes (planner.plan.RECOMPUTE_MODES) it offers; "full" at least
     (the search's memory floor recomputes every block in full)."""
     precisions: tuple = ("fp32", "bf16", "fp16")
+    fp8_recipes: tuple = ()
+    """The float8 scalings (planner.plan.FP8_RECIPES) it runs with precision fp8."""
     sequence_parallel: bool = True
     """Megatron-style sequence parallelism with tp (norms and dropouts on seq / tp tokens)."""
     offload_optimizer: bool = True
@@ -131,6 +133,8 @@ class Engine:
             return f"{self.name} offers recompute {offered}, not {', '.join(modes)}"
         if plan.precision not in self.precisions:
             return f"{self.name} trains in {', '.join(self.precisions)}, not {plan.precision}"
+        if plan.precision == "fp8" and plan.fp8_recipe not in self.fp8_recipes:
+            return f"{self.name} runs fp8 with the {', '.join(self.fp8_recipes)} recipe, not {plan.fp8_recipe}"
         if plan.sequence_parallel and not self.sequence_parallel:
             return f"{self.name} has no sequence parallelism"
         if plan.offload_optimizer and not self.offload_optimizer:

@@ -46,6 +46,12 @@ class Execution:
         its softmax kernel and built once per micro-batch, attention's batched products
         reading q, k and v as strided views (no copies), and each residual branch's dropout
         fused with its residual add.
+    fp8_fused_casts: under precision fp8, each float8 cast is one fused amax pass and one
+        cast kernel whether or not the plan compiles (Transformer Engine's cast kernels);
+        else they are eager torchao ops unless the plan compiles (planner.simulate.fp8).
+    fp8_param_gather: with the tensorwise float8 recipe and ZeRO 1-3, the sharded weights
+        are gathered in float8 (torchao's enable_fsdp_float8_all_gather in meshplan's
+        runtime; Megatron-LM gathers bf16 unless --fp8-param-gather, which meshplan does not model).
     """
 
     overlap_dp_comm: bool = True
@@ -58,6 +64,8 @@ class Execution:
     recompute_stops_early: bool = True
     replicate_copies_params: bool = True
     attention: str | None = None
+    fp8_fused_casts: bool = False
+    fp8_param_gather: bool = True
 
 
 MESHPLAN_RUNTIME = Execution()

@@ -27,6 +27,10 @@ token dispatcher (megatron/core/transformer/moe/token_dispatcher.py MoEAlltoAllT
 and its default `moe_shared_expert_overlap = False` (shared experts not hidden behind the
 all-to-alls); its small all-to-all of the routing probabilities (4 bytes a routed row beside
 the tokens' 2 x hidden) is not priced. The 2021 code has no expert parallelism.
+FP8 is Megatron-Core's Transformer Engine path (`--fp8-format hybrid`, TransformerConfig.fp8 in
+megatron/core/transformer/transformer_config.py; `--fp8-recipe` tensorwise or the default
+delayed, both one scale a tensor: priced as meshplan's tensorwise) with TE's fused cast kernels
+and bf16 parameter gathers (`--fp8-param-gather` off by default); the 2021 code has no FP8.
 """
 from planner.engines.base import Engine, EngineOption, register
 from planner.engines.execution import Execution
@@ -60,7 +64,7 @@ MEGATRON_LOSS_HOST_OPS = (27, 10)
 MEGATRON_EXECUTION = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=False,
                                batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                                megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
-                               attention="sdpa")
+                               attention="sdpa", fp8_fused_casts=True, fp8_param_gather=False)
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                           megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
@@ -83,6 +87,7 @@ MEGATRON_LM = register(Engine(
             "auto", "--attention-backend: Transformer Engine's fused kernels (auto, flash, fused) or the unfused "
                     "core attention (unfused, local)")},
     zero=(0, 1), pipeline_zero=(0, 1), schedules=("1f1b", "interleaved"), recompute=("attention", "full"),
+    precisions=("fp32", "bf16", "fp16", "fp8"), fp8_recipes=("tensorwise",),
     offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1),
     compile_refusal=MEGATRON_COMPILE))
 MEGATRON_LM_2021 = register(Engine(

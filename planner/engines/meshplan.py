@@ -5,4 +5,5 @@ from planner.engines.base import DEFAULT_ENGINE, Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME
 
 MESHPLAN = register(Engine(name=DEFAULT_ENGINE, describes="this meshplan's runtime (runtime/)",
-                           execution=MESHPLAN_RUNTIME))
+                           execution=MESHPLAN_RUNTIME, precisions=("fp32", "bf16", "fp16", "fp8"),
+                           fp8_recipes=("tensorwise", "rowwise")))

@@ -5,6 +5,9 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
   `parallelism.fsdp_reshard_after_forward = "never"`; there is no ZeRO-1, and pure data
   parallelism is `data_parallel_replicate_degree` (torchtitan/config/configs.py);
 - `training.mixed_precision_param` is "bfloat16" or "float32": no fp16 (no loss scaling);
+- fp8 is torchao's float8 through Float8LinearConverter (components/quantization/float8.py),
+  whose recipe_name is "rowwise" (or "rowwise_with_gw_hp"): no tensorwise, so no float8
+  all-gather; its docs (float8.md) require compile for competitive speed;
 - activation checkpointing is none, selective (op-level: SelectiveAC) or full (FullAC)
   (torchtitan/distributed/activation_checkpoint.py); no attention-core mode;
 - each model's parallelize.py applies a fixed Megatron-style TP plan, not a searched layout;
@@ -23,5 +26,6 @@ from planner.engines.execution import MESHPLAN_RUNTIME
 
 TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
-    zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16"),
+    zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16", "fp8"),
+    fp8_recipes=("rowwise",),
     searched_tp_layout=False, expert_zero=(2, 3)))

@@ -32,14 +32,17 @@ def arguments(plan, config) -> list:
     args += _model(config, plan, old)
     if plan.sequence_parallel:
         args.append(("--sequence-parallel", None))
-    if plan.precision != "fp32":
+    if plan.precision == "fp8":   # Transformer Engine's FP8 GEMMs in bf16 training, per-tensor scales
+        args += [("--bf16", None), ("--fp8-format", "hybrid"), ("--fp8-recipe", "tensorwise")]
+    elif plan.precision != "fp32":
         args.append((f"--{plan.precision}", None))
     args += _recompute(plan, config.layers, old)
     if plan.zero == 1:
         args.append(("--use-distributed-optimizer", None))
-    if plan.rank_order == ["dp", "pp", "tp"]:
+    order = [d for d in plan.rank_order if d != "cp"]   # cp sits just outside tp (planner.plan.MESH_DIMS)
+    if order == ["dp", "pp", "tp"]:
         args.append(("--use-tp-pp-dp-mapping", None))
-    elif plan.rank_order != ["pp", "dp", "tp"]:
+    elif order != ["pp", "dp", "tp"]:
         raise MeshplanError(f"Megatron-LM orders ranks tp-dp-pp or tp-pp-dp, not the plan's {plan.rank_order}")
     args += _engine_options(plan, old)
     # what makes the script run as it stands: synthetic data and a short schedule (edit these)

@@ -208,6 +208,8 @@ class SearchSpace:
                             for schedule, v in self._schedules(pp, m):
                                 out.append(Plan(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
+                                                fp8_recipe=self.pinned.get("fp8_recipe", "tensorwise")
+                                                if precision == "fp8" else "tensorwise",
                                                 schedule=schedule, interleave=v, sequence_parallel=sp,
                                                 offload_optimizer=offload, compile=self.pinned.get("compile", False),
                                                 model=self.spec.name,

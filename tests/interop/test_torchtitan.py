@@ -236,8 +236,8 @@ def test_overrides_apply():
     ("--module llama3 --config llama3_8b --training.seq_len 2048", "--training.seq_len is not a torchtitan"),
     ("--module llama3 --config llama3_8b --override.imports my.kernel", "not mapped"),
     ("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 2", "context_parallel_degree"),
-    ("--module llama3 --config llama3_8b_mxfp8", "precision fp8"),
-    ("--module deepseek_v3 --config deepseek_v3_671b_float8", "precision fp8"),
+    ("--module llama3 --config llama3_8b_mxfp8", "prices a lone Float8LinearConverter (precision fp8) only"),
+    ("--module deepseek_v3 --config deepseek_v3_671b_float8", "Float8GroupedExpertsConverter; meshplan prices"),
     ("--module deepseek_v3 --config deepseek_v3_debugmodel_mtp", "multi-token-prediction"),
     ("--module llama3 --config llama3_8b --parallelism.expert_parallel_degree 2", "Mixture-of-Experts"),
     ("torchrun -m torchtitan.train --config llama3_8b", "give both --module and --config"),
@@ -253,3 +253,29 @@ def test_readme_launch_line_example(cli):
     assert proc.returncode == 0, proc.stderr
     shown = (REPO / "README.md").read_text().split("torchtitan_launch.sh --cluster dgx-h100:2\n", 1)[1]
     assert proc.stdout.splitlines()[0] == shown.splitlines()[0]
+
+
+def test_float8_recipe_is_precision_fp8_rowwise():
+    """llama3/config_registry.py llama3_debugmodel_float8: model_registry("debugmodel",
+    converters=[Float8LinearConverter.Config(...)]) - recipe_name defaults to "rowwise"
+    (components/quantization/float8.py), the only float8 scaling torchtitan b5bcd76 offers."""
+    job = _line("--module llama3 --config llama3_debugmodel_float8", 8)
+    assert (job.fields["precision"], job.fields["fp8_recipe"]) == ("fp8", "rowwise")
+    assert any("recipe_name rowwise" in note for note in job.notes)
+    plan = job.plan(job.model.name, "h100-sxm-80gb:1x8")
+    assert simulate(plan, job.model, "h100-sxm-80gb:1x8").step_time_s > 0
+
+
+def test_fp8_plan_exports_a_float8_converter(tmp_path):
+    cluster = parse_cluster("h100-sxm-80gb:1x8")
+    config = flavor_config("debugmodel", 2048)
+    spec = ModelSpec(config.name, config)
+    best = search(spec, cluster, 32, 2048, top_k=1, engine="torchtitan", precision="fp8", fp8_recipe="rowwise",
+                  pp=1, checkpoint="full")[0]
+    export_plan("torchtitan", best, spec, cluster, str(tmp_path))
+    module = (tmp_path / "meshplan_torchtitan.py").read_text()
+    compile(module, "meshplan_torchtitan.py", "exec")
+    assert "converters=[Float8LinearConverter.Config(recipe_name='rowwise', filter_fqns=['lm_head']" in module
+    again = import_job("torchtitan", str(tmp_path / "job_config.json"), 8).plan(spec.name, cluster.name)
+    assert (again.precision, again.fp8_recipe) == ("fp8", "rowwise")
+    assert simulate(again, spec, cluster).step_time_s == pytest.approx(best.result.step_time_s, rel=1e-9)

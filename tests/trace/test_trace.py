@@ -454,7 +454,7 @@ def test_inputs_argument_overrides():
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(precision="fp8"), "precision 'fp8'"), (dict(micro_batch=0), "micro_batch"),
+    (dict(precision="fp4"), "precision 'fp4'"), (dict(micro_batch=0), "micro_batch"),
     (dict(seq=4096), "exceeds gpt-tiny's max_seq"), (dict(kernels="tpu"), "kernels 'tpu'"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, fragment):
