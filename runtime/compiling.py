@@ -31,6 +31,7 @@ import shutil
 import torch
 
 from cost_models.errors import MeshplanError
+from planner.engines.meshplan import runtime_limits
 
 
 def check_compiler(device_type: str) -> None:
@@ -51,23 +52,11 @@ def check_compiler(device_type: str) -> None:
 
 
 def check_plan(plan) -> None:
-    """Refuse a compiled plan that cannot train. Tensor parallelism with full or attention-core
-    recomputation (a plain torch.utils.checkpoint region inside the compiled block): torch's
-    AOTAutograd saves the DTensor's DeviceMesh among the checkpointed tensors and fails the
-    first forward ("expected all tensors_saved_with_vc_check to be Tensors"; torch 2.13 on
-    gloo, tp 2). Selective recomputation (a context_fn policy) trains, with sequence parallelism
-    too, to eager's losses."""
-    if plan.compile and plan.cp > 1:
-        # runtime.context_parallel's attention reads the saved-tensor hooks in force
-        # (torch._C._autograd._top_saved_tensors_default_hooks), a C function dynamo skips:
-        # under fullgraph the block cannot compile (torch 2.13, gloo, cp 2)
-        raise MeshplanError(f"--compile with cp {plan.cp} is not supported: the context-parallel attention's "
-                            f"saved-tensor hooks break torch.compile's full graph; drop --compile or cp")
-    modes = sorted({mode for mode in plan.checkpoint if mode in ("full", "attention")})
-    if plan.compile and plan.tp > 1 and modes:
-        raise MeshplanError(f"--compile with tp {plan.tp} and {' and '.join(modes)} recomputation fails in torch "
-                            f"{torch.__version__}'s AOTAutograd (a DTensor's mesh saved with the checkpointed "
-                            f"tensors): use selective recomputation, or drop --compile or tp")
+    """Refuse a compiled plan that cannot train (planner.engines.meshplan.runtime_limits, the
+    one list the simulator and the search read too)."""
+    reason = runtime_limits(plan)
+    if reason:
+        raise MeshplanError(f"--{reason}")
 
 
 def compile_blocks(blocks: dict) -> None:

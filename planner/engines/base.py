@@ -15,6 +15,7 @@ behaviour changed (`megatron-lm@2021` beside `megatron-lm`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import shown
@@ -76,6 +77,9 @@ class Engine:
     """Why it gets no expert parallelism, when `expert_zero` is empty (its source says)."""
     compile_refusal: str = ""
     """Why it does not run a plan's `compile` (torch.compile per block); "" = it does."""
+    limits: Callable | None = None
+    """plan -> why its runtime cannot run that combination of choices (None: it can); the
+    search keeps to what it allows (`recompute_for`), simulate refuses the rest."""
     micro_batch_per_stage: bool = True
     """Its 1F1B needs at least pp micro-batches per step (torch.distributed.pipelining's does;
     Megatron-LM's warm-up takes min(pp - rank - 1, micro-batches) and runs with fewer)."""
@@ -147,7 +151,13 @@ class Engine:
             return f"{self.name} does not compile each block ({self.compile_refusal}): drop compile"
         if plan.tp_layout and not self.searched_tp_layout:
             return f"{self.name} applies Megatron-LM's tensor-parallel layout only: drop the plan's tp_layout"
-        return None
+        return self.limits(plan) if self.limits else None
+
+    def recompute_for(self, plan) -> tuple:
+        """The recompute modes it offers that it can run with `plan`'s other choices."""
+        if self.limits is None:
+            return self.recompute
+        return tuple(m for m in self.recompute if self.limits(replace(plan, checkpoint=[m])) is None)
 
     def check(self, plan) -> None:
         """Raise MeshplanError when this engine cannot run `plan`."""

@@ -266,10 +266,11 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         self._sims[(plan.micro_batch, plan.precision)] = True
         return sim
 
-    def recompute_modes(self) -> tuple:
+    def recompute_modes(self, plan=None) -> tuple:
         """The engine's recompute modes this torch can trace (the attention core needs
         torch.fx.traceback.annotate: planner.torch_compat.traces_attention_core)."""
-        return tuple(m for m in self.engine.recompute if m != "attention" or traces_attention_core())
+        offered = self.engine.recompute_for(plan) if plan is not None else self.engine.recompute
+        return tuple(m for m in offered if m != "attention" or traces_attention_core())
 
     def execution(self, plan: Plan):
         """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
@@ -308,7 +309,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         plan = cand.plan
         sim = self.simulation(plan)
         costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave),
-                           self.recompute_modes())
+                           self.recompute_modes(plan))
         pinned = self.pinned.get("checkpoint")
         budgets = cand.budgets or [self.budget_bytes / ALLOCATOR_RESERVED_RATIO] * plan.pp
         cand.budgets = budgets

@@ -123,3 +123,16 @@ def test_plan_pins_compile():
     assert best_compiled["compile"] is True and best_eager["compile"] is False
     assert best_compiled["result"]["step_time_s"] < best_eager["result"]["step_time_s"]
     assert_user_error(run_cli_in_process(*args, "--compile", "--engine", "deepspeed"), "drop --compile")
+
+
+def test_what_the_runtime_cannot_compile_is_neither_simulated_nor_searched():
+    """planner.engines.meshplan.runtime_limits: the simulator refuses what runtime/ refuses
+    (tp with full recomputation, compiled); the search keeps to recompute modes it can run."""
+    plan = dict(dp=4, tp=2, global_batch=8, seq=2048, compile=True)
+    with pytest.raises(MeshplanError, match="use selective recomputation"):
+        simulate(Plan(**plan, checkpoint=["full"] * 24), "gpt3-350m", CLUSTER)
+    simulate(Plan(**plan, checkpoint=["selective"] * 24), "gpt3-350m", CLUSTER)
+    from planner.engines import get_engine
+    assert get_engine("meshplan").recompute_for(Plan(**plan)) == ("selective",)
+    assert get_engine("meshplan").recompute_for(Plan(**{**plan, "tp": 1, "dp": 8})) == \
+        get_engine("meshplan").recompute
