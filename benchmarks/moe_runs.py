@@ -22,15 +22,11 @@ need expert tensor parallelism). A row the CLI refuses (e.g. a meshplan without 
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_batch import REPO, simulate_batch  # noqa: E402
+from published_report import arguments, score, simulate_rows  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "moe_runs.json"
 # Plan fields a row's "plan" may carry, passed to the case as they are.
@@ -62,54 +58,14 @@ def moe_case(row: dict, models: dict) -> dict:
     return case
 
 
-def gpus(row: dict) -> int:
-    plan = row["plan"]
-    return plan["dp"] * plan.get("tp", 1) * plan.get("pp", 1)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="the rows (default: benchmarks/data/moe_runs.json)")
-    parser.add_argument("--cases", type=Path, help="keep the `meshplan simulate --batch` cases in this file")
-    parser.add_argument("--repo", type=Path, default=REPO, help="the meshplan checkout whose CLI runs the cases")
-    args = parser.parse_args(argv)
-    data = json.loads(args.data.read_text())
-    rows, models = data["rows"], data["models"]
-    runnable = [row for row in rows if skip_reason(row) is None]
-    with tempfile.TemporaryDirectory() as tmp:
-        results = simulate_batch([moe_case(row, models) for row in runnable],
-                                 args.cases or Path(tmp) / "cases.jsonl", args.repo.resolve())
-    errors, by_group, failed = [], {}, []   # by_group: per source and per system
-    print(f"{'run':46} {'published':>10} {'predicted':>10} {'err %':>7}   (tokens/s per GPU)")
-    for row, result in zip(runnable, results):
-        if "error" in result:
-            failed.append((row["id"], result["error"]))
-            continue
-        plan = row["plan"]
-        predicted = plan["global_batch"] * plan["seq"] / result["step_time_s"] / gpus(row)
-        published = row["published"]["tokens_per_s_per_gpu"]
-        error = predicted / published - 1
-        errors.append(error)
-        by_group.setdefault(data["sources"][row["source"]]["repo"], []).append(error)
-        by_group.setdefault(row["cluster"].split(":")[0], []).append(error)   # B200: a transferred calibration
-        print(f"{row['id']:46} {published:10.0f} {predicted:10.0f} {100 * error:+7.1f}"
-              + ("" if result.get("fits", True) else "   (predicted not to fit)"))
-    for row in rows:
-        reason = skip_reason(row)
-        if reason:
-            print(f"skipped {row['id']}: {reason}")
-    for name, message in failed:
-        print(f"failed  {name}: {message}")
-    if errors:
-        print(f"MoE published runs: {len(errors)} scored, MAPE {100 * statistics.mean(map(abs, errors)):.1f}% "
-              f"(median {100 * statistics.median(map(abs, errors)):.1f}%, "
-              f"mean signed {100 * statistics.mean(errors):+.1f}%); "
-              f"{len(rows) - len(runnable)} skipped, {len(failed)} refused by the CLI")
-        for group, errs in sorted(by_group.items()):
-            print(f"  {group:30s} {len(errs):2d} runs: MAPE {100 * statistics.mean(map(abs, errs)):.1f}%, "
-                  f"mean signed {100 * statistics.mean(errs):+.1f}%")
-    else:
-        print(f"MoE published runs: none scored ({len(rows) - len(runnable)} skipped, {len(failed)} refused by the CLI)")
+    args = arguments(__doc__.splitlines()[0], DATA).parse_args(argv)
+    data, runnable, results = simulate_rows(args, moe_case, skip_reason)
+    sources = data["sources"]
+    _, failed = score("MoE published runs", data["rows"], runnable, results, skip_reason,
+                      lambda row: row["published"]["tokens_per_s_per_gpu"],
+                      # per source and per system (B200: a transferred calibration)
+                      lambda row: [sources[row["source"]]["repo"], row["cluster"].split(":")[0]])
     return 1 if failed else 0
 
 

@@ -5,11 +5,10 @@
 Source: torchtitan docs/performance.md, "Llama 3 performance numbers": Llama 3 8B and 70B
 with FSDP2 (ZeRO-3, bf16) on 64 A100-80GB GPUs, local batch 1 (global 64), torchtitan's
 default sequence length for these models (8192, its train_configs/llama3_*.toml), tokens per
-second per GPU ("WPS"). Their "selective op" activation checkpointing is meshplan's
-"selective" (matmul outputs kept, the rest recomputed) except that it also recomputes every
-second matmul of a block (torchtitan's op-level SAC policy: "Saves output of all compute
-ops, except every second mm" - of a Llama block's q, k, v, o, w1, w3, w2 that is k, o and
-w3): their forward time, priced by the same cost model, is added to the simulated step.
+second per GPU ("WPS"). Their "selective op" activation checkpointing is meshplan's "selective": torchtitan's
+op-level SAC policy, which saves the outputs of all compute ops except every second mm (of a
+Llama block's q, k, v, o, w1, w3, w2 that is k, o and w3 recomputed), as meshplan's runtime
+and simulator run it (planner.arch.layers.every_other_product_policy).
 """
 from __future__ import annotations
 
@@ -26,21 +25,11 @@ SEQ = 8192
 RUNS = (("llama3-8b", 32, "selective", 2973), ("llama3-70b", 80, "full", 331))
 
 
-def every_second_matmul_s(sim) -> float:
-    """Forward seconds per step of every second matmul of each block (torchtitan's op SAC
-    recomputes them in backward; meshplan's selective mode keeps every matmul output)."""
-    traced, per_micro_batch = sim.traced, 0.0
-    for index in traced.blocks:
-        matmuls = [op for op in traced.cost_of(traced.layers[index]).ops if op.kind == "linear"]
-        per_micro_batch += sum(sim.coster.op_forward_s(op) for op in matmuls[1::2])
-    return per_micro_batch * sim.plan.grad_accum
-
-
 def predicted_tokens_per_gpu_s(preset: str, layers: int, mode: str) -> float:
     plan = Plan(dp=GPUS, zero=3, micro_batch=1, global_batch=GPUS, seq=SEQ, precision="bf16",
                 checkpoint=[mode] * layers)
     sim = prepare(plan, preset, CLUSTER)
-    step_s = sim.run().step_time_s + (every_second_matmul_s(sim) if mode == "selective" else 0.0)
+    step_s = sim.run().step_time_s
     return plan.global_batch * plan.seq / step_s / GPUS
 
 

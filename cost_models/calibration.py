@@ -344,12 +344,22 @@ GROUPED_GEMM_NOTE = "grouped GEMMs: the dense GEMM fit, transferred"
 GROUPED_GEMM_MEASURED = "grouped GEMMs: measured, {factor:.2f} x the dense GEMM fit"
 
 
-def calibration_line(calibration: Calibration, experts: bool = False) -> str:
+# float8 GEMMs (precision fp8) are priced at the fp8 peak times the calibration's "fp8" GEMM fit,
+# which only `meshplan profile --device cuda` on a GPU with float8 measures (torch._scaled_mm);
+# until then the 16-bit fit is transferred (PRECISION_FALLBACK).
+FP8_GEMM_NOTE = "fp8 GEMMs: the bf16 GEMM fit at the fp8 peak, transferred"
+FP8_GEMM_MEASURED = "fp8 GEMMs: measured"
+
+
+def calibration_line(calibration: Calibration, experts: bool = False, fp8: bool = False) -> str:
     """'calibration: GPU, source': where a report's compute numbers come from; for a model
-    with routed experts (`experts`), how their GEMMs are priced too."""
+    with routed experts (`experts`), how their GEMMs are priced too; under precision fp8
+    (`fp8`), whether its float8 GEMM fit was measured or transferred."""
     grouped = (GROUPED_GEMM_MEASURED.format(factor=calibration.grouped_gemm_factor)
                if calibration.grouped_gemm_factor else GROUPED_GEMM_NOTE)
-    return f"calibration: {calibration.gpu}, {calibration.source}" + (f"; {grouped}" if experts else "")
+    scaled = FP8_GEMM_MEASURED if "fp8" in calibration.gemm else FP8_GEMM_NOTE
+    return (f"calibration: {calibration.gpu}, {calibration.source}" + (f"; {grouped}" if experts else "")
+            + (f"; {scaled}" if fp8 else ""))
 
 
 def training_constants_like(calibration: Calibration, reference: Calibration) -> Calibration:

@@ -62,6 +62,11 @@ def gemm_bytes(m: int, k: int, n: int, precision: str, batch: int = 1) -> float:
     return float(dtype_bytes(precision) * batch * (m * k + k * n + m * n))
 
 
+def scaled_gemm_bytes(m: int, k: int, n: int, batch: int = 1) -> float:
+    """Minimum DRAM traffic of a float8 GEMM (torch._scaled_mm): float8 A and B, a bf16 C."""
+    return float(batch * (dtype_bytes("fp8") * (m * k + k * n) + dtype_bytes("bf16") * m * n))
+
+
 def causal_fraction(seq_q: int, seq_kv: int) -> float:
     """Fraction of the seq_q x seq_kv score matrix a causal mask keeps.
 
@@ -192,6 +197,14 @@ class ComputeModel:
         if _check_sizes(m=m, k=k, n=n, batch=batch):
             return 0.0
         return self._gemm_s(gemm_flops(m, k, n, batch), gemm_bytes(m, k, n, precision, batch), precision)
+
+    def scaled_matmul_time_s(self, m: int, k: int, n: int, batch: int = 1) -> float:
+        """A float8 GEMM (torch._scaled_mm, as torchao's float8 training runs it): float8
+        operands and a 16-bit output, at the fp8 peak times the fp8 GEMM fit (the 16-bit fit,
+        transferred, until a profile measures float8: Calibration.gemm_fit)."""
+        if _check_sizes(m=m, k=k, n=n, batch=batch):
+            return 0.0
+        return self._gemm_s(gemm_flops(m, k, n, batch), scaled_gemm_bytes(m, k, n, batch), "fp8")
 
     def attention_time_s(self, batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int,
                          precision: str, causal: bool = True, backward: bool = False) -> float:

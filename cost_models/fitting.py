@@ -11,7 +11,7 @@ import numpy as np
 
 from cost_models.calibration import AttentionFit, Calibration, GemmFit
 from cost_models.cluster import default_intra_link
-from cost_models.compute import ComputeModel, attention_flops, gemm_bytes, gemm_flops
+from cost_models.compute import ComputeModel, attention_flops, gemm_bytes, gemm_flops, scaled_gemm_bytes
 from cost_models.errors import MeshplanError
 from cost_models.hardware import PRECISIONS, GPUSpec
 from cost_models.memory import adamw_bytes_per_param
@@ -84,7 +84,7 @@ def fit_gemm(rows: list, peak_flops: dict, copy_bytes_per_s: float) -> tuple[flo
     for r in rows:
         t = r["seconds"]
         math_s = gemm_flops(r["m"], r["k"], r["n"], r.get("batch", 1)) / peak_flops[r["precision"]]
-        traffic_s = gemm_bytes(r["m"], r["k"], r["n"], r["precision"], r.get("batch", 1)) / copy_bytes_per_s
+        traffic_s = _gemm_row_bytes(r) / copy_bytes_per_s
         row = np.zeros(1 + 2 * len(precisions))
         j = 1 + 2 * precisions.index(r["precision"])
         row[0], row[j], row[j + 1] = 1 / t, math_s / t, traffic_s / t
@@ -179,8 +179,17 @@ def fit_quality(calibration: Calibration, gpu: GPUSpec) -> dict:
     return out
 
 
+def _gemm_row_bytes(r: dict) -> float:
+    """A measured GEMM's minimum traffic: a float8 one (torch._scaled_mm) writes bf16."""
+    if r["precision"] == "fp8":
+        return scaled_gemm_bytes(r["m"], r["k"], r["n"], r.get("batch", 1))
+    return gemm_bytes(r["m"], r["k"], r["n"], r["precision"], r.get("batch", 1))
+
+
 def predict_matmul_row(model, row: dict) -> float:
     """The model's time for one measured GEMM row."""
+    if row["precision"] == "fp8":
+        return model.scaled_matmul_time_s(row["m"], row["k"], row["n"], row.get("batch", 1))
     return model.matmul_time_s(row["m"], row["k"], row["n"], row["precision"], row.get("batch", 1))
 
 

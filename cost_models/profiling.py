@@ -88,7 +88,7 @@ def seconds_per_call(fn, sync, min_time_s: float, repeats: int = 7, max_iters: i
 
 
 def profile_precisions(device: str, gpu: GPUSpec) -> list:
-    """Precisions to measure: those the GPU has (fp8 needs scaled-mm kernels: not measured)."""
+    """16/32-bit precisions to measure: those the GPU has (fp8: measure_fp8_gemms)."""
     wanted = ("fp32", "bf16") if device == "cpu" else ("bf16", "fp16", "fp32", "tf32")
     return [p for p in wanted if p in gpu.peak_flops]
 
@@ -109,6 +109,26 @@ def measure_gemms(device: str, precisions, shapes, min_time_s: float) -> list:
                 rows.append(dict(precision=precision, m=m, k=k, n=n, batch=1, seconds=seconds))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
+    return rows
+
+
+def measure_fp8_gemms(device: str, gpu: GPUSpec, shapes, min_time_s: float) -> list:
+    """float8 GEMMs as torchao's float8 training runs them: torch._scaled_mm of an e4m3 row-major
+    A and column-major B with tensorwise scales, a bf16 output (torchao/float8/float8_ops.py).
+    Only on a CUDA GPU with an fp8 peak (skipped on CPU: its emulated _scaled_mm is no model of
+    a tensor core); shapes with a side not divisible by 16 are left out (_scaled_mm refuses them)."""
+    if device == "cpu" or "fp8" not in gpu.peak_flops:
+        return []
+    torch = _torch()
+    sync, rows, one = _sync_fn(device), [], torch.tensor(1.0, device=device)
+    for m, k, n in shapes:
+        if m % 16 or k % 16 or n % 16:
+            continue
+        a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn).t()
+        seconds = seconds_per_call(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), sync,
+                                   min_time_s)
+        rows.append(dict(precision="fp8", m=m, k=k, n=n, batch=1, seconds=seconds))
     return rows
 
 
@@ -356,7 +376,8 @@ def measure_device(device: str, gpu: GPUSpec, quick: bool = False, save_dir=".")
     attention_precision = "fp32" if cpu or "bf16" not in gpu.peak_flops else "bf16"
     scores = (CPU_QUICK_SCORES if quick else CPU_SCORES) if cpu else (QUICK_SCORES if quick else FULL_SCORES)
     measurements = {
-        "matmul": measure_gemms(device, profile_precisions(device, gpu), gemm_shapes, min_time_s),
+        "matmul": measure_gemms(device, profile_precisions(device, gpu), gemm_shapes, min_time_s)
+        + measure_fp8_gemms(device, gpu, gemm_shapes, min_time_s),
         "copy": measure_copy(device, copy_bytes, min_time_s),
         "attention": measure_attention(device, attention_precision, attention, min_time_s),
         "score_kernels": measure_score_kernels(device, attention_precision, scores, min_time_s),

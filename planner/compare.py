@@ -259,7 +259,8 @@ def _choose(spec, cluster: ClusterSpec, tokens, global_batch, seq, pue, grid, pi
     from planner.search import plan
     calibration = default_calibration(cluster.gpu)
     choice = ClusterChoice(cluster.name, cluster.gpu.name, cluster.world_size, cluster.price_usd_per_gpu_hour,
-                           calibration=calibration_line(calibration, bool(getattr(spec.config, "experts", 0))),
+                           calibration=calibration_line(calibration, bool(getattr(spec.config, "experts", 0)),
+                                                        pinned.get("precision") == "fp8"),
                            measured=calibration.measured)
     pins = dict(pinned)
     precision = pins.pop("precision", "bf16" if "bf16" in cluster.gpu.peak_flops else "fp16")

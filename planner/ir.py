@@ -89,6 +89,18 @@ class OpInfo:
         return data
 
 
+def selective_reruns(ops) -> list[bool]:
+    """Per op of a layer (in forward order), whether selective checkpointing reruns it in
+    backward: all but the fused attention kernels and every other weight product (the
+    linear layers), as planner.arch.layers.every_other_product_policy keeps them."""
+    reruns, products = [], 0
+    for op in ops:
+        weight_product = bool(op.kind in ("linear", "conv") and op.params)
+        products += weight_product
+        reruns.append(not (weight_product and products % 2 or op.kind == "attention"))
+    return reruns
+
+
 @dataclass
 class LayerCost:
     """Totals for one layer signature (every layer sharing it costs the same).
@@ -110,13 +122,13 @@ class LayerCost:
       practice the layer's inputs, which the checkpoint keeps to replay the forward.
     - `saved_bytes_selective`: selective recomputation in Korthikanti et al.'s sense, as a
       checkpoint with a `create_selective_checkpoint_contexts` policy: the outputs of the
-      matmuls/convolutions that consume a weight (a parameter or autocast's copy of one:
-      the linear layers) are saved; everything else - the attention core (flash kernel or
-      QK^T/softmax/PV), norms, activations, casts - is recomputed in backward. Counted like
-      the full checkpoint (alive storages). `recompute_fwd_flops_selective` is what that
-      recomputation costs in FLOPs (an unfused attention's batched products; a fused
-      attention kernel is saved). Op-level selective checkpointing, close to torchtitan's
-      policy (`_save_list` of matmuls and SDPA kernels).
+      fused attention kernels and of every other matmul/convolution that consumes a weight
+      (a parameter or autocast's copy of one: the linear layers) are saved; everything
+      else - the other linear layers, an unfused attention core (QK^T/softmax/PV), norms,
+      activations, casts - is recomputed in backward. Counted like the full checkpoint
+      (alive storages). `recompute_fwd_flops_selective` is what that recomputation costs in
+      FLOPs (selective_reruns). Op-level selective checkpointing as torchtitan's
+      SelectiveAC runs it (all compute ops saved except every second mm).
     - `saved_bytes_attention`: attention-core recomputation, Korthikanti et al.'s selective
       recomputation as Megatron-LM runs it (`--recompute-granularity selective`: its
       `core_attention` module checkpointed): the block runs with `recompute_attention` set,

@@ -30,7 +30,7 @@ from cost_models.errors import MeshplanError
 from cost_models.inputs import (MAX_EXPERTS, MAX_FFN, MAX_HIDDEN, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, finite_number,
                                 shown, whole_number)
 from planner.arch import arch_names, get_arch
-from planner.arch.layers import ACTIVATIONS, ATTENTION_KINDS, dropped
+from planner.arch.layers import ACTIVATIONS, ATTENTION_KINDS, WHOLE_SEQUENCE, dropped
 from planner.arch.moe import ROUTERS
 
 
@@ -243,6 +243,7 @@ class Decoder(nn.Module):
         self.norm = family.final_norm(cfg.hidden, eps=cfg.norm_eps, device=device)
         self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=cfg.head_bias, device=device)
         self.embedding_scale = math.sqrt(cfg.hidden) if family.scales_embedding else None
+        self.sequence = WHOLE_SEQUENCE   # the positions of the tokens held (runtime.context_parallel)
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
 
@@ -255,7 +256,7 @@ class Decoder(nn.Module):
             if self.embedding_scale is not None:
                 h = h * self.embedding_scale
             if self.pos is not None:
-                h = h + self.pos(torch.arange(T, device=x.device))
+                h = h + self.pos(self.sequence.positions(T, x.device))
             x = dropped(h, self.config.embedding_dropout, self.training)
         for block in self.blocks.values():
             x = block(x)

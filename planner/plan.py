@@ -44,8 +44,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #   "attention"  Korthikanti et al. 2022's selective recomputation as Megatron-LM runs it:
 #                only the attention core (QK^T, softmax, dropout, x V or the fused kernel)
 #                reruns in backward; everything else is kept (planner.arch.layers.attention_core);
-#   "selective"  op-level selective checkpointing, close to torchtitan's policy: the linear
-#                layers' and fused attention kernels' outputs are kept, all else reruns;
+#   "selective"  op-level selective checkpointing as torchtitan's SelectiveAC runs it: the fused
+#                attention kernels' outputs and every other linear layer's are kept, all else
+#                reruns (planner.arch.layers.every_other_product_policy);
 #   "full"       the block's forward reruns (only its input is kept).
 CHECKPOINT_MODES = ("none", "attention", "selective", "full")
 RECOMPUTE_MODES = tuple(m for m in CHECKPOINT_MODES if m != "none")
@@ -59,13 +60,18 @@ TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
 PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
-            "sequence_parallel", "offload_optimizer", "precision")
+            "sequence_parallel", "offload_optimizer", "precision", "fp8_recipe", "compile")
 
 
 # The most each whole-number field may be (cost_models.inputs: what can exist).
 _NUMBER_BOUNDS = {"dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "cp": MAX_GPUS, "ep": MAX_GPUS,
                   "micro_batch": MAX_GLOBAL_BATCH,
                   "global_batch": MAX_GLOBAL_BATCH, "seq": MAX_SEQ, "interleave": MAX_LAYERS}
+
+
+def compute_precision(precision: str) -> str:
+    """The precision everything but float8 GEMMs computes and stores in: bf16 for "fp8"."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def low_precision_dtype(precision: str) -> torch.dtype | None:

@@ -11,11 +11,14 @@ A file.py:factory model is built from the seed the same way, cut into stages by
 torch.fx and split over tp on the linears its layout names (runtime.modules, runtime.split);
 it trains on its example_inputs and backpropagates the loss its forward returns.
 
-Order per part: expert parallel (ep > 1: runtime.expert_parallel) -> tensor parallel ->
-activation checkpointing -> autocast (pipeline stages) -> data parallel (FSDP2 /
-replicate / DDP), as TorchTitan does.
+Order per part: context parallel (cp > 1: runtime.context_parallel points the part's
+positions and attention at this rank's sequence chunks) -> expert parallel (ep > 1:
+runtime.expert_parallel) -> tensor parallel -> activation checkpointing -> torch.compile
+per block (plan.compile: runtime.compiling) -> autocast (pipeline stages) -> data parallel
+(FSDP2 / replicate / DDP), as TorchTitan does.
 
-A step: this dp rank's rows of the global batch as `grad_accum` micro-batches; without
+A step: this dp rank's rows of the global batch (under cp, this rank's two chunks of each
+of them) as `grad_accum` micro-batches; without
 a pipeline each micro-batch's loss / grad_accum is back-propagated (gradient sync only
 on the last micro-batch for replicate/DDP; FSDP reduce-scatters each), with a pipeline
 the plan's schedule runs them. Then tied-embedding gradients are summed between the
@@ -40,8 +43,10 @@ from planner.models import count_parameters
 from planner.plan import Plan
 from planner.torch_compat import pipeline_first_stage_input
 from planner.trace.inputs import primary_output
-from runtime import expert_parallel
+from runtime import context_parallel, expert_parallel, fp8
 from runtime import optim as optim_mod
+from runtime import compiling
+from runtime.compiling import compile_blocks
 from runtime.config import TrainingConfig
 from runtime.modules import chunks as factory_chunks
 from runtime.parallelize import (apply_checkpointing, autocast_context, data_parallel, resolve_layout,
@@ -55,6 +60,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_plan(spec, plan: Plan):
     """Everything about plan + model that can be checked without a process group."""
+    compiling.check_plan(plan)
+    context_parallel.check(spec, plan)
     if spec.config is None:   # a file.py:factory model, checked on the meta device
         from runtime.modules import FactoryModel
         check_schedule(plan)
@@ -72,7 +79,7 @@ def check_plan(spec, plan: Plan):
     plan.check_fits(cfg.layers)
     if plan.seq > cfg.max_seq:
         raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
-    if plan.sequence_parallel and plan.seq % plan.tp:
+    if plan.sequence_parallel and plan.local_seq % plan.tp:
         raise MeshplanError(f"sequence_parallel splits seq {plan.seq} over tp {plan.tp}: make tp divide seq")
     check_schedule(plan)
     if plan.tp > 1:
@@ -110,16 +117,28 @@ class Engine:
         self.loss_context = loss_parallel if vocab_parallel_loss(layout) else contextlib.nullcontext
 
         self.parts, self.modules = {}, {}
+        self.context = None
+        if plan.cp > 1:
+            self.context = context_parallel.ContextShard(rt.group("cp"), rt.coords["cp"], plan.cp)
+        if plan.precision == "fp8":
+            fp8.check_device(self.device)
+        self.fp8_linears = 0   # block linears converted to torchao's Float8Linear (runtime.fp8)
         for v, part in parts.items():
             part.to(self.device)
+            if self.context is not None:
+                context_parallel.apply(part, self.context)
             blocks = self.factory.blocks(part) if self.factory else {int(k): b for k, b in part.blocks.items()}
             if plan.ep > 1:
                 expert_parallel.apply_expert_parallel(part, rt.expert_mesh)
+            if plan.precision == "fp8":   # before TP and FSDP wrap them, as torchtitan converts
+                self.fp8_linears += fp8.convert_blocks(blocks, plan)
             if layout is not None:
                 tensor_parallel(part, rt.submesh("tp"), layout, cfg, plan, first_stage=v == 0, last_stage=v == V - 1)
             elif self.factory and plan.tp > 1:
                 self.factory.tensor_parallel(part, rt.submesh("tp"))
             apply_checkpointing(part, plan, blocks)
+            if plan.compile:        # after TP and AC, before FSDP (torchtitan's apply_compile)
+                compile_blocks(blocks)
             if plan.pp > 1:
                 with_autocast(part, plan, self.device)
             self.parts[v] = part
@@ -167,8 +186,8 @@ class Engine:
     # -------------------------------------------------------------------------------
     def _tie_across_stages(self, V: int):
         rt, plan = self.rt, self.plan
-        for i, j in itertools.product(range(plan.dp), range(plan.tp)):
-            ranks = sorted({rt.rank_at(pp=0, dp=i, tp=j), rt.rank_at(pp=plan.pp - 1, dp=i, tp=j)})
+        for i, c, j in itertools.product(range(plan.dp), range(plan.cp), range(plan.tp)):
+            ranks = sorted({rt.rank_at(pp=0, dp=i, cp=c, tp=j), rt.rank_at(pp=plan.pp - 1, dp=i, cp=c, tp=j)})
             group = dist.new_group(ranks)
             if rt.rank in ranks:
                 self.tied_group = group
@@ -205,6 +224,8 @@ class Engine:
         plan, rt = self.plan, self.rt
         lr = self.optimizers[0].param_groups[0]["lr"]
         self.mb_losses = []
+        if self.context is not None:   # this cp rank's chunks of each sequence, labels alike
+            inputs, targets = self.context.shard(inputs), self.context.shard(targets)
         if self.schedule is None:
             model = self.modules[0]
             if self.factory:   # inputs: this rank's (args, kwargs) (runtime.modules.ExampleSource)
@@ -264,12 +285,14 @@ class Engine:
         else:
             for opt in self.optimizers:
                 opt.step()
+        fp8.after_optimizer_step(self.modules.values(), plan)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         for sched in self.schedulers:
             sched.step()
 
-        # Mean loss over every micro-batch of the global batch, summed once per (dp, pp-last) rank.
+        # Mean loss over every micro-batch of the global batch, summed once per (dp, cp, pp-last)
+        # rank: each cp rank's mean is over as many tokens as any other's.
         owner = self.has_last and rt.coords["tp"] == 0
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         if owner and self.mb_losses:

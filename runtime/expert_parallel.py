@@ -57,7 +57,7 @@ def expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
     Its own root (not a sub-mesh of the plan's), because FSDP2 combines a DTensor weight's
     mesh with its data-parallel mesh only when both hang from one root; every rank builds
     it, in the same order, right after the plan's (runtime.mesh.setup)."""
-    sizes = {"pp": plan.pp, "tp": plan.tp, "edp": plan.edp, "ep": plan.ep}
+    sizes = {"pp": plan.pp, "cp": plan.cp, "tp": plan.tp, "edp": plan.edp, "ep": plan.ep}
     dims = expert_dims(plan)
     return init_device_mesh(device_type, tuple(sizes[d] for d in dims), mesh_dim_names=tuple(dims))
 

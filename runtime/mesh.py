@@ -7,6 +7,11 @@ one process. The mesh is `init_device_mesh` with the plan's named dimensions in
 r in that shape - the layout the simulator assumes (default pp, dp, tp: tensor-parallel
 ranks adjacent, pipeline stages outermost).
 
+A plan with context parallelism (cp > 1) also gets its ("dp", "cp") dimensions flattened
+into one "dp_cp" mesh, over which data parallelism reduces the gradients (torchtitan's
+"fsdp" dimension, dp_shard x cp flattened: torchtitan/distributed/parallel_dims.py);
+`Runtime.data_mesh` is that mesh, or "dp".
+
 A plan with expert parallelism (ep > 1) gets a second mesh over the same ranks, with dp
 unflattened into (edp, ep) (runtime.expert_parallel.expert_mesh), and its coordinates
 "edp" and "ep" beside the plan's.
@@ -42,6 +47,7 @@ class Runtime:
     coords: dict = field(default_factory=lambda: {d: 0 for d in MESH_DIMS})
     owns_process_group: bool = False          # we called init_process_group, so we destroy it
     expert_mesh: DeviceMesh | None = None     # ep > 1: (..., edp, ep, ...) for the experts
+    data_mesh: DeviceMesh | None = None       # where gradients are reduced: dp, or dp x cp flattened
 
     @property
     def distributed(self) -> bool:
@@ -102,7 +108,7 @@ def check_world(plan: Plan, world: int):
     included, passes here before it starts anything.)"""
     require_torch(RUNTIME_MIN_TORCH, "the meshplan training runtime")
     if plan.world_size != world:
-        raise MeshplanError(f"the plan needs dp x tp x pp = {plan.dp} x {plan.tp} x {plan.pp} = "
+        raise MeshplanError(f"the plan needs dp x cp x tp x pp = {plan.dp} x {plan.cp} x {plan.tp} x {plan.pp} = "
                             f"{plan.world_size} processes but {world} were started: start {plan.world_size} "
                             f"(meshplan train --nproc-per-node {plan.world_size}), or use a plan for {world}")
 
@@ -136,12 +142,15 @@ def setup(plan: Plan, device_choice: str = "auto", timeout_s: float = 600.0) -> 
     shape = tuple(getattr(plan, d) for d in order)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=order)
     coords = {d: mesh.get_local_rank(d) for d in order}
+    data = mesh["dp"]
+    if plan.cp > 1:
+        data = mesh[tuple(d for d in order if d in ("dp", "cp"))]._flatten("dp_cp")
     emesh = None
     if plan.ep > 1:
         from runtime.expert_parallel import EXPERT_DIMS, expert_mesh
         emesh = expert_mesh(plan, device.type)
         coords.update({d: emesh.get_local_rank(d) for d in EXPERT_DIMS})
-    return Runtime(rank, world, local_rank, device, mesh, coords, owns, emesh)
+    return Runtime(rank, world, local_rank, device, mesh, coords, owns, emesh, data)
 
 
 def teardown(rt: Runtime, completed: bool = True):
@@ -181,4 +190,4 @@ def _release_mesh_groups(rt: Runtime):
     for m in (rt.mesh, rt.expert_mesh):
         if m is not None:
             getattr(m, "_pg_registry", {}).clear()
-    rt.mesh = rt.expert_mesh = None
+    rt.mesh = rt.expert_mesh = rt.data_mesh = None

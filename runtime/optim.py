@@ -11,7 +11,7 @@
   whatever the layout. PyTorch's `clip_grad_norm_` cannot do this across pipeline
   stages and across DTensors on different meshes (FSDP-only vs FSDP x TP, experts over
   (edp, ep)), so each rank adds the squares of the gradient shards it owns - a shard is
-  owned along a dp/tp (edp/ep) mesh dimension if it is sharded along it, or else by
+  owned along a dp/cp/tp (edp/ep) mesh dimension if it is sharded along it, or else by
   coordinate 0 there - and one
   all-reduce over the world sums them. Clipping then scales the local shards.
 - fp16: `torch.amp.GradScaler` in one process; `ShardedGradScaler` (found-inf
@@ -80,17 +80,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+REPLICA_DIMS = {"dp", "cp", "tp"}
+
+
+def _dims(name: str) -> set:
+    """The plan's dimensions a mesh dimension spans: "dp_cp" (runtime.mesh, flattened) both."""
+    return set(name.split("_")) if set(name.split("_")) <= REPLICA_DIMS else {name}
+
+
 def _copies(g: torch.Tensor) -> set:
     """The mesh dimensions along which other ranks hold copies of this rank's shard of `g`:
-    dp and tp, less those its DTensor mesh shards it along. An expert's mesh (edp, ep)
+    dp, cp and tp, less those its DTensor mesh shards it along. An expert's mesh (edp, ep)
     stands for dp (runtime.expert_parallel); a plain or dp-mesh gradient is a copy on each
     edp/ep coordinate only through dp."""
     if not isinstance(g, DTensor):
-        return {"dp", "tp"}
-    names = set(g.device_mesh.mesh_dim_names)
+        return set(REPLICA_DIMS)
+    names = set().union(*(_dims(n) for n in g.device_mesh.mesh_dim_names))
     # Shard or _StridedShard (FSDP over TP or over ep); gradients are never Partial here
-    sharded = {n for n, pl in zip(g.device_mesh.mesh_dim_names, g.placements) if not pl.is_replicate()}
-    outside = {"dp", "tp"} - names
+    sharded = set().union(*(_dims(n) for n, pl in zip(g.device_mesh.mesh_dim_names, g.placements)
+                            if not pl.is_replicate()))
+    outside = REPLICA_DIMS - names
     if names & {"edp", "ep"}:
         outside = (outside - {"dp"}) | ({"edp", "ep"} - names)
     return (names - sharded) | outside

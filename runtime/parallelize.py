@@ -8,10 +8,11 @@ Everything here is PyTorch's own machinery:
   logits split for `loss_parallel` (`vocab_parallel_loss`), so a block and the head issue
   Megatron-LM's collectives;
 - activation checkpointing: `torch.utils.checkpoint.checkpoint(use_reentrant=False)`
-  around a block's forward ("full"); "selective" (op-level, close to torchtitan's policy)
+  around a block's forward ("full"); "selective" (op-level, torchtitan's SelectiveAC policy)
   passes a policy through `create_selective_checkpoint_contexts` that keeps the outputs of
-  the linear layers and fused attention kernels and recomputes everything else (norms,
-  activations, residual adds, an unfused attention's scores); "attention" sets the block's
+  the fused attention kernels and of every other linear layer and recomputes everything
+  else (the other linear layers, norms, activations, residual adds, an unfused attention's
+  scores); "attention" sets the block's
   `recompute_attention` flag, so only its attention core runs under the checkpoint
   (Korthikanti et al. 2022 as Megatron-LM runs it; planner.arch.layers.attention_core);
 - ZeRO 3 / 2 / 1: FSDP2 `fully_shard` per block and on the part's root, with
@@ -33,11 +34,12 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from cost_models.errors import MeshplanError
 from planner.arch import TOP_ROLES, get_arch
 # the layout rules live with the model families, so the planner checks a plan with them too
+from planner.arch.layers import every_other_product_policy
 from planner.arch.layout import megatron_layout, resolve_layout, vocab_dim  # noqa: F401  (the engine's and tests')
 from planner.models import ModelConfig
 from planner.plan import PRECISION_DTYPES, Plan
@@ -188,12 +190,20 @@ def selective_save_ops():
         _SELECTIVE_SAVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     return _SELECTIVE_SAVE_OPS
 
-def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in selective_save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+_PRODUCT_OPS = None
 
-def _selective_context():
+def _linear_product(op, args) -> bool:
+    """A linear layer's matmul: what torchtitan counts to recompute every second one."""
+    global _PRODUCT_OPS
+    if _PRODUCT_OPS is None:
+        _PRODUCT_OPS = {getattr(torch.ops.aten, n).default for n in ("mm", "addmm", "linear")}
+    return op in _PRODUCT_OPS
+
+def selective_context():
+    """A fresh selective-checkpoint context for one block call (the runtime's policy)."""
     selective_checkpoint_ignores_profiler_ranges()
-    return create_selective_checkpoint_contexts(_selective_policy)
+    return create_selective_checkpoint_contexts(
+        every_other_product_policy(lambda op, args: op in selective_save_ops(), _linear_product))
 
 def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None):
     """Recompute each block as the plan says (planner.plan.CHECKPOINT_MODES).
@@ -212,7 +222,7 @@ def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None)
         inner = block.forward
         kwargs = dict(use_reentrant=False)
         if mode == "selective":
-            kwargs["context_fn"] = _selective_context
+            kwargs["context_fn"] = selective_context
 
         def forward(*args, _inner=inner, _kw=kwargs, **kw):
             return checkpoint(_inner, *args, **_kw, **kw)
@@ -221,7 +231,7 @@ def apply_checkpointing(part: nn.Module, plan: Plan, blocks: dict | None = None)
 
 # ---------------------------------------------------------------------------- data parallel
 def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -> nn.Module:
-    """Wrap a part for the plan's ZeRO stage over the dp mesh, each block (`blocks`: {number:
+    """Wrap a part for the plan's ZeRO stage over the dp (x cp) mesh, each block (`blocks`: {number:
     module}, default a Decoder part's) and the part's root; returns the module to call."""
     dp = plan.dp
     blocks = part.blocks if blocks is None else blocks
@@ -238,7 +248,7 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
             else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if plan.offload_optimizer else OffloadPolicy()
-        kw = dict(mesh=rt.submesh("dp"), reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
+        kw = dict(mesh=rt.data_mesh, reshard_after_forward=plan.zero == 3, mp_policy=mp, offload_policy=offload)
         if dtype != torch.float32:   # BatchNorm in fp32, its output in 16 bits (planner.trace.fake.batch_norm_in_fp32)
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
             for norm in [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
@@ -249,14 +259,14 @@ def data_parallel(part: nn.Module, rt, plan: Plan, blocks: dict | None = None) -
             fully_shard(block, **kw, **ignored)
         fully_shard(part, **kw, **ignored)
         return part
-    if dp == 1:
+    if dp * plan.cp == 1:
         return part
     replicate = fsdp_replicate()
     for module in wrapped:
         replicate(module, mesh=rt.expert_mesh["edp"])
     for block in blocks.values():
-        replicate(block, mesh=rt.submesh("dp"), **ignored)
-    replicate(part, mesh=rt.submesh("dp"), **ignored)
+        replicate(block, mesh=rt.data_mesh, **ignored)
+    replicate(part, mesh=rt.data_mesh, **ignored)
     return part
 
 def uses_fsdp_precision(plan: Plan) -> bool:

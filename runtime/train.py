@@ -41,7 +41,7 @@ import torch  # noqa: E402  (after the lifeline, on purpose)
 
 from cost_models.errors import MeshplanError
 from planner.cli.flags import Parser
-from planner.plan import Plan
+from planner.plan import Plan, compute_precision
 from planner.zoo import load_model
 from runtime.config import TrainingConfig
 
@@ -79,6 +79,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--gpu", help="catalogue GPU for MFU's peak FLOP/s (default: detected; 'cpu' on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block, as torchtitan does (a plan's \"compile\": true does too)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --log-json file (checkpoints are never replaced: use --resume or "
                         "another --checkpoint-dir)")
@@ -117,11 +119,22 @@ def validate(argv=None):
     config = TrainingConfig.from_args(args)
     _check_args(args)
     plan = Plan.load(args.plan)
+    plan.compile = plan.compile or args.compile
+    if plan.compile:
+        from runtime.compiling import check_compiler
+        check_compiler("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
     spec = load_model(args.model)
     from runtime.engine import check_plan
     check_plan(spec, plan)
     if args.gpu:
+        from cost_models.hardware import get_gpu
+        from planner.fp8 import check_gpu
+        check_gpu(get_gpu(args.gpu), plan.precision)   # fp8 on a GPU without it -> one line naming those with it
         peak_flops(args.gpu, plan.precision)     # unknown GPU or precision -> MeshplanError
+    if plan.precision == "fp8":
+        from runtime.fp8 import require_torchao
+        require_torchao()                        # torchao missing -> one line, exit 2
     if args.data != "synthetic":
         if spec.config is None:
             raise MeshplanError(f"{spec.name} trains on its example_inputs: drop --data (it takes token files "
@@ -256,7 +269,8 @@ def _train(args, config, plan, spec, rt, sink, records, stop):
     from runtime.preemption import Preempted
     engine = Engine(spec, plan, rt, config)
     gpu = args.gpu or gpu_for_device(rt.device)
-    peak = peak_flops(gpu, plan.precision, strict=bool(args.gpu))
+    # MFU against the 16-bit peak under fp8 too, as the simulator and torchtitan report it
+    peak = peak_flops(gpu, compute_precision(plan.precision), strict=bool(args.gpu))
     if spec.config is None:
         from runtime.modules import ExampleSource
         loader = ExampleSource(engine.factory.maker, spec.name, plan.global_batch, plan.seq, config.seed, plan.dp,
@@ -295,8 +309,10 @@ def _train(args, config, plan, spec, rt, sink, records, stop):
             sink.note(f"resumed from {where} (step {start})")
         sink.drop_after(start)
     ep = f" (ep {plan.ep})" if plan.ep > 1 else ""
-    sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp}{ep} tp {plan.tp} pp {plan.pp} "
-              f"zero {plan.zero} {plan.precision} | {plan.grad_accum} micro-batch(es) of {plan.micro_batch} "
+    cp = f" cp {plan.cp}" if plan.cp > 1 else ""
+    sink.note(f"{spec.name}: {engine.params_total:,} parameters | dp {plan.dp}{ep}{cp} tp {plan.tp} pp {plan.pp} "
+              f"zero {plan.zero} {plan.precision}{' compiled' if plan.compile else ''} | {plan.grad_accum} "
+              f"micro-batch(es) of {plan.micro_batch} "
               f"x {plan.seq} tokens per dp rank per step | {rt.world_size} process(es) on {rt.device.type}")
     meta = dict(model=spec.name, model_config=_model_config(spec), plan=plan.to_dict(), world_size=rt.world_size,
                 zero=plan.zero, seed=config.seed, global_batch=plan.global_batch, training=config.to_dict())

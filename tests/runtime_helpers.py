@@ -105,7 +105,8 @@ def planned(path: Path, model: str, **fields) -> Path:
     """The plan `meshplan plan --model M --cluster cpu:1xN ... --out PATH` writes with every
     degree pinned: the path users take. Plans with fields no flag pins go to write_plan."""
     checkpoint = fields.get("checkpoint") or ["none"]
-    if any(k in fields for k in _DECIDED_BY_THE_PLANNER) or len(set(checkpoint)) > 1:
+    # cp: written directly until `meshplan plan --cp` lands (the cp planner's branch)
+    if any(k in fields for k in _DECIDED_BY_THE_PLANNER) or len(set(checkpoint)) > 1 or fields.get("cp", 1) > 1:
         return write_plan(path, **fields)
     from planner.cli import main
     p = Plan(**fields)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from planner.arch.base import Architecture, register
-from planner.arch.layers import ACTIVATIONS, attention_core, dropped
+from planner.arch.layers import ACTIVATIONS, WHOLE_SEQUENCE, attention_core, dropped
 
 
 class GPTBlock(nn.Module):
@@ -17,6 +17,7 @@ class GPTBlock(nn.Module):
         self.head_dim, self.act = cfg.head_dim, ACTIVATIONS[cfg.activation]
         self.attention, self.dropout, self.attention_dropout = cfg.attention, cfg.dropout, cfg.attention_dropout
         self.recompute_attention = False   # set by runtime.parallelize.apply_checkpointing
+        self.sequence = WHOLE_SEQUENCE     # runtime.context_parallel sets this rank's chunks
         self.ln1 = nn.LayerNorm(h, eps=cfg.norm_eps, device=device)
         self.qkv = nn.Linear(h, 3 * inner, bias=cfg.qkv_bias, device=device)
         self.proj = nn.Linear(inner, h, bias=cfg.out_bias, device=device)

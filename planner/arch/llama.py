@@ -8,17 +8,21 @@ import torch
 import torch.nn as nn
 
 from planner.arch.base import Architecture, register
-from planner.arch.layers import ACTIVATIONS, attention_core, dropped
+from planner.arch.layers import ACTIVATIONS, WHOLE_SEQUENCE, attention_core, dropped
 
 
-def rotary(x: torch.Tensor, theta: float, dims: int | None = None) -> torch.Tensor:
+def rotary(x: torch.Tensor, theta: float, dims: int | None = None, positions: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Rotate pairs (x[..., :d/2], x[..., d/2:d]) of a (B, heads, T, D) tensor by position,
     over its first d = `dims` (default D) dimensions; the rest pass through (partial rotary,
-    as Hugging Face's Phi applies it: transformers models/phi/modeling_phi.py)."""
+    as Hugging Face's Phi applies it: transformers models/phi/modeling_phi.py). `positions`:
+    the T tokens' float32 positions (default 0..T-1)."""
     T, D = x.shape[-2], x.shape[-1]
     d = D if dims is None else dims
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    if positions is None:
+        positions = torch.arange(T, device=x.device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     if d == D:
         x1, x2 = x[..., : D // 2], x[..., D // 2:]
@@ -37,6 +41,7 @@ class RotaryBlock(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
         self.attention, self.dropout, self.attention_dropout = cfg.attention, cfg.dropout, cfg.attention_dropout
         self.recompute_attention = False   # set by runtime.parallelize.apply_checkpointing
+        self.sequence = WHOLE_SEQUENCE     # runtime.context_parallel sets this rank's chunks
         self.q = nn.Linear(h, cfg.heads * hd, bias=cfg.qkv_bias, device=device)
         self.k = nn.Linear(h, cfg.kv_heads * hd, bias=cfg.qkv_bias, device=device)
         self.v = nn.Linear(h, cfg.kv_heads * hd, bias=cfg.qkv_bias, device=device)
@@ -49,7 +54,8 @@ class RotaryBlock(nn.Module):
         return self.rotate(q), self.rotate(k), v
 
     def rotate(self, x):
-        return rotary(x, self.rope_theta, None if self.rotary_dims == self.head_dim else self.rotary_dims)
+        positions = self.sequence.positions(x.shape[-2], x.device, torch.float32)
+        return rotary(x, self.rope_theta, None if self.rotary_dims == self.head_dim else self.rotary_dims, positions)
 
 
 class LlamaBlock(RotaryBlock):

@@ -18,7 +18,9 @@ from planner.compare import TRANSFERRED_UNCERTAINTY, ClusterChoice, compare
 from planner.plan import degree_words
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
-PIN_FLAGS = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule")
+PIN_FLAGS = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "precision", "fp8_recipe",
+             "compile")
+PIN_HELP = {"compile": "default: off (not searched)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print {"clusters": [...]}')
     p.add_argument("--plot", help="write days, $ and MWh per cluster as bar charts (.png)")
     add_plan_flags(p.add_argument_group("pin a dimension on every cluster (the search fills in the rest)"),
-                   PIN_FLAGS)
+                   PIN_FLAGS, help=PIN_HELP)
     add_engine_flags(p)
     add_moe_flags(p)
     outputs.add_html_flag(p)

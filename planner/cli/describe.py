@@ -139,7 +139,7 @@ def _engines(args) -> int:
     rows = [dict(name=e.name, describes=e.describes, zero=list(e.zero), pipeline_zero=list(e.pipeline_zero),
                  schedules=list(e.schedules), recompute=list(e.recompute), precisions=list(e.precisions),
                  sequence_parallel=e.sequence_parallel, offload_optimizer=e.offload_optimizer,
-                 options={k: dict(values=list(map(option_text, o.values)), default=option_text(o.default), help=o.help)
+                 compile=not e.compile_refusal, options={k: dict(values=list(map(option_text, o.values)), default=option_text(o.default), help=o.help)
                           for k, o in e.options.items()}) for e in ENGINES.values()]
     if args.json:
         print(json.dumps(rows))

@@ -15,7 +15,7 @@ from dataclasses import fields
 from cost_models.errors import MeshplanError
 from cost_models.inputs import check_output_path, finite_number
 from cost_models.units import GB, GIB
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan
+from planner.plan import CHECKPOINT_MODES, FP8_RECIPES, PRECISIONS, SCHEDULES, Plan
 
 MODEL_HELP = "preset name, config .json (also Hugging Face's), model directory, HF cache name, or file.py:factory"
 CLUSTER_HELP = "GPU:NODESxGPUS, a named system, or a .yaml/.json file"
@@ -28,12 +28,18 @@ FIELD_WORDS = {"dp": "data-parallel degree", "tp": "tensor-parallel degree", "pp
                "ep": "expert-parallel degree (MoE; splits each group of ep data-parallel ranks' experts)",
                "zero": "ZeRO stage: 0 replicated, 1 optimizer, 2 +gradients, 3 +parameters sharded",
                "micro_batch": "sequences per micro-batch", "checkpoint": "activation recomputation",
-               "precision": "training precision", "schedule": "pipeline schedule",
+               "precision": "training precision (fp8: bf16 with the block linears' GEMMs in float8, torchao's "
+                            "float8 training; GPUs with FP8 only)",
+               "fp8_recipe": "float8 scaling with --precision fp8: tensorwise (one scale a tensor; FSDP "
+                             "all-gathers the weights in float8) or rowwise (one a row)",
+               "schedule": "pipeline schedule",
                "interleave": "model chunks per pipeline rank (interleaved schedule)",
                "sequence_parallel": "Megatron sequence parallelism over the tensor-parallel group",
-               "offload_optimizer": "optimizer state and step on the CPU (ZeRO >= 1)"}
-_CHOICES = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS}
-_SWITCHES = ("sequence_parallel", "offload_optimizer")
+               "offload_optimizer": "optimizer state and step on the CPU (ZeRO >= 1)",
+               "compile": "torch.compile each block (fused elementwise kernels, fewer launches)"}
+_CHOICES = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
+            "fp8_recipe": FP8_RECIPES}
+_SWITCHES = ("sequence_parallel", "offload_optimizer", "compile")
 # A flag's default where the plan is given, not searched: Plan's own, every layer un-checkpointed.
 _PLAN_DEFAULTS = {**{f.name: f.default for f in fields(Plan)}, "checkpoint": "none"}
 

@@ -20,7 +20,10 @@ from planner.search.ranking import MAX_TOP
 HELP = ("search the best plans (degrees, ZeRO, micro-batch, schedule, stages, checkpointing) "
         "for a model on a cluster")
 PIN_HELP = {"checkpoint": "the same mode for every layer (default: chosen per layer)",
-            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster"}
+            "precision": "default: bf16 (fp16 on GPUs without bf16); fp32 is never faster; fp8 only when "
+                         "given (its numerics are the user's choice)",
+            "fp8_recipe": "default tensorwise",
+            "compile": "default: off (not searched)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,14 +80,15 @@ def run(args) -> int:
         outputs.wrote(args, args.plot)
     if args.html:
         from planner.report import plan_report
-        outputs.write_html(args, plan_report(plans, spec.name, cluster.name, calibration_line(calibration),
+        outputs.write_html(args, plan_report(plans, spec.name, cluster.name,
+                                             calibration_line(calibration, fp8=pinned["precision"] == "fp8"),
                                              outputs.command_line(args)))
     if args.json:
         print(json.dumps(plans_json(plans)))
     else:
         experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
         _print_table(plans, spec.name, cluster, args.wide, experts, any(p.cp > 1 for p in plans)).print(
-            calibration_line(calibration, experts), highlight=False)
+            calibration_line(calibration, experts, pinned["precision"] == "fp8"), highlight=False)
     if args.explain and not args.json:
         from planner.search.explain import explain
         console = console_for(wide=args.wide)
@@ -147,6 +151,7 @@ def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: b
         schedule = p.schedule + (f" x{p.interleave}" if p.interleave > 1 else "")
         schedule += " +sp" if p.sequence_parallel else ""
         schedule += " +offload" if p.offload_optimizer else ""
+        schedule += " +compile" if p.compile else ""
         rows.append((str(i), str(p.dp), *((str(p.cp),) if context else ()), str(p.tp), str(p.pp),
                      *((str(p.ep),) if experts else ()), str(p.zero),
                      f"{p.micro_batch} x {p.grad_accum}", schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),

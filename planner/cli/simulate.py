@@ -16,6 +16,7 @@ from planner.cli.flags import (CALIBRATION_HELP, CLUSTER_HELP, DEFAULT_SEQ, JSON
                                add_engine_flags, add_moe_flags, add_plan_flags, check_distinct, check_image_path,
                                engine_args, flag, moe_imbalance, pinned, with_defaults)
 from planner.cli import outputs
+from planner.fp8 import precision_words
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column
 from planner.interop.cli import add_from_flag
 from cost_models.inputs import check_output_path
@@ -24,8 +25,8 @@ from planner.plan import Plan, degree_words
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
-PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "cp", "ep", "zero", "checkpoint", "precision", "schedule", "interleave",
-               "sequence_parallel")
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "cp", "ep", "zero", "checkpoint", "precision", "fp8_recipe",
+               "schedule", "interleave", "sequence_parallel", "compile")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
                             "selective (op-level, torchtitan-like) or full"}
@@ -104,8 +105,8 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
     return replace(plan, checkpoint=[mode] * spec.config.layers)
 
 
-_CASE_KEYS = {"dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
-              "interleave", "sequence_parallel", "offload_optimizer", "engine", "engine_options"}
+_CASE_KEYS = {"dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "fp8_recipe",
+              "schedule", "interleave", "sequence_parallel", "offload_optimizer", "compile", "engine", "engine_options"}
 
 
 def _simulate_one(case: dict):
@@ -154,11 +155,12 @@ def run(args) -> int:
         result = simulate(plan, spec, cluster, compute=compute, comm=comm, moe_imbalance=imbalance)
     from planner.cli.simulate_outputs import write_outputs
     experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
-    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, calibration_line(calibration, experts))
+    line = calibration_line(calibration, experts, plan.precision == "fp8")
+    misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, line)
     if args.json:
         print(json.dumps({**result.to_dict(), "plan": plan.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
-    _print_result(plan, result, args.wide, misfit).print(calibration_line(calibration, experts), highlight=False)
+    _print_result(plan, result, args.wide, misfit).print(line, highlight=False)
     return 0
 
 
@@ -182,8 +184,8 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
     console = console_for(table, wide=wide)
     console.print(f"[bold]{degree_words(plan)}[/bold] zero={plan.zero} "
-                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {plan.precision}, "
-                  f"{plan.schedule}, run by {plan.engine}"
+                  f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {precision_words(plan)}, "
+                  f"{plan.schedule}{', compiled' if plan.compile else ''}, run by {plan.engine}"
                   + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
                   f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%"

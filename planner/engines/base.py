@@ -15,6 +15,7 @@ behaviour changed (`megatron-lm@2021` beside `megatron-lm`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import shown
@@ -61,6 +62,8 @@ class Engine:
     """Activation-recompute modes (planner.plan.RECOMPUTE_MODES) it offers; "full" at least
     (the search's memory floor recomputes every block in full)."""
     precisions: tuple = ("fp32", "bf16", "fp16")
+    fp8_recipes: tuple = ()
+    """The float8 scalings (planner.plan.FP8_RECIPES) it runs with precision fp8."""
     sequence_parallel: bool = True
     """Megatron-style sequence parallelism with tp (norms and dropouts on seq / tp tokens)."""
     offload_optimizer: bool = True
@@ -77,6 +80,11 @@ class Engine:
     context_refusal: str = ""
     """Why it gets no context parallelism (cp > 1) that meshplan models; "" = it has it
     (planner.simulate.context)."""
+    compile_refusal: str = ""
+    """Why it does not run a plan's `compile` (torch.compile per block); "" = it does."""
+    limits: Callable | None = None
+    """plan -> why its runtime cannot run that combination of choices (None: it can); the
+    search keeps to what it allows (`recompute_for`), simulate refuses the rest."""
     micro_batch_per_stage: bool = True
     """Its 1F1B needs at least pp micro-batches per step (torch.distributed.pipelining's does;
     Megatron-LM's warm-up takes min(pp - rank - 1, micro-batches) and runs with fewer)."""
@@ -134,6 +142,8 @@ class Engine:
             return f"{self.name} offers recompute {offered}, not {', '.join(modes)}"
         if plan.precision not in self.precisions:
             return f"{self.name} trains in {', '.join(self.precisions)}, not {plan.precision}"
+        if plan.precision == "fp8" and plan.fp8_recipe not in self.fp8_recipes:
+            return f"{self.name} runs fp8 with the {', '.join(self.fp8_recipes)} recipe, not {plan.fp8_recipe}"
         if plan.sequence_parallel and not self.sequence_parallel:
             return f"{self.name} has no sequence parallelism"
         if plan.offload_optimizer and not self.offload_optimizer:
@@ -146,9 +156,17 @@ class Engine:
             return f"{self.name} has no context parallelism meshplan models ({self.context_refusal}): use cp 1"
         if plan.cp > 1 and plan.zero not in self.context_zero:
             return f"{self.name} runs context parallelism with ZeRO {_stages(self.context_zero)}, not {plan.zero}"
+        if plan.compile and self.compile_refusal:
+            return f"{self.name} does not compile each block ({self.compile_refusal}): drop compile"
         if plan.tp_layout and not self.searched_tp_layout:
             return f"{self.name} applies Megatron-LM's tensor-parallel layout only: drop the plan's tp_layout"
-        return None
+        return self.limits(plan) if self.limits else None
+
+    def recompute_for(self, plan) -> tuple:
+        """The recompute modes it offers that it can run with `plan`'s other choices."""
+        if self.limits is None:
+            return self.recompute
+        return tuple(m for m in self.recompute if self.limits(replace(plan, checkpoint=[m])) is None)
 
     def check(self, plan) -> None:
         """Raise MeshplanError when this engine cannot run `plan`."""

@@ -50,6 +50,12 @@ class Execution:
         beside the attention kernels (Transformer Engine's cp_comm_type "p2p"): only what
         exceeds the attention's compute is exposed; else (torch's context_parallel
         all-gathers) every exchange is waited on (planner.simulate.context).
+    fp8_fused_casts: under precision fp8, each float8 cast is one fused amax pass and one
+        cast kernel whether or not the plan compiles (Transformer Engine's cast kernels);
+        else they are eager torchao ops unless the plan compiles (planner.simulate.fp8).
+    fp8_param_gather: with the tensorwise float8 recipe and ZeRO 1-3, the sharded weights
+        are gathered in float8 (torchao's enable_fsdp_float8_all_gather in meshplan's
+        runtime; Megatron-LM gathers bf16 unless --fp8-param-gather, which meshplan does not model).
     """
 
     overlap_dp_comm: bool = True
@@ -63,6 +69,8 @@ class Execution:
     replicate_copies_params: bool = True
     attention: str | None = None
     cp_overlap: bool = False
+    fp8_fused_casts: bool = False
+    fp8_param_gather: bool = True
 
 
 MESHPLAN_RUNTIME = Execution()

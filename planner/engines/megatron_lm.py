@@ -33,6 +33,10 @@ the sequence in 2 x cp load-balanced chunks): Transformer Engine's attention wit
 (megatron/core/extensions/transformer_engine.py passes cp_comm_type to TE's
 DotProductAttention; TransformerConfig.cp_comm_type's docstring: "P2P is async and can be
 overlapped with attention compute"): Execution.cp_overlap. The 2021 code has none.
+FP8 is Megatron-Core's Transformer Engine path (`--fp8-format hybrid`, TransformerConfig.fp8 in
+megatron/core/transformer/transformer_config.py; `--fp8-recipe` tensorwise or the default
+delayed, both one scale a tensor: priced as meshplan's tensorwise) with TE's fused cast kernels
+and bf16 parameter gathers (`--fp8-param-gather` off by default); the 2021 code has no FP8.
 """
 from planner.engines.base import Engine, EngineOption, register
 from planner.engines.execution import Execution
@@ -66,13 +70,17 @@ MEGATRON_LOSS_HOST_OPS = (27, 10)
 MEGATRON_EXECUTION = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=False,
                                batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                                megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
-                               attention="sdpa", cp_overlap=True)
+                               attention="sdpa", cp_overlap=True, fp8_fused_casts=True, fp8_param_gather=False)
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                           megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
                           attention="unfused")
 
 _OVERLAP = {False: False, True: True}
+# Megatron-LM torch.compiles only its small fused functions (megatron/core/jit.py: jit_fuser =
+# torch.compile on bias_gelu, bias_dropout_add, swiglu), which megatron_kernels prices; it never
+# compiles a whole block, so a plan's compile is refused.
+MEGATRON_COMPILE = "it compiles only its own fused functions, megatron/core/jit.py jit_fuser, priced as its kernels"
 MEGATRON_LM = register(Engine(
     name="megatron-lm", describes="Megatron-Core training (NVIDIA/Megatron-LM d98e8a6, 2026-08)",
     execution=MEGATRON_EXECUTION,
@@ -85,7 +93,9 @@ MEGATRON_LM = register(Engine(
             "auto", "--attention-backend: Transformer Engine's fused kernels (auto, flash, fused) or the unfused "
                     "core attention (unfused, local)")},
     zero=(0, 1), pipeline_zero=(0, 1), schedules=("1f1b", "interleaved"), recompute=("attention", "full"),
-    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1)))
+    precisions=("fp32", "bf16", "fp16", "fp8"), fp8_recipes=("tensorwise",),
+    offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(0, 1),
+    compile_refusal=MEGATRON_COMPILE))
 MEGATRON_LM_2021 = register(Engine(
     name="megatron-lm@2021", describes="Megatron-LM v2 as SC21's examples/sc21 and vTrain's runs used it",
     execution=MEGATRON_2021,
@@ -95,4 +105,5 @@ MEGATRON_LM_2021 = register(Engine(
     zero=(0,), pipeline_zero=(0,), schedules=("1f1b", "interleaved"), recompute=("full",),
     sequence_parallel=False, offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False,
     expert_zero=(), expert_refusal="Megatron-LM v2 of 2021 has no Mixture-of-Experts layers",
-    context_refusal="Megatron-LM v2 of 2021 predates --context-parallel-size"))
+    context_refusal="Megatron-LM v2 of 2021 predates --context-parallel-size",
+    compile_refusal=MEGATRON_COMPILE))

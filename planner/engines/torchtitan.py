@@ -5,6 +5,9 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
   `parallelism.fsdp_reshard_after_forward = "never"`; there is no ZeRO-1, and pure data
   parallelism is `data_parallel_replicate_degree` (torchtitan/config/configs.py);
 - `training.mixed_precision_param` is "bfloat16" or "float32": no fp16 (no loss scaling);
+- fp8 is torchao's float8 through Float8LinearConverter (components/quantization/float8.py),
+  whose recipe_name is "rowwise" (or "rowwise_with_gw_hp"): no tensorwise, so no float8
+  all-gather; its docs (float8.md) require compile for competitive speed;
 - activation checkpointing is none, selective (op-level: SelectiveAC) or full (FullAC)
   (torchtitan/distributed/activation_checkpoint.py); no attention-core mode;
 - each model's parallelize.py applies a fixed Megatron-style TP plan, not a searched layout;
@@ -16,12 +19,17 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - context parallelism (`parallelism.context_parallel_degree`, head-tail load balancing,
   torchtitan/distributed/context_parallel/api.py) runs torch's context_parallel on SDPA, whose
   default rotate method all-gathers K and V (exposed, as in meshplan's runtime); FSDP shards
-  over dp_shard x cp whenever cp > 1 (torchtitan/distributed/parallel_dims.py), so ZeRO 2 or 3.
+  over dp_shard x cp whenever cp > 1 (torchtitan/distributed/parallel_dims.py), so ZeRO 2 or 3;
+- `compile.enable` with "model" in compile.components compiles each TransformerBlock after
+  TP and AC, before FSDP (torchtitan/distributed/compile.py apply_compile), as meshplan's runtime
+  does (Plan.compile; planner.simulate.fusion). Its default components also compile the loss,
+  which meshplan leaves eager (the head is priced as eager PyTorch runs it).
 """
 from planner.engines.base import Engine, register
 from planner.engines.execution import MESHPLAN_RUNTIME
 
 TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
-    zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16"),
+    zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16", "fp8"),
+    fp8_recipes=("rowwise",),
     searched_tp_layout=False, expert_zero=(2, 3), context_zero=(2, 3)))

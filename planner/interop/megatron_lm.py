@@ -306,7 +306,29 @@ class _Reader:
             # what Megatron-Core does with bf16 anyway (arguments.py validate_args: "bfloat16
             # requires gradient accumulation and all-reduce to be done in fp32"): no change
             self.used.add("--accumulate-allreduce-grads-in-fp32")
-        return "bf16" if self.has("--bf16") else "fp16" if self.has("--fp16") else "fp32"
+        low = "bf16" if self.has("--bf16") else "fp16" if self.has("--fp16") else "fp32"
+        return self.fp8(low) if self.dialect == CURRENT and self.get("--fp8-format") is not None else low
+
+    def fp8(self, low: str) -> str:
+        """`--fp8-format e4m3|hybrid` (TransformerConfig.fp8): Transformer Engine's FP8 GEMMs
+        inside bf16 training, with `--fp8-recipe` tensorwise or its default delayed (both
+        one scale a tensor: meshplan's tensorwise; planner/engines/megatron_lm.py)."""
+        fmt = self.get("--fp8-format")
+        if fmt not in ("e4m3", "hybrid"):
+            self.fail(f"--fp8-format takes e4m3 or hybrid, got {fmt!r}")
+        if low != "bf16":
+            self.fail(f"--fp8-format with {low} training: meshplan prices FP8 inside bf16 training; add --bf16")
+        recipe = self.get("--fp8-recipe", "delayed")
+        if recipe not in ("tensorwise", "delayed"):
+            self.fail(f"--fp8-recipe {recipe}: meshplan prices per-tensor FP8 scaling (tensorwise, delayed) only")
+        if recipe == "delayed":
+            self.notes.append("--fp8-recipe delayed (per-tensor scales from an amax history) is priced as "
+                              "tensorwise scaling")
+        if self.has("--fp8-param-gather"):
+            self.fail("--fp8-param-gather (FP8 parameter all-gathers) is not modelled by meshplan: drop it")
+        for numerics in ("--fp8-margin", "--fp8-interval", "--fp8-amax-history-len", "--fp8-amax-compute-algo"):
+            self.get(numerics)   # scaling numerics: the same kernels, the same bytes
+        return "fp8"
 
     def pipeline(self, layers: int, pp: int) -> dict:
         """schedule, interleave and the stages (Megatron-Core splits layers evenly, or with

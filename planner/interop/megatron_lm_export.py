@@ -34,7 +34,9 @@ def arguments(plan, config) -> list:
     args += _model(config, plan, old)
     if plan.sequence_parallel:
         args.append(("--sequence-parallel", None))
-    if plan.precision != "fp32":
+    if plan.precision == "fp8":   # Transformer Engine's FP8 GEMMs in bf16 training, per-tensor scales
+        args += [("--bf16", None), ("--fp8-format", "hybrid"), ("--fp8-recipe", "tensorwise")]
+    elif plan.precision != "fp32":
         args.append((f"--{plan.precision}", None))
     args += _recompute(plan, config.layers, old)
     if plan.zero == 1:

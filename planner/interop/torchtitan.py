@@ -32,10 +32,14 @@ balancer only (configs.py; the one meshplan prices); expert_parallel_degree is t
 plan's ep (distributed/parallel_dims.py borrows it from dp_shard x cp); pipeline stages as
 distributed/pipeline_parallel.py _generate_llm_fqn_per_model_part splits them;
 activation_checkpoint null / FullAC / SelectiveAC (distributed/activation_checkpoint.py);
-model_spec.flavor of llama3, qwen3, deepseek_v3 and gpt_oss (models/*/__init__.py). Refused
-in one line, as meshplan does not price them yet: float8 / MXFP8 / NVFP4 converters
-(components/quantization), a compiled model (compile.components holding
-"model"), multi-token prediction (deepseek_v3/mtp.py), component overrides (config/override.py).
+model_spec.flavor of llama3, qwen3, deepseek_v3 and gpt_oss (models/*/__init__.py); a
+recipe's lone Float8LinearConverter (components/quantization/float8.py, recipe_name "rowwise"
+by default) is precision fp8 rowwise, and the export writes one for an fp8 plan.
+compile.enable with "model" in compile.components is the plan's compile (each block compiled,
+distributed/compile.py apply_compile); a compiled loss is priced eager. Refused in one line,
+as meshplan does not price them yet: MXFP8 / NVFP4 converters, float8 with other converters
+(grouped experts, LoRA), multi-token prediction (deepseek_v3/mtp.py),
+component overrides (config/override.py).
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ AC_BASE = {"preserve_rng_state", "determinism_check", "debug"}
 SECTIONS = {"model_spec", "hf_assets_path", "dump_folder", "profiler", "metrics", "tokenizer", "dataloader",
             "optimizer", "lr_scheduler", "training", "parallelism", "checkpoint", "activation_checkpoint", "compile",
             "comm", "validator", "debug", "override", "loss"}
+FLOAT8_CONVERTER = "Float8LinearConverter"   # components/quantization/float8.py
 SCHEDULES = {"1F1B": "1f1b", "GPipe": "gpipe", "Interleaved1F1B": "interleaved"}
 # The recipes, model flavors and command-line options of torchtitan b5bcd76, read from its
 # source by tools/make_torchtitan_recipes.py (never typed by hand).
@@ -138,11 +143,9 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     training = _section(config, "training", TRAINING, where)
     par = _section(config, "parallelism", PARALLELISM, where)
     compiled = config.get("compile") or {}
-    # CompileConfig.components defaults to ["model", "loss"] (config/configs.py). Compiling only
-    # the loss (deepseek_v3's recipes) leaves every block's kernels as meshplan prices them.
-    if compiled.get("enable") and "model" in compiled.get("components", ["model", "loss"]):
-        raise MeshplanError(f"{where}: compile.enable with the model compiled (torch.compile) is not modelled by "
-                            f"meshplan: set compile.enable false or compile.components to loss")
+    # CompileConfig.components defaults to ["model", "loss"] (config/configs.py): "model" compiles
+    # each block (the plan's compile); the loss alone (deepseek_v3's recipes) leaves the blocks eager.
+    compiled_blocks = bool(compiled.get("enable")) and "model" in compiled.get("components", ["model", "loss"])
     if (config.get("override") or {}).get("imports"):
         raise MeshplanError(f"{where}: override.imports swaps torchtitan components for other kernels, which "
                             f"meshplan does not model: drop them")
@@ -179,6 +182,16 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     precision = {"bfloat16": "bf16", "float32": "fp32"}.get(training["mixed_precision_param"])
     if precision is None:
         raise MeshplanError(f"{where}: training.mixed_precision_param takes bfloat16 or float32")
+    converters = (config.get("model_spec") or {}).get("converters", []) if isinstance(config.get("model_spec"),
+                                                                                      dict) else []
+    if converters and converters != [FLOAT8_CONVERTER]:
+        raise MeshplanError(f"{where}: model_spec converters {converters} are not modelled by meshplan (it reads "
+                            f"a lone {FLOAT8_CONVERTER})")
+    if converters and precision != "bf16":
+        raise MeshplanError(f"{where}: {FLOAT8_CONVERTER} with mixed_precision_param float32: meshplan prices "
+                            f"float8 inside bf16 training")
+    float8 = dict(fp8_recipe="rowwise") if converters else {}
+    precision = "fp8" if converters else precision
     if ep > 1 and not spec.config.is_moe:
         raise MeshplanError(f"{where}: parallelism.expert_parallel_degree {ep} needs a Mixture-of-Experts model; "
                             f"{spec.name} has no experts: set it to 1")
@@ -186,7 +199,7 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     # (distributed/parallel_dims.py), as Plan.ep splits groups of ep data-parallel ranks.
     fields = dict(dp=dp, cp=cp, tp=tp, pp=pp, ep=ep, zero=zero, precision=precision, seq=seq,
                   sequence_parallel=tp > 1 and bool(par["enable_sequence_parallel"]),
-                  offload_optimizer=bool(training["enable_cpu_offload"]))
+                  offload_optimizer=bool(training["enable_cpu_offload"]), compile=compiled_blocks, **float8)
     fields.update(_batch(training, par, dp, pp, seq, where))
     layers = spec.config.layers
     fields.update(_pipeline(par, layers, pp, where))
@@ -194,7 +207,7 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     if fields["checkpoint"][0] == "none":
         fields["checkpoint"] = []
     pinned = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
-              "offload_optimizer", "precision")
+              "offload_optimizer", "precision", "fp8_recipe")
     return Imported("torchtitan", {}, fields, spec, notes, pinned)
 
 
@@ -282,23 +295,29 @@ def recipe_config(module: str, name: str, where: str) -> tuple[dict, list]:
     if recipe["unreadable"]:
         raise MeshplanError(f"{where}: recipe {name} does what meshplan does not model ({recipe['unreadable'][0]})")
     model = recipe["model"]
+    float8 = model["converters"] == [FLOAT8_CONVERTER]   # precision fp8 rowwise (from_config)
     quantized = [c for c in model["converters"] if c.startswith(("Float8", "MXFP8", "NVFP4"))]
-    if quantized:
-        bits = "fp4" if quantized[0].startswith("NVFP4") else "fp8"
-        raise MeshplanError(f"{where}: recipe {name} trains in {bits} ({quantized[0]}); meshplan does not price "
-                            f"precision {bits} yet: use a bf16 recipe")
-    if model["converters"]:
+    if quantized and not float8:
+        raise MeshplanError(f"{where}: recipe {name} trains with {', '.join(model['converters'])}; meshplan prices "
+                            f"a lone {FLOAT8_CONVERTER} (precision fp8) only: use a bf16 or float8 recipe")
+    if model["converters"] and not float8:
         raise MeshplanError(f"{where}: recipe {name}'s {model['converters'][0]} is not modelled by meshplan")
     if model["options"].get("num_mtp_layers"):
         raise MeshplanError(f"{where}: recipe {name}'s multi-token-prediction layers are not modelled by meshplan")
     notes = [KERNEL_NOTES[k].format(v=v) for k, v in model["options"].items()
              if k in KERNEL_NOTES and v not in ("standard", "default")]
+    notes += [f"{FLOAT8_CONVERTER}: recipe_name rowwise (its default) is assumed"] if float8 else []
+    return _recipe_sections(module, recipe, model, model["converters"]), notes
+
+
+def _recipe_sections(module: str, recipe: dict, model: dict, converters: list) -> dict:
+    """The sections of a config_registry recipe, Trainer.Config's defaults under them."""
     ac = {None: None, "full": {}, "selective": {"force_recompute_mm_shapes_by_fqns": ["moe.router.gate"]}}
-    config = {"model_spec": {"name": module, "flavor": model["flavor"]},
+    spec = {"name": module, "flavor": model["flavor"], **({"converters": converters} if converters else {})}
+    return {"model_spec": spec,
               "training": dict(recipe["training"]), "parallelism": dict(recipe["parallelism"]),
-              "activation_checkpoint": ac[recipe["activation_checkpoint"]],
-              "compile": {**COMPILE, **recipe["compile"]}}
-    return config, notes
+            "activation_checkpoint": ac[recipe["activation_checkpoint"]],
+            "compile": {**COMPILE, **recipe["compile"]}}
 
 
 def _override(config: dict, key: str, value, where: str) -> None:
@@ -469,10 +488,11 @@ def job_config(plan, flavor: str) -> dict:
         ac["force_recompute_mm_shapes_by_fqns"] = ["moe.router.gate"]
     training = dict(num_tokens_per_microbatch_per_dp_rank=plan.micro_batch * plan.seq,
                     num_tokens_per_train_step=plan.global_batch * plan.seq, max_context_length=plan.seq,
-                    mixed_precision_param="bfloat16" if plan.precision == "bf16" else "float32",
+                    mixed_precision_param="float32" if plan.precision == "fp32" else "bfloat16",
                     enable_cpu_offload=plan.offload_optimizer)
-    return {"model_spec": {"name": "llama3", "flavor": flavor}, "training": training, "parallelism": par,
-            "activation_checkpoint": ac, "compile": {"enable": False}}
+    spec = {"name": "llama3", "flavor": flavor, **({"converters": [FLOAT8_CONVERTER]} if plan.precision == "fp8" else {})}
+    return {"model_spec": spec, "training": training, "parallelism": par,
+            "activation_checkpoint": ac, "compile": {"enable": plan.compile, "components": ["model"]}}
 
 
 def _stage_weights(plan, layers: int) -> dict | None:
@@ -497,6 +517,14 @@ def _stage_weights(plan, layers: int) -> dict | None:
     return None
 
 
+def _converters_line(plan) -> str:
+    """model_registry's converters for an fp8 plan: torchtitan's float8 linears, the head left bf16."""
+    if plan.precision != "fp8":
+        return ""
+    return (f", converters=[{FLOAT8_CONVERTER}.Config(recipe_name={plan.fp8_recipe!r}, filter_fqns=['lm_head'], "
+            f"model_compile_enabled={plan.compile})]")
+
+
 def write(plan, spec, cluster, out: ExportFolder) -> None:
     flavor = _flavor_of(spec.config) if spec.config is not None else None
     if flavor is None:
@@ -517,6 +545,7 @@ from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.config import ParallelismConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC  # noqa: F401
 from torchtitan.models.common.config_utils import decoder_vocab_size
+from torchtitan.components.quantization import Float8LinearConverter  # noqa: F401
 from torchtitan.models.llama3 import model_registry
 from torchtitan.models.llama3.config_registry import {recipe}
 from torchtitan.trainer import Trainer
@@ -524,7 +553,7 @@ from torchtitan.trainer import Trainer
 
 def meshplan_plan() -> Trainer.Config:
     config = {recipe}()
-    model_spec = model_registry({flavor!r})
+    model_spec = model_registry({flavor!r}{_converters_line(plan)})
     config.model_spec = model_spec
     config.loss = ChunkedLossWrapper.Config(
         loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(model_spec)))
@@ -537,7 +566,8 @@ def meshplan_plan() -> Trainer.Config:
         {kwargs},
     )
     config.activation_checkpoint = {ac_line}
-    config.compile.enable = False
+    config.compile.enable = {plan.compile}
+    config.compile.components = ["model"]
     return config
 ''')
     nodes = max(1, plan.world_size // cluster.gpus_per_node)

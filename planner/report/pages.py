@@ -6,6 +6,7 @@ from __future__ import annotations
 from html import escape
 
 from cost_models.units import GIB
+from planner.fp8 import precision_words
 from planner.report import charts
 from planner.report.page import cards, legend, page, section, table
 from planner.plan import degree_words
@@ -21,7 +22,7 @@ def _footer(command: str, calibration: list[str]) -> str:
 
 def _plan_words(plan) -> str:
     text = (degree_words(plan) + f" zero={plan.zero}, micro-batch {plan.micro_batch} x "
-            f"{plan.grad_accum} accumulation, {plan.precision}, {plan.schedule}")
+            f"{plan.grad_accum} accumulation, {precision_words(plan)}, {plan.schedule}")
     if plan.interleave > 1:
         text += f" x{plan.interleave}"
     if plan.sequence_parallel:

@@ -43,7 +43,8 @@ from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ,
                                 shown, whole_number)
 from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
-from planner.plan import CHECKPOINT_MODES, PRECISIONS, SCHEDULES, Plan, degree_words
+from planner.fp8 import check_gpu as check_fp8_gpu
+from planner.plan import CHECKPOINT_MODES, FP8_RECIPES, PRECISIONS, SCHEDULES, Plan, degree_words
 from planner.search.diagnosis import Diagnosis
 from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
@@ -134,6 +135,7 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     if precision is not None:
         pinned["precision"] = precision
     check_pinned(pinned, top_k, global_batch, seq)
+    check_fp8_gpu(cluster.gpu, pinned.get("precision"))
     _check_options(compute, comm, reserve_bytes, tp_across_nodes)
     runner = get_engine(engine)
     options = runner.checked_options(engine_options)
@@ -167,11 +169,11 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
                        ("interleave", MAX_LAYERS)):
         if name in pinned:
             whole_number(pinned[name], name, high=high)
-    for name in ("sequence_parallel", "offload_optimizer"):
+    for name in ("sequence_parallel", "offload_optimizer", "compile"):
         if name in pinned and not isinstance(pinned[name], bool):
             raise MeshplanError(f"{name} must be true or false, got {shown(pinned[name])}")
     choices = {"checkpoint": CHECKPOINT_MODES, "schedule": SCHEDULES, "precision": PRECISIONS,
-               "zero": (0, 1, 2, 3)}
+               "fp8_recipe": FP8_RECIPES, "zero": (0, 1, 2, 3)}
     for name, allowed in choices.items():
         value = pinned.get(name)
         if name in pinned and (isinstance(value, bool) or not isinstance(value, (str, int)) or value not in allowed):
@@ -184,6 +186,9 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
 
 
 def _check_pins_agree(pinned: dict, global_batch: int):
+    if "fp8_recipe" in pinned and pinned.get("precision") != "fp8":
+        raise MeshplanError(f"fp8_recipe {pinned['fp8_recipe']} applies to precision fp8 only: pin precision fp8 "
+                            f"(--precision fp8) or drop it")
     schedule, interleave = pinned.get("schedule"), pinned.get("interleave")
     if interleave is not None and interleave > 1 and schedule not in (None, "interleaved"):
         raise MeshplanError(f"interleave {interleave} needs schedule interleaved, but schedule {schedule} is pinned")
@@ -209,10 +214,16 @@ def check_pins_for_engine(pinned: dict, engine) -> None:
         if name in pinned and pinned[name] not in values:
             raise MeshplanError(f"{engine.name} offers {name} {', '.join(map(str, values))}, not {pinned[name]}: "
                                 f"change --{name} or --engine")
+    if pinned.get("precision") == "fp8" and pinned.get("fp8_recipe", "tensorwise") not in engine.fp8_recipes:
+        raise MeshplanError(f"{engine.name} runs fp8 with the {', '.join(engine.fp8_recipes)} recipe, not "
+                            f"{pinned.get('fp8_recipe', 'tensorwise')}: change --fp8-recipe or --engine")
     for name in ("sequence_parallel", "offload_optimizer"):
         if pinned.get(name) and not getattr(engine, name):
             raise MeshplanError(f"{engine.name} has no {name.replace('_', ' ')}: drop --{name.replace('_', '-')} "
                                 f"or change --engine")
+    if pinned.get("compile") and engine.compile_refusal:
+        raise MeshplanError(f"{engine.name} does not compile each block ({engine.compile_refusal}): drop --compile "
+                            f"or change --engine")
 
 
 def _check_options(compute, comm, reserve_bytes, tp_across_nodes):
@@ -261,10 +272,11 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         self._sims[traced] = True
         return sim
 
-    def recompute_modes(self) -> tuple:
+    def recompute_modes(self, plan=None) -> tuple:
         """The engine's recompute modes this torch can trace (the attention core needs
         torch.fx.traceback.annotate: planner.torch_compat.traces_attention_core)."""
-        return tuple(m for m in self.engine.recompute if m != "attention" or traces_attention_core())
+        offered = self.engine.recompute_for(plan) if plan is not None else self.engine.recompute
+        return tuple(m for m in offered if m != "attention" or traces_attention_core())
 
     def execution(self, plan: Plan):
         """How the engine runs the candidate (its options; DeepSpeed's depend on the ZeRO stage)."""
@@ -303,7 +315,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         plan = cand.plan
         sim = self.simulation(plan)
         costs = StageCosts(sim, in_flight_counts(plan.schedule, plan.pp, plan.grad_accum, plan.interleave),
-                           self.recompute_modes())
+                           self.recompute_modes(plan))
         pinned = self.pinned.get("checkpoint")
         budgets = cand.budgets or [self.budget_bytes / ALLOCATOR_RESERVED_RATIO] * plan.pp
         cand.budgets = budgets

@@ -9,6 +9,8 @@ whatever the sequence. cp needs a preset or JSON model running the fused attenti
 and an engine that has it (planner.simulate.context)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from cost_models.errors import MeshplanError
 from cost_models.inputs import MAX_MICRO_BATCHES, finite_number
 from cost_models.memory import model_state_bytes
@@ -76,8 +78,17 @@ def check_context_pins(pinned: dict, spec, cluster, engine, engine_options: dict
     if "zero" in pinned and pinned["zero"] not in engine.context_zero:
         raise MeshplanError(f"{engine.name} runs context parallelism with ZeRO "
                             f"{', '.join(map(str, engine.context_zero))}, not {pinned['zero']}: change --zero or --cp")
-    check_context_parallel(type("Pinned", (), {"cp": cp})(), spec.config,
-                           engine.execution_for(engine_options).attention)
+    check_context_parallel(SimpleNamespace(cp=cp), spec.config, engine.execution_for(engine_options).attention)
+    why = _runtime_refuses_cp(pinned, engine, cp)
+    if why:
+        raise MeshplanError(why)
+
+
+def _runtime_refuses_cp(pinned: dict, engine, cp: int) -> str | None:
+    """Why the engine's runtime cannot run cp with the pinned compile (Engine.limits), or None."""
+    if not (pinned.get("compile") and engine.limits):
+        return None
+    return engine.limits(SimpleNamespace(cp=cp, compile=True, checkpoint=[], tp=1))
 
 
 class SearchSpace:
@@ -131,7 +142,8 @@ class SearchSpace:
         if config is None or self.engine.context_refusal:
             return False
         attention = self.engine.execution_for(self.engine_options).attention or config.attention
-        return attention == "sdpa" and not getattr(config, "experts", 0)
+        return (attention == "sdpa" and not getattr(config, "experts", 0)
+                and not _runtime_refuses_cp(self.pinned, self.engine, 2))
 
     def _splits(self) -> list[tuple[int, int, int]]:
         """Every (dp x cp, tp, pp) that multiplies to the cluster (the pins and the model allowing)."""
@@ -273,8 +285,11 @@ class SearchSpace:
                             for schedule, v in self._schedules(pp, m):
                                 out.append(Plan(dp=dp, cp=cp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
+                                                fp8_recipe=self.pinned.get("fp8_recipe", "tensorwise")
+                                                if precision == "fp8" else "tensorwise",
                                                 schedule=schedule, interleave=v, sequence_parallel=sp,
-                                                offload_optimizer=offload, model=self.spec.name,
+                                                offload_optimizer=offload, compile=self.pinned.get("compile", False),
+                                                model=self.spec.name,
                                                 cluster=self.cluster.name, engine=self.engine.name,
                                                 engine_options=dict(self.engine_options)))
         return out

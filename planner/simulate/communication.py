@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections import Counter
 
 from cost_models.comm import pair_group
+from cost_models.memory import DTYPE_BYTES
+from planner.fp8 import fsdp_float8_all_gather
 from planner.arch import head_norm_names
 from planner.simulate import fsdp
 from planner.simulate.costing import LayerTiming
+from planner.simulate.fp8 import pre_gather_cast_s
 from planner.simulate.times import FsdpExposure, LayerTimes
 
 DDP_BUCKET_BYTES = 25 * 2 ** 20   # torch DDP's default bucket_cap_mb
@@ -123,7 +126,11 @@ class CommMixin:
         gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype); the
         routed experts' (`experts`, over edp) or the rest's (over dp)."""
         params = t.expert_params_per_gpu if experts else t.params_per_gpu - t.expert_params_per_gpu
-        return params * self.act_bytes, params * 4
+        if experts or not fsdp_float8_all_gather(self.plan, self.execution):
+            return params * self.act_bytes, params * 4
+        # tensorwise float8 all-gather: the float8 linears' weights travel as 1 byte each
+        fp8 = t.fp8_params_per_gpu
+        return (params - fp8) * self.act_bytes + fp8 * DTYPE_BYTES["fp8"], params * 4
 
     def fsdp_layer_s(self, t: LayerTiming) -> tuple[float, float]:
         """(all-gather s, reduce-scatter s) of one layer: the dp group's, then the experts' on edp."""
@@ -131,6 +138,8 @@ class CommMixin:
         for experts, group in ((False, self.dp_group), (True, self.edp_group)):
             gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
             gather += self.comm.all_gather_s(gather_bytes, group)
+            if not experts and fsdp_float8_all_gather(self.plan, self.execution):   # the shard's cast to float8 first
+                gather += pre_gather_cast_s(self.compute, t.fp8_params_per_gpu / self.plan.dp)
             scatter += self.comm.reduce_scatter_s(scatter_bytes, group)
         return gather, scatter
 

@@ -8,8 +8,9 @@ How tensor parallelism divides a layer's ops (Megatron-LM's layout unless the pl
 - any other op is divided by tp unless it produces a residual-stream tensor (batch x
   seq x hidden elements), which tensor parallelism replicates - and sequence
   parallelism splits along the sequence, so with it every op is divided by tp;
-- selective checkpointing (as the runtime applies it) keeps matmul and attention outputs
-  and recomputes the streaming ops (norms, activations, casts) in backward; attention-core
+- selective checkpointing (as the runtime applies it, torchtitan's op-level policy) keeps the
+  fused attention outputs and every other weight product's, and recomputes the other
+  products and the streaming ops (norms, activations, casts) in backward; attention-core
   recomputation reruns the ops the trace labels `attention_core` (the fused kernel, or
   QK^T, mask, softmax, dropout and the product with V) and keeps everything else;
 - each row-parallel linear ends in one all-reduce of the residual stream in forward
@@ -35,9 +36,11 @@ from cost_models.compute import ComputeModel, gemm_dims
 from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
-from planner.ir import LayerCost, OpInfo, TracedModel
+from planner.ir import LayerCost, OpInfo, TracedModel, selective_reruns
 from planner.simulate import context, experts as moe
+from planner.simulate.fusion import FusedKernel, compiled_ops
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
+from planner.simulate.fp8 import Float8, runs_in_fp8, weight_count
 
 # Megatron-LM's default split of a traced model's linear layers and embeddings, by module
 # name, from every family's roles (planner.arch; Hugging Face names included).
@@ -96,7 +99,7 @@ class LayerTiming:
 
     fwd_s: float
     bwd_s: float
-    streaming_fwd_s: float          # all but weight products and fused attention: what selective repeats
+    streaming_fwd_s: float          # what selective repeats (planner.ir.selective_reruns)
     attention_core_fwd_s: float     # the attention core's ops: what attention-core recomputation repeats
     tp_comm_fwd: tuple              # TP collectives of one forward: ((kind, bytes), ...)
     tp_comm_bwd: tuple              # ... and of one backward (a full recomputation repeats the forward's)
@@ -110,6 +113,8 @@ class LayerTiming:
     expert_params_per_gpu: float = 0.0   # the routed experts' share of params_per_gpu (split over ep)
     ep_comm_fwd: tuple = ()         # expert-parallel all-to-alls: ((kind, "counts"|"tokens", bytes), ...)
     ep_comm_bwd: tuple = ()         # balanced volumes (planner.simulate.experts.collectives)
+    fp8_params_per_gpu: float = 0.0      # weights of the linears that run in float8 (planner.fp8)
+    fp8_linears: int = 0
     cp_comm_fwd: tuple = ()         # context-parallel K/V exchange: ((kind, bytes), ...) (planner.simulate.context)
     cp_comm_bwd: tuple = ()
     attention_kernel_s: tuple = (0.0, 0.0)   # the fused attention kernels' (forward, backward) s: what a p2p ring
@@ -255,8 +260,10 @@ def _run_before(kernels: list, index: int, matches) -> list:
 class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
-    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None, experts: int = 0):
+    def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None, experts: int = 0,
+                 fp8: Float8 | None = None):
         self.traced = traced
+        self.fp8 = fp8           # the block linears run in float8 (planner.simulate.fp8); None: bf16
         self.compute = compute
         self.hidden = hidden
         self.experts = experts   # routed experts per MoE block (0: a dense model)
@@ -265,7 +272,8 @@ class LayerCoster:
 
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
                tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
-               megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0, cp: int = 1) -> LayerTiming:
+               megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0,
+               compiled: bool = False, cp: int = 1) -> LayerTiming:
         """`ep`, `imbalance`: expert parallelism and the busiest ep rank's load over the average
         (planner.simulate.experts; only an MoE block's routed experts change). `cp`: context
         parallelism over a trace at seq / cp (planner.simulate.context): the attention
@@ -273,11 +281,12 @@ class LayerCoster:
         `extra_host_ops`: (forward, backward) launches the framework issues with this layer
         beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
         `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
-        several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels)."""
+        several ops (planner.simulate.Execution.megatron_kernels; see _as_megatron_kernels).
+        `compiled`: the block runs as torch.compile's kernels (planner.simulate.fusion)."""
         layer = self.traced.layers[layer_index]
         factory = tp > 1 and self.hidden is None   # a file.py:factory model: planner.simulate.factory_tp
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               megatron_kernels, layer.name if factory else None, ep, imbalance, cp)
+               megatron_kernels, layer.name if factory else None, ep, imbalance, compiled, cp)
         if key not in self._cache:
             split = None
             if factory:
@@ -287,7 +296,8 @@ class LayerCoster:
                 split = FactorySplit(self.traced.cost_of(layer), layer_prefix(self.traced, layer_index), layer.name,
                                      tp_layout or {}, layer.kind == "block")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
-                                            extra_host_ops, megatron_kernels, split, ep, imbalance, cp)
+                                            extra_host_ops, megatron_kernels, split, ep, imbalance, compiled,
+                                            self.fp8 if layer.kind == "block" else None, cp)
         return self._cache[key]
 
     def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
@@ -298,26 +308,36 @@ class LayerCoster:
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
                 split: FactorySplit | None = None, ep: int = 1, imbalance: float = 1.0,
-                cp: int = 1) -> LayerTiming:
+                compiled: bool = False, fp8: Float8 | None = None, cp: int = 1) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = core = 0.0
         kernel = [0.0, 0.0]
+        fp8_params, fp8_linears, fp8_ops = 0.0, 0, [0, 0]
         comm_fwd, comm_bwd = [], []
         params = 0.0
         ops = _as_megatron_kernels(cost.ops) if megatron_kernels else cost.ops
+        if compiled:
+            ops = compiled_ops(cost, self._bwd_traffic_ratio)
         ep_fwd, ep_bwd = moe.collectives(ops, self.experts) if ep > 1 else ((), ())
         skewed = moe.imbalance_saved_bytes(ops, self.experts, ep, imbalance)   # the busiest rank's extra rows
         ops = moe.expert_parallel_ops(ops, self.experts, ep, imbalance)
         scores = score_shapes(ops)
         priced = {}   # an op object listed again (a routed expert's, planner.simulate.experts) is priced once
-        for op in ops:
+        reruns = selective_reruns(ops)
+        for op, rerun in zip(ops, reruns):
             if id(op) not in priced or split:
+                in_fp8 = fp8 if fp8 is not None and runs_in_fp8(op) else None
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
-                                               *(split.place(op) if split else (None, None)), cp=cp)
-            f, b, share = priced[id(op)]
+                                               *(split.place(op) if split else (None, None)), fp8=in_fp8, cp=cp)
+                if in_fp8 is not None:
+                    fp8_linears += 1
+                    fp8_params += weight_count(op) * priced[id(op)][2]
+                    fp8_ops[0] += priced[id(op)][3][0]
+                    fp8_ops[1] += priced[id(op)][3][1]
+            f, b, share = priced[id(op)][:3]
             fwd, bwd = fwd + f, bwd + b
-            if not (op.kind in ("linear", "conv") and op.params or op.kind == "attention"):
-                streaming += f   # selective recomputes all but weight products and fused attention
+            if rerun:   # what selective checkpointing repeats (planner.ir.selective_reruns)
+                streaming += f
             if op.attention_core:
                 core += f
             if op.kind == "attention":
@@ -326,10 +346,14 @@ class LayerCoster:
                 op_fwd, op_bwd = split.collectives(op) if split else self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
                 comm_bwd += op_bwd
+                if fp8 is not None and runs_in_fp8(op) and linear_style(op, layout) in ("colwise", "rowwise"):
+                    amax_fwd, amax_bwd = fp8.tp_amax_collectives(*gemm_dims(op.gemm)[1:3])
+                    comm_fwd += amax_fwd
+                    comm_bwd += amax_bwd
             params += op.param_count * share
         launched = sum(1 for op in ops if op.kind != "view")
-        host_fwd = (launched + extra_host_ops[0]) * self.compute.host_s_per_op
-        host_bwd = (launched * HOST_BWD_OPS_PER_FWD_OP + extra_host_ops[1]) * self.compute.host_s_per_op
+        host_fwd = (launched + extra_host_ops[0] + fp8_ops[0]) * self.compute.host_s_per_op
+        host_bwd = (launched * HOST_BWD_OPS_PER_FWD_OP + extra_host_ops[1] + fp8_ops[1]) * self.compute.host_s_per_op
         fwd = self.compute.host_bound_s(fwd, host_fwd)
         bwd = self.compute.host_bound_s(bwd, host_bwd)
         streaming, core = min(streaming, fwd), min(core, fwd)
@@ -347,7 +371,8 @@ class LayerCoster:
             boundary_bytes=cost.output_bytes * boundary_share,
             # with ep 1 the experts are data-parallel over dp like the rest: nothing to tell apart
             expert_params_per_gpu=moe.expert_param_count(ops) if ep > 1 else 0.0, ep_comm_fwd=ep_fwd,
-            ep_comm_bwd=ep_bwd, attention_kernel_s=tuple(kernel),
+            ep_comm_bwd=ep_bwd, fp8_params_per_gpu=fp8_params, fp8_linears=fp8_linears,
+            attention_kernel_s=tuple(kernel),
             **context.exchange(ops, tp, cp, lambda op: DTYPE_BYTES[_precision_of(op, precision)]))
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
@@ -404,8 +429,9 @@ class LayerCoster:
 
     def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str,
                  scores: frozenset = frozenset(), split: bool | None = None, style: str | None = None,
-                 cp: int = 1):
-        """(forward s, backward s, parameter share kept on this GPU) for one op; `scores`:
+                 fp8: Float8 | None = None, cp: int = 1):
+        """(forward s, backward s, parameter share kept on this GPU[, (forward, backward) extra
+        host ops of a float8 linear]) for one op, `fp8` for a linear that runs in float8; `scores`:
         the shapes of its layer's attention score tensors (score_shapes). `split` and `style`
         (a factory model's, planner.simulate.factory_tp) say whether the op works on 1/tp of
         its tensor and how a linear is split, in place of Megatron's rules. `cp`: the trace is at
@@ -414,6 +440,8 @@ class LayerCoster:
         kind = _COMPUTE_KINDS.get(op.kind, op.kind)
         if kind == "view":
             return 0.0, 0.0, 1.0
+        if kind == "linear" and op.gemm is not None and fp8 is not None:
+            return self._linear_time(op, tp, layout, precision, style if split is not None else None, fp8)
         if kind in ("linear", "matmul") and op.gemm is not None:
             fwd, bwd, share = (self._linear_time(op, tp, layout, precision, style if split is not None else None)
                                if kind == "linear" else self._activation_matmul_time(op, tp, sp, precision))
@@ -443,6 +471,8 @@ class LayerCoster:
         return fwd, bwd, share
 
     def _bwd_traffic_ratio(self, op: OpInfo) -> float:
+        if isinstance(op, FusedKernel):
+            return op.bwd_traffic_ratio
         if op.target == FUSED_DROPOUT_ADD:   # forward: x, residual, sum, mask; backward: gradient, mask, gradient
             element = DTYPE_BYTES[_precision_of(op, self.traced.precision)]
             return (2 * element + MASK_BYTES_PER_ELEMENT) / (3 * element + MASK_BYTES_PER_ELEMENT)
@@ -451,7 +481,10 @@ class LayerCoster:
             return AUTOCAST_ADD_BWD_TRAFFIC_RATIO
         return BWD_TRAFFIC_RATIO.get(name, DEFAULT_BWD_TRAFFIC_RATIO)
 
-    def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str, factory_style: str | None = None):
+    def _linear_time(self, op: OpInfo, tp: int, layout: dict, precision: str, factory_style: str | None = None,
+                     fp8: Float8 | None = None):
+        """(forward s, backward s, parameter share); with `fp8` (a float8 linear,
+        planner.simulate.fp8) also the (forward, backward) host ops its casts add."""
         m, k, n, batch = gemm_dims(op.gemm)
         style = "replicate" if tp == 1 else factory_style or (linear_style(op, layout) if self.hidden else "replicate")
         if style == "colwise":
@@ -459,6 +492,12 @@ class LayerCoster:
         elif style == "rowwise":
             k = max(1, k // tp)
         share = linear_param_share(op, style, tp)
+        if fp8 is not None:
+            fwd, bwd, ops_fwd, ops_bwd = fp8.linear_s(self.compute, m, k, n, batch,
+                                                     backward=bool(op.requires_grad or op.param_count))
+            if bwd and _aten_name(op) == "addmm":
+                bwd += self.compute.memory_bound_time_s(batch * m * n * DTYPE_BYTES[_precision_of(op, precision)])
+            return fwd, bwd, share, (ops_fwd, ops_bwd)
         fwd = self.compute.matmul_time_s(m, k, n, precision, batch)
         bwd = self._matmul_bwd_s(m, k, n, precision, batch) if op.requires_grad or op.param_count else 0.0
         if bwd and _aten_name(op) == "addmm":   # the bias gradient: the output gradient summed over tokens

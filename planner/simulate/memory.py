@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from planner.fp8 import fsdp_float8_all_gather
 from cost_models.memory import DTYPE_BYTES, ModelStates, gathered_param_bytes, model_state_bytes
 from planner.simulate import context
 from planner.simulate.schedule import in_flight_counts
@@ -65,7 +66,7 @@ class MemoryMixin:
         copies = 0.0 if fsdp_mixed else sum(t.param_copy_bytes for i, t in zip(layers, timings)
                                             if self.checkpoint_mode(i) != "full")
         activations = in_flight * (saved + copies)
-        gathered = self.gathered_bytes([t.params_per_gpu for t in timings])
+        gathered = self.gathered_bytes([self.gathered_params(t) for t in timings])
         # gradients appear during backward as activations go: the walk finds the worst moment,
         # and the breakdown reports each part as it is at that moment (so the parts add up)
         grads, released, working = self.backward_peak(layers, timings, self.held_grad_bytes(params, states))
@@ -151,9 +152,17 @@ class MemoryMixin:
             return self.unsharded_bytes(layer_params)
         return gathered_param_bytes(3, self.gather_precision, layer_params)
 
+    def gathered_params(self, t) -> float:
+        """A layer's parameters as FSDP gathers them, counted in the gather dtype's elements:
+        with the float8 all-gather (planner.fp8) its float8 weights take 1 byte, not 2."""
+        if not fsdp_float8_all_gather(self.plan, self.execution) or not t.fp8_params_per_gpu:
+            return t.params_per_gpu
+        width = DTYPE_BYTES[self.gather_precision]
+        return t.params_per_gpu - t.fp8_params_per_gpu * (1 - DTYPE_BYTES["fp8"] / width)
+
     @property
     def gather_precision(self) -> str:
-        return self.plan.precision if self.traced.cast == "params" else "fp32"
+        return self.traced.precision if self.traced.cast == "params" else "fp32"
 
     def unsharded_bytes(self, layer_params: list) -> float:
         """These layers' parameters unsharded, in the dtype FSDP gathers them in."""

@@ -26,7 +26,9 @@ from cost_models.memory import DTYPE_BYTES
 from planner.arch.layout import check_runnable
 from planner.arch.moe import check_tensor_parallel
 from planner.ir import ATTENTION_BWD_FACTOR, FLOP_COUNTER_ATTENTION_BWD_FACTOR, TracedModel
-from planner.plan import Plan, even_stages
+from planner.fp8 import check_gpu as check_fp8_gpu, fsdp_float8_all_gather
+from planner.plan import Plan, compute_precision, even_stages
+from planner.simulate.fp8 import Float8, precompute_scales_s
 from planner.simulate import context, fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
@@ -156,8 +158,10 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     if "attention" in plan.checkpoint and not traces_attention_core():
         raise MeshplanError(f"checkpoint mode 'attention' needs torch.fx.traceback.annotate, which torch "
                             f"{torch.__version__} lacks: use selective or full, or torch >= 2.10")
+    check_fp8_gpu(cluster.gpu, plan.precision)
+    # fp8 traces as bf16 (planner.trace): only the block linears' GEMMs differ, priced by the coster;
     # one context-parallel rank's tokens (planner.simulate.context re-prices the attention)
-    traced = trace_cached(model_key(spec), plan.micro_batch, plan.local_seq, plan.precision,
+    traced = trace_cached(model_key(spec), plan.micro_batch, plan.local_seq, compute_precision(plan.precision),
                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
     if not traced.blocks and plan.virtual_stages > 1:
@@ -166,20 +170,21 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None,
-                            getattr(spec.config, "experts", 0) if spec.config else 0)
+                            getattr(spec.config, "experts", 0) if spec.config else 0, Float8.of(plan, execution))
     return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config, moe_imbalance)
 
 
 _COSTERS: dict = {}
 
 
-def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, experts: int = 0) -> LayerCoster:
-    key = (id(traced), id(compute), hidden, experts)
+def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, experts: int = 0,
+                   fp8: Float8 | None = None) -> LayerCoster:
+    key = (id(traced), id(compute), hidden, experts, fp8)
     entry = _COSTERS.get(key)
     if entry is None or entry[0] is not traced or entry[1] is not compute:
         if len(_COSTERS) > 256:
             _COSTERS.clear()
-        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, experts))
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, experts, fp8))
     return entry[2]
 
 
@@ -232,7 +237,7 @@ class _Simulation(CommMixin, MemoryMixin):
         self.ep_group = comm.group(expert_degrees, "ep", expert_order)
         self.edp_group = comm.group(expert_degrees, "edp", expert_order)
         self.pp_cross_node = comm.group(degrees, "pp", order).crosses_nodes
-        self.act_bytes = DTYPE_BYTES[plan.precision]
+        self.act_bytes = DTYPE_BYTES[traced.precision]
         # DDP all-reduces each .grad in its parameter's dtype: fp32 for our runtime's
         # fp32 parameters under autocast, 16-bit where the parameters themselves are
         # (Megatron-LM's fp16 training); FSDP2 reduces in fp32 (charged in fsdp_exposed)
@@ -270,8 +275,10 @@ class _Simulation(CommMixin, MemoryMixin):
     def timing(self, index: int) -> LayerTiming:
         head = self.traced.layers[index].kind == "head"
         extra = self.execution.loss_host_ops if head else (0, 0)
+        compiled = self.plan.compile and self.traced.layers[index].kind == "block"   # per block, as torchtitan
         timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
-                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance, self.plan.cp)
+                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance, compiled,
+                                    self.plan.cp)
         if head and self.tied_params and self.plan.pp == 1:
             # the head's weight is the embedding's, held once where both live on one rank (the
             # trace lists it under both ops); with pipeline stages the last stage keeps a copy
@@ -351,7 +358,9 @@ class _Simulation(CommMixin, MemoryMixin):
             dp_exposed.append(self.dp_tail_s(params, last_bwd, expert) + self.fsdp_tail_s(rank, stages, timeline)
                               + self.tied_grad_s(rank)
                               + self.comm.all_reduce_s(self.norm_grad_bytes(rank, stages), self.tp_group))
-            optimizer.append(self.optimizer_s(params, expert))
+            mine = [i for c in range(plan.interleave) for i in stages[c * plan.pp + rank]]
+            optimizer.append(self.optimizer_s(params, expert, sum(self.timing(i).fp8_params_per_gpu for i in mine),
+                                              sum(self.timing(i).fp8_linears for i in mine)))
             tails.append(timeline.finish_s[rank] + dp_exposed[-1] + optimizer[-1])
         step = max(tails)
         slowest = tails.index(step)
@@ -382,11 +391,18 @@ class _Simulation(CommMixin, MemoryMixin):
         the same slice (edp), as torchtitan's apply_fsdp shards them."""
         return (params - expert) / self.data_ranks + expert * self.plan.ep / self.plan.dp
 
-    def optimizer_s(self, params: float, expert: float = 0.0) -> float:
+    def optimizer_s(self, params: float, expert: float = 0.0, fp8_params: float = 0.0, fp8_linears: int = 0) -> float:
+        """The optimizer step of a rank's `params`; with the FSDP2 float8 all-gather, the amax
+        all-reduce after it (planner.simulate.fp8.precompute_scales_s) over its `fp8_params`."""
         local = self.sharded_params(params, expert) if self.plan.zero >= 1 else params
         if self.plan.offload_optimizer:
-            return self.compute.offloaded_optimizer_step_time_s(local)
-        return self.compute.optimizer_step_time_s(local)
+            step = self.compute.offloaded_optimizer_step_time_s(local)
+        else:
+            step = self.compute.optimizer_step_time_s(local)
+        if fsdp_float8_all_gather(self.plan, self.execution):
+            step += precompute_scales_s(self.compute, self.comm, fp8_params / self.plan.dp, fp8_linears,
+                                        self.dp_group)
+        return step
 
     def flop_counter_flops(self) -> tuple[float, float]:
         """(FLOPs of one micro-batch, forward and backward, in FlopCounterMode's convention;
@@ -424,7 +440,9 @@ class _Simulation(CommMixin, MemoryMixin):
         # the core's share the causal mask leaves out: 1 - (S + 1) / 2S of the S x S pairs
         masked_flops = micro_batches * plan.cp ** 2 * core * (plan.seq - 1) / (2 * plan.seq)
         world = cluster.world_size
-        peak = cluster.gpu.peak_flops_for(plan.precision)
+        # MFU against the 16-bit peak under fp8 too, as torchtitan reports it (its get_peak_flops
+        # is the bf16 one): the same model FLOPs per second read the same whatever the precision
+        peak = cluster.gpu.peak_flops_for(compute_precision(plan.precision))
         capacity = cluster.gpu.memory_bytes - CUDA_CONTEXT_BYTES
         # the slowest rank's step, phase by phase: every micro-batch passes each of its
         # virtual stages once forward and once backward

@@ -27,6 +27,8 @@ SHALLOW_BLOCKS = 2   # blocks traced for a zoo decoder (see trace_spec)
 def trace_cached(model_key: str, micro_batch: int, seq: int, precision: str, cast: str):
     """A zoo decoder beyond the base micro-batch sizes is scaled from its traces at them
     (planner.simulate.batch_scaling: exact, and milliseconds instead of a trace)."""
+    if precision == "fp8":   # traced as bf16 (planner.trace.trace_model), cached once
+        return trace_cached(model_key, micro_batch, seq, "bf16", cast)
     spec = _SPECS[model_key]
     if spec.config is not None and micro_batch > max(BASE_MICRO_BATCHES):
         at_2, at_3 = (trace_cached(model_key, b, seq, precision, cast) for b in BASE_MICRO_BATCHES)

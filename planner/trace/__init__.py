@@ -74,8 +74,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from cost_models.errors import MeshplanError
 from planner import hf
-from planner.ir import LayerCost, TracedModel
-from planner.plan import CASTS, low_precision_dtype
+from planner.ir import LayerCost, TracedModel, selective_reruns
+from planner.plan import CASTS, compute_precision, low_precision_dtype
 from planner.trace.fake import autocast, batch_norm_in_fp32, make_state, module_stack
 from planner.trace.inputs import (TensorSpec, backward_from, check_step, primary_output,
                                   resolve)
@@ -102,9 +102,12 @@ def trace_model(model, micro_batch: int, seq: int, precision: str = "bf16", inpu
     `(micro_batch, seq) -> one of those`. `kernels`: "cuda" measures what a GPU step saves
     (fused RMSNorm and dropout, flash attention with dropout); "cpu" what a CPU step saves.
     `cast`: how the low precision is applied, "autocast" or "params" (see CASTS).
+    Precision "fp8" traces as bf16 (its graph is bf16's; which linears run float8 GEMMs is
+    the simulator's business, planner.simulate.fp8), and the result says bf16.
     """
     start = time.perf_counter()
     check_step(micro_batch, seq, precision)
+    precision = compute_precision(precision)
     if kernels not in KERNELS:
         raise MeshplanError(f"kernels {kernels!r} is unknown; use one of {', '.join(KERNELS)}")
     if cast not in CASTS:
@@ -195,7 +198,6 @@ def _cost_program(signature: str, program: Program, precision: str, model: nn.Mo
         output_bytes=sum(s.nbytes for s in program.output_specs),
         attn_fwd_flops=sum(op.fwd_flops for op in attention),
         attn_causal_fwd_flops=sum(op.causal_fwd_flops for op in attention),
-        recompute_fwd_flops_selective=sum(op.fwd_flops for op in ops if not (
-            op.kind in ("linear", "conv") and op.params or op.kind == "attention")),
+        recompute_fwd_flops_selective=sum(op.fwd_flops for op, rerun in zip(ops, selective_reruns(ops)) if rerun),
         recompute_fwd_flops_attention=sum(op.fwd_flops for op in ops if op.attention_core),
         ops=ops, graph=graph)

@@ -3,7 +3,6 @@ checkpoint mode, run forward and backward on fake tensors."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 from typing import Callable
 
@@ -12,8 +11,9 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+from planner.arch.layers import every_other_product_policy
 from planner.plan import CHECKPOINT_MODES
 from planner.trace.fake import autocast, make_state
 from planner.trace.inputs import backward_from
@@ -65,22 +65,21 @@ def _with_kernels(kernels, fn, *args):
 
 
 def _selective_policy(weight_keys: Callable[[], set]):
-    """Selective recompute, as the runtime applies it (runtime/parallelize.py): save the
-    output of every matmul/convolution that consumes a weight (a parameter or autocast's
-    copy of one) - the linear layers - and of the fused attention kernels; recompute the
-    rest: norms, activations, casts. With flash attention there is no T x T score matrix
-    to spare, so recomputing the attention kernel would cost time and save nothing."""
+    """Selective recompute, as the runtime applies it (runtime/parallelize.py), torchtitan's
+    op-level policy (planner.arch.layers.every_other_product_policy): save the fused attention
+    kernels' outputs and those of every other matmul/convolution that consumes a weight (a
+    parameter or autocast's copy of one) - the linear layers; recompute the rest: the other
+    linear layers, norms, activations, casts. With flash attention there is no T x T score
+    matrix to spare, so recomputing the attention kernel would cost time and save nothing."""
 
-    def policy(ctx, op, *args, **kwargs):
-        if is_attention(op_name(op)):
-            return CheckpointPolicy.MUST_SAVE
-        if op in _SAC_SAVE:
-            keys = weight_keys()
-            if any(isinstance(a, torch.Tensor) and _storage_key(a) in keys for a in args):
-                return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+    def weight_product(op, args) -> bool:
+        if op not in _SAC_SAVE:
+            return False
+        keys = weight_keys()
+        return any(isinstance(a, torch.Tensor) and _storage_key(a) in keys for a in args)
 
-    return policy
+    return every_other_product_policy(lambda op, args: is_attention(op_name(op)) or weight_product(op, args),
+                                      weight_product)
 
 
 def measure_saved(program: Program, precision: str, kernels: str = "cuda",
@@ -134,8 +133,8 @@ def _measure_variant(program: Program, precision: str, kernels: str, variant: st
             with _attention_recomputed(program.module):
                 out = _with_kernels(kernels, program.fn, state, inputs)
         else:
-            policy = _selective_policy(lambda: param_keys | recorder.param_copies)
-            context = (functools.partial(create_selective_checkpoint_contexts, policy)
+            weights = lambda: param_keys | recorder.param_copies   # noqa: E731
+            context = ((lambda: create_selective_checkpoint_contexts(_selective_policy(weights)))
                        if variant == "selective" else None)
             kwargs = dict(context_fn=context) if context else {}
             out = checkpoint(_with_kernels, kernels, program.fn, state, inputs, use_reentrant=False,

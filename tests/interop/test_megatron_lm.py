@@ -199,3 +199,33 @@ def test_bf16_reduces_gradients_in_fp32_already():
         import_job("megatron-lm", f"{BASE} --fp16 --accumulate-allreduce-grads-in-fp32", world=1)
     with pytest.raises(MeshplanError, match="--grad-reduce-in-bf16 changes the job"):
         import_job("megatron-lm", f"{BASE} --bf16 --grad-reduce-in-bf16", world=1)
+
+
+def test_fp8_format_reads_as_precision_fp8_and_round_trips(tmp_path):
+    """--fp8-format hybrid (TransformerConfig.fp8) with --fp8-recipe tensorwise, or the default
+    delayed (per-tensor too, said in a note), is precision fp8 tensorwise; the export writes it back."""
+    line = f"{BASE} --bf16 --use-distributed-optimizer --fp8-format hybrid --fp8-amax-history-len 1024"
+    job = import_job("megatron-lm", line, world=8)
+    assert job.fields["precision"] == "fp8" and any("delayed" in note for note in job.notes)
+    plan = job.plan("megatron-8x256", "h100-sxm-80gb:1x8")
+    assert (plan.precision, plan.fp8_recipe, plan.engine) == ("fp8", "tensorwise", "megatron-lm")
+    tensorwise = import_job("megatron-lm", f"{line} --fp8-recipe tensorwise", world=8)
+    assert tensorwise.fields["precision"] == "fp8" and not tensorwise.notes
+    spec, cluster = load_model("gpt3-125m"), parse_cluster("h100-sxm-80gb:1x8")
+    best, step_s, files = export_best("megatron-lm", spec, cluster, tmp_path, engine="megatron-lm", zero=1,
+                                      precision="fp8")
+    words = Path(files[0]).read_text().split()
+    assert words[words.index("--fp8-format") + 1] == "hybrid" and "--bf16" in words
+    again = import_job("megatron-lm", str(files[0]), cluster.world_size).plan(spec.name, cluster.name)
+    assert (again.precision, again.fp8_recipe) == ("fp8", "tensorwise")
+    assert simulate(again, spec, cluster).step_time_s == pytest.approx(step_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ("--bf16 --fp8-format hybrid --fp8-recipe mxfp8", "per-tensor FP8 scaling"),
+    ("--fp8-format hybrid", "add --bf16"),
+    ("--bf16 --fp8-format hybrid --fp8-param-gather --use-distributed-optimizer", "--fp8-param-gather"),
+])
+def test_fp8_options_meshplan_does_not_price_are_refused(extra, fragment):
+    with pytest.raises(MeshplanError, match=fragment):
+        import_job("megatron-lm", f"{BASE} {extra}", world=8)

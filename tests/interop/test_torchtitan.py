@@ -68,10 +68,8 @@ def test_split_matches_torchtitans_example():
     ({"parallelism": {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 8}}, "HSDP"),
     ({"parallelism": {"context_parallel_degree": 2, "context_parallel_load_balancer": None}},
      "context_parallel_load_balancer"),
-    ({"compile": {"enable": True}}, "torch.compile"),
     ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "ZBVZeroBubble"}}, "ZBVZeroBubble"),
     ({"model_spec": {"name": "flux", "flavor": "flux-dev"}}, "not one meshplan knows"),
-    ({"compile": {"enable": True, "components": ["model"]}}, "compile.components to loss"),
     ({"override": {"imports": ["torchtitan.overrides.fused_swiglu.fused_swiglu"]}}, "override.imports"),
     ({"training": {"num_tokens_per_microbatch_per_dp_rank": 3000}}, "whole number of max_context_length"),
 ])
@@ -145,6 +143,26 @@ def test_llama3_8b_recipe():
     assert (c.layers, c.hidden, c.heads, c.kv_heads, c.vocab, c.ffn, c.tie_embeddings) == \
         (32, 4096, 32, 8, 128256, 14336, False)
     assert job.model.name == "llama3-8b" and job.notes == []
+
+
+def test_compiled_model_is_the_plans_compile(tmp_path):
+    """compile.enable with "model" in compile.components (its default ["model", "loss"]) is
+    apply_compile per block: the plan's compile; the loss alone leaves the blocks eager. The
+    export writes it back, the model's blocks only (meshplan prices the loss eager)."""
+    line = "--module llama3 --config llama3_8b"
+    assert _line(line).fields["compile"] is False
+    job = _line(line + " --compile.enable")
+    assert job.fields["compile"] is True
+    assert _line(line + " --compile.enable --compile.components loss").fields["compile"] is False
+    cluster = parse_cluster("h100-sxm-80gb:2x8")
+    compiled = job.plan(job.model.name, cluster.name)
+    eager = replace(compiled, compile=False)
+    assert simulate(compiled, job.model, cluster).step_time_s < simulate(eager, job.model, cluster).step_time_s
+    export_plan("torchtitan", replace(compiled, stages=[]), job.model, cluster, str(tmp_path))
+    assert json.loads((tmp_path / "job_config.json").read_text())["compile"] == {"enable": True,
+                                                                                 "components": ["model"]}
+    assert "config.compile.enable = True" in (tmp_path / "meshplan_torchtitan.py").read_text()
+    assert import_job("torchtitan", str(tmp_path / "job_config.json"), 16).fields["compile"] is True
 
 
 def test_moe_recipe_maps_expert_parallelism():
@@ -223,10 +241,9 @@ def test_overrides_apply():
     ("--module llama3 --config llama3_8b --training.seq_len 2048", "--training.seq_len is not a torchtitan"),
     ("--module llama3 --config llama3_8b --override.imports my.kernel", "not mapped"),
     ("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 3", "replicate x cp x tp x pp = 3"),
-    ("--module llama3 --config llama3_8b_mxfp8", "precision fp8"),
-    ("--module deepseek_v3 --config deepseek_v3_671b_float8", "precision fp8"),
+    ("--module llama3 --config llama3_8b_mxfp8", "prices a lone Float8LinearConverter (precision fp8) only"),
+    ("--module deepseek_v3 --config deepseek_v3_671b_float8", "Float8GroupedExpertsConverter; meshplan prices"),
     ("--module deepseek_v3 --config deepseek_v3_debugmodel_mtp", "multi-token-prediction"),
-    ("--module llama3 --config llama3_8b --compile.enable", "torch.compile"),
     ("--module llama3 --config llama3_8b --parallelism.expert_parallel_degree 2", "Mixture-of-Experts"),
     ("torchrun -m torchtitan.train --config llama3_8b", "give both --module and --config"),
 ])
@@ -241,3 +258,29 @@ def test_readme_launch_line_example(cli):
     assert proc.returncode == 0, proc.stderr
     shown = (REPO / "README.md").read_text().split("torchtitan_launch.sh --cluster dgx-h100:2\n", 1)[1]
     assert proc.stdout.splitlines()[0] == shown.splitlines()[0]
+
+
+def test_float8_recipe_is_precision_fp8_rowwise():
+    """llama3/config_registry.py llama3_debugmodel_float8: model_registry("debugmodel",
+    converters=[Float8LinearConverter.Config(...)]) - recipe_name defaults to "rowwise"
+    (components/quantization/float8.py), the only float8 scaling torchtitan b5bcd76 offers."""
+    job = _line("--module llama3 --config llama3_debugmodel_float8", 8)
+    assert (job.fields["precision"], job.fields["fp8_recipe"]) == ("fp8", "rowwise")
+    assert any("recipe_name rowwise" in note for note in job.notes)
+    plan = job.plan(job.model.name, "h100-sxm-80gb:1x8")
+    assert simulate(plan, job.model, "h100-sxm-80gb:1x8").step_time_s > 0
+
+
+def test_fp8_plan_exports_a_float8_converter(tmp_path):
+    cluster = parse_cluster("h100-sxm-80gb:1x8")
+    config = flavor_config("debugmodel", 2048)
+    spec = ModelSpec(config.name, config)
+    best = search(spec, cluster, 32, 2048, top_k=1, engine="torchtitan", precision="fp8", fp8_recipe="rowwise",
+                  pp=1, checkpoint="full")[0]
+    export_plan("torchtitan", best, spec, cluster, str(tmp_path))
+    module = (tmp_path / "meshplan_torchtitan.py").read_text()
+    compile(module, "meshplan_torchtitan.py", "exec")
+    assert "converters=[Float8LinearConverter.Config(recipe_name='rowwise', filter_fqns=['lm_head']" in module
+    again = import_job("torchtitan", str(tmp_path / "job_config.json"), 8).plan(spec.name, cluster.name)
+    assert (again.precision, again.fp8_recipe) == ("fp8", "rowwise")
+    assert simulate(again, spec, cluster).step_time_s == pytest.approx(best.result.step_time_s, rel=1e-9)

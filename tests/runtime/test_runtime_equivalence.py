@@ -66,6 +66,14 @@ PLANS = {
     "bf16-zero3-dp2xtp2": ("gpt-tiny", "gpt-bf16", dict(dp=2, tp=2, zero=3, micro_batch=1, precision="bf16")),
     "bf16-pp2xdp2": ("gpt-tiny", "gpt-bf16", dict(pp=2, dp=2, micro_batch=1, precision="bf16")),
     "fp16-zero2-dp4": ("gpt-tiny", "gpt-fp16", dict(dp=4, zero=2, micro_batch=1, precision="fp16")),
+    # context parallelism (runtime.context_parallel): learned positions (gpt) and rotary (llama)
+    # at the kept chunks' real positions, grouped-query K/V gathered over cp, FSDP over dp x cp
+    "cp2xdp2": ("gpt-tiny", "gpt-fp32", dict(cp=2, dp=2, micro_batch=1)),
+    "cp2xtp2": ("gpt-tiny", "gpt-fp32", dict(cp=2, tp=2, micro_batch=2)),
+    "llama-cp2xtp2-sp-attention": ("llama-tiny", "llama-fp32", dict(
+        cp=2, tp=2, sequence_parallel=True, micro_batch=2, checkpoint=["attention"] * 4)),
+    "llama-cp2xdp2-zero3": ("llama-tiny", "llama-fp32", dict(cp=2, dp=2, zero=3, micro_batch=1)),
+    "pp2xcp2": ("gpt-tiny", "gpt-fp32", dict(pp=2, cp=2, micro_batch=1, schedule="1f1b")),
 }
 REFERENCES = {
     "gpt-fp32": ("gpt-tiny", dict(micro_batch=2, precision="fp32")),
@@ -101,6 +109,12 @@ def runs(tmp_path_factory):
                       extra=("--checkpoint-dir", str(ckpt), "--checkpoint-every", "3")))
     jobs.append(functools.partial(drop_checkpoints_after, ckpt, 3))
     jobs.append(_args("gpt-tiny", resume_plan, d / "resume.jsonl", extra=("--checkpoint-dir", str(ckpt), "--resume")))
+    # and under cp x FSDP (the flattened dp x cp mesh): llama cp2 x dp2 ZeRO-3, its step-3 checkpoint
+    cp_plan, cp_ckpt = d / "llama-cp2xdp2-zero3.json", d / "ckpt-cp"
+    jobs.append(_args("llama-tiny", cp_plan, d / "cp-resume-first.jsonl",
+                      extra=("--checkpoint-dir", str(cp_ckpt), "--checkpoint-every", "3")))
+    jobs.append(functools.partial(drop_checkpoints_after, cp_ckpt, 3))
+    jobs.append(_args("llama-tiny", cp_plan, d / "cp-resume.jsonl", extra=("--checkpoint-dir", str(cp_ckpt), "--resume")))
     run_ranks(4, train_many, jobs, timeout=400)
 
     orders = [write_plan(d / f"order-{i}.json", dp=2, tp=2, rank_order=o, **BASE) for i, o in enumerate(RANK_ORDERS)]
@@ -134,6 +148,12 @@ def test_resume_inside_a_pipeline_tensor_parallel_job(runs):
     assert [r["step"] for r in resumed] == [4, 5]
     straight = _losses(runs / "pp2xtp2.jsonl")
     assert [r["loss"] for r in resumed] == straight[3:]      # bit-identical after resuming at step 3
+
+
+def test_resume_inside_a_context_parallel_fsdp_job(runs):
+    resumed = read_jsonl(runs / "cp-resume.jsonl")
+    assert [r["step"] for r in resumed] == [4, 5]
+    assert [r["loss"] for r in resumed] == _losses(runs / "llama-cp2xdp2-zero3.jsonl")[3:]
 
 
 def test_rank_layout_follows_rank_order(runs):

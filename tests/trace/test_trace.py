@@ -20,7 +20,7 @@ from planner.simulate import prepare
 from planner.torch_compat import traces_attention_core
 from planner.trace import flop_counter_reference, kernel_choices, trace_model
 from planner.zoo import PRESETS, ModelSpec
-from runtime.parallelize import selective_save_ops
+from runtime.parallelize import selective_context
 
 from helpers import FIXTURES  # noqa: E402
 B, T = 2, 16
@@ -165,7 +165,9 @@ def test_gpt_block_flops_closed_form(traced):
     assert c.attn_fwd_flops == attention
     assert c.bwd_flops == 2 * linear + 2.5 * attention
     assert c.attn_causal_fwd_flops == 4 * B * (T * (T + 1) // 2) * h
-    assert c.recompute_fwd_flops_selective == 0  # linears and attention are saved, the rest has no FLOPs
+    # selective keeps attention and every other linear (qkv 6, fc1 8 x B*T*h^2) and reruns the
+    # output projection (2) and fc2 (8); the rest has no FLOPs
+    assert c.recompute_fwd_flops_selective == 10 * B * T * h * h
 
 
 def test_first_linear_of_an_mlp_has_no_input_gradient():
@@ -210,7 +212,7 @@ def test_checkpointed_bytes_equal_a_real_cpu_step(traced, name, precision, kerne
                                     context=context)
     # the runtime's own policy: what it saves is what the trace must count
     selective = retained_with_checkpoint(block, torch.randn(B, T, h, requires_grad=True), DTYPES[precision],
-                                         save_ops=selective_save_ops(), context=context)
+                                         context_fn=selective_context, context=context)
     cost = tm.cost_of(tm.blocks[1])
     assert cost.saved_bytes_full_ckpt == full == B * T * h * 4  # the fp32 block input, nothing else
     assert cost.saved_bytes_selective == selective
@@ -225,7 +227,7 @@ def test_selective_recomputes_an_unfused_attention_core_as_the_runtime_does(prec
     tm = trace_model(ModelSpec("gpt-unfused", cfg), B, T, precision, kernels="cpu")
     block = Decoder(cfg).init_weights(seed=0).blocks["1"]
     selective = retained_with_checkpoint(block, torch.randn(B, T, cfg.hidden, requires_grad=True),
-                                         DTYPES[precision], save_ops=selective_save_ops())
+                                         DTYPES[precision], context_fn=selective_context)
     cost = tm.cost_of(tm.blocks[1])
     assert cost.saved_bytes_selective == selective
     scores = B * cfg.heads * T * T * (4 if precision == "fp32" else 2)
@@ -282,12 +284,13 @@ def test_attention_recompute_saves_korthikanti_5as2b():
 
 
 def test_selective_keeps_the_linear_outputs(traced):
-    """gpt-tiny, bf16: the fp32 input plus the bf16 outputs of qkv (3h), proj (h), fc1 (4h), fc2 (h),
-    and the attention kernel's output (h, bf16) and logsumexp (one fp32 per head and token)."""
+    """gpt-tiny, bf16: the fp32 input plus the bf16 outputs of every other linear - qkv (3h) and
+    fc1 (4h); proj and fc2 rerun, torchtitan's policy - and the attention kernel's output (h,
+    bf16) and logsumexp (one fp32 per head and token)."""
     cfg = PRESETS["gpt-tiny"]
     h = cfg.hidden
     cost = traced("gpt-tiny").cost_of(1)
-    assert cost.saved_bytes_selective == (B * T * h * 4 + B * T * (3 * h + h + 4 * h + h) * 2
+    assert cost.saved_bytes_selective == (B * T * h * 4 + B * T * (3 * h + 4 * h) * 2
                                           + B * T * h * 2 + B * cfg.heads * T * 4)
     assert cost.saved_bytes_full_ckpt < cost.saved_bytes_selective < cost.saved_bytes
 
@@ -451,7 +454,7 @@ def test_inputs_argument_overrides():
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(precision="fp8"), "precision 'fp8'"), (dict(micro_batch=0), "micro_batch"),
+    (dict(precision="fp4"), "precision 'fp4'"), (dict(micro_batch=0), "micro_batch"),
     (dict(seq=4096), "exceeds gpt-tiny's max_seq"), (dict(kernels="tpu"), "kernels 'tpu'"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, fragment):
