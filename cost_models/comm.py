@@ -84,19 +84,23 @@ class GroupPlacement:
         return any(k > 1 for k, _ in self.patterns)
 
 
-def group_placement(cluster: ClusterSpec, degrees: dict, dim: str,
-                    order: tuple = DEFAULT_ORDER) -> GroupPlacement:
+def group_placement(cluster: ClusterSpec, degrees: dict, dim, order: tuple = DEFAULT_ORDER) -> GroupPlacement:
     """Placement of dimension `dim`'s groups for mesh `degrees` laid out in rank `order`.
+    `dim` may be a tuple of dimensions: one group spans all of them (the data-parallel
+    ranks times the context-parallel ones, which reduce gradients together); it is named
+    after the first.
 
     Rank r has mesh coordinates from r in mixed radix, `order[-1]` varying fastest (stride 1);
     rank r lives on node r // gpus_per_node.
     """
     order = tuple(order)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
     unknown = sorted(set(degrees) - set(order))
     if unknown:
         raise MeshplanError(f"mesh dimension(s) {unknown} are not in the rank order {list(order)}")
-    if dim not in order:
-        raise MeshplanError(f"dimension {dim!r} is not in the rank order {list(order)}")
+    for one in dims:
+        if one not in order:
+            raise MeshplanError(f"dimension {one!r} is not in the rank order {list(order)}")
     if len(set(order)) != len(order):
         raise MeshplanError(f"rank order {list(order)} repeats a dimension")
     sizes = tuple(_degree(degrees.get(d, 1), d) for d in order)
@@ -104,7 +108,7 @@ def group_placement(cluster: ClusterSpec, degrees: dict, dim: str,
     if world > cluster.world_size:
         raise MeshplanError(f"mesh {dict(zip(order, sizes))} needs {world} devices; "
                             f"the cluster has {cluster.world_size}")
-    return _placement(sizes, order.index(dim), cluster.gpus_per_node, dim)
+    return _placement(sizes, tuple(sorted(order.index(d) for d in dims)), cluster.gpus_per_node, dims[0])
 
 
 def _degree(value, name: str) -> int:
@@ -114,13 +118,13 @@ def _degree(value, name: str) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _placement(sizes: tuple, axis: int, gpus_per_node: int, dim: str) -> GroupPlacement:
-    size = sizes[axis]
-    groups = np.moveaxis(np.arange(math.prod(sizes)).reshape(sizes), axis, -1).reshape(-1, size)
+def _placement(sizes: tuple, axes: tuple, gpus_per_node: int, dim: str) -> GroupPlacement:
+    size = math.prod(sizes[a] for a in axes)
+    groups = np.moveaxis(np.arange(math.prod(sizes)).reshape(sizes), axes, range(-len(axes), 0)).reshape(-1, size)
     nodes = np.sort(groups // gpus_per_node, axis=1)
     spans, most = _node_counts(nodes)
     patterns = tuple(sorted(set(zip(spans.tolist(), most.tolist()))))
-    stride = math.prod(sizes[axis + 1:])
+    stride = math.prod(sizes[axes[-1] + 1:])
     return GroupPlacement(dim, size, int(spans[0]), int(most[0]), stride, patterns)
 
 

@@ -59,7 +59,7 @@ TP_STYLES = ("colwise", "rowwise", "replicate", "vocab", "sequence")
 # cp sits just outside tp, as in torchtitan's mesh (pp, dp, cp, tp) and Megatron-LM's "tp-cp-ep-dp-pp"
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # The plan fields `planner.search.plan` (and `meshplan plan`'s flags) can fix; the search fills in the rest.
-PINNABLE = ("dp", "tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
+PINNABLE = ("dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave",
             "sequence_parallel", "offload_optimizer", "precision", "fp8_recipe", "compile")
 
 
@@ -345,6 +345,14 @@ class Plan:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_json() + "\n")
         tmp.replace(path)
+
+
+def degree_words(plan: Plan, eq: str = "=") -> str:
+    """The plan's degrees as people read them: "dp=8 cp=16 tp=8 pp=16" (cp and ep only when
+    above 1); `eq=""` writes "dp8 cp16 tp8 pp16"."""
+    shown_dims = [("dp", plan.dp), ("cp", plan.cp if plan.cp > 1 else None), ("tp", plan.tp), ("pp", plan.pp),
+                  ("ep", plan.ep if plan.ep > 1 else None)]
+    return " ".join(f"{name}{eq}{value}" for name, value in shown_dims if value is not None)
 
 
 def check_schedule(plan: Plan) -> None:

@@ -58,7 +58,9 @@ _PRESETS = [
     _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 10000.0),
     _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0),
     _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0),
-    _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256, 8192, 500000.0),
+    # 405B was released as Llama 3.1, trained to 128K tokens (Llama 3 paper Sec. 3.4.2; its
+    # config.json: max_position_embeddings 131072)
+    _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256, 131072, 500000.0),
     # Megatron-LM weak-scaling table (seq 2048, vocab 51200).
     _gpt("megatron-1.7b", 24, 2304, 24),
     _gpt("megatron-3.6b", 30, 3072, 32),

@@ -15,9 +15,10 @@ from planner.cli.flags import (MODEL_HELP, add_batch_flags, add_engine_flags, ad
 from planner.cli import outputs
 from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_column, text_column
 from planner.compare import TRANSFERRED_UNCERTAINTY, ClusterChoice, compare
+from planner.plan import degree_words
 
 HELP = "plan a model on several clusters: time-to-train, GPU-hours, $, energy, CO2"
-PIN_FLAGS = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "precision", "fp8_recipe",
+PIN_FLAGS = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "precision", "fp8_recipe",
              "compile")
 PIN_HELP = {"compile": "default: off (not searched)"}
 
@@ -100,7 +101,7 @@ def parse_prices(items: list[str], flag: str = "--price", unit: str = "USD_PER_H
 
 
 def _plan_summary(plan) -> str:
-    return f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" ep{plan.ep}" if plan.ep > 1 else "") + f" zero{plan.zero}"
+    return degree_words(plan, eq="") + f" zero{plan.zero}"
 
 
 def _print_table(choices: list[ClusterChoice], model: str, tokens: float, wide: bool = False) -> None:

@@ -24,6 +24,7 @@ CALIBRATION_HELP = "a calibration JSON from `meshplan profile` for the cluster's
 
 # What each plan field is, for its flag's help (a command's own text is added after it).
 FIELD_WORDS = {"dp": "data-parallel degree", "tp": "tensor-parallel degree", "pp": "pipeline-parallel stages",
+               "cp": "context-parallel degree: each sequence split over cp ranks (seq divisible by 2 x cp)",
                "ep": "expert-parallel degree (MoE; splits each group of ep data-parallel ranks' experts)",
                "zero": "ZeRO stage: 0 replicated, 1 optimizer, 2 +gradients, 3 +parameters sharded",
                "micro_batch": "sequences per micro-batch", "checkpoint": "activation recomputation",

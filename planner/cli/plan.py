@@ -87,7 +87,7 @@ def run(args) -> int:
         print(json.dumps(plans_json(plans)))
     else:
         experts = bool(getattr(spec.config, "experts", 0)) if spec.config is not None else False
-        _print_table(plans, spec.name, cluster, args.wide, experts).print(
+        _print_table(plans, spec.name, cluster, args.wide, experts, any(p.cp > 1 for p in plans)).print(
             calibration_line(calibration, experts, pinned["precision"] == "fp8"), highlight=False)
     if args.explain and not args.json:
         from planner.search.explain import explain
@@ -139,8 +139,10 @@ def _split_words(sizes: list[int]) -> str:
     return "/".join(map(str, sizes)) if len(sizes) <= 4 else f"{min(sizes)}-{max(sizes)} over {len(sizes)}"
 
 
-def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: bool = False):
-    """The ranked plans; an MoE model's (`experts`) with an ep column."""
+def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: bool = False,
+                 context: bool = False):
+    """The ranked plans; an MoE model's (`experts`) with an ep column, and a cp column where
+    some plan splits the sequence (`context`)."""
     table = new_table(f"{model_name} on {cluster.name}: best {len(plans)} plans "
                       f"(memory budget {plans.budget_bytes / GIB:.1f} GiB per GPU)")
     rows = []
@@ -150,11 +152,12 @@ def _print_table(plans, model_name: str, cluster, wide: bool = False, experts: b
         schedule += " +sp" if p.sequence_parallel else ""
         schedule += " +offload" if p.offload_optimizer else ""
         schedule += " +compile" if p.compile else ""
-        rows.append((str(i), str(p.dp), str(p.tp), str(p.pp), *((str(p.ep),) if experts else ()), str(p.zero),
+        rows.append((str(i), str(p.dp), *((str(p.cp),) if context else ()), str(p.tp), str(p.pp),
+                     *((str(p.ep),) if experts else ()), str(p.zero),
                      f"{p.micro_batch} x {p.grad_accum}", schedule, _split_words([e - s for s, e in p.stages]), _checkpoint_summary(p),
                      f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}%",
                      f"{r.worst_stage.peak_reserved_bytes / GIB:.1f}/{r.capacity_bytes / GIB:.1f}"))
-    headers = ("#", "dp", "tp", "pp", *(("ep",) if experts else ()), "zero", "mb x acc", "schedule", "blocks per stage", "checkpointed",
+    headers = ("#", "dp", *(("cp",) if context else ()), "tp", "pp", *(("ep",) if experts else ()), "zero", "mb x acc", "schedule", "blocks per stage", "checkpointed",
                "step s", "tokens/s", "MFU", "peak GiB")
     for n, col in enumerate(headers):
         if col in ("schedule", "blocks per stage", "checkpointed"):   # text: wraps onto more lines

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cost_models.units import GIB  # noqa: E402
+from planner.plan import degree_words  # noqa: E402
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "send": "#8172B3", "tail": "#55A868", "bubble": "#DDDDDD"}
 LEGEND = {"F": "forward", "B": "backward (+ recompute)", "send": "blocking send", "tail": "dp sync + optimizer",
@@ -32,8 +33,7 @@ def plan_title(model: str, cluster: str, plan) -> str:
 
 def plan_label(plan) -> str:
     """Every field two plans of one search may differ in, in one short line."""
-    text = (f"dp{plan.dp} tp{plan.tp} pp{plan.pp} zero{plan.zero} mb{plan.micro_batch} x{plan.grad_accum} "
-            f"{plan.schedule}")
+    text = f"{degree_words(plan, eq='')} zero{plan.zero} mb{plan.micro_batch} x{plan.grad_accum} {plan.schedule}"
     text += f" x{plan.interleave}" if plan.interleave > 1 else ""
     text += " +sp" if plan.sequence_parallel else ""
     text += " +offload" if plan.offload_optimizer else ""

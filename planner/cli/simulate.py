@@ -21,12 +21,12 @@ from planner.cli.tables import add_wide_flag, console_for, new_table, numbers_co
 from planner.interop.cli import add_from_flag
 from cost_models.inputs import check_output_path
 from planner.engines.base import option_text
-from planner.plan import Plan
+from planner.plan import Plan, degree_words
 from planner.zoo import load_model
 
 HELP = "predict step time and per-GPU memory of one plan"
-PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "ep", "zero", "checkpoint", "precision", "fp8_recipe", "schedule",
-               "interleave", "sequence_parallel", "compile")
+PLAN_FIELDS = ("micro_batch", "dp", "tp", "pp", "cp", "ep", "zero", "checkpoint", "precision", "fp8_recipe",
+               "schedule", "interleave", "sequence_parallel", "compile")
 _PLAN_ARGS = tuple(k for k in PLAN_FIELDS if k != "checkpoint")   # the Plan's own (checkpoint: per layer)
 FIELD_HELP = {"checkpoint": "recompute every block: attention (its attention core, Megatron-LM's selective), "
                             "selective (op-level, torchtitan-like) or full"}
@@ -105,8 +105,8 @@ def _with_layers(plan: Plan, spec, mode) -> Plan:
     return replace(plan, checkpoint=[mode] * spec.config.layers)
 
 
-_CASE_KEYS = {"dp", "tp", "pp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "fp8_recipe", "schedule",
-              "interleave", "sequence_parallel", "offload_optimizer", "compile", "engine", "engine_options"}
+_CASE_KEYS = {"dp", "tp", "pp", "cp", "ep", "zero", "micro_batch", "global_batch", "seq", "precision", "fp8_recipe",
+              "schedule", "interleave", "sequence_parallel", "offload_optimizer", "compile", "engine", "engine_options"}
 
 
 def _simulate_one(case: dict):
@@ -158,7 +158,7 @@ def run(args) -> int:
     line = calibration_line(calibration, experts, plan.precision == "fp8")
     misfit = write_outputs(args, plan, result, spec, cluster, compute, comm, line)
     if args.json:
-        print(json.dumps({**result.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
+        print(json.dumps({**result.to_dict(), "plan": plan.to_dict(), **({"does_not_fit": misfit} if misfit else {})}))
         return 0
     _print_result(plan, result, args.wide, misfit).print(line, highlight=False)
     return 0
@@ -183,13 +183,14 @@ def _print_result(plan: Plan, result, wide: bool = False, misfit: str | None = N
             m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.transient_bytes,
             m.peak_allocated_bytes, m.peak_reserved_bytes)])
     console = console_for(table, wide=wide)
-    console.print(f"[bold]dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
-                  + f"[/bold] zero={plan.zero} "
+    console.print(f"[bold]{degree_words(plan)}[/bold] zero={plan.zero} "
                   f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, {precision_words(plan)}, "
                   f"{plan.schedule}{', compiled' if plan.compile else ''}, run by {plan.engine}"
                   + "".join(f" {k}={option_text(v)}" for k, v in plan.engine_options.items()))
     console.print(f"step {result.step_time_s:.3f} s, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%")
+                  f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%"
+                  + (f" ({100 * result.mfu_causal:.1f}% with attention FLOPs over the causal half, as Megatron counts)"
+                     if result.mfu - result.mfu_causal >= 0.005 else ""))
     console.print("phases: " + format_phases(result.phases))
     console.print(table)
     console.print("fits" if result.fits else f"[red]{misfit or 'does not fit'}[/red]", highlight=False)
@@ -222,7 +223,7 @@ def _simulate_batch(args) -> int:
                 if not isinstance(case, dict):
                     raise MeshplanError("a case must be a JSON object")
                 spec, cluster, plan, result = _simulate_one(case)
-                out = result.to_dict()
+                out = {**result.to_dict(), "plan": plan.to_dict()}
                 rows.append((number, spec.name, cluster.name, plan, result, None))
             except UnicodeDecodeError as exc:
                 out = {"error": f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"}

@@ -75,6 +75,11 @@ class Engine:
     that meshplan models (planner.simulate.experts)."""
     expert_refusal: str = ""
     """Why it gets no expert parallelism, when `expert_zero` is empty (its source says)."""
+    context_zero: tuple = (0, 1, 2, 3)
+    """The ZeRO stages it runs context parallelism (cp > 1) with."""
+    context_refusal: str = ""
+    """Why it gets no context parallelism (cp > 1) that meshplan models; "" = it has it
+    (planner.simulate.context)."""
     compile_refusal: str = ""
     """Why it does not run a plan's `compile` (torch.compile per block); "" = it does."""
     limits: Callable | None = None
@@ -147,6 +152,10 @@ class Engine:
             if not self.expert_zero:
                 return f"{self.name} has no expert parallelism meshplan models ({self.expert_refusal}): use ep 1"
             return f"{self.name} runs expert parallelism with ZeRO {_stages(self.expert_zero)}, not {plan.zero}"
+        if plan.cp > 1 and self.context_refusal:
+            return f"{self.name} has no context parallelism meshplan models ({self.context_refusal}): use cp 1"
+        if plan.cp > 1 and plan.zero not in self.context_zero:
+            return f"{self.name} runs context parallelism with ZeRO {_stages(self.context_zero)}, not {plan.zero}"
         if plan.compile and self.compile_refusal:
             return f"{self.name} does not compile each block ({self.compile_refusal}): drop compile"
         if plan.tp_layout and not self.searched_tp_layout:

@@ -18,6 +18,9 @@ gating into capacity-padded (experts x capacity) buffers by einsum, with an all-
 padded buffers (`_AllToAll`) and, without token dropping, an all-reduce of the largest
 expert load first; meshplan prices the dropless dispatch of torchtitan and Megatron-Core,
 not that, so plans with ep > 1 are refused for this engine.
+Its long-sequence parallelism is Ulysses (deepspeed/sequence/layer.py DistributedAttention:
+all-to-alls that split the heads), not context parallelism's K/V exchange, so plans with
+cp > 1 are refused for it too.
 Its `engine.compile()` (deepspeed/runtime/engine.py) compiles the whole module, with graph
 breaks at its ZeRO hooks, not each block: a plan's compile is refused for it.
 """
@@ -36,5 +39,6 @@ DEEPSPEED = register(Engine(
     zero_defaults={3: {"overlap_comm": True}}, pipeline_zero=(0, 1), schedules=("1f1b",), recompute=("full",), sequence_parallel=False,
     searched_tp_layout=False, micro_batch_per_stage=False, expert_zero=(),
     expert_refusal="DeepSpeed-MoE's capacity-padded GShard dispatch, deepspeed/moe/sharded_moe.py",
+    context_refusal="its sequence parallelism is Ulysses' head all-to-all, deepspeed/sequence/layer.py",
     compile_refusal="engine.compile() compiles the whole module, deepspeed/runtime/engine.py"))
 

@@ -46,6 +46,10 @@ class Execution:
         its softmax kernel and built once per micro-batch, attention's batched products
         reading q, k and v as strided views (no copies), and each residual branch's dropout
         fused with its residual add.
+    cp_overlap: context parallelism's K/V exchange runs as a ring of point-to-point steps
+        beside the attention kernels (Transformer Engine's cp_comm_type "p2p"): only what
+        exceeds the attention's compute is exposed; else (torch's context_parallel
+        all-gathers) every exchange is waited on (planner.simulate.context).
     fp8_fused_casts: under precision fp8, each float8 cast is one fused amax pass and one
         cast kernel whether or not the plan compiles (Transformer Engine's cast kernels);
         else they are eager torchao ops unless the plan compiles (planner.simulate.fp8).
@@ -64,6 +68,7 @@ class Execution:
     recompute_stops_early: bool = True
     replicate_copies_params: bool = True
     attention: str | None = None
+    cp_overlap: bool = False
     fp8_fused_casts: bool = False
     fp8_param_gather: bool = True
 

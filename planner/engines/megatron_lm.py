@@ -27,6 +27,12 @@ token dispatcher (megatron/core/transformer/moe/token_dispatcher.py MoEAlltoAllT
 and its default `moe_shared_expert_overlap = False` (shared experts not hidden behind the
 all-to-alls); its small all-to-all of the routing probabilities (4 bytes a routed row beside
 the tokens' 2 x hidden) is not priced. The 2021 code has no expert parallelism.
+Context parallelism is Megatron-Core's (`--context-parallel-size`, megatron/training/arguments.py;
+the sequence in 2 x cp load-balanced chunks): Transformer Engine's attention with the default
+`--cp-comm-type p2p`, a ring of K/V exchanges overlapping the attention compute
+(megatron/core/extensions/transformer_engine.py passes cp_comm_type to TE's
+DotProductAttention; TransformerConfig.cp_comm_type's docstring: "P2P is async and can be
+overlapped with attention compute"): Execution.cp_overlap. The 2021 code has none.
 FP8 is Megatron-Core's Transformer Engine path (`--fp8-format hybrid`, TransformerConfig.fp8 in
 megatron/core/transformer/transformer_config.py; `--fp8-recipe` tensorwise or the default
 delayed, both one scale a tensor: priced as meshplan's tensorwise) with TE's fused cast kernels
@@ -64,7 +70,7 @@ MEGATRON_LOSS_HOST_OPS = (27, 10)
 MEGATRON_EXECUTION = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=False,
                                batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                                megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
-                               attention="sdpa", fp8_fused_casts=True, fp8_param_gather=False)
+                               attention="sdpa", cp_overlap=True, fp8_fused_casts=True, fp8_param_gather=False)
 MEGATRON_2021 = Execution(overlap_dp_comm=False, cast="params", blocking_p2p=True, p2p_scatter_gather=True,
                           batch_host_ops=MEGATRON_BATCH_HOST_OPS, loss_host_ops=MEGATRON_LOSS_HOST_OPS,
                           megatron_kernels=True, recompute_stops_early=False, replicate_copies_params=False,
@@ -99,4 +105,5 @@ MEGATRON_LM_2021 = register(Engine(
     zero=(0,), pipeline_zero=(0,), schedules=("1f1b", "interleaved"), recompute=("full",),
     sequence_parallel=False, offload_optimizer=False, searched_tp_layout=False, micro_batch_per_stage=False,
     expert_zero=(), expert_refusal="Megatron-LM v2 of 2021 has no Mixture-of-Experts layers",
+    context_refusal="Megatron-LM v2 of 2021 predates --context-parallel-size",
     compile_refusal=MEGATRON_COMPILE))

@@ -16,6 +16,10 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
   (torchtitan/distributed/parallel_dims.py: ep must divide dp_shard * cp * tp; the experts are
   fully_shard-ed over "efsdp"), so it needs ZeRO 2 or 3, not pure replication; the tokens move
   by AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py);
+- context parallelism (`parallelism.context_parallel_degree`, head-tail load balancing,
+  torchtitan/distributed/context_parallel/api.py) runs torch's context_parallel on SDPA, whose
+  default rotate method all-gathers K and V (exposed, as in meshplan's runtime); FSDP shards
+  over dp_shard x cp whenever cp > 1 (torchtitan/distributed/parallel_dims.py), so ZeRO 2 or 3;
 - `compile.enable` with "model" in compile.components compiles each TransformerBlock after
   TP and AC, before FSDP (torchtitan/distributed/compile.py apply_compile), as meshplan's runtime
   does (Plan.compile; planner.simulate.fusion). Its default components also compile the loss,
@@ -28,4 +32,4 @@ TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
     zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16", "fp8"),
     fp8_recipes=("rowwise",),
-    searched_tp_layout=False, expert_zero=(2, 3)))
+    searched_tp_layout=False, expert_zero=(2, 3), context_zero=(2, 3)))

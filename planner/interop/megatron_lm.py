@@ -56,7 +56,7 @@ NEUTRAL = {
 NOT_NEUTRAL = {"--encoder-seq-length", "--decoder-seq-length", "--dataloader-inter-document-masking",
                "--retriever-seq-length", "--vocab-extra-ids"}
 # Options accepted at their default value only: {option: default}.
-AT_DEFAULT = {"--context-parallel-size": 1, "--expert-model-parallel-size": 1, "--rotary-percent": 1.0,
+AT_DEFAULT = {"--expert-model-parallel-size": 1, "--rotary-percent": 1.0,
               "--checkpoint-num-layers": 1, "--activations-checkpoint-num-layers": 1, "--optimizer": "adam"}
 
 
@@ -192,11 +192,18 @@ class _Reader:
         tp = self.whole("--tensor-model-parallel-size", 1)
         pp = self.whole("--pipeline-model-parallel-size", 1)
         config = self.model(tp)
-        dp = data_parallel(self.world, tp * pp, f"{self.where}: tensor x pipeline parallel size")
+        # --context-parallel-size: Megatron-Core's data-parallel size is world / (tp x pp x cp)
+        # (megatron/core/parallel_state.py); TE's p2p ring is the only exchange meshplan prices
+        cp = self.whole("--context-parallel-size", 1)
+        comm_type = self.get("--cp-comm-type", ["p2p"])
+        if cp > 1 and comm_type != ["p2p"]:
+            self.fail(f"--cp-comm-type {' '.join(comm_type)} is not modelled by meshplan (its K/V exchange is TE's "
+                      f"p2p ring): drop it or use p2p")
+        dp = data_parallel(self.world, tp * pp * cp, f"{self.where}: tensor x pipeline x context parallel size")
         micro = self.whole("--micro-batch-size")
         if micro is None:
             self.fail("give --micro-batch-size (Megatron-LM requires it)")
-        fields = dict(dp=dp, tp=tp, pp=pp, micro_batch=micro,
+        fields = dict(dp=dp, cp=cp, tp=tp, pp=pp, micro_batch=micro,
                       global_batch=self.whole("--global-batch-size", micro * dp),   # Megatron's default
                       seq=self.whole("--seq-length"), precision=self.precision())
         if fields["seq"] is None:
@@ -210,7 +217,7 @@ class _Reader:
         engine_options = self.engine_options()
         self.check_rest()
         from planner.zoo import ModelSpec
-        pinned = ("tp", "pp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
+        pinned = ("tp", "pp", "cp", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
                   "offload_optimizer", "precision")
         return Imported(self.dialect, engine_options, fields, ModelSpec(config.name, config), self.notes, pinned)
 

@@ -28,6 +28,8 @@ def arguments(plan, config) -> list:
             ("--seq-length", plan.seq), ("--max-position-embeddings", config.max_seq),
             ("--micro-batch-size", plan.micro_batch), ("--global-batch-size", plan.global_batch),
             ("--tensor-model-parallel-size", plan.tp), ("--pipeline-model-parallel-size", plan.pp)]
+    if plan.cp > 1:   # refused by the 2021 engine before an export (planner.engines.megatron_lm)
+        args.append(("--context-parallel-size", plan.cp))
     args += _pipeline(plan, config.layers)
     args += _model(config, plan, old)
     if plan.sequence_parallel:
@@ -39,11 +41,12 @@ def arguments(plan, config) -> list:
     args += _recompute(plan, config.layers, old)
     if plan.zero == 1:
         args.append(("--use-distributed-optimizer", None))
-    order = [d for d in plan.rank_order if d != "cp"]   # cp sits just outside tp (planner.plan.MESH_DIMS)
-    if order == ["dp", "pp", "tp"]:
+    # Megatron-Core's orders "tp-cp-ep-dp-pp" and, with --use-tp-pp-dp-mapping, "tp-cp-ep-pp-dp"
+    # (megatron/core/parallel_state.py): cp just outside tp in both
+    if plan.rank_order == ["dp", "pp", "cp", "tp"]:
         args.append(("--use-tp-pp-dp-mapping", None))
-    elif order != ["pp", "dp", "tp"]:
-        raise MeshplanError(f"Megatron-LM orders ranks tp-dp-pp or tp-pp-dp, not the plan's {plan.rank_order}")
+    elif plan.rank_order != ["pp", "dp", "cp", "tp"]:
+        raise MeshplanError(f"Megatron-LM orders ranks tp-cp-dp-pp or tp-cp-pp-dp, not the plan's {plan.rank_order}")
     args += _engine_options(plan, old)
     # what makes the script run as it stands: synthetic data and a short schedule (edit these)
     if old:

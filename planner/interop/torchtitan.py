@@ -25,7 +25,10 @@ Mapping (sources in torchtitan/): batch from training.num_tokens_per_microbatch_
 num_tokens_per_train_step and max_context_length (trainer.py); data_parallel_shard_degree
 > 1 is FSDP2, ZeRO-3 unless `fsdp_reshard_after_forward` is "never" or "default" with
 pipeline parallelism (distributed/fsdp.py get_fsdp_reshard_after_forward_policy), ZeRO-2
-then; data_parallel_replicate_degree alone is DDP (ZeRO 0); expert_parallel_degree is the
+then; data_parallel_replicate_degree alone is DDP (ZeRO 0); context_parallel_degree is the
+plan's cp, and with cp > 1 FSDP shards over dp_shard x cp (distributed/parallel_dims.py:
+"we always assume that when cp is used, FSDP is also applied"), with the "headtail" load
+balancer only (configs.py; the one meshplan prices); expert_parallel_degree is the
 plan's ep (distributed/parallel_dims.py borrows it from dp_shard x cp); pipeline stages as
 distributed/pipeline_parallel.py _generate_llm_fqn_per_model_part splits them;
 activation_checkpoint null / FullAC / SelectiveAC (distributed/activation_checkpoint.py);
@@ -35,7 +38,7 @@ by default) is precision fp8 rowwise, and the export writes one for an fp8 plan.
 compile.enable with "model" in compile.components is the plan's compile (each block compiled,
 distributed/compile.py apply_compile); a compiled loss is priced eager. Refused in one line,
 as meshplan does not price them yet: MXFP8 / NVFP4 converters, float8 with other converters
-(grouped experts, LoRA), context parallelism, multi-token prediction (deepseek_v3/mtp.py),
+(grouped experts, LoRA), multi-token prediction (deepseek_v3/mtp.py),
 component overrides (config/override.py).
 """
 from __future__ import annotations
@@ -66,8 +69,7 @@ PARALLELISM = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree"
                "context_parallel_ptrr_mask_key": None, "expert_parallel_degree": 1}
 # Settings meshplan does not model: accepted at these values only.
 AT_DEFAULT = {"training": ("dtype", "mixed_precision_reduce"),
-              "parallelism": ("enable_fsdp_symm_mem", "module_fqns_per_model_part", "pipeline_parallel_schedule_csv",
-                              "context_parallel_degree")}
+              "parallelism": ("enable_fsdp_symm_mem", "module_fqns_per_model_part", "pipeline_parallel_schedule_csv")}
 AC_BASE = {"preserve_rng_state", "determinism_check", "debug"}
 SECTIONS = {"model_spec", "hf_assets_path", "dump_folder", "profiler", "metrics", "tokenizer", "dataloader",
             "optimizer", "lr_scheduler", "training", "parallelism", "checkpoint", "activation_checkpoint", "compile",
@@ -152,26 +154,31 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     named = config.get("model_spec")
     if isinstance(named, dict) and "differs" in MODELS[named["name"]][named["flavor"]]:
         notes.append(f"{named['name']} {named['flavor']}: {MODELS[named['name']][named['flavor']]['differs']}")
-    tp, pp, ep = (whole(par[k], f"{where}: parallelism.{k}")
-                  for k in ("tensor_parallel_degree", "pipeline_parallel_degree", "expert_parallel_degree"))
+    tp, pp, ep, cp = (whole(par[k], f"{where}: parallelism.{k}") for k in (
+        "tensor_parallel_degree", "pipeline_parallel_degree", "expert_parallel_degree", "context_parallel_degree"))
+    if cp > 1 and par["context_parallel_load_balancer"] != "headtail":
+        raise MeshplanError(f"{where}: parallelism.context_parallel_load_balancer "
+                            f"{json.dumps(par['context_parallel_load_balancer'])} is not modelled by meshplan: "
+                            f"use \"headtail\"")
     replicate = whole(par["data_parallel_replicate_degree"], f"{where}: parallelism.data_parallel_replicate_degree")
     shard = par["data_parallel_shard_degree"]
     if shard == -1:                      # "leftover ranks" (configs.py)
-        if world % (replicate * tp * pp):
-            raise MeshplanError(f"{where}: replicate x tp x pp = {replicate * tp * pp} does not divide {world} GPUs")
-        shard = world // (replicate * tp * pp)
+        if world % (replicate * cp * tp * pp):
+            raise MeshplanError(f"{where}: replicate x cp x tp x pp = {replicate * cp * tp * pp} does not divide "
+                                f"{world} GPUs")
+        shard = world // (replicate * cp * tp * pp)
     shard = whole(shard, f"{where}: parallelism.data_parallel_shard_degree")
-    if replicate * shard * tp * pp != world:
-        raise MeshplanError(f"{where}: replicate x shard x tp x pp = {replicate * shard * tp * pp} but the cluster "
-                            f"has {world} GPUs: make them agree")
-    if replicate > 1 and shard > 1:
-        raise MeshplanError(f"{where}: HSDP (data_parallel_replicate_degree and _shard_degree both > 1) is not "
-                            f"modelled by meshplan: use one")
+    if replicate * shard * cp * tp * pp != world:
+        raise MeshplanError(f"{where}: replicate x shard x cp x tp x pp = {replicate * shard * cp * tp * pp} but the "
+                            f"cluster has {world} GPUs: make them agree")
+    if replicate > 1 and shard * cp > 1:
+        raise MeshplanError(f"{where}: HSDP (data_parallel_replicate_degree > 1 with data_parallel_shard_degree or "
+                            f"context_parallel_degree > 1: FSDP over dp_shard x cp) is not modelled by meshplan: use one")
     dp = replicate * shard
     policy = par["fsdp_reshard_after_forward"]
     if policy not in ("default", "always", "never"):
         raise MeshplanError(f"{where}: parallelism.fsdp_reshard_after_forward takes default, always or never")
-    zero = 0 if shard == 1 else 2 if policy == "never" or (policy == "default" and pp > 1) else 3
+    zero = 0 if shard * cp == 1 else 2 if policy == "never" or (policy == "default" and pp > 1) else 3
     precision = {"bfloat16": "bf16", "float32": "fp32"}.get(training["mixed_precision_param"])
     if precision is None:
         raise MeshplanError(f"{where}: training.mixed_precision_param takes bfloat16 or float32")
@@ -190,7 +197,7 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
                             f"{spec.name} has no experts: set it to 1")
     # torchtitan borrows the expert-parallel ranks from data_parallel_shard x cp
     # (distributed/parallel_dims.py), as Plan.ep splits groups of ep data-parallel ranks.
-    fields = dict(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, precision=precision, seq=seq,
+    fields = dict(dp=dp, cp=cp, tp=tp, pp=pp, ep=ep, zero=zero, precision=precision, seq=seq,
                   sequence_parallel=tp > 1 and bool(par["enable_sequence_parallel"]),
                   offload_optimizer=bool(training["enable_cpu_offload"]), compile=compiled_blocks, **float8)
     fields.update(_batch(training, par, dp, pp, seq, where))
@@ -199,7 +206,7 @@ def from_config(config: dict, world: int, model, where: str, notes: list) -> Imp
     fields["checkpoint"] = [_recompute(config, where)] * layers
     if fields["checkpoint"][0] == "none":
         fields["checkpoint"] = []
-    pinned = ("tp", "pp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
+    pinned = ("tp", "pp", "cp", "ep", "zero", "micro_batch", "checkpoint", "schedule", "interleave", "sequence_parallel",
               "offload_optimizer", "precision", "fp8_recipe")
     return Imported("torchtitan", {}, fields, spec, notes, pinned)
 
@@ -456,8 +463,12 @@ def job_config(plan, flavor: str) -> dict:
     if mode not in ("none", "full", "selective"):
         raise MeshplanError("torchtitan recomputes every block the same way (none, full or selective); the plan's "
                             "per-layer recompute is not: pin --checkpoint")
+    if plan.cp > 1 and plan.zero == 0:
+        raise MeshplanError("torchtitan shards with FSDP over dp_shard x cp whenever cp > 1 "
+                            "(distributed/parallel_dims.py): plan ZeRO 2 or 3")
     shard, replicate = (plan.dp, 1) if plan.zero else (1, plan.dp)
     par = dict(data_parallel_replicate_degree=replicate, data_parallel_shard_degree=shard,
+               context_parallel_degree=plan.cp,
                fsdp_reshard_after_forward="never" if plan.zero == 2 else "always",
                tensor_parallel_degree=plan.tp, enable_sequence_parallel=plan.sequence_parallel or plan.tp == 1,
                pipeline_parallel_degree=plan.pp)

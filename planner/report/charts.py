@@ -10,7 +10,7 @@ from cost_models.units import GIB
 
 # One colour per phase / memory part, shared with the legend tables (and close to plots.py's).
 PHASE_COLORS = {"compute_s": "#4C72B0", "exposed_tp_comm_s": "#8172B3", "exposed_dp_comm_s": "#55A868",
-                "exposed_ep_comm_s": "#DD8452", "pipeline_bubble_s": "#BBBBBB", "optimizer_s": "#CCB974"}
+                "exposed_ep_comm_s": "#DD8452", "exposed_cp_comm_s": "#8C613C", "pipeline_bubble_s": "#BBBBBB", "optimizer_s": "#CCB974"}
 MEMORY_PARTS = (("params_bytes", "parameters", "#4C72B0"), ("grads_bytes", "gradients", "#DD8452"),
                 ("optimizer_bytes", "optimizer state", "#55A868"), ("activations_bytes", "activations", "#C44E52"),
                 ("transient_bytes", "transient", "#8172B3"))

@@ -9,6 +9,7 @@ from cost_models.units import GIB
 from planner.fp8 import precision_words
 from planner.report import charts
 from planner.report.page import cards, legend, page, section, table
+from planner.plan import degree_words
 from planner.report.timeline import as_script_json, rank_summary, timeline_data
 from planner.version import version
 
@@ -20,8 +21,7 @@ def _footer(command: str, calibration: list[str]) -> str:
 
 
 def _plan_words(plan) -> str:
-    text = (f"dp={plan.dp} tp={plan.tp} pp={plan.pp}" + (f" ep={plan.ep}" if plan.ep > 1 else "")
-            + f" zero={plan.zero}, micro-batch {plan.micro_batch} x "
+    text = (degree_words(plan) + f" zero={plan.zero}, micro-batch {plan.micro_batch} x "
             f"{plan.grad_accum} accumulation, {precision_words(plan)}, {plan.schedule}")
     if plan.interleave > 1:
         text += f" x{plan.interleave}"

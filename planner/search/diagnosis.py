@@ -59,8 +59,8 @@ class Diagnosis:
             self.spec, cluster, self.global_batch, self.seq, self.compute, None, self.reserve_bytes,
             self.tp_across_nodes, {k: v for k, v in self.pinned.items() if k not in ("dp", "pp")})
         best, worst = float("inf"), None
-        for dp, tp, pp in search.families():
-            lean = search._leanest_plan(dp, tp, pp)
+        for dp, cp, tp, pp in search.families():
+            lean = search._leanest_plan(dp, cp, tp, pp)
             if lean is None:
                 continue
             sim = prepare_unchecked(lean, self.spec, cluster, search.compute, search.comm)
@@ -77,20 +77,21 @@ class Diagnosis:
                 best, worst = peak, stage
         return best, worst
 
-    def _leanest_plan(self, dp: int, tp: int, pp: int) -> Plan | None:
+    def _leanest_plan(self, dp: int, cp: int, tp: int, pp: int) -> Plan | None:
         """The leanest plan of one family under the pins (None: the pins rule it out)."""
         pick = self.pinned.get
-        zero = pick("zero", 3 if dp > 1 else 0)
+        zero = pick("zero", 3 if dp * cp > 1 else 0)
         per_rank = self.global_batch // dp
         # the smallest micro-batch within the micro-batches a step may run
         micro_batch = pick("micro_batch", next(
             (mb for mb in divisors(per_rank) if per_rank // mb <= MAX_MICRO_BATCHES), 1))
         schedule = pick("schedule", "interleaved" if pick("interleave", 1) > 1 else "1f1b")
-        fields = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro_batch, global_batch=self.global_batch,
+        fields = dict(dp=dp, cp=cp, tp=tp, pp=pp, zero=zero, micro_batch=micro_batch, global_batch=self.global_batch,
                       seq=self.seq, precision=self.values("precision", ("bf16",))[0], schedule=schedule,
                       interleave=pick("interleave", 2 if schedule == "interleaved" else 1),
-                      sequence_parallel=pick("sequence_parallel", tp > 1 and self.spec.config is not None),
-                      offload_optimizer=pick("offload_optimizer", dp > 1 and zero >= 2))
+                      sequence_parallel=pick("sequence_parallel", tp > 1 and self.spec.config is not None
+                                             and (self.seq // cp) % tp == 0),
+                      offload_optimizer=pick("offload_optimizer", dp * cp > 1 and zero >= 2))
         try:
             lean = Plan(**fields)
             if self.host_floor_bytes(lean) > self.cluster.host_memory_bytes_per_gpu and \

@@ -44,11 +44,11 @@ from cost_models.inputs import (MAX_GLOBAL_BATCH, MAX_GPUS, MAX_LAYERS, MAX_SEQ,
 from cost_models.units import GIB
 from planner.engines import DEFAULT_ENGINE, get_engine
 from planner.fp8 import check_gpu as check_fp8_gpu
-from planner.plan import CHECKPOINT_MODES, FP8_RECIPES, PRECISIONS, SCHEDULES, Plan
+from planner.plan import CHECKPOINT_MODES, FP8_RECIPES, PRECISIONS, SCHEDULES, Plan, degree_words
 from planner.search.diagnosis import Diagnosis
 from planner.search.factory import FactorySearch
 from planner.search.partition import StageCosts, partition
-from planner.search.space import SearchSpace, check_expert_pins
+from planner.search.space import SearchSpace, check_context_pins, check_expert_pins
 from planner.search.tp_ilp import layouts_for
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, CUDA_CONTEXT_BYTES, prepare_unchecked
 from planner.simulate.costing import top_level_layout
@@ -71,7 +71,7 @@ from planner.plan import PINNABLE  # noqa: E402,F401  (re-exported: planner.sear
 
 @dataclass
 class SearchStats:
-    families: int = 0                 # dp x tp x pp
+    families: int = 0                 # dp x cp x tp x pp
     candidates: int = 0               # full configurations enumerated
     pruned_model_states: int = 0      # model states alone overflow
     pruned_dominated: int = 0         # gpipe (1F1B is as fast with less memory)
@@ -141,6 +141,7 @@ def plan(model, cluster, global_batch: int, seq: int, precision: str | None = "b
     options = runner.checked_options(engine_options)
     check_pins_for_engine(pinned, runner)
     check_expert_pins(pinned, spec, cluster, runner, moe_imbalance)
+    check_context_pins(pinned, spec, cluster, runner, options)
     search = _Search(spec, cluster, global_batch, seq, compute, comm, reserve_bytes, tp_across_nodes, pinned,
                      runner, options)
     search.moe_imbalance = moe_imbalance
@@ -163,7 +164,7 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
     whole_number(global_batch, "global_batch", high=MAX_GLOBAL_BATCH)
     whole_number(seq, "seq", high=MAX_SEQ)
     check_tokens_per_step(global_batch, seq)
-    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("ep", MAX_GPUS),
+    for name, high in (("dp", MAX_GPUS), ("tp", MAX_GPUS), ("pp", MAX_GPUS), ("cp", MAX_GPUS), ("ep", MAX_GPUS),
                        ("micro_batch", MAX_GLOBAL_BATCH),
                        ("interleave", MAX_LAYERS)):
         if name in pinned:
@@ -178,6 +179,10 @@ def check_pinned(pinned: dict, top_k: int, global_batch: int, seq: int):
         if name in pinned and (isinstance(value, bool) or not isinstance(value, (str, int)) or value not in allowed):
             raise MeshplanError(f"{name} {shown(value)} is unknown; use one of {', '.join(map(str, allowed))}")
     _check_pins_agree(pinned, global_batch)
+    cp = pinned.get("cp", 1)
+    if cp > 1 and seq % (2 * cp):
+        raise MeshplanError(f"cp {cp} needs seq divisible by 2 x cp = {2 * cp} (each sequence is cut into 2 x cp "
+                            f"load-balanced chunks), got seq {seq}: change --seq or --cp")
 
 
 def _check_pins_agree(pinned: dict, global_batch: int):
@@ -262,8 +267,9 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         started = time.perf_counter()
         sim = prepare_unchecked(plan, self.spec, self.cluster, self.compute, self.comm, self.execution(plan),
                                 self.moe_imbalance)
-        self.stats.trace_s += time.perf_counter() - started if (plan.micro_batch, plan.precision) not in self._sims else 0
-        self._sims[(plan.micro_batch, plan.precision)] = True
+        traced = (plan.micro_batch, plan.precision, plan.local_seq)
+        self.stats.trace_s += time.perf_counter() - started if traced not in self._sims else 0
+        self._sims[traced] = True
         return sim
 
     def recompute_modes(self, plan=None) -> tuple:
@@ -330,8 +336,8 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
         families = self.families()
         self.stats.families = len(families)
         pool = []
-        for dp, tp, pp in families:
-            for p in self.candidates(dp, tp, pp):
+        for dp, cp, tp, pp in families:
+            for p in self.candidates(dp, cp, tp, pp):
                 self.stats.candidates += 1
                 if tp > 1 and self.spec.config is None:
                     p = self.factory_layout(p)
@@ -486,8 +492,7 @@ class _Search(SearchSpace, FactorySearch, Diagnosis):
 
 
 def describe_family(plan: Plan) -> str:
-    text = f"dp{plan.dp} tp{plan.tp} pp{plan.pp}" + (f" ep{plan.ep}" if plan.ep > 1 else "") \
-        + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
+    text = degree_words(plan, eq="") + f" zero{plan.zero} mb{plan.micro_batch} {plan.schedule}"
     if plan.interleave > 1:
         text += f"x{plan.interleave}"
     if plan.sequence_parallel:

@@ -1,7 +1,15 @@
-"""The search space: every dp x tp x pp family of the cluster and every candidate plan of a
-family (expert parallelism, ZeRO, offload, micro-batch, sequence parallelism, schedule,
-precision), under the pins."""
+"""The search space: every dp x cp x tp x pp family of the cluster and every candidate plan
+of a family (expert parallelism, ZeRO, offload, micro-batch, sequence parallelism, schedule,
+precision), under the pins.
+
+Context parallelism (cp) is searched for long sequences only: from CP_MIN_SEQ tokens, with
+at least CP_MIN_LOCAL_SEQ tokens per rank (below that the K/V exchange outweighs what the
+split saves; Llama 3 405B ran cp 16 at 128K tokens, 8K per rank). A pinned cp is taken
+whatever the sequence. cp needs a preset or JSON model running the fused attention kernel
+and an engine that has it (planner.simulate.context)."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import MAX_MICRO_BATCHES, finite_number
@@ -11,6 +19,8 @@ from planner.plan import Plan
 from planner.simulate import ALLOCATOR_RESERVED_RATIO, model_key, trace_cached
 
 INTERLEAVE_CHOICES = (2, 4)
+CP_MIN_SEQ = 32768
+CP_MIN_LOCAL_SEQ = 4096
 
 
 def divisors(n: int) -> list[int]:
@@ -50,6 +60,37 @@ def check_expert_pins(pinned: dict, spec, cluster, engine, moe_imbalance: float 
                             f"{', '.join(map(str, engine.expert_zero))}, not {pinned['zero']}: change --zero or --ep")
 
 
+def check_context_pins(pinned: dict, spec, cluster, engine, engine_options: dict) -> None:
+    """A pinned cp the model, the cluster or the engine cannot take, in one line (the
+    sequence: planner.search.ranking.check_pinned)."""
+    from planner.simulate.context import check_context_parallel
+    cp = pinned.get("cp", 1)
+    if cp == 1:
+        return
+    if cp > cluster.world_size:
+        raise MeshplanError(f"cp {cp} exceeds {cluster.name}'s {cluster.world_size} GPUs: pin cp <= "
+                            f"{cluster.world_size}")
+    if engine.context_refusal:
+        raise MeshplanError(f"{engine.name} has no context parallelism meshplan models ({engine.context_refusal}): "
+                            f"drop --cp or change --engine")
+    if pinned.get("ep", 1) > 1:
+        raise MeshplanError("cp > 1 with ep > 1 is not supported yet: drop --cp or --ep")
+    if "zero" in pinned and pinned["zero"] not in engine.context_zero:
+        raise MeshplanError(f"{engine.name} runs context parallelism with ZeRO "
+                            f"{', '.join(map(str, engine.context_zero))}, not {pinned['zero']}: change --zero or --cp")
+    check_context_parallel(SimpleNamespace(cp=cp), spec.config, engine.execution_for(engine_options).attention)
+    why = _runtime_refuses_cp(pinned, engine, cp)
+    if why:
+        raise MeshplanError(why)
+
+
+def _runtime_refuses_cp(pinned: dict, engine, cp: int) -> str | None:
+    """Why the engine's runtime cannot run cp with the pinned compile (Engine.limits), or None."""
+    if not (pinned.get("compile") and engine.limits):
+        return None
+    return engine.limits(SimpleNamespace(cp=cp, compile=True, checkpoint=[], tp=1))
+
+
 class SearchSpace:
     """Candidate enumeration of the search (planner.search.ranking._Search). Degrees a model
     cannot take are skipped with their reason (`unfit`, shown when nothing is left): pp above
@@ -60,7 +101,52 @@ class SearchSpace:
     def values(self, name: str, default):
         return [self.pinned[name]] if name in self.pinned else list(default)
 
-    def families(self) -> list[tuple[int, int, int]]:
+    def families(self) -> list[tuple[int, int, int, int]]:
+        """Every (dp, cp, tp, pp) the search walks: dp x cp data ranks per (tp, pp) split, cp
+        over context_degrees."""
+        out = []
+        for ranks, tp, pp in self._splits():
+            for cp in self.context_degrees(ranks):
+                dp = ranks // cp
+                if "dp" in self.pinned and dp != self.pinned["dp"]:
+                    continue
+                if dp % self.pinned.get("ep", 1):
+                    self.unfit(f"dp {dp}", f"is not a multiple of the pinned ep {self.pinned['ep']}")
+                elif self.global_batch % dp == 0:
+                    out.append((dp, cp, tp, pp))
+                else:
+                    self.unfit(f"dp {dp}", f"does not divide global batch {self.global_batch}")
+        if not out:
+            raise MeshplanError(self._no_family_message())
+        return out
+
+    def context_degrees(self, ranks: int) -> list[int]:
+        """cp of a family with `ranks` data ranks (dp x cp): 1, and for a long sequence (or the
+        pinned cp) each divisor of `ranks` that cuts the sequence into 2 x cp even chunks."""
+        if "cp" in self.pinned:
+            cp = self.pinned["cp"]
+            if ranks % cp:
+                return []
+            if self.seq % (2 * cp) and cp > 1:
+                self.unfit(f"cp {cp}", f"does not cut seq {self.seq} into 2 x cp chunks")
+                return []
+            return [cp]
+        if self.seq < CP_MIN_SEQ or not self.takes_context_parallel():
+            return [1]
+        return [cp for cp in divisors(ranks) if cp == 1 or (self.seq % (2 * cp) == 0
+                                                           and self.seq // cp >= CP_MIN_LOCAL_SEQ)]
+
+    def takes_context_parallel(self) -> bool:
+        """The engine has context parallelism and the model runs the fused attention kernel."""
+        config = self.spec.config
+        if config is None or self.engine.context_refusal:
+            return False
+        attention = self.engine.execution_for(self.engine_options).attention or config.attention
+        return (attention == "sdpa" and not getattr(config, "experts", 0)
+                and not _runtime_refuses_cp(self.pinned, self.engine, 2))
+
+    def _splits(self) -> list[tuple[int, int, int]]:
+        """Every (dp x cp, tp, pp) that multiplies to the cluster (the pins and the model allowing)."""
         world, gpn = self.cluster.world_size, self.cluster.gpus_per_node
         blocks = self.block_count()
         out = []
@@ -84,17 +170,7 @@ class SearchSpace:
                 if why:
                     self.unfit(f"pp {pp}", why)
                     continue
-                dp = world // (tp * pp)
-                if "dp" in self.pinned and dp != self.pinned["dp"]:
-                    continue
-                if dp % self.pinned.get("ep", 1):
-                    self.unfit(f"dp {dp}", f"is not a multiple of the pinned ep {self.pinned['ep']}")
-                elif self.global_batch % dp == 0:
-                    out.append((dp, tp, pp))
-                else:
-                    self.unfit(f"dp {dp}", f"does not divide global batch {self.global_batch}")
-        if not out:
-            raise MeshplanError(self._no_family_message())
+                out.append((world // (tp * pp), tp, pp))
         return out
 
     def states_floor_bytes(self, plan: Plan) -> float:
@@ -106,7 +182,7 @@ class SearchSpace:
     def _floor_states(self, plan: Plan):
         expert = self.expert_param_count() if plan.ep > 1 else 0.0
         dense = model_state_bytes((self.param_count() - expert) / (plan.tp * plan.pp), plan.precision, plan.zero,
-                                  plan.dp, plan.offload_optimizer)
+                                  plan.dp * plan.cp, plan.offload_optimizer)
         if not expert:
             return dense
         experts = model_state_bytes(expert / (plan.ep * plan.pp), plan.precision, plan.zero, plan.edp,
@@ -160,12 +236,12 @@ class SearchSpace:
 
     def _no_family_message(self) -> str:
         world = self.cluster.world_size
-        pins = ", ".join(f"{k}={self.pinned[k]}" for k in ("dp", "tp", "pp") if k in self.pinned)
+        pins = ", ".join(f"{k}={self.pinned[k]}" for k in ("dp", "cp", "tp", "pp") if k in self.pinned)
         unfit = getattr(self, "_unfit", {})
-        pinned = {k for k in ("dp", "tp", "pp") if k in self.pinned}
+        pinned = {k for k in ("dp", "cp", "tp", "pp") if k in self.pinned}
         why = "; ".join(f"{degree} {reason}" for degree, reason in unfit.items()
                         if not pinned or degree.split()[0] in pinned)
-        return (f"no dp x tp x pp = {world} devices fits {self.spec.name} and global batch {self.global_batch}"
+        return (f"no dp x {'cp x ' if 'cp' in self.pinned else ''}tp x pp = {world} devices fits {self.spec.name} and global batch {self.global_batch}"
                 + (f" with {pins}" if pins else "") + (f" ({why})" if why else "")
                 + ": choose degrees whose product is the cluster size, tp dividing what it splits (inside a "
                 "node), pp at most the model's blocks, and dp dividing the global batch")
@@ -178,13 +254,13 @@ class SearchSpace:
             return [1]
         return [ep for ep in divisors(dp) if experts % ep == 0]
 
-    def candidates(self, dp, tp, pp) -> list[Plan]:
+    def candidates(self, dp, cp, tp, pp) -> list[Plan]:
         out = []
-        for ep in self.values("ep", self.expert_parallel_degrees(dp, tp)):
-            out += self._candidates(dp, tp, pp, ep)
+        for ep in self.values("ep", self.expert_parallel_degrees(dp, tp) if cp == 1 else [1]):   # cp > 1: ep 1
+            out += self._candidates(dp, cp, tp, pp, ep)
         return out
 
-    def _candidates(self, dp, tp, pp, ep) -> list[Plan]:
+    def _candidates(self, dp, cp, tp, pp, ep) -> list[Plan]:
         per_rank = self.global_batch // dp
         out = []
         for precision in self.values("precision", ("bf16",)):
@@ -195,18 +271,19 @@ class SearchSpace:
                     continue
                 m = per_rank // mb
                 zeros = self.engine.pipeline_zero if pp > 1 else self.engine.zero
-                for zero in self.values("zero", zeros if dp > 1 else (0,)):
-                    if zero not in zeros or (ep > 1 and zero not in self.engine.expert_zero):
+                for zero in self.values("zero", zeros if dp * cp > 1 else (0,)):
+                    if zero not in zeros or (ep > 1 and zero not in self.engine.expert_zero) \
+                            or (cp > 1 and zero not in self.engine.context_zero):
                         continue
                     offloads = (False, True) if zero >= 2 and self.engine.offload_optimizer else (False,)
                     for offload in self.values("offload_optimizer", offloads):
                         sp_ok = tp > 1 and self.engine.sequence_parallel and self.spec.config is not None
                         sps = (False, True) if sp_ok else (False,)
                         for sp in self.values("sequence_parallel", sps):
-                            if sp and (tp < 2 or self.seq % tp):
+                            if sp and (tp < 2 or (self.seq // cp) % tp):
                                 continue   # the runtime shards the sequence evenly over tp >= 2
                             for schedule, v in self._schedules(pp, m):
-                                out.append(Plan(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
+                                out.append(Plan(dp=dp, cp=cp, tp=tp, pp=pp, ep=ep, zero=zero, micro_batch=mb,
                                                 global_batch=self.global_batch, seq=self.seq, precision=precision,
                                                 fp8_recipe=self.pinned.get("fp8_recipe", "tensorwise")
                                                 if precision == "fp8" else "tensorwise",

@@ -3,7 +3,8 @@
 Modules: step (the step-time simulation, simulate and prepare), memory (per-GPU memory),
 communication (exposed time and bytes of every collective), traces (the traces it prices, cached),
 costing (per-layer times), schedule (pipeline schedules as an event simulation), fsdp
-(when FSDP2 gathers and reduces), batch_scaling (traces at any micro-batch size).
+(when FSDP2 gathers and reduces), batch_scaling (traces at any micro-batch size), experts
+(expert parallelism), context (context parallelism: attention re-priced, the K/V exchange).
 How an engine runs a plan (Execution) is planner.engines'; the plan's engine picks it.
 """
 from planner.engines import MEGATRON_2021, MESHPLAN_RUNTIME, Execution

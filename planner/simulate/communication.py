@@ -2,7 +2,9 @@
 expert parallelism's all-to-alls, FSDP's gathers and reductions, DDP's all-reduce, the tied
 embedding's and the sequence-parallel norms' gradient reductions, and the pipeline's
 boundary transfers. A routed expert's parameters are data-parallel over the dp/ep ranks that
-hold the same experts (the "edp" group), everything else over dp (torchtitan's apply_fsdp)."""
+hold the same experts (the "edp" group), everything else over dp (torchtitan's apply_fsdp),
+times cp under context parallelism, whose K/V exchange runs on the cp group
+(planner.simulate.context)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -35,6 +37,20 @@ class CommMixin:
         return sum(self.comm.time_s(kind, nbytes * (self.moe_imbalance if what == "tokens" else 1.0), self.ep_group)
                    for kind, what, nbytes in collectives)
 
+    def cp_comm_s(self, t: LayerTiming, mode: str) -> tuple[float, float]:
+        """(forward, backward) exposed K/V exchange of one micro-batch through a layer on the
+        cp group. A rerun of the attention kernel in backward (full or attention-core
+        recomputation) gathers K and V again. With Execution.cp_overlap (a p2p ring) each
+        pass's exchange hides behind that pass's attention kernels."""
+        if not t.cp_comm_fwd:
+            return 0.0, 0.0
+        fwd = sum(self.comm.time_s(kind, nbytes, self.cp_group) for kind, nbytes in t.cp_comm_fwd)
+        bwd = sum(self.comm.time_s(kind, nbytes, self.cp_group) for kind, nbytes in t.cp_comm_bwd)
+        kernel_fwd, kernel_bwd = t.attention_kernel_s if self.execution.cp_overlap else (0.0, 0.0)
+        exposed_fwd = max(0.0, fwd - kernel_fwd)
+        rerun = exposed_fwd if mode in ("full", "attention") else 0.0
+        return exposed_fwd, max(0.0, bwd - kernel_bwd) + rerun
+
     def tp_comm_s(self, collectives) -> float:
         """TP collectives ((kind, bytes), ...) in a row on the TP group: inside a layer they sit
         between the kernels that produce and consume them, so none is hidden."""
@@ -44,7 +60,7 @@ class CommMixin:
     def fsdp_communicates(self) -> bool:
         """FSDP issues collectives: ZeRO 1-3 over more than one data-parallel rank (ZeRO 0's
         replicate copies its parameters locally and all-reduces: dp_tail_s)."""
-        return self.fsdp_drive is not None and self.plan.zero >= 1 and self.plan.dp > 1
+        return self.fsdp_drive is not None and self.plan.zero >= 1 and self.data_ranks > 1
 
     def fsdp_traffic(self, stage: int) -> fsdp.Traffic | None:
         """What FSDP gathers and reduces for virtual stage `stage` in one step (None: no
@@ -135,10 +151,12 @@ class CommMixin:
         convention, as CommModel prices them), summed over the step's micro-batches.
         Expert parallelism adds "ep": the all-to-alls of the tokens ("all_to_all", their
         send buffers under balanced routing) and of the per-expert counts
-        ("all_to_all_counts"); the routed experts' data-parallel reductions go to "edp"."""
+        ("all_to_all_counts"); the routed experts' data-parallel reductions go to "edp".
+        Context parallelism adds "cp": the K/V all-gathers and the dK/dV reduce-scatters
+        (planner.simulate.context); the "dp" group is then the dp x cp ranks."""
         plan, n = self.plan, self.plan.grad_accum
         volume = {"tp": Counter(), "dp": Counter(), "pp": Counter(), "tied": Counter(), "ep": Counter(),
-                  "edp": Counter()}
+                  "edp": Counter(), "cp": Counter()}
         chunks = [c * plan.pp + rank for c in range(plan.interleave)]
         params = expert = 0.0
         for index, stage in ((i, v) for v in chunks for i in stages[v]):
@@ -151,6 +169,9 @@ class CommMixin:
             ep_again = t.ep_comm_fwd if self.checkpoint_mode(index) == "full" else ()
             for kind, what, nbytes in t.ep_comm_fwd + t.ep_comm_bwd + ep_again:
                 volume["ep"][kind + ("_counts" if what == "counts" else "")] += n * nbytes
+            cp_again = t.cp_comm_fwd if self.checkpoint_mode(index) in ("full", "attention") else ()
+            for kind, nbytes in t.cp_comm_fwd + t.cp_comm_bwd + cp_again:
+                volume["cp"][kind] += n * nbytes
             traffic = self.fsdp_traffic(stage)
             if traffic is not None:
                 for experts, group in ((False, "dp"), (True, "edp")):
@@ -158,7 +179,7 @@ class CommMixin:
                     if not experts or (gather_bytes and plan.edp > 1):
                         volume[group]["all_gather"] += traffic.gathers_per_step * gather_bytes
                         volume[group]["reduce_scatter"] += traffic.reduce_scatters_per_step * scatter_bytes
-        if plan.dp > 1 and plan.zero == 0:
+        if self.data_ranks > 1 and plan.zero == 0:
             volume["dp"]["all_reduce"] += self.dp_tail_bytes(params - expert)
             if plan.edp > 1 and expert:
                 volume["edp"]["all_reduce"] += self.dp_tail_bytes(expert)
@@ -193,7 +214,7 @@ class CommMixin:
         replicate) or after it; ZeRO 1-3's reduce-scatters are FSDP's (fsdp_extra_s,
         fsdp_tail_s). The routed experts' gradients (`expert` of `params`) reduce over edp."""
         plan = self.plan
-        if plan.dp == 1 or plan.zero >= 1:
+        if self.data_ranks == 1 or plan.zero >= 1:
             return 0.0
         grad_bytes = self.dp_tail_bytes(params - expert)
         all_reduce = self.comm.all_reduce_s(grad_bytes, self.dp_group) \
@@ -234,5 +255,5 @@ class CommMixin:
 
     def tied_grad_bytes(self) -> float:
         if self.plan.zero >= 1:   # FSDP's reduced gradient: a 1/dp shard, fp32 as its sharded parameter
-            return self.tied_params / self.tied_split / self.plan.dp * 4
+            return self.tied_params / self.tied_split / self.data_ranks * 4
         return self.tied_params / self.tied_split * self.grad_dtype_bytes

@@ -37,7 +37,7 @@ from cost_models.errors import MeshplanError
 from cost_models.memory import DTYPE_BYTES
 from planner.arch import get_arch, module_roles, names_for, shared_input_outputs
 from planner.ir import LayerCost, OpInfo, TracedModel, selective_reruns
-from planner.simulate import experts as moe
+from planner.simulate import context, experts as moe
 from planner.simulate.fusion import FusedKernel, compiled_ops
 from planner.simulate.factory_tp import FactorySplit, layer_prefix
 from planner.simulate.fp8 import Float8, runs_in_fp8, weight_count
@@ -115,6 +115,10 @@ class LayerTiming:
     ep_comm_bwd: tuple = ()         # balanced volumes (planner.simulate.experts.collectives)
     fp8_params_per_gpu: float = 0.0      # weights of the linears that run in float8 (planner.fp8)
     fp8_linears: int = 0
+    cp_comm_fwd: tuple = ()         # context-parallel K/V exchange: ((kind, bytes), ...) (planner.simulate.context)
+    cp_comm_bwd: tuple = ()
+    attention_kernel_s: tuple = (0.0, 0.0)   # the fused attention kernels' (forward, backward) s: what a p2p ring
+                                             # hides the K/V exchange behind
 
     def recompute_s(self, mode: str) -> float:
         return {"none": 0.0, "attention": self.attention_core_fwd_s, "selective": self.streaming_fwd_s,
@@ -269,9 +273,11 @@ class LayerCoster:
     def timing(self, layer_index: int, tp: int = 1, sequence_parallel: bool = False,
                tp_layout: dict | None = None, extra_host_ops: tuple[int, int] = (0, 0),
                megatron_kernels: bool = False, ep: int = 1, imbalance: float = 1.0,
-               compiled: bool = False) -> LayerTiming:
+               compiled: bool = False, cp: int = 1) -> LayerTiming:
         """`ep`, `imbalance`: expert parallelism and the busiest ep rank's load over the average
-        (planner.simulate.experts; only an MoE block's routed experts change).
+        (planner.simulate.experts; only an MoE block's routed experts change). `cp`: context
+        parallelism over a trace at seq / cp (planner.simulate.context): the attention
+        kernels cost the full sequence's causal attention / cp, and the K/V exchange is listed.
         `extra_host_ops`: (forward, backward) launches the framework issues with this layer
         beyond the traced ops (planner.simulate.Execution.loss_host_ops for the head).
         `megatron_kernels`: the layer runs Megatron-LM's kernels where eager PyTorch runs
@@ -280,7 +286,7 @@ class LayerCoster:
         layer = self.traced.layers[layer_index]
         factory = tp > 1 and self.hidden is None   # a file.py:factory model: planner.simulate.factory_tp
         key = (layer.signature, tp, sequence_parallel, tuple(sorted((tp_layout or {}).items())), extra_host_ops,
-               megatron_kernels, layer.name if factory else None, ep, imbalance, compiled)
+               megatron_kernels, layer.name if factory else None, ep, imbalance, compiled, cp)
         if key not in self._cache:
             split = None
             if factory:
@@ -291,7 +297,7 @@ class LayerCoster:
                                      tp_layout or {}, layer.kind == "block")
             self._cache[key] = self._timing(self.traced.cost_of(layer), tp, sequence_parallel, tp_layout or {},
                                             extra_host_ops, megatron_kernels, split, ep, imbalance, compiled,
-                                            self.fp8 if layer.kind == "block" else None)
+                                            self.fp8 if layer.kind == "block" else None, cp)
         return self._cache[key]
 
     def op_forward_s(self, op: OpInfo, tp: int = 1, scores: frozenset = frozenset()) -> float:
@@ -302,9 +308,10 @@ class LayerCoster:
     def _timing(self, cost: LayerCost, tp: int, sp: bool, layout: dict,
                 extra_host_ops: tuple[int, int] = (0, 0), megatron_kernels: bool = False,
                 split: FactorySplit | None = None, ep: int = 1, imbalance: float = 1.0,
-                compiled: bool = False, fp8: Float8 | None = None) -> LayerTiming:
+                compiled: bool = False, fp8: Float8 | None = None, cp: int = 1) -> LayerTiming:
         precision = self.traced.precision
         fwd = bwd = streaming = core = 0.0
+        kernel = [0.0, 0.0]
         fp8_params, fp8_linears, fp8_ops = 0.0, 0, [0, 0]
         comm_fwd, comm_bwd = [], []
         params = 0.0
@@ -321,7 +328,7 @@ class LayerCoster:
             if id(op) not in priced or split:
                 in_fp8 = fp8 if fp8 is not None and runs_in_fp8(op) else None
                 priced[id(op)] = self._op_time(op, tp, sp, layout, precision, scores,
-                                               *(split.place(op) if split else (None, None)), fp8=in_fp8)
+                                               *(split.place(op) if split else (None, None)), fp8=in_fp8, cp=cp)
                 if in_fp8 is not None:
                     fp8_linears += 1
                     fp8_params += weight_count(op) * priced[id(op)][2]
@@ -333,6 +340,8 @@ class LayerCoster:
                 streaming += f
             if op.attention_core:
                 core += f
+            if op.kind == "attention":
+                kernel = [kernel[0] + f, kernel[1] + b]
             if tp > 1:
                 op_fwd, op_bwd = split.collectives(op) if split else self._tp_collectives(op, sp, layout, precision)
                 comm_fwd += op_fwd
@@ -362,7 +371,9 @@ class LayerCoster:
             boundary_bytes=cost.output_bytes * boundary_share,
             # with ep 1 the experts are data-parallel over dp like the rest: nothing to tell apart
             expert_params_per_gpu=moe.expert_param_count(ops) if ep > 1 else 0.0, ep_comm_fwd=ep_fwd,
-            ep_comm_bwd=ep_bwd, fp8_params_per_gpu=fp8_params, fp8_linears=fp8_linears)
+            ep_comm_bwd=ep_bwd, fp8_params_per_gpu=fp8_params, fp8_linears=fp8_linears,
+            attention_kernel_s=tuple(kernel),
+            **context.exchange(ops, tp, cp, lambda op: DTYPE_BYTES[_precision_of(op, precision)]))
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
         """(forward, backward) collectives over the TP group that `op` causes, as
@@ -418,12 +429,14 @@ class LayerCoster:
 
     def _op_time(self, op: OpInfo, tp: int, sp: bool, layout: dict, precision: str,
                  scores: frozenset = frozenset(), split: bool | None = None, style: str | None = None,
-                 fp8: Float8 | None = None):
+                 fp8: Float8 | None = None, cp: int = 1):
         """(forward s, backward s, parameter share kept on this GPU[, (forward, backward) extra
         host ops of a float8 linear]) for one op, `fp8` for a linear that runs in float8; `scores`:
         the shapes of its layer's attention score tensors (score_shapes). `split` and `style`
         (a factory model's, planner.simulate.factory_tp) say whether the op works on 1/tp of
-        its tensor and how a linear is split, in place of Megatron's rules."""
+        its tensor and how a linear is split, in place of Megatron's rules. `cp`: the trace is at
+        seq / cp and a fused attention kernel's queries see the full causal key range, load
+        balanced: the whole sequence's causal attention / cp (planner.simulate.context)."""
         kind = _COMPUTE_KINDS.get(op.kind, op.kind)
         if kind == "view":
             return 0.0, 0.0, 1.0
@@ -438,9 +451,9 @@ class LayerCoster:
         if kind == "attention" and op.attention is not None:
             b, h, sq, skv, d, causal = op.attention
             heads = max(1, h // tp)
-            args = (b, heads, sq, skv, d, precision, bool(causal))
-            return (self.compute.attention_time_s(*args),
-                    self.compute.attention_time_s(*args, backward=True), 1.0)
+            args = (b, heads, sq * cp, skv * cp, d, precision, bool(causal))
+            return (self.compute.attention_time_s(*args) / cp,
+                    self.compute.attention_time_s(*args, backward=True) / cp, 1.0)
         if kind == "embedding" and split is None:   # a vocabulary-parallel table is split; any other replicated
             share = 1.0 / tp if self._vocab_parallel_embedding(op, layout) else 1.0
         else:

@@ -28,7 +28,7 @@ def _variants(plan, layers: int | None):
     """(flags, the fields changed) for each one-field change that saves memory."""
     if layers and any(mode != "full" for mode in (plan.checkpoint or ["none"] * layers)):
         yield "--checkpoint full", dict(checkpoint=["full"] * layers)
-    if plan.dp > 1:
+    if plan.dp * plan.cp > 1:
         for zero in range(plan.zero + 1, 4):
             yield f"--zero {zero}", dict(zero=zero)
     if plan.micro_batch > 1:
@@ -43,6 +43,8 @@ def _variants(plan, layers: int | None):
     if plan.dp % 2 == 0:
         yield f"--tp {plan.tp * 2} --dp {plan.dp // 2}", dict(tp=plan.tp * 2, dp=plan.dp // 2, stages=[])
         yield f"--pp {plan.pp * 2} --dp {plan.dp // 2}", dict(pp=plan.pp * 2, dp=plan.dp // 2, stages=[])
+        if plan.seq % (4 * plan.cp) == 0:   # each rank keeps half the tokens of a sequence
+            yield f"--cp {plan.cp * 2} --dp {plan.dp // 2}", dict(cp=plan.cp * 2, dp=plan.dp // 2)
 
 
 def nearest_fits(plan, model, cluster, compute=None, comm=None, limit: int = 3) -> list[Change]:

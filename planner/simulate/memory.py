@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from planner.fp8 import fsdp_float8_all_gather
 from cost_models.memory import DTYPE_BYTES, ModelStates, gathered_param_bytes, model_state_bytes
+from planner.simulate import context
 from planner.simulate.schedule import in_flight_counts
 
 # PyTorch's caching allocator keeps freed blocks and rounds allocations up. Empirical:
@@ -69,7 +70,7 @@ class MemoryMixin:
         # gradients appear during backward as activations go: the walk finds the worst moment,
         # and the breakdown reports each part as it is at that moment (so the parts add up)
         grads, released, working = self.backward_peak(layers, timings, self.held_grad_bytes(params, states))
-        working += self.dispatch_buffer_bytes(timings)
+        working += self.dispatch_buffer_bytes(timings) + self.exchange_buffer_bytes(timings)
         activations_at_peak = max(activations - released, 0.0)
         transient = working + gathered
         allocated = states.params_bytes + states.optimizer_bytes + grads + activations_at_peak + transient
@@ -106,7 +107,8 @@ class MemoryMixin:
         of the experts): ZeRO shards those over the dp/ep ranks holding the same experts (edp,
         torchtitan's apply_fsdp) and the rest over dp."""
         plan = self.plan
-        dense = model_state_bytes(params - expert, plan.precision, plan.zero, plan.dp, plan.offload_optimizer)
+        dense = model_state_bytes(params - expert, plan.precision, plan.zero, self.data_ranks,
+                                  plan.offload_optimizer)
         if not expert:
             return dense
         experts = model_state_bytes(expert, plan.precision, plan.zero, plan.edp, plan.offload_optimizer)
@@ -123,6 +125,11 @@ class MemoryMixin:
             return 0.0
         sends = [nbytes for t in timings for _, what, nbytes in t.ep_comm_fwd if what == "tokens"]
         return 2 * self.moe_imbalance * max(sends, default=0.0)
+
+    def exchange_buffer_bytes(self, timings) -> float:
+        """Context parallelism's K/V exchange buffers of one attention call at a time
+        (planner.simulate.context.buffer_bytes); 0 without cp."""
+        return max((context.buffer_bytes(t.cp_comm_bwd) for t in timings), default=0.0)
 
     @property
     def holds_unsharded(self) -> bool:

@@ -7,7 +7,10 @@ overlap with); `planner.simulate.schedule` then plays the plan's schedule as an 
 simulation, so bubbles and transfers fall out of the timeline. After a rank's last
 backward comes the data-parallel tail: the gradient all-reduce not hidden behind
 backward (DDP overlaps all buckets but the last) and the optimizer step. Memory:
-planner.simulate.memory; communication: planner.simulate.communication.
+planner.simulate.memory; communication: planner.simulate.communication. Context
+parallelism (planner.simulate.context): each micro-batch is traced at seq / cp tokens, the
+attention re-priced for the full causal range, the K/V exchange runs on the cp group, and
+gradients are reduced (and ZeRO shards) over the dp x cp ranks.
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ from cost_models.inputs import finite_number, shown
 from cost_models.memory import DTYPE_BYTES
 from planner.arch.layout import check_runnable
 from planner.arch.moe import check_tensor_parallel
-from planner.ir import TracedModel
+from planner.ir import ATTENTION_BWD_FACTOR, FLOP_COUNTER_ATTENTION_BWD_FACTOR, TracedModel
 from planner.fp8 import check_gpu as check_fp8_gpu, fsdp_float8_all_gather
 from planner.plan import Plan, compute_precision, even_stages
 from planner.simulate.fp8 import Float8, precompute_scales_s
-from planner.simulate import fsdp
+from planner.simulate import context, fsdp
 from planner.simulate.communication import CommMixin
 from planner.simulate.costing import LayerCoster, LayerTiming, top_level_layout
 from planner.engines import MESHPLAN_RUNTIME, Execution, get_engine
@@ -57,6 +60,11 @@ class SimResult:
     # per pipeline rank, what follows its last backward: (exposed data-parallel communication s,
     # optimizer step s); what the Chrome trace and the HTML report draw after the pipeline
     rank_tails_s: list = field(default_factory=list)
+    # MFU with attention's FLOPs counted over the causal mask's pairs only (Megatron-LM's
+    # num_floating_point_operations halves core attention for the mask); `mfu` counts the full
+    # seq x seq square (PaLM's 12 L H Q T, torchtitan's and FlopCounterMode's): at long
+    # sequences, where attention is most of the work, the two differ by up to 2x
+    mfu_causal: float = 0.0
 
     @property
     def worst_stage(self) -> StageMemory:
@@ -66,7 +74,8 @@ class SimResult:
         worst = self.worst_stage
         return {
             "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
-            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "hfu": self.hfu, "fits": self.fits,
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "mfu_causal": self.mfu_causal,
+            "hfu": self.hfu, "fits": self.fits,
             "capacity_bytes": self.capacity_bytes, "phases": self.phases,
             "memory": {
                 "peak_allocated_bytes": worst.peak_allocated_bytes,
@@ -116,6 +125,7 @@ def prepare(plan: Plan, model, cluster, compute: ComputeModel | None = None, com
             check_runnable(plan, spec.config, engine.micro_batch_per_stage)
     elif spec.config is not None and execution == MESHPLAN_RUNTIME:
         check_runnable(plan, spec.config)
+    context.check_context_parallel(plan, spec.config, execution.attention)
     sim = prepare_unchecked(plan, spec, cluster, compute, comm, execution, moe_imbalance)
     if spec.config is None and execution == MESHPLAN_RUNTIME:   # what meshplan's runtime applies to a factory
         check_factory_plan(plan, sim.traced, spec.name)
@@ -149,8 +159,9 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
         raise MeshplanError(f"checkpoint mode 'attention' needs torch.fx.traceback.annotate, which torch "
                             f"{torch.__version__} lacks: use selective or full, or torch >= 2.10")
     check_fp8_gpu(cluster.gpu, plan.precision)
-    # fp8 traces as bf16 (planner.trace): only the block linears' GEMMs differ, priced by the coster
-    traced = trace_cached(model_key(spec), plan.micro_batch, plan.seq, compute_precision(plan.precision),
+    # fp8 traces as bf16 (planner.trace): only the block linears' GEMMs differ, priced by the coster;
+    # one context-parallel rank's tokens (planner.simulate.context re-prices the attention)
+    traced = trace_cached(model_key(spec), plan.micro_batch, plan.local_seq, compute_precision(plan.precision),
                           execution.cast or plan.cast)
     # a TP group across nodes is slow but legal: price it (the planner keeps tp in a node)
     if not traced.blocks and plan.virtual_stages > 1:
@@ -182,6 +193,7 @@ def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, experts: 
 PHASE_WORDS = {"compute_s": "compute", "recompute_s": "recomputation",
                "exposed_tp_comm_s": "exposed tensor-parallel communication",
                "exposed_ep_comm_s": "expert-parallel all-to-all",
+               "exposed_cp_comm_s": "context-parallel KV exchange",
                "exposed_dp_comm_s": "exposed data-parallel communication",
                "pipeline_bubble_s": "pipeline bubble", "optimizer_s": "optimizer step"}
 
@@ -211,10 +223,14 @@ class _Simulation(CommMixin, MemoryMixin):
         self._untied_heads = {}   # layer index -> the head's timing less the tied weight
         self.plan, self.traced, self.cluster = plan, traced, cluster
         self.compute, self.comm, self.coster = compute, comm, coster
-        degrees = {"pp": plan.pp, "dp": plan.dp, "tp": plan.tp}
+        degrees = {"pp": plan.pp, "dp": plan.dp, "cp": plan.cp, "tp": plan.tp}
         order = tuple(plan.rank_order)
         self.tp_group = comm.group(degrees, "tp", order)
-        self.dp_group = comm.group(degrees, "dp", order)
+        self.cp_group = comm.group(degrees, "cp", order)
+        # gradients are reduced, and ZeRO shards, over the dp x cp ranks (each cp rank holds
+        # the stage's parameters; torchtitan: FSDP over dp_shard x cp)
+        self.data_ranks = plan.dp * plan.cp
+        self.dp_group = comm.group(degrees, ("dp", "cp") if plan.cp > 1 else "dp", order)
         # expert parallelism splits dp into edp x ep, ep innermost (consecutive dp ranks, planner.plan)
         expert_degrees = {"pp": plan.pp, "edp": plan.edp, "ep": plan.ep, "tp": plan.tp}
         expert_order = tuple(d for dim in order for d in (("edp", "ep") if dim == "dp" else (dim,)))
@@ -228,7 +244,7 @@ class _Simulation(CommMixin, MemoryMixin):
         self.grad_dtype_bytes = self.act_bytes if traced.cast == "params" else 4
         # FSDP2's flags as the runtime drives them (planner.simulate.fsdp), and each virtual stage's
         # gathers and reductions under the plan's schedule
-        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, plan.dp, execution.replicate_copies_params)
+        self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, self.data_ranks, execution.replicate_copies_params)
         self._traffic = {}
 
     @property
@@ -261,7 +277,8 @@ class _Simulation(CommMixin, MemoryMixin):
         extra = self.execution.loss_host_ops if head else (0, 0)
         compiled = self.plan.compile and self.traced.layers[index].kind == "block"   # per block, as torchtitan
         timing = self.coster.timing(index, self.plan.tp, self.plan.sequence_parallel, self.tp_layout, extra,
-                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance, compiled)
+                                    self.execution.megatron_kernels, self.plan.ep, self.moe_imbalance, compiled,
+                                    self.plan.cp)
         if head and self.tied_params and self.plan.pp == 1:
             # the head's weight is the embedding's, held once where both live on one rank (the
             # trace lists it under both ops); with pipeline stages the last stage keeps a copy
@@ -310,9 +327,10 @@ class _Simulation(CommMixin, MemoryMixin):
         ep_fwd, ep_bwd = self.ep_comm_s(t.ep_comm_fwd), self.ep_comm_s(t.ep_comm_bwd)
         if mode == "full":   # the recomputed forward dispatches and combines again
             ep_bwd += ep_fwd
+        cp_fwd, cp_bwd = self.cp_comm_s(t, mode)
         recompute = t.recompute_s(mode)
-        return LayerTimes(t.fwd_s + tp_fwd + ep_fwd, t.bwd_s + recompute + tp_bwd + ep_bwd, recompute,
-                          tp_fwd + tp_bwd, 0.0, ep_fwd + ep_bwd)
+        return LayerTimes(t.fwd_s + tp_fwd + ep_fwd + cp_fwd, t.bwd_s + recompute + tp_bwd + ep_bwd + cp_bwd,
+                          recompute, tp_fwd + tp_bwd, 0.0, ep_fwd + ep_bwd, cp_fwd + cp_bwd)
 
     def run(self) -> SimResult:
         plan = self.plan
@@ -371,7 +389,7 @@ class _Simulation(CommMixin, MemoryMixin):
         """One rank's ZeRO shard of `params` (of which `expert` are routed experts' parameters,
         already 1/ep of the experts): the rest over dp, the experts over the dp/ep ranks holding
         the same slice (edp), as torchtitan's apply_fsdp shards them."""
-        return (params - expert) / self.plan.dp + expert * self.plan.ep / self.plan.dp
+        return (params - expert) / self.data_ranks + expert * self.plan.ep / self.plan.dp
 
     def optimizer_s(self, params: float, expert: float = 0.0, fp8_params: float = 0.0, fp8_linears: int = 0) -> float:
         """The optimizer step of a rank's `params`; with the FSDP2 float8 all-gather, the amax
@@ -386,16 +404,41 @@ class _Simulation(CommMixin, MemoryMixin):
                                         self.dp_group)
         return step
 
+    def flop_counter_flops(self) -> tuple[float, float]:
+        """(FLOPs of one micro-batch, forward and backward, in FlopCounterMode's convention;
+        the attention core's part of them) as traced: at seq / cp tokens under context
+        parallelism (planner.simulate.context.full_sequence_flops scales them back)."""
+        fwd, bwd = self.traced.flop_counter_flops()
+        core = sum(self._core_flops(self.traced.layers[i].signature)[1] for i in range(len(self.traced.layers)))
+        return fwd + bwd, core
+
+    def core_fwd_flops(self, index: int) -> float:
+        """The attention core's forward FLOPs of layer `index` (0 without cp: not needed)."""
+        return self._core_flops(self.traced.layers[index].signature)[0] if self.plan.cp > 1 else 0.0
+
+    def _core_flops(self, signature: str) -> tuple[float, float]:
+        """(forward, forward + backward in FlopCounterMode's convention) of a layer's attention core."""
+        cache = self.__dict__.setdefault("_core", {})
+        if signature not in cache:
+            ops = context.core_ops(self.traced.costs[signature].ops)
+            fwd = float(sum(op.fwd_flops for op in ops))
+            bwd = sum(op.bwd_flops * (FLOP_COUNTER_ATTENTION_BWD_FACTOR / ATTENTION_BWD_FACTOR
+                                      if op.kind == "attention" else 1.0) for op in ops)
+            cache[signature] = (fwd, fwd + bwd)
+        return cache[signature]
+
     # -- result --------------------------------------------------------------------------
     def result(self, step, timeline, slowest, dp_exposed, optimizer, parts, memory, fsdp_exposed_s) -> SimResult:
         plan, cluster = self.plan, self.cluster
         tokens = plan.global_batch * plan.seq
-        fwd_flops, bwd_flops = self.traced.flop_counter_flops()
-        per_micro_batch = fwd_flops + bwd_flops
+        per_micro_batch, core = self.flop_counter_flops()
         micro_batches = plan.global_batch / plan.micro_batch
-        model_flops = per_micro_batch * micro_batches
+        model_flops = context.full_sequence_flops(per_micro_batch, core, plan.cp) * micro_batches
         recompute_flops = micro_batches * sum(
-            self.traced.cost_of(i).recompute_fwd_flops(self.checkpoint_mode(i)) for i in self.traced.blocks)
+            context.full_sequence_flops(self.traced.cost_of(i).recompute_fwd_flops(self.checkpoint_mode(i)),
+                                        self.core_fwd_flops(i), plan.cp) for i in self.traced.blocks)
+        # the core's share the causal mask leaves out: 1 - (S + 1) / 2S of the S x S pairs
+        masked_flops = micro_batches * plan.cp ** 2 * core * (plan.seq - 1) / (2 * plan.seq)
         world = cluster.world_size
         # MFU against the 16-bit peak under fp8 too, as torchtitan reports it (its get_peak_flops
         # is the bf16 one): the same model FLOPs per second read the same whatever the precision
@@ -406,11 +449,13 @@ class _Simulation(CommMixin, MemoryMixin):
         mine = [parts[c * plan.pp + slowest] for c in range(plan.interleave)]
         per_step = {name: plan.grad_accum * sum(getattr(p, name) for p in mine) for name in LayerTimes._fields}
         phases = {
-            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["ep_comm_s"] - fsdp_exposed_s,
+            "compute_s": timeline.busy_s[slowest] - per_step["tp_comm_s"] - per_step["ep_comm_s"]
+            - per_step["cp_comm_s"] - fsdp_exposed_s,
             "recompute_s": per_step["recompute_s"],   # part of compute_s
             "exposed_tp_comm_s": per_step["tp_comm_s"],
             # an MoE model's plans all report it (0 without ep), so any two of them compare phase by phase
             **({"exposed_ep_comm_s": per_step["ep_comm_s"]} if self.coster.experts else {}),
+            **({"exposed_cp_comm_s": per_step["cp_comm_s"]} if plan.cp > 1 else {}),
             "exposed_dp_comm_s": fsdp_exposed_s + dp_exposed[slowest],
             "pipeline_bubble_s": timeline.bubble_s(slowest),
             "optimizer_s": optimizer[slowest],
@@ -419,4 +464,5 @@ class _Simulation(CommMixin, MemoryMixin):
                    for m in memory)
         return SimResult(step, tokens / step, model_flops / step / world / 1e12,
                          model_flops / step / world / peak, (model_flops + recompute_flops) / step / world / peak,
-                         fits, capacity, phases, memory, timeline)
+                         fits, capacity, phases, memory, timeline,
+                         mfu_causal=(model_flops - masked_flops) / step / world / peak)

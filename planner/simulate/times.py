@@ -16,6 +16,7 @@ class LayerTimes(NamedTuple):
     tp_comm_s: float
     fsdp_comm_s: float
     ep_comm_s: float = 0.0
+    cp_comm_s: float = 0.0
 
 
 class FsdpExposure(NamedTuple):

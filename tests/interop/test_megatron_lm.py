@@ -54,6 +54,14 @@ def test_line_maps_every_cost_option():
     assert cfg.vocab == 50432       # GPT-2's 50257 padded to a multiple of 128 x tp 2
 
 
+def test_context_parallel_size_splits_the_data_ranks():
+    """Megatron-Core's data-parallel size is world / (tp x pp x cp) (megatron/core/parallel_state.py)."""
+    job = import_job("megatron-lm", f"{BASE} --tensor-model-parallel-size 2 --context-parallel-size 2 "
+                                    f"--cp-comm-type p2p --bf16", world=16)
+    assert (job.fields["dp"], job.fields["cp"], job.fields["tp"]) == (4, 2, 2)
+    assert job.fields["global_batch"] == 2 * 4   # Megatron's default: micro-batch x dp (cp ranks share samples)
+
+
 def test_llama_traits_padding_and_block_recompute():
     line = (f"{BASE} --position-embedding-type rope --swiglu --normalization RMSNorm --disable-bias-linear "
             f"--group-query-attention --num-query-groups 2 --untie-embeddings-and-output-weights "
@@ -85,7 +93,7 @@ def test_uneven_first_and_last_stage():
 @pytest.mark.parametrize("extra, fragment", [
     ("--tensor-model-parallel-size abc", "takes a whole number"),
     ("--num-experts 8", "--num-experts changes the job"),
-    ("--context-parallel-size 2", "--context-parallel-size 1 only"),
+    ("--context-parallel-size 2 --cp-comm-type a2a", "--cp-comm-type a2a is not modelled"),
     ("--fp8-format e4m3", "--fp8-format"),
     ("--no-such-option 3", "not a Megatron-LM option"),
     ("--lr '3e-4", "close the quote"),
@@ -120,6 +128,7 @@ def export_best(engine_name, spec, cluster, tmp_path, **pins):
 @pytest.mark.parametrize("engine, pins", [
     ("megatron-lm", dict(tp=2, pp=2, checkpoint="full", sequence_parallel=True)),
     ("megatron-lm@2021", dict(pp=2, checkpoint="full")),
+    ("megatron-lm", dict(cp=2, tp=2, checkpoint="full")),   # --context-parallel-size
 ])
 def test_export_round_trip(tmp_path, engine, pins):
     spec, cluster = load_model("gpt3-125m"), parse_cluster("a100-sxm-80gb:2x4")
@@ -128,8 +137,8 @@ def test_export_round_trip(tmp_path, engine, pins):
     for path in files:
         imported = import_job("megatron-lm", str(path), cluster.world_size)
         again = imported.plan(spec.name, cluster.name)
-        for name in ("dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
-                     "interleave", "sequence_parallel", "engine", "engine_options", "offload_optimizer"):
+        for name in ("dp", "cp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+                     "interleave", "sequence_parallel", "engine", "engine_options", "offload_optimizer", "rank_order"):
             assert getattr(again, name) == getattr(best, name), name
         assert [again.checkpoint_for(i) for i in range(12)] == [best.checkpoint_for(i) for i in range(12)]
         config = imported.model.config

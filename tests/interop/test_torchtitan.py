@@ -66,7 +66,8 @@ def test_split_matches_torchtitans_example():
     ({"training": {"seq_len": 2048}}, "unknown key(s) ['seq_len']"),
     ({"job": {}}, "unknown section(s) ['job']"),
     ({"parallelism": {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 8}}, "HSDP"),
-    ({"parallelism": {"context_parallel_degree": 2}}, "context_parallel_degree"),
+    ({"parallelism": {"context_parallel_degree": 2, "context_parallel_load_balancer": None}},
+     "context_parallel_load_balancer"),
     ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "ZBVZeroBubble"}}, "ZBVZeroBubble"),
     ({"model_spec": {"name": "flux", "flavor": "flux-dev"}}, "not one meshplan knows"),
     ({"override": {"imports": ["torchtitan.overrides.fused_swiglu.fused_swiglu"]}}, "override.imports"),
@@ -86,7 +87,8 @@ def test_flavors_are_torchtitans():
     assert flavor_config("1B", 2048).ffn == 8192 and flavor_config("debugmodel", 2048).ffn == 768
 
 
-@pytest.mark.parametrize("pins", [dict(pp=1, checkpoint="full"), dict(pp=2, tp=2, checkpoint="selective")])
+@pytest.mark.parametrize("pins", [dict(pp=1, checkpoint="full"), dict(pp=2, tp=2, checkpoint="selective"),
+                                  dict(cp=2, tp=2, zero=3, checkpoint="full")])
 def test_export_round_trip(tmp_path, pins):
     cluster = parse_cluster("h100-sxm-80gb:1x8")
     config = flavor_config("debugmodel", 2048)
@@ -104,7 +106,7 @@ def test_export_round_trip(tmp_path, pins):
         assert set(job[section]) <= set(KEYS[section]["keys"]), section
     imported = import_job("torchtitan", str(tmp_path / "job_config.json"), cluster.world_size)
     again = imported.plan(spec.name, cluster.name)
-    for name in ("dp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
+    for name in ("dp", "cp", "tp", "pp", "zero", "micro_batch", "global_batch", "seq", "precision", "schedule",
                  "interleave", "sequence_parallel", "offload_optimizer", "engine"):
         assert getattr(again, name) == getattr(best, name), name
     assert [again.checkpoint_for(i) for i in range(6)] == [best.checkpoint_for(i) for i in range(6)]
@@ -228,6 +230,9 @@ def test_overrides_apply():
     assert f["sequence_parallel"] is False and len(f["stages"]) == 2
     moe = _line("--module qwen3 --config qwen3_moe_debug --parallelism.expert_parallel_degree 4", 8)
     assert (moe.fields["dp"], moe.fields["ep"]) == (8, 4)
+    # the leftover ranks exclude cp; FSDP shards over dp_shard x cp (distributed/parallel_dims.py)
+    cp = _line("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 2", 8)
+    assert (cp.fields["dp"], cp.fields["cp"], cp.fields["zero"]) == (4, 2, 3)
 
 
 @pytest.mark.parametrize("line, fragment", [
@@ -235,7 +240,7 @@ def test_overrides_apply():
     ("--module mixtral --config mixtral_8x7b", "it reads deepseek_v3, gpt_oss, llama3, qwen3"),
     ("--module llama3 --config llama3_8b --training.seq_len 2048", "--training.seq_len is not a torchtitan"),
     ("--module llama3 --config llama3_8b --override.imports my.kernel", "not mapped"),
-    ("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 2", "context_parallel_degree"),
+    ("--module llama3 --config llama3_8b --parallelism.context_parallel_degree 3", "replicate x cp x tp x pp = 3"),
     ("--module llama3 --config llama3_8b_mxfp8", "prices a lone Float8LinearConverter (precision fp8) only"),
     ("--module deepseek_v3 --config deepseek_v3_671b_float8", "Float8GroupedExpertsConverter; meshplan prices"),
     ("--module deepseek_v3 --config deepseek_v3_debugmodel_mtp", "multi-token-prediction"),
