@@ -30,7 +30,8 @@ The inner problem (`_checkpoint_cost`) has |R| = 3 variables but two constraints
 vertex of its LP relaxation has at most two non-zero x_c: the optimum takes all its
 savings from one mode (memory_fits tight), or checkpoints every block with the mix of two
 modes that just fits (both tight). Each of those vertices - one per mode, one per pair of
-modes - is evaluated in closed form and rounded up to whole blocks, and the cheapest is
+modes - is evaluated in closed form and rounded up to whole blocks (a pair's more-saving
+mode rounded up may leave the other mode fewer blocks to cover), and the cheapest is
 kept (`_vertices`). tau_r(n) is non-decreasing in n (a block more adds time and
 needs more savings), so the outer problem is solved exactly by bisection over the
 distinct values of the (P x L) table tau: a bottleneck T is feasible iff every rank
@@ -193,9 +194,12 @@ def _vertices(b: _BlockCosts, k: np.ndarray, n: np.ndarray, need: np.ndarray, mo
             low, high = sorted(pair, key=lambda m: b.act_bytes[m], reverse=True)   # high saves more
             y = np.where(save[high] > save[low], np.ceil((need - n * save[low]) / (save[high] - save[low])), np.inf)
             y = np.clip(y, 0, None)
-            fits = (y <= n) & (save[low] * (n - y) + save[high] * y >= need)
-            options.append((np.where(fits, extra_s[low] * (n - y) + extra_s[high] * y, np.inf),
-                            {low: n - y, high: y}))
+            # y rounded up saves more than the LP vertex needs: the low mode then covers what
+            # is left, which may spare some blocks (they keep everything)
+            x = np.where(save[low] > 0, np.ceil(np.maximum(need - y * save[high], 0) / save[low]), n - y)
+            x = np.minimum(x, n - y)
+            fits = (y <= n) & (save[low] * x + save[high] * y >= need)
+            options.append((np.where(fits, extra_s[low] * x + extra_s[high] * y, np.inf), {low: x, high: y}))
     return options
 
 
