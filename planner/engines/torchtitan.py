@@ -5,9 +5,12 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
   `parallelism.fsdp_reshard_after_forward = "never"`; there is no ZeRO-1, and pure data
   parallelism is `data_parallel_replicate_degree` (torchtitan/config/configs.py);
 - `training.mixed_precision_param` is "bfloat16" or "float32": no fp16 (no loss scaling);
-- fp8 is torchao's float8 through Float8LinearConverter (components/quantization/float8.py),
-  whose recipe_name is "rowwise" (or "rowwise_with_gw_hp"): no tensorwise, so no float8
-  all-gather; its docs (float8.md) require compile for competitive speed;
+- fp8 is torchao's float8 through Float8LinearConverter (components/quantization/float8.py):
+  tensorwise (with FSDP2's float8 all-gather) or rowwise. b5bcd76 offers recipe_name
+  "rowwise" (or "rowwise_with_gw_hp") only, so the export (planner.interop.torchtitan) refuses
+  tensorwise; torchtitan until 2025 ran tensorwise, which its published Float8 benchmarks
+  (benchmarks/llama3_h100_202412_torchtitan.md, asyncTP_llama3_h100_2025-06) measured; its
+  docs (float8.md) require compile for competitive speed;
 - activation checkpointing is none, selective (op-level: SelectiveAC) or full (FullAC)
   (torchtitan/distributed/activation_checkpoint.py); no attention-core mode;
 - each model's parallelize.py applies a fixed Megatron-style TP plan, not a searched layout;
@@ -31,5 +34,5 @@ from planner.engines.execution import MESHPLAN_RUNTIME
 TORCHTITAN = register(Engine(
     name="torchtitan", describes="torchtitan (pytorch/torchtitan b5bcd76, 2026-08)", execution=MESHPLAN_RUNTIME,
     zero=(0, 2, 3), pipeline_zero=(0, 2, 3), recompute=("selective", "full"), precisions=("fp32", "bf16", "fp8"),
-    fp8_recipes=("rowwise",),
+    fp8_recipes=("tensorwise", "rowwise"),
     searched_tp_layout=False, expert_zero=(2, 3), context_zero=(2, 3)))

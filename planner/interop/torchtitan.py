@@ -530,6 +530,9 @@ def write(plan, spec, cluster, out: ExportFolder) -> None:
     if flavor is None:
         raise MeshplanError(f"torchtitan builds its models from named flavors; {spec.name} matches none of "
                             f"llama3's ({', '.join(FLAVORS)})")
+    if plan.precision == "fp8" and plan.fp8_recipe != "rowwise":
+        raise MeshplanError(f"torchtitan b5bcd76's Float8LinearConverter takes recipe_name rowwise only, not "
+                            f"{plan.fp8_recipe}: plan with --fp8-recipe rowwise to export to torchtitan")
     job = job_config(plan, flavor)
     out.add("job_config.json", json.dumps(job, indent=2) + "\n")
     recipe = RECIPES.get(flavor, "llama3_8b")

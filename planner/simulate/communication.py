@@ -39,17 +39,17 @@ class CommMixin:
 
     def cp_comm_s(self, t: LayerTiming, mode: str) -> tuple[float, float]:
         """(forward, backward) exposed K/V exchange of one micro-batch through a layer on the
-        cp group. A rerun of the attention kernel in backward (full or attention-core
-        recomputation) gathers K and V again. With Execution.cp_overlap (a p2p ring) each
-        pass's exchange hides behind that pass's attention kernels."""
+        cp group. Backward gathers K and V again (runtime.context_parallel keeps only this
+        rank's part); under full or attention-core recomputation that gather is the rerun's,
+        whose gathered K and V backward then uses, so `mode` adds nothing. With
+        Execution.cp_overlap (a p2p ring) each pass's exchange hides behind that pass's
+        attention kernels."""
         if not t.cp_comm_fwd:
             return 0.0, 0.0
         fwd = sum(self.comm.time_s(kind, nbytes, self.cp_group) for kind, nbytes in t.cp_comm_fwd)
         bwd = sum(self.comm.time_s(kind, nbytes, self.cp_group) for kind, nbytes in t.cp_comm_bwd)
         kernel_fwd, kernel_bwd = t.attention_kernel_s if self.execution.cp_overlap else (0.0, 0.0)
-        exposed_fwd = max(0.0, fwd - kernel_fwd)
-        rerun = exposed_fwd if mode in ("full", "attention") else 0.0
-        return exposed_fwd, max(0.0, bwd - kernel_bwd) + rerun
+        return max(0.0, fwd - kernel_fwd), max(0.0, bwd - kernel_bwd)
 
     def tp_comm_s(self, collectives) -> float:
         """TP collectives ((kind, bytes), ...) in a row on the TP group: inside a layer they sit
@@ -169,8 +169,7 @@ class CommMixin:
             ep_again = t.ep_comm_fwd if self.checkpoint_mode(index) == "full" else ()
             for kind, what, nbytes in t.ep_comm_fwd + t.ep_comm_bwd + ep_again:
                 volume["ep"][kind + ("_counts" if what == "counts" else "")] += n * nbytes
-            cp_again = t.cp_comm_fwd if self.checkpoint_mode(index) in ("full", "attention") else ()
-            for kind, nbytes in t.cp_comm_fwd + t.cp_comm_bwd + cp_again:
+            for kind, nbytes in t.cp_comm_fwd + t.cp_comm_bwd:   # a rerun's gather is backward's (cp_comm_s)
                 volume["cp"][kind] += n * nbytes
             traffic = self.fsdp_traffic(stage)
             if traffic is not None:

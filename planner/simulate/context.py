@@ -14,7 +14,8 @@ The exchange, per attention call and micro-batch, as meshplan's runtime and torc
 it (torch.distributed.tensor.experimental context_parallel, rotate method "allgather",
 torchtitan/distributed/context_parallel/api.py): forward all-gathers K and V over the cp
 group; backward all-gathers them again (the gathered copy is not kept) and
-reduce-scatters dK and dV back to their owners; a full recomputation repeats the forward's.
+reduce-scatters dK and dV back to their owners; under full or attention-core recomputation
+that second gather is the rerun's, whose K and V backward then uses.
 Each all-gather's output (and each reduce-scatter's input) is the full sequence's K (or V)
 for this rank's heads: cp x b x local_seq x kv_heads/tp x head_dim elements in the
 activation dtype (nccl-tests' convention, as CommModel prices it). The runtime waits on

@@ -284,3 +284,17 @@ def test_fp8_plan_exports_a_float8_converter(tmp_path):
     again = import_job("torchtitan", str(tmp_path / "job_config.json"), 8).plan(spec.name, cluster.name)
     assert (again.precision, again.fp8_recipe) == ("fp8", "rowwise")
     assert simulate(again, spec, cluster).step_time_s == pytest.approx(best.result.step_time_s, rel=1e-9)
+
+
+def test_tensorwise_fp8_is_priced_but_not_exported(tmp_path):
+    """torchtitan ran tensorwise float8 until 2025 (its published Float8 benchmarks); b5bcd76,
+    what the export writes for, takes rowwise only."""
+    cluster = parse_cluster("h100-sxm-80gb:1x8")
+    config = flavor_config("debugmodel", 2048)
+    spec = ModelSpec(config.name, config)
+    best = search(spec, cluster, 32, 2048, top_k=1, engine="torchtitan", precision="fp8", fp8_recipe="tensorwise",
+                  pp=1, checkpoint="full")[0]
+    assert best.fp8_recipe == "tensorwise" and best.result.step_time_s > 0
+    with pytest.raises(MeshplanError, match="recipe_name rowwise only, not tensorwise"):
+        export_plan("torchtitan", best, spec, cluster, str(tmp_path))
+    assert not any(tmp_path.iterdir())

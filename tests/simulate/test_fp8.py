@@ -129,7 +129,7 @@ def test_gpus_without_float8_refuse_it():
 @pytest.mark.parametrize("engine, recipe, refused", [
     ("deepspeed", "tensorwise", "deepspeed trains in fp32, bf16, fp16, not fp8"),
     ("megatron-lm@2021", "tensorwise", "megatron-lm@2021 trains in fp32, bf16, fp16, not fp8"),
-    ("torchtitan", "tensorwise", "torchtitan runs fp8 with the rowwise recipe"),
+    ("torchtitan", "tensorwise", None),
     ("torchtitan", "rowwise", None),
     ("megatron-lm", "tensorwise", None),
     ("megatron-lm", "rowwise", "megatron-lm runs fp8 with the tensorwise recipe"),
@@ -189,7 +189,8 @@ def test_cli_simulate_names_the_recipe_and_the_transferred_fit(capsys):
     ([*SIM, "--precision", "fp8", "--fp8-recipe", "blockwise"], ("invalid choice",)),
     ([*SIM, "--precision", "fp8", "--engine", "deepspeed"], ("deepspeed trains in",)),
     (["plan", "--model", "llama3-8b", "--cluster", H100, "--global-batch", "8", "--seq", "4096",
-      "--precision", "fp8", "--engine", "torchtitan"], ("torchtitan runs fp8 with the rowwise recipe",)),
+      "--precision", "fp8", "--fp8-recipe", "rowwise", "--engine", "megatron-lm"],
+     ("megatron-lm runs fp8 with the tensorwise recipe",)),
 ])
 def test_cli_refuses_fp8_where_it_cannot_run(capsys, argv, fragments):
     assert main(argv) == 2
