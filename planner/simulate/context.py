@@ -48,17 +48,17 @@ def attention_calls(ops) -> list[OpInfo]:
     return [op for op in ops if op.kind == "attention" and op.attention is not None]
 
 
-def kv_bytes(op: OpInfo, tp: int, element_bytes: float) -> float:
+def kv_bytes(op: OpInfo, tp: int, element_bytes: float, kv_heads: int | None = None) -> float:
     """One rank's K (or V) of one attention call: b x local_seq x kv_heads/tp x head_dim
-    elements; the kv heads are the kernel's key input's second dimension (grouped-query
-    attention passes fewer than the query heads)."""
+    elements; the kv heads are the model's (`kv_heads`) or else the kernel's key input's second
+    dimension (grouped-query attention passes fewer than the query heads)."""
     b, heads, seq_q, _, head_dim, _ = op.attention
     keys = op.input_shapes[1] if len(op.input_shapes) > 1 and len(op.input_shapes[1]) == 4 else None
-    kv_heads = int(keys[1]) if keys else heads
+    kv_heads = kv_heads or (int(keys[1]) if keys else heads)
     return b * seq_q * max(1, kv_heads // tp) * head_dim * element_bytes
 
 
-def collectives(ops, tp: int, cp: int, element_bytes: float) -> tuple[tuple, tuple]:
+def collectives(ops, tp: int, cp: int, element_bytes: float, kv_heads: int | None = None) -> tuple[tuple, tuple]:
     """(forward, backward) context-parallel collectives of one micro-batch through a layer,
     as ((kind, buffer bytes), ...): per attention call, forward all-gathers K and V;
     backward all-gathers them again and reduce-scatters dK and dV."""
@@ -66,19 +66,19 @@ def collectives(ops, tp: int, cp: int, element_bytes: float) -> tuple[tuple, tup
         return (), ()
     forward, backward = [], []
     for op in attention_calls(ops):
-        full = cp * kv_bytes(op, tp, element_bytes)
+        full = cp * kv_bytes(op, tp, element_bytes, kv_heads)
         forward += [("all_gather", full)] * 2
         backward += [("all_gather", full)] * 2 + [("reduce_scatter", full)] * 2
     return tuple(forward), tuple(backward)
 
 
-def exchange(ops, tp: int, cp: int, element_bytes) -> dict:
+def exchange(ops, tp: int, cp: int, element_bytes, kv_heads: int | None = None) -> dict:
     """LayerTiming's cp_comm_fwd / cp_comm_bwd of a layer ({} without cp or attention), in its
     K and V's dtype (`element_bytes(op)`: bytes per element of an attention kernel's inputs)."""
     calls = attention_calls(ops)
     if cp == 1 or not calls:
         return {}
-    forward, backward = collectives(ops, tp, cp, element_bytes(calls[0]))
+    forward, backward = collectives(ops, tp, cp, element_bytes(calls[0]), kv_heads)
     return {"cp_comm_fwd": forward, "cp_comm_bwd": backward}
 
 

@@ -261,8 +261,11 @@ class LayerCoster:
     """Times and memory of traced layers on one GPU type, cached per (signature, tp, sp)."""
 
     def __init__(self, traced: TracedModel, compute: ComputeModel, hidden: int | None, experts: int = 0,
-                 fp8: Float8 | None = None):
+                 fp8: Float8 | None = None, kv_heads: int | None = None):
         self.traced = traced
+        # the model's K/V heads (ModelConfig.kv_heads): what context parallelism exchanges; a
+        # torch that expands grouped K/V before its attention kernel (2.7) shows the query heads
+        self.kv_heads = kv_heads
         self.fp8 = fp8           # the block linears run in float8 (planner.simulate.fp8); None: bf16
         self.compute = compute
         self.hidden = hidden
@@ -373,7 +376,7 @@ class LayerCoster:
             expert_params_per_gpu=moe.expert_param_count(ops) if ep > 1 else 0.0, ep_comm_fwd=ep_fwd,
             ep_comm_bwd=ep_bwd, fp8_params_per_gpu=fp8_params, fp8_linears=fp8_linears,
             attention_kernel_s=tuple(kernel),
-            **context.exchange(ops, tp, cp, lambda op: DTYPE_BYTES[_precision_of(op, precision)]))
+            **context.exchange(ops, tp, cp, lambda op: DTYPE_BYTES[_precision_of(op, precision)], self.kv_heads))
 
     def _tp_collectives(self, op: OpInfo, sp: bool, layout: dict, precision: str) -> tuple[list, list]:
         """(forward, backward) collectives over the TP group that `op` causes, as

@@ -170,7 +170,8 @@ def prepare_unchecked(plan: Plan, model, cluster, compute: ComputeModel | None =
     compute = compute or ComputeModel(cluster.gpu)
     comm = comm or CommModel(cluster)
     coster = _coster_cached(traced, compute, spec.config.hidden if spec.config else None,
-                            getattr(spec.config, "experts", 0) if spec.config else 0, Float8.of(plan, execution))
+                            getattr(spec.config, "experts", 0) if spec.config else 0, Float8.of(plan, execution),
+                            spec.config.kv_heads if spec.config else None)
     return _Simulation(plan, traced, cluster, compute, comm, coster, execution, spec.config, moe_imbalance)
 
 
@@ -178,13 +179,13 @@ _COSTERS: dict = {}
 
 
 def _coster_cached(traced: TracedModel, compute: ComputeModel, hidden, experts: int = 0,
-                   fp8: Float8 | None = None) -> LayerCoster:
-    key = (id(traced), id(compute), hidden, experts, fp8)
+                   fp8: Float8 | None = None, kv_heads: int | None = None) -> LayerCoster:
+    key = (id(traced), id(compute), hidden, experts, fp8, kv_heads)
     entry = _COSTERS.get(key)
     if entry is None or entry[0] is not traced or entry[1] is not compute:
         if len(_COSTERS) > 256:
             _COSTERS.clear()
-        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, experts, fp8))
+        entry = _COSTERS[key] = (traced, compute, LayerCoster(traced, compute, hidden, experts, fp8, kv_heads))
     return entry[2]
 
 
