@@ -134,6 +134,13 @@ def read_jsonl(path) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def step_losses(path, steps: int) -> list[float]:
+    """The losses a run logged (JSONL), checked to be one per step 1..steps."""
+    recs = read_jsonl(path)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    return [r["loss"] for r in recs]
+
+
 def train_many(rank, runs):
     """Worker body: run `python -m runtime.train ARGS` in-process for each ARGS list in turn."""
     import torch.distributed as dist

@@ -7,7 +7,7 @@ torch.utils.checkpoint - so it runs a plan as meshplan's runtime does, with fewe
 - `training.mixed_precision_param` is "bfloat16" or "float32": no fp16 (no loss scaling);
 - fp8 is torchao's float8 through Float8LinearConverter (components/quantization/float8.py):
   tensorwise (with FSDP2's float8 all-gather) or rowwise. b5bcd76 offers recipe_name
-  "rowwise" (or "rowwise_with_gw_hp") only, so the export (planner.interop.torchtitan) refuses
+  "rowwise" (or "rowwise_with_gw_hp") only, so the export (planner.interop.torchtitan_export) refuses
   tensorwise; torchtitan until 2025 ran tensorwise, which its published Float8 benchmarks
   (benchmarks/llama3_h100_202412_torchtitan.md, asyncTP_llama3_h100_2025-06) measured; its
   docs (float8.md) require compile for competitive speed;

@@ -1,6 +1,7 @@
 """Import a job from another training engine's configuration, and export a plan to it.
 
-One module per engine: megatron_lm (+ megatron_lm_export), deepspeed, torchtitan, and
+One module per engine: megatron_lm (+ megatron_lm_export), deepspeed, torchtitan (+
+torchtitan_export), and
 meshplan (the export to this project's own runtime on many nodes). `import_job` reads an
 engine's configuration into an `Imported` (a Plan's fields, the model, the engine profile
 and its options); `export_plan` writes what runs a Plan on an engine. The CLI's `--from`
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 from cost_models.errors import MeshplanError
 from cost_models.inputs import shown
-from planner.interop import deepspeed, megatron_lm, megatron_lm_export, meshplan, torchtitan
+from planner.interop import deepspeed, megatron_lm, megatron_lm_export, meshplan, torchtitan, torchtitan_export
 from planner.interop.base import ExportFolder, Imported
 
 IMPORTERS = {"megatron-lm": megatron_lm, "megatron-lm@2021": megatron_lm, "deepspeed": deepspeed,
              "torchtitan": torchtitan}
-EXPORTERS = {"megatron-lm": megatron_lm_export, "deepspeed": deepspeed, "torchtitan": torchtitan,
+EXPORTERS = {"megatron-lm": megatron_lm_export, "deepspeed": deepspeed, "torchtitan": torchtitan_export,
              "meshplan": meshplan}
 # The engine profiles (planner.engines) each export writes for.
 EXPORT_ENGINES = {"megatron-lm": ("megatron-lm", "megatron-lm@2021"), "deepspeed": ("deepspeed",),

@@ -21,8 +21,8 @@ import json
 
 import pytest
 
-from runtime_helpers import (drop_checkpoints_after, mesh_coords, planned, read_jsonl, run_ranks, train_many,
-                             write_plan)
+from runtime_helpers import (drop_checkpoints_after, mesh_coords, planned, read_jsonl, run_ranks, step_losses,
+                             train_many, write_plan)
 
 pytestmark = [pytest.mark.runtime, pytest.mark.distributed]   # runtime: needs torch >= the runtime's floor (planner/torch_compat.py)
 
@@ -123,9 +123,7 @@ def runs(tmp_path_factory):
 
 
 def _losses(path):
-    recs = read_jsonl(path)
-    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    return [r["loss"] for r in recs]
+    return step_losses(path, STEPS)
 
 
 @pytest.mark.parametrize("name", list(PLANS))

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from runtime_helpers import read_jsonl, run_ranks, train_many, write_plan
+from runtime_helpers import run_ranks, step_losses, train_many, write_plan
 
 torchao = pytest.importorskip("torchao.float8")
 pytestmark = [pytest.mark.runtime, pytest.mark.distributed]
@@ -100,9 +100,7 @@ def runs(tmp_path_factory):
 
 
 def _losses(path):
-    recs = read_jsonl(path)
-    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    return [r["loss"] for r in recs]
+    return step_losses(path, STEPS)
 
 
 @pytest.mark.parametrize("name", list(PLANS))
