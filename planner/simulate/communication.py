@@ -11,7 +11,6 @@ from collections import Counter
 
 from cost_models.comm import pair_group
 from cost_models.memory import DTYPE_BYTES
-from planner.fp8 import fsdp_float8_all_gather
 from planner.arch import head_norm_names
 from planner.simulate import fsdp
 from planner.simulate.costing import LayerTiming
@@ -37,11 +36,11 @@ class CommMixin:
         return sum(self.comm.time_s(kind, nbytes * (self.moe_imbalance if what == "tokens" else 1.0), self.ep_group)
                    for kind, what, nbytes in collectives)
 
-    def cp_comm_s(self, t: LayerTiming, mode: str) -> tuple[float, float]:
+    def cp_comm_s(self, t: LayerTiming) -> tuple[float, float]:
         """(forward, backward) exposed K/V exchange of one micro-batch through a layer on the
         cp group. Backward gathers K and V again (runtime.context_parallel keeps only this
         rank's part); under full or attention-core recomputation that gather is the rerun's,
-        whose gathered K and V backward then uses, so `mode` adds nothing. With
+        whose gathered K and V backward then uses, so recomputation adds nothing. With
         Execution.cp_overlap (a p2p ring) each pass's exchange hides behind that pass's
         attention kernels."""
         if not t.cp_comm_fwd:
@@ -126,7 +125,7 @@ class CommMixin:
         gathered in the compute dtype, gradients reduced in fp32 (its reduce dtype); the
         routed experts' (`experts`, over edp) or the rest's (over dp)."""
         params = t.expert_params_per_gpu if experts else t.params_per_gpu - t.expert_params_per_gpu
-        if experts or not fsdp_float8_all_gather(self.plan, self.execution):
+        if experts or not self.float8_gather:
             return params * self.act_bytes, params * 4
         # tensorwise float8 all-gather: the float8 linears' weights travel as 1 byte each
         fp8 = t.fp8_params_per_gpu
@@ -138,8 +137,8 @@ class CommMixin:
         for experts, group in ((False, self.dp_group), (True, self.edp_group)):
             gather_bytes, scatter_bytes = self.fsdp_bytes(t, experts)
             gather += self.comm.all_gather_s(gather_bytes, group)
-            if not experts and fsdp_float8_all_gather(self.plan, self.execution):   # the shard's cast to float8 first
-                gather += pre_gather_cast_s(self.compute, t.fp8_params_per_gpu / self.plan.dp)
+            if not experts and self.float8_gather:   # the shard's cast to float8 first
+                gather += pre_gather_cast_s(self.compute, t.fp8_params_per_gpu / self.data_ranks)
             scatter += self.comm.reduce_scatter_s(scatter_bytes, group)
         return gather, scatter
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from planner.fp8 import fsdp_float8_all_gather
 from cost_models.memory import DTYPE_BYTES, ModelStates, gathered_param_bytes, model_state_bytes
 from planner.simulate import context
 from planner.simulate.schedule import in_flight_counts
@@ -155,7 +154,7 @@ class MemoryMixin:
     def gathered_params(self, t) -> float:
         """A layer's parameters as FSDP gathers them, counted in the gather dtype's elements:
         with the float8 all-gather (planner.fp8) its float8 weights take 1 byte, not 2."""
-        if not fsdp_float8_all_gather(self.plan, self.execution) or not t.fp8_params_per_gpu:
+        if not self.float8_gather or not t.fp8_params_per_gpu:
             return t.params_per_gpu
         width = DTYPE_BYTES[self.gather_precision]
         return t.params_per_gpu - t.fp8_params_per_gpu * (1 - DTYPE_BYTES["fp8"] / width)

@@ -246,6 +246,8 @@ class _Simulation(CommMixin, MemoryMixin):
         # FSDP2's flags as the runtime drives them (planner.simulate.fsdp), and each virtual stage's
         # gathers and reductions under the plan's schedule
         self.fsdp_drive = fsdp.drive(plan.zero, plan.pp > 1, self.data_ranks, execution.replicate_copies_params)
+        # FSDP2 gathers the float8 linears' weights in float8 (planner.fp8)
+        self.float8_gather = fsdp_float8_all_gather(plan, execution)
         self._traffic = {}
 
     @property
@@ -328,7 +330,7 @@ class _Simulation(CommMixin, MemoryMixin):
         ep_fwd, ep_bwd = self.ep_comm_s(t.ep_comm_fwd), self.ep_comm_s(t.ep_comm_bwd)
         if mode == "full":   # the recomputed forward dispatches and combines again
             ep_bwd += ep_fwd
-        cp_fwd, cp_bwd = self.cp_comm_s(t, mode)
+        cp_fwd, cp_bwd = self.cp_comm_s(t)
         recompute = t.recompute_s(mode)
         return LayerTimes(t.fwd_s + tp_fwd + ep_fwd + cp_fwd, t.bwd_s + recompute + tp_bwd + ep_bwd + cp_bwd,
                           recompute, tp_fwd + tp_bwd, 0.0, ep_fwd + ep_bwd, cp_fwd + cp_bwd)
@@ -400,8 +402,8 @@ class _Simulation(CommMixin, MemoryMixin):
             step = self.compute.offloaded_optimizer_step_time_s(local)
         else:
             step = self.compute.optimizer_step_time_s(local)
-        if fsdp_float8_all_gather(self.plan, self.execution):
-            step += precompute_scales_s(self.compute, self.comm, fp8_params / self.plan.dp, fp8_linears,
+        if self.float8_gather:
+            step += precompute_scales_s(self.compute, self.comm, fp8_params / self.data_ranks, fp8_linears,
                                         self.dp_group)
         return step
 
