@@ -52,9 +52,6 @@ def check(spec, plan: Plan):
     if spec.config is None:
         raise MeshplanError(f"cp {plan.cp}: context parallelism runs the zoo's decoders (their attention and "
                             f"positions take the hook), not a file.py:factory model ({spec.name}): use cp 1")
-    if plan.sequence_parallel and plan.local_seq % plan.tp:
-        raise MeshplanError(f"sequence_parallel splits each cp rank's {plan.local_seq} tokens over tp {plan.tp}: "
-                            f"make tp divide seq / cp")
 
 
 def _gather(local: torch.Tensor, group, size: int) -> torch.Tensor:

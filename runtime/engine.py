@@ -80,7 +80,9 @@ def check_plan(spec, plan: Plan):
     if plan.seq > cfg.max_seq:
         raise MeshplanError(f"plan seq {plan.seq} exceeds the model's max_seq {cfg.max_seq}")
     if plan.sequence_parallel and plan.local_seq % plan.tp:
-        raise MeshplanError(f"sequence_parallel splits seq {plan.seq} over tp {plan.tp}: make tp divide seq")
+        per_rank = f"each cp rank's {plan.local_seq} tokens" if plan.cp > 1 else f"seq {plan.seq}"
+        raise MeshplanError(f"sequence_parallel splits {per_rank} over tp {plan.tp}: make tp divide seq"
+                            f"{' / cp' if plan.cp > 1 else ''}")
     check_schedule(plan)
     if plan.tp > 1:
         resolve_layout(cfg, plan)

@@ -60,3 +60,19 @@ def assert_user_error(proc, *fragments):
     assert lines[0].startswith("meshplan: error: ")
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_published_plan(row: dict, data: dict, same: dict) -> int:
+    """A published-run row's plan is its source's configuration (benchmarks/data/*_runs.json):
+    known source and model, as many GPUs as printed, the `same` columns ({published column:
+    plan field}) equal, virtual stages as the interleave. Returns the GPU count."""
+    plan, published = row["plan"], row["published"]
+    assert row["source"] in data["sources"] and row["model"] in data["models"]
+    gpus = plan["dp"] * plan["tp"] * plan["pp"] * plan.get("cp", 1)
+    assert gpus == published["gpus"]
+    for column, field in same.items():
+        if isinstance(published.get(column), int):
+            assert plan[field] == published[column], column
+    if isinstance(published.get("vp"), int) and published["vp"] > 1:
+        assert (plan["interleave"], plan["schedule"]) == (published["vp"], "interleaved")
+    return gpus

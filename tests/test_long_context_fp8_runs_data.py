@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cost_models.cluster import parse_cluster
+from helpers import assert_published_plan
 from planner.models import ModelConfig
 from planner.plan import Plan
 from planner.zoo import PRESETS
@@ -48,14 +49,7 @@ def plan_of(row) -> Plan:
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row["id"])
 def test_row_plan_is_the_published_configuration(row):
     plan, published = row["plan"], row["published"]
-    assert row["source"] in DATA["sources"] and row["model"] in DATA["models"]
-    gpus = plan["dp"] * plan["tp"] * plan["pp"] * plan["cp"]
-    assert gpus == published["gpus"]
-    for column, field in SAME.items():
-        if isinstance(published.get(column), int):
-            assert plan[field] == published[column], column
-    if isinstance(published.get("vp"), int) and published["vp"] > 1:
-        assert (plan["interleave"], plan["schedule"]) == (published["vp"], "interleaved")
+    gpus = assert_published_plan(row, DATA, SAME)
     if published.get("fsdp") == 0:   # Megatron-Bridge: DDP with the distributed optimizer
         assert plan["zero"] <= 1
     elif "fsdp" in published:        # the FSDP degree is dp (sharding over dp x cp); no reshard under PP

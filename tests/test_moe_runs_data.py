@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cost_models.cluster import parse_cluster
+from helpers import assert_published_plan
 from planner.models import ModelConfig
 
 DATA = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "moe_runs.json").read_text())
@@ -21,14 +22,7 @@ SAME = {"gbs": "global_batch", "mbs": "micro_batch", "seq": "seq", "tp": "tp", "
 @pytest.mark.parametrize("row", DATA["rows"], ids=lambda row: row["id"])
 def test_row_plan_is_the_published_configuration(row):
     plan, published = row["plan"], row["published"]
-    assert row["source"] in DATA["sources"] and row["model"] in DATA["models"]
-    gpus = plan["dp"] * plan["tp"] * plan["pp"]
-    assert gpus == published["gpus"]
-    for column, field in SAME.items():
-        if isinstance(published.get(column), int):
-            assert plan[field] == published[column], column
-    if isinstance(published.get("vp"), int) and published["vp"] > 1:
-        assert (plan["interleave"], plan["schedule"]) == (published["vp"], "interleaved")
+    gpus = assert_published_plan(row, DATA, SAME)
     cluster = parse_cluster(row["cluster"])
     assert cluster.world_size == gpus
     assert cluster.gpu.name == SYSTEM_GPU.get(published.get("system", "DGX-H100"))
